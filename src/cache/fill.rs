@@ -1,0 +1,396 @@
+//! Single-flight blob fills and the readers that stream them.
+//!
+//! One fill per (upstream, digest) runs in its own task: it outlives any client, writes the
+//! upstream body to a temp file while hashing it, and commits the file under its digest only
+//! when the digest matches. Every client of that blob — the one that started the fill and any
+//! that arrive while it runs — is a [`FillReader`] reading the growing temp file at its own pace,
+//! so a slow client never slows the fill or the others.
+//!
+//! Invariant: while a fill is running, a reader holds back the final byte of its response, so
+//! no client receives a complete body before the digest is verified; on a mismatch the readers
+//! end with an error and the client's connection is aborted.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+
+use super::CacheError;
+use crate::oci::{Digest, RepoName};
+use crate::store::{BlobStore, Namespace, TempBlob};
+use crate::upstream::UpstreamClient;
+
+/// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
+/// enough that followers see progress often and memory per fill stays small.
+const WRITE_BATCH: usize = 256 * 1024;
+/// Bytes a reader reads per chunk it sends.
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
+
+/// Where a fill stands; published through a `watch` channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    /// The upstream answered and the temp file exists: readers may start.
+    pub(crate) started: bool,
+    /// The upstream's `Content-Length`, when it sent one.
+    pub(crate) size: Option<u64>,
+    /// Bytes written to the temp file so far.
+    pub(crate) written: u64,
+    pub(crate) state: FillState,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FillState {
+    Running,
+    /// Verified and committed under its digest.
+    Done,
+    Failed(Arc<CacheError>),
+}
+
+/// The shared state of one fill.
+#[derive(Debug)]
+pub(crate) struct Fill {
+    pub(crate) temp_path: PathBuf,
+    pub(crate) final_path: PathBuf,
+    pub(crate) progress: watch::Receiver<Progress>,
+}
+
+type FillKey = (Namespace, Digest);
+
+/// The fills in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Fills {
+    // A std mutex: held only for map operations, never across an await.
+    running: Mutex<HashMap<FillKey, Arc<Fill>>>,
+}
+
+/// Whether the caller started the fill or joined one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Leader,
+    Follower,
+}
+
+/// What the leader task needs.
+pub(crate) struct FillJob {
+    pub(crate) store: Arc<BlobStore>,
+    pub(crate) upstream: Arc<UpstreamClient>,
+    pub(crate) namespace: Namespace,
+    pub(crate) repo: RepoName,
+    pub(crate) digest: Digest,
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+impl Fills {
+    /// Joins the running fill of `key`, or starts one with `start` when there is none and the
+    /// blob is not (yet, or any more) in the store. Returns `None` when the blob is now in the
+    /// store: a fill finished between the caller's store lookup and this call.
+    pub(crate) fn join_or_start(
+        self: &Arc<Self>,
+        store: &BlobStore,
+        namespace: &Namespace,
+        digest: &Digest,
+        start: impl FnOnce() -> Result<FillJob, CacheError>,
+    ) -> Result<Option<(Arc<Fill>, Role)>, CacheError> {
+        let key = (namespace.clone(), *digest);
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fill) = running.get(&key) {
+            return Ok(Some((Arc::clone(fill), Role::Follower)));
+        }
+        // The map entry is removed only after the commit, so a blob absent from both the map and
+        // the store really needs a fill.
+        if store.contains(namespace, digest) {
+            return Ok(None);
+        }
+        let job = start()?;
+        let temp = job
+            .store
+            .create_temp()
+            .map_err(|e| CacheError::Store(Arc::new(e)))?;
+        let (sender, progress) = watch::channel(Progress {
+            started: false,
+            size: None,
+            written: 0,
+            state: FillState::Running,
+        });
+        let fill = Arc::new(Fill {
+            temp_path: temp.path.clone(),
+            final_path: store.path(namespace, digest),
+            progress,
+        });
+        running.insert(key.clone(), Arc::clone(&fill));
+        drop(running);
+        let guard = FillGuard {
+            fills: Arc::clone(self),
+            key,
+            sender,
+        };
+        tokio::spawn(run_fill(job, temp, guard));
+        Ok(Some((fill, Role::Leader)))
+    }
+}
+
+/// Owned by the leader task. Dropping it — on success, failure or panic — publishes a final
+/// state (failed, unless the task said otherwise) and removes the fill from the map, so
+/// followers never wait on a dead fill.
+struct FillGuard {
+    fills: Arc<Fills>,
+    key: FillKey,
+    sender: watch::Sender<Progress>,
+}
+
+impl FillGuard {
+    fn finish(&self, state: FillState) {
+        self.sender.send_modify(|p| p.state = state);
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        self.sender.send_if_modified(|p| {
+            if matches!(p.state, FillState::Running) {
+                p.state = FillState::Failed(Arc::new(CacheError::FillAborted));
+                true
+            } else {
+                false
+            }
+        });
+        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(&self.key);
+    }
+}
+
+async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
+    let temp_path = temp.path.clone();
+    let span = tracing::info_span!("fill", upstream = job.upstream.name(), digest = %job.digest);
+    let _entered = span.enter();
+    drop(_entered);
+    let result = tracing::Instrument::instrument(fill_body(&job, temp, &guard), span.clone()).await;
+    match result {
+        Ok(()) => guard.finish(FillState::Done),
+        Err(err) => {
+            let _ = tokio::fs::remove_file(&temp_path).await;
+            span.in_scope(|| tracing::warn!(error = %err, "fill failed"));
+            guard.finish(FillState::Failed(Arc::new(err)));
+        }
+    }
+    drop(job.permit);
+}
+
+async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(), CacheError> {
+    let response = job
+        .upstream
+        .get_blob(&job.repo, &job.digest)
+        .await
+        .map_err(|e| CacheError::Upstream(Arc::new(e)))?;
+    guard.sender.send_modify(|p| {
+        p.started = true;
+        p.size = response.content_length;
+    });
+    let TempBlob { path, file } = temp;
+    let mut file = Some(file);
+    let mut hasher = Some(Sha256::new());
+    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+    let mut written = 0u64;
+    let mut body = response.body;
+    loop {
+        let chunk = body.next().await;
+        let at_end = chunk.is_none();
+        if let Some(chunk) = chunk {
+            let chunk = chunk.map_err(|e| CacheError::Upstream(Arc::new(e)))?;
+            batch.extend_from_slice(&chunk);
+        }
+        if batch.len() >= WRITE_BATCH || (at_end && !batch.is_empty()) {
+            let data = batch.split().freeze();
+            let (f, h) = (file.take(), hasher.take());
+            let (f, h) = write_batch(f, h, data.clone(), &path).await?;
+            file = Some(f);
+            hasher = Some(h);
+            written += data.len() as u64;
+            guard.sender.send_modify(|p| p.written = written);
+        }
+        if at_end {
+            break;
+        }
+    }
+    let actual = Digest::from_hasher(hasher.expect("the hasher is always put back after a batch"));
+    if actual != job.digest {
+        return Err(CacheError::DigestMismatch {
+            expected: job.digest,
+            actual,
+        });
+    }
+    let store = Arc::clone(&job.store);
+    let temp = TempBlob {
+        path,
+        file: file.expect("the file is always put back after a batch"),
+    };
+    let (namespace, digest) = (job.namespace.clone(), job.digest);
+    tokio::task::spawn_blocking(move || store.commit(temp, &namespace, &digest))
+        .await
+        .map_err(|_| CacheError::FillAborted)?
+        .map_err(|e| CacheError::Store(Arc::new(e)))?;
+    tracing::debug!(bytes = written, "fill committed");
+    Ok(())
+}
+
+/// Hashes and appends one batch on a blocking thread.
+async fn write_batch(
+    file: Option<std::fs::File>,
+    hasher: Option<Sha256>,
+    data: Bytes,
+    path: &std::path::Path,
+) -> Result<(std::fs::File, Sha256), CacheError> {
+    let (Some(mut file), Some(mut hasher)) = (file, hasher) else {
+        return Err(CacheError::FillAborted);
+    };
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        hasher.update(&data);
+        file.write_all(&data)
+            .map(|()| (file, hasher))
+            .map_err(|source| {
+                CacheError::Store(Arc::new(crate::store::StoreError::Io {
+                    action: "write",
+                    path,
+                    source,
+                }))
+            })
+    })
+    .await
+    .map_err(|_| CacheError::FillAborted)?
+}
+
+/// Waits until the fill has started (or ended).
+///
+/// # Cancel safety
+/// Cancel safe: it only watches.
+pub(crate) async fn wait_started(fill: &Fill) -> Result<Progress, CacheError> {
+    let mut progress = fill.progress.clone();
+    let progress = progress
+        .wait_for(|p| p.started || !matches!(p.state, FillState::Running))
+        .await
+        .map_err(|_| CacheError::FillAborted)?
+        .clone();
+    match &progress.state {
+        FillState::Failed(err) => Err(CacheError::Shared(Arc::clone(err))),
+        _ => Ok(progress),
+    }
+}
+
+/// Streams `[start, end)` of a blob that is being filled. `end` is `None` when the size is not
+/// known yet (no `Content-Length` from the upstream): then the reader ends where the fill ends.
+#[derive(Debug)]
+pub(crate) struct FillReader {
+    fill: Arc<Fill>,
+    progress: watch::Receiver<Progress>,
+    position: u64,
+    end: Option<u64>,
+    file: Option<std::fs::File>,
+}
+
+impl FillReader {
+    pub(crate) fn new(fill: Arc<Fill>, start: u64, end: Option<u64>) -> Self {
+        let progress = fill.progress.clone();
+        Self {
+            fill,
+            progress,
+            position: start,
+            end,
+            file: None,
+        }
+    }
+
+    /// The next chunk, `None` at the end, an error if the fill failed.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe across a read in progress; it is only polled by the response body.
+    pub(crate) async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        loop {
+            let (limit, done) = {
+                let progress = self.progress.borrow_and_update();
+                match &progress.state {
+                    FillState::Failed(err) => {
+                        return Some(Err(std::io::Error::other(err.to_string())))
+                    }
+                    FillState::Done => (
+                        self.end.unwrap_or(progress.written).min(progress.written),
+                        true,
+                    ),
+                    FillState::Running => {
+                        // Hold back the final byte of the response until the digest is verified.
+                        let end = self.end.unwrap_or(u64::MAX);
+                        let limit = progress.written.min(end.saturating_sub(1));
+                        let limit = if self.end.is_none() {
+                            progress.written.saturating_sub(1)
+                        } else {
+                            limit
+                        };
+                        (limit, false)
+                    }
+                }
+            };
+            if self.position < limit {
+                let len = usize::try_from(limit - self.position)
+                    .unwrap_or(READ_CHUNK)
+                    .min(READ_CHUNK);
+                return Some(self.read(len, done).await);
+            }
+            if done {
+                return None;
+            }
+            if self.progress.changed().await.is_err() {
+                // The sender is gone: the guard published a final state first, so look again.
+                let state = self.progress.borrow().state.clone();
+                if matches!(state, FillState::Running) {
+                    return Some(Err(std::io::Error::other("fill ended without a result")));
+                }
+            }
+        }
+    }
+
+    async fn read(&mut self, len: usize, done: bool) -> Result<Bytes, std::io::Error> {
+        let file = self.file.take();
+        let (temp_path, final_path) = (self.fill.temp_path.clone(), self.fill.final_path.clone());
+        let position = self.position;
+        let (file, bytes) = tokio::task::spawn_blocking(move || {
+            let mut file = match file {
+                Some(file) => file,
+                None => open_fill_file(&temp_path, &final_path, done, position)?,
+            };
+            let mut buffer = vec![0u8; len];
+            file.read_exact(&mut buffer)?;
+            Ok::<_, std::io::Error>((file, Bytes::from(buffer)))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.file = Some(file);
+        self.position += bytes.len() as u64;
+        Ok(bytes)
+    }
+}
+
+/// Opens the temp file, or the committed file if the fill already renamed it.
+fn open_fill_file(
+    temp_path: &std::path::Path,
+    final_path: &std::path::Path,
+    done: bool,
+    position: u64,
+) -> Result<std::fs::File, std::io::Error> {
+    let mut file = match std::fs::File::open(temp_path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            // Renamed between our progress check and the open; once renamed, the fill is done
+            // (the rename happens before `Done` is published, so `done` may still be false).
+            let _ = done;
+            std::fs::File::open(final_path)?
+        }
+        Err(err) => return Err(err),
+    };
+    file.seek(SeekFrom::Start(position))?;
+    Ok(file)
+}

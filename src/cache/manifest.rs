@@ -1,0 +1,249 @@
+//! Manifests: by digest from memory, then disk (verified on load), then the upstream; by tag
+//! from the index while the tag is fresh, otherwise from the upstream, and served stale when the
+//! upstream cannot be reached.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
+use crate::oci::{
+    manifest_digest, sniff_media_type, Digest, MediaType, Reference, Tag, MAX_MANIFEST_BYTES,
+};
+use crate::store::{ManifestRecord, Namespace, TagRecord};
+use crate::upstream::FetchedManifest;
+
+impl Cache {
+    /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest
+    /// of a type the client does not take is fetched again with the client's `Accept`.
+    ///
+    /// # Errors
+    /// [`CacheError`].
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (_, namespace) = self.upstream(target);
+        if let Some(manifest) = self.local_manifest(namespace, digest).await? {
+            return Ok(ManifestAnswer {
+                manifest,
+                phase: CachePhase::Hit,
+            });
+        }
+        let manifest = self
+            .fetch_manifest(target, &digest.to_string(), Some(digest), accept)
+            .await?;
+        Ok(ManifestAnswer {
+            manifest,
+            phase: CachePhase::Miss,
+        })
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        let record = self.index.tag(namespace, &target.repo, tag)?;
+        let cached = match &record {
+            Some(record) => self
+                .local_manifest(namespace, &record.digest)
+                .await?
+                .filter(|m| m.media_type.accepted_by(accept))
+                .map(|m| (m, record.confirmed_at)),
+            None => None,
+        };
+        let age = |confirmed_at: SystemTime| {
+            SystemTime::now()
+                .duration_since(confirmed_at)
+                .unwrap_or_default()
+        };
+        if let Some((manifest, confirmed_at)) = &cached {
+            if age(*confirmed_at) < self.tag_ttl || upstream.is_offline() {
+                return Ok(ManifestAnswer {
+                    manifest: Arc::clone(manifest),
+                    phase: CachePhase::Hit,
+                });
+            }
+        }
+        match self
+            .fetch_manifest(target, tag.as_str(), None, accept)
+            .await
+        {
+            Ok(manifest) => {
+                let record = TagRecord {
+                    digest: manifest.digest,
+                    confirmed_at: SystemTime::now(),
+                };
+                self.index.put_tag(namespace, &target.repo, tag, &record)?;
+                let phase = if cached.is_some() {
+                    CachePhase::Revalidated
+                } else {
+                    CachePhase::Miss
+                };
+                Ok(ManifestAnswer { manifest, phase })
+            }
+            Err(err) => match cached {
+                Some((manifest, confirmed_at))
+                    if is_unavailable(&err)
+                        && age(confirmed_at) < self.tag_ttl + self.max_stale =>
+                {
+                    tracing::warn!(
+                        upstream = upstream.name(),
+                        repo = %target.repo,
+                        %tag,
+                        error = %err,
+                        "upstream unavailable; serving cached tag stale"
+                    );
+                    Ok(ManifestAnswer {
+                        manifest,
+                        phase: CachePhase::Stale,
+                    })
+                }
+                _ => Err(err),
+            },
+        }
+    }
+
+    /// A manifest from memory or disk. Bytes on disk are re-verified on load; a missing or
+    /// corrupt file is forgotten (and will be fetched again), never answered as present.
+    async fn local_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>, CacheError> {
+        let key = (namespace.clone(), *digest);
+        if let Some(manifest) = self.manifests.get(&key).await {
+            return Ok(Some(manifest));
+        }
+        let record = self.index.manifest(namespace, digest)?;
+        let Some(bytes) = self
+            .store
+            .read_small(namespace, digest, MAX_MANIFEST_BYTES)
+            .await?
+        else {
+            if record.is_some() {
+                tracing::warn!(%digest, "indexed manifest missing from the store; will refetch");
+                self.index.remove_manifest(namespace, digest)?;
+            }
+            return Ok(None);
+        };
+        // Without a record (the index was lost), the bytes say what they are.
+        let Some(media_type) = record
+            .map(|r| r.media_type)
+            .or_else(|| sniff_media_type(&bytes))
+        else {
+            return Ok(None);
+        };
+        if manifest_digest(&bytes, &media_type) != *digest {
+            tracing::warn!(%digest, "cached manifest is corrupt; removing it");
+            self.store.remove(namespace, digest).await?;
+            self.index.remove_manifest(namespace, digest)?;
+            return Ok(None);
+        }
+        self.index.put_manifest(
+            namespace,
+            digest,
+            &ManifestRecord {
+                media_type: media_type.clone(),
+            },
+        )?;
+        let manifest = Arc::new(Manifest {
+            digest: *digest,
+            media_type,
+            bytes,
+        });
+        self.manifests.insert(key, Arc::clone(&manifest)).await;
+        Ok(Some(manifest))
+    }
+
+    /// Fetches, verifies and stores a manifest. The bytes are checked against the requested
+    /// digest and the upstream's `Docker-Content-Digest` before anything is stored or served.
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        expected: Option<&Digest>,
+        accept: &[String],
+    ) -> Result<Arc<Manifest>, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        if upstream.is_offline() {
+            return Err(CacheError::NotCachedOffline {
+                upstream: upstream.name().to_owned(),
+            });
+        }
+        let fetched = upstream
+            .get_manifest(&target.repo, reference, accept)
+            .await?;
+        let manifest = verify_manifest(fetched, expected)?;
+        let store = Arc::clone(&self.store);
+        let (ns, digest, bytes) = (namespace.clone(), manifest.digest, manifest.bytes.clone());
+        tokio::task::spawn_blocking(move || store.put_verified(&ns, &digest, &bytes))
+            .await
+            .map_err(|_| CacheError::FillAborted)??;
+        self.index.put_manifest(
+            namespace,
+            &manifest.digest,
+            &ManifestRecord {
+                media_type: manifest.media_type.clone(),
+            },
+        )?;
+        let manifest = Arc::new(manifest);
+        self.manifests
+            .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
+            .await;
+        Ok(manifest)
+    }
+}
+
+fn is_unavailable(err: &CacheError) -> bool {
+    match err.root() {
+        CacheError::Upstream(err) => err.is_unavailable(),
+        _ => false,
+    }
+}
+
+/// Checks a fetched manifest's digest against what was asked for and what the upstream claims.
+fn verify_manifest(
+    fetched: FetchedManifest,
+    expected: Option<&Digest>,
+) -> Result<Manifest, CacheError> {
+    let declared = fetched.media_type.filter(|m| {
+        MediaType::ALL_MANIFESTS.contains(&m.as_str()) || m.as_str().starts_with("application/vnd.")
+    });
+    let media_type = declared
+        .or_else(|| sniff_media_type(&fetched.bytes))
+        .ok_or(CacheError::NotAManifest)?;
+    let actual = manifest_digest(&fetched.bytes, &media_type);
+    for claimed in [expected.copied(), fetched.digest_header]
+        .into_iter()
+        .flatten()
+    {
+        if claimed != actual {
+            return Err(CacheError::DigestMismatch {
+                expected: claimed,
+                actual,
+            });
+        }
+    }
+    Ok(Manifest {
+        digest: actual,
+        media_type,
+        bytes: fetched.bytes,
+    })
+}

@@ -1,0 +1,424 @@
+//! The cache: lookup order (memory → store → upstream fill), tag freshness and serve-stale, and
+//! the domain answers the HTTP layer turns into responses.
+//!
+//! `cache` joins `store` and `upstream`; it never builds HTTP responses. Every byte it returns
+//! was verified against its digest: manifests when they are fetched or read from disk, blobs
+//! when they are committed (and, while a fill runs, by holding back the final byte until the
+//! fill verifies).
+
+mod fill;
+mod manifest;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::oci::{Digest, MediaType, RepoName};
+use crate::store::{BlobStore, Index, Namespace, StoreError};
+use crate::upstream::{ClientBuildError, PassThrough, UpstreamClient, UpstreamError};
+pub(crate) use fill::READ_CHUNK;
+use fill::{FillReader, Fills, Role};
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The upstream failed or said no.
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The upstream sent bytes that do not match the digest.
+    #[error("digest mismatch: expected {expected}, upstream sent {actual}")]
+    DigestMismatch {
+        /// The digest asked for (or announced by the upstream).
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// The upstream sent something that is not a manifest.
+    #[error("upstream sent a manifest regcache cannot identify")]
+    NotAManifest,
+    /// The content is not cached and the upstream is offline or was not asked.
+    #[error("not cached and upstream {upstream} is offline")]
+    NotCachedOffline {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// Too many fills at once.
+    #[error("too many concurrent upstream fills")]
+    Busy,
+    /// A fill task ended without a result (it panicked or the runtime is shutting down).
+    #[error("upstream fill aborted")]
+    FillAborted,
+    /// The failure of a fill that other requests share.
+    #[error(transparent)]
+    Shared(Arc<CacheError>),
+}
+
+impl CacheError {
+    /// The error itself, looking through [`CacheError::Shared`].
+    pub fn root(&self) -> &CacheError {
+        match self {
+            Self::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+}
+
+impl From<StoreError> for CacheError {
+    fn from(err: StoreError) -> Self {
+        Self::Store(Arc::new(err))
+    }
+}
+
+impl From<UpstreamError> for CacheError {
+    fn from(err: UpstreamError) -> Self {
+        Self::Upstream(Arc::new(err))
+    }
+}
+
+/// How a request was answered, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePhase {
+    /// From memory or disk, without asking the upstream.
+    Hit,
+    /// Fetched from the upstream (and cached).
+    Miss,
+    /// Joined a fetch another request had started.
+    Coalesced,
+    /// A cached tag the upstream confirmed (or moved).
+    Revalidated,
+    /// A cached tag served because the upstream could not be asked.
+    Stale,
+    /// Passed through without caching (tag lists, referrers).
+    PassThrough,
+}
+
+impl CachePhase {
+    /// A short lower-case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+            Self::Revalidated => "revalidated",
+            Self::Stale => "stale",
+            Self::PassThrough => "pass-through",
+        }
+    }
+}
+
+/// Which upstream and repository a request is for; resolved from the client's path by the
+/// HTTP layer.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Index into the configured upstreams.
+    pub upstream: usize,
+    /// The repository name as the upstream knows it.
+    pub repo: RepoName,
+}
+
+/// A verified manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    /// Its digest (for schema1, over the unsigned payload).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: MediaType,
+    /// The exact bytes the upstream sent.
+    pub bytes: Bytes,
+}
+
+/// A manifest answer.
+#[derive(Debug)]
+pub struct ManifestAnswer {
+    /// The manifest.
+    pub manifest: Arc<Manifest>,
+    /// How it was answered.
+    pub phase: CachePhase,
+}
+
+/// A byte range `[start, end)` of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// The body of a blob answer.
+#[derive(Debug)]
+pub enum BlobBody {
+    /// A verified file, positioned at the range start, `len` bytes to send.
+    File {
+        /// The open file.
+        file: tokio::fs::File,
+        /// Bytes to send.
+        len: u64,
+    },
+    /// A blob being filled.
+    Filling(BlobStream),
+}
+
+/// A stream of an in-flight fill; yields an error (aborting the client connection) if the fill
+/// fails verification.
+#[derive(Debug)]
+pub struct BlobStream(FillReader);
+
+impl BlobStream {
+    /// The next chunk.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        self.0.next_chunk().await
+    }
+}
+
+/// A blob answer.
+#[derive(Debug)]
+pub struct BlobAnswer {
+    /// The whole blob's size, when known.
+    pub size: Option<u64>,
+    /// The range served, when the client asked for one and it could be honoured.
+    pub range: Option<ByteRange>,
+    /// The bytes.
+    pub body: BlobBody,
+    /// How it was answered.
+    pub phase: CachePhase,
+}
+
+/// What a blob request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// The whole blob.
+    Full,
+    /// `bytes=start-` or `bytes=start-last`.
+    From {
+        /// First byte.
+        start: u64,
+        /// Last byte, inclusive.
+        last: Option<u64>,
+    },
+    /// `bytes=-n`.
+    Suffix(u64),
+}
+
+impl RangeRequest {
+    /// Resolves against a known size; `Err(())` when unsatisfiable.
+    #[allow(clippy::result_unit_err)]
+    pub fn resolve(self, size: u64) -> Result<Option<ByteRange>, ()> {
+        match self {
+            Self::Full => Ok(None),
+            Self::From { start, last } => {
+                let end = last.map_or(size, |last| last.saturating_add(1).min(size));
+                if start >= size || start >= end {
+                    return Err(());
+                }
+                Ok(Some(ByteRange { start, end }))
+            }
+            Self::Suffix(0) => Err(()),
+            Self::Suffix(n) => Ok(Some(ByteRange {
+                start: size.saturating_sub(n),
+                end: size,
+            })),
+        }
+    }
+}
+
+/// Raised when a range cannot be satisfied; the HTTP layer answers 416.
+#[derive(Debug)]
+pub struct RangeNotSatisfiable {
+    /// The blob's size.
+    pub size: u64,
+}
+
+/// The cache, shared by all requests.
+#[derive(Debug)]
+pub struct Cache {
+    upstreams: Vec<Arc<UpstreamClient>>,
+    namespaces: Vec<Namespace>,
+    store: Arc<BlobStore>,
+    index: Index,
+    /// Hot manifests by (namespace, digest), weighed by size.
+    manifests: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
+    fills: Arc<Fills>,
+    fill_permits: Arc<Semaphore>,
+    tag_ttl: Duration,
+    max_stale: Duration,
+}
+
+/// Memory for hot manifests.
+const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Errors building the cache at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An upstream client could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+}
+
+impl Cache {
+    /// Builds the cache over an opened store and index.
+    ///
+    /// # Errors
+    /// [`BuildError`] when an upstream client cannot be built.
+    pub fn new(config: &Config, store: BlobStore, index: Index) -> Result<Self, BuildError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamClient::new(u).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let namespaces = config
+            .upstreams
+            .iter()
+            .map(|u| Namespace::new(&u.name))
+            .collect();
+        let manifests = moka::future::Cache::builder()
+            .max_capacity(MANIFEST_CACHE_BYTES)
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+            .build();
+        Ok(Self {
+            upstreams,
+            namespaces,
+            store: Arc::new(store),
+            index,
+            manifests,
+            fills: Arc::new(Fills::default()),
+            fill_permits: Arc::new(Semaphore::new(config.max_concurrent_fills)),
+            tag_ttl: config.tag_ttl,
+            max_stale: config.max_stale,
+        })
+    }
+
+    /// The index, for flushing at shutdown.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn upstream(&self, target: &Target) -> (&Arc<UpstreamClient>, &Namespace) {
+        (
+            &self.upstreams[target.upstream],
+            &self.namespaces[target.upstream],
+        )
+    }
+
+    /// A blob, from the store or through a (shared) fill.
+    ///
+    /// # Errors
+    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    pub async fn blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: RangeRequest,
+    ) -> Result<Result<BlobAnswer, RangeNotSatisfiable>, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        if let Some(answer) = self
+            .blob_from_store(namespace, digest, range, CachePhase::Hit)
+            .await?
+        {
+            return Ok(answer);
+        }
+        if upstream.is_offline() {
+            return Err(CacheError::NotCachedOffline {
+                upstream: upstream.name().to_owned(),
+            });
+        }
+        let start = || {
+            let permit = Arc::clone(&self.fill_permits)
+                .try_acquire_owned()
+                .map_err(|_| CacheError::Busy)?;
+            Ok(fill::FillJob {
+                store: Arc::clone(&self.store),
+                upstream: Arc::clone(upstream),
+                namespace: namespace.clone(),
+                repo: target.repo.clone(),
+                digest: *digest,
+                permit,
+            })
+        };
+        let Some((fill, role)) = self
+            .fills
+            .join_or_start(&self.store, namespace, digest, start)?
+        else {
+            // Committed by a fill that just finished.
+            return self
+                .blob_from_store(namespace, digest, range, CachePhase::Coalesced)
+                .await?
+                .ok_or(CacheError::FillAborted);
+        };
+        let phase = match role {
+            Role::Leader => CachePhase::Miss,
+            Role::Follower => CachePhase::Coalesced,
+        };
+        let progress = fill::wait_started(&fill).await?;
+        let (start, end, range) = match (progress.size, range) {
+            (Some(size), range) => match range.resolve(size) {
+                Ok(Some(r)) => (r.start, Some(r.end), Some(r)),
+                Ok(None) => (0, Some(size), None),
+                Err(()) => return Ok(Err(RangeNotSatisfiable { size })),
+            },
+            // Unknown size: ranges cannot be checked yet; send the whole blob.
+            (None, _) => (0, None, None),
+        };
+        Ok(Ok(BlobAnswer {
+            size: progress.size,
+            range,
+            body: BlobBody::Filling(BlobStream(FillReader::new(fill, start, end))),
+            phase,
+        }))
+    }
+
+    async fn blob_from_store(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        range: RangeRequest,
+        phase: CachePhase,
+    ) -> Result<Option<Result<BlobAnswer, RangeNotSatisfiable>>, CacheError> {
+        let Some((mut file, size)) = self.store.open_blob(namespace, digest).await? else {
+            return Ok(None);
+        };
+        let range = match range.resolve(size) {
+            Ok(range) => range,
+            Err(()) => return Ok(Some(Err(RangeNotSatisfiable { size }))),
+        };
+        let len = match range {
+            Some(r) => {
+                use tokio::io::AsyncSeekExt as _;
+                file.seek(std::io::SeekFrom::Start(r.start))
+                    .await
+                    .map_err(|e| StoreError::io("seek", self.store.path(namespace, digest))(e))?;
+                r.end - r.start
+            }
+            None => size,
+        };
+        Ok(Some(Ok(BlobAnswer {
+            size: Some(size),
+            range,
+            body: BlobBody::File { file, len },
+            phase,
+        })))
+    }
+
+    /// A tag list or referrers listing, passed through from the upstream.
+    ///
+    /// # Errors
+    /// [`CacheError::Upstream`].
+    pub async fn pass_through(
+        &self,
+        target: &Target,
+        tail: &str,
+        query: Option<&str>,
+    ) -> Result<PassThrough, CacheError> {
+        let (upstream, _) = self.upstream(target);
+        Ok(upstream.get_pass_through(&target.repo, tail, query).await?)
+    }
+}

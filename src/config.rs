@@ -1,0 +1,485 @@
+//! Configuration: the TOML file is read into [`RawConfig`] (serde, unknown keys rejected), then
+//! [`RawConfig::validate`] turns it into a [`Config`] of typed values that cannot be invalid.
+//!
+//! This module does no I/O beyond reading the files it is pointed at (the config itself and a
+//! `password_file`). Error messages name the key and the offending value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+/// The configuration used when no file is given: a Docker Hub mirror on port 5000.
+pub const DEFAULT_CONFIG: &str = r#"
+[server]
+listen = "0.0.0.0:5000"
+
+[storage]
+path = "./regcache-data"
+
+[[upstream]]
+name = "docker.io"
+url = "https://registry-1.docker.io"
+default = true
+"#;
+
+/// Why a configuration was rejected. `main` exits with status 64 on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The path given on the command line.
+        path: PathBuf,
+        /// The I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid config: {0}")]
+    Syntax(#[from] toml::de::Error),
+    /// A key has a value that does not make sense.
+    #[error("{key} = {value:?}: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `upstream.docker.io.url`.
+        key: String,
+        /// The offending value.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    reason: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A secret string (a password or token) whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The file as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_connections: Option<usize>,
+    shutdown_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    tag_ttl: Option<String>,
+    max_stale: Option<String>,
+    max_concurrent_fills: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    url: String,
+    #[serde(default)]
+    default: bool,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    offline: Option<bool>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Connections accepted at once; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// How long a graceful shutdown waits for in-flight requests and fills.
+    pub shutdown_timeout: Duration,
+    /// Root of the blob store and index.
+    pub storage_path: PathBuf,
+    /// How long a tag confirmed by the upstream is served without asking again.
+    pub tag_ttl: Duration,
+    /// How long past `tag_ttl` a tag may be served when the upstream cannot be reached.
+    pub max_stale: Duration,
+    /// Upstream fills running at once; more get `503` with `Retry-After`.
+    pub max_concurrent_fills: usize,
+    /// Log output format.
+    pub log_format: LogFormat,
+    /// Default log filter (`RUST_LOG` overrides it).
+    pub log_level: String,
+    /// The allow-list of registries, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Human-readable or JSON log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The registry host clients name (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    pub name: String,
+    /// Where requests go.
+    pub url: Url,
+    /// Whether un-prefixed requests go here.
+    pub default: bool,
+    /// Basic credentials, also used to obtain bearer tokens.
+    pub credentials: Option<(String, Secret)>,
+    /// Extra PEM CA certificates trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest silence while reading an upstream response.
+    pub idle_timeout: Duration,
+    /// Never contact this upstream; serve only what is cached.
+    pub offline: bool,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `None`.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`].
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => DEFAULT_CONFIG.to_owned(),
+        };
+        Self::parse(&text)
+    }
+
+    /// Parses and validates TOML text.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str::<RawConfig>(text)?.validate()
+    }
+}
+
+fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text).map_err(|err| {
+            invalid(
+                key,
+                text,
+                format!("not a duration like \"60s\" or \"7d\": {err}"),
+            )
+        }),
+    }
+}
+
+fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(invalid(key, 0, "must be at least 1")),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
+impl RawConfig {
+    /// Checks every value and builds the typed [`Config`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad key.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_text = self.server.listen.as_deref().unwrap_or("0.0.0.0:5000");
+        let listen = listen_text
+            .parse()
+            .map_err(|_| invalid("server.listen", listen_text, "expected ADDRESS:PORT"))?;
+        let upstreams = self
+            .upstream
+            .into_iter()
+            .map(RawUpstream::validate)
+            .collect::<Result<Vec<_>, _>>()?;
+        check_upstream_set(&upstreams)?;
+        let log_format = match self.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log.format",
+                    other,
+                    "expected \"text\" or \"json\"",
+                ))
+            }
+        };
+        Ok(Config {
+            listen,
+            max_connections: non_zero("server.max_connections", self.server.max_connections, 4096)?,
+            shutdown_timeout: duration(
+                "server.shutdown_timeout",
+                self.server.shutdown_timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            storage_path: self
+                .storage
+                .path
+                .unwrap_or_else(|| PathBuf::from("./regcache-data")),
+            tag_ttl: duration(
+                "cache.tag_ttl",
+                self.cache.tag_ttl.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            max_stale: duration(
+                "cache.max_stale",
+                self.cache.max_stale.as_deref(),
+                Duration::from_secs(7 * 24 * 3600),
+            )?,
+            max_concurrent_fills: non_zero(
+                "cache.max_concurrent_fills",
+                self.cache.max_concurrent_fills,
+                256,
+            )?,
+            log_format,
+            log_level: self.log.level.unwrap_or_else(|| "info".to_owned()),
+            upstreams,
+        })
+    }
+}
+
+fn check_upstream_set(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
+    for (index, upstream) in upstreams.iter().enumerate() {
+        if upstreams[..index].iter().any(|u| u.name == upstream.name) {
+            return Err(invalid("upstream.name", &upstream.name, "configured twice"));
+        }
+    }
+    let defaults: Vec<&str> = upstreams
+        .iter()
+        .filter(|u| u.default)
+        .map(|u| u.name.as_str())
+        .collect();
+    if defaults.len() > 1 {
+        return Err(invalid(
+            "upstream.default",
+            defaults.join(", "),
+            "only one upstream may be the default",
+        ));
+    }
+    Ok(())
+}
+
+/// A registry host: `host` or `host:port`, lower-case letters, digits, `.`, `-`.
+fn valid_registry_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (name, None),
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+impl RawUpstream {
+    fn validate(self) -> Result<UpstreamConfig, ConfigError> {
+        let key = |field: &str| format!("upstream.{}.{field}", self.name);
+        if !valid_registry_name(&self.name) {
+            return Err(invalid(
+                "upstream.name",
+                &self.name,
+                "expected a registry host like \"docker.io\" or \"registry.local:5000\"",
+            ));
+        }
+        let url =
+            Url::parse(&self.url).map_err(|err| invalid(key("url"), &self.url, err.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                key("url"),
+                &self.url,
+                "expected an http:// or https:// URL",
+            ));
+        }
+        let password = match (&self.password, &self.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    key("password_file"),
+                    self.password_file
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display(),
+                    "set password or password_file, not both",
+                ))
+            }
+            (Some(password), None) => Some(Secret::new(password.clone())),
+            (None, Some(path)) => Some(Secret::new(
+                std::fs::read_to_string(path)
+                    .map_err(|err| invalid(key("password_file"), path.display(), err.to_string()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            )),
+            (None, None) => None,
+        };
+        let credentials = match (self.username.clone(), password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            (Some(user), None) => {
+                return Err(invalid(
+                    key("username"),
+                    user,
+                    "needs password or password_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(key("password"), "<redacted>", "needs username"))
+            }
+        };
+        if let Some(path) = &self.ca_file {
+            if !path.is_file() {
+                return Err(invalid(key("ca_file"), path.display(), "no such file"));
+            }
+        }
+        Ok(UpstreamConfig {
+            connect_timeout: duration(
+                &key("connect_timeout"),
+                self.connect_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                &key("idle_timeout"),
+                self.idle_timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            name: self.name,
+            url,
+            default: self.default,
+            credentials,
+            ca_file: self.ca_file,
+            offline: self.offline.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_a_docker_hub_mirror() {
+        let config = Config::load(None).expect("the embedded default is valid");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(config.upstreams.len(), 1);
+        assert_eq!(config.upstreams[0].name, "docker.io");
+        assert!(config.upstreams[0].default);
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../config.toml.example");
+        let config = Config::parse(text).expect("config.toml.example is valid");
+        assert!(!config.upstreams.is_empty());
+    }
+
+    #[track_caller]
+    fn check_error(toml: &str, expected_fragment: &str) {
+        let message = Config::parse(toml)
+            .expect_err("config must be rejected")
+            .to_string();
+        assert!(message.contains(expected_fragment), "{message}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        check_error("[server]\nlisten = \"nowhere\"", "server.listen");
+        check_error("[server]\nbogus = 1", "bogus");
+        check_error("[cache]\ntag_ttl = \"soon\"", "cache.tag_ttl");
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"ftp://x\"",
+            "upstream.a.io.url",
+        );
+        check_error(
+            "[[upstream]]\nname = \"A B\"\nurl = \"http://x\"",
+            "upstream.name",
+        );
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ndefault = true\n[[upstream]]\nname = \"b.io\"\nurl = \"http://y\"\ndefault = true",
+            "upstream.default",
+        );
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"",
+            "upstream.a.io.username",
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let config = Config::parse(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"\npassword = \"hunter2\"",
+        )
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

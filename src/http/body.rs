@@ -1,0 +1,43 @@
+//! Response bodies: in-memory bytes, a verified file, or an in-flight fill. Every body is a
+//! stream pulled by hyper, so a slow client applies backpressure and memory stays bounded by
+//! one chunk per connection.
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt as _};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::io::AsyncReadExt as _;
+
+use crate::cache::{BlobBody, READ_CHUNK};
+
+/// The response body type of every handler.
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// No body (HEAD, errors to HEAD).
+pub(crate) fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A body held in memory (manifests, error JSON).
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A blob body: a file read in large chunks, or an in-flight fill.
+pub(crate) fn blob(body: BlobBody) -> Body {
+    match body {
+        BlobBody::File { file, len } => {
+            let reader = file.take(len);
+            let chunks = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK);
+            StreamBody::new(chunks.map(|chunk| chunk.map(Frame::data))).boxed_unsync()
+        }
+        BlobBody::Filling(stream) => {
+            let chunks = stream::unfold(stream, |mut stream| async move {
+                stream.next_chunk().await.map(|chunk| (chunk, stream))
+            });
+            StreamBody::new(chunks.map(|chunk| chunk.map(Frame::data))).boxed_unsync()
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! Handlers: match the route, parse names at the edge, call the cache, build the response.
+//! They may not touch `store` or `upstream`.
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+
+use super::body::{self, Body};
+use super::error::{ApiError, Origin};
+use super::route::{self, Resolver, Route};
+use crate::cache::{BlobAnswer, Cache, CachePhase, ManifestAnswer, RangeRequest, Target};
+use crate::oci::{Digest, Reference};
+
+/// Everything a request needs.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) cache: Cache,
+    pub(crate) resolver: Resolver,
+}
+
+/// A response with what the log line needs.
+pub(crate) struct Outcome {
+    pub(crate) response: Response<Body>,
+    pub(crate) phase: Option<CachePhase>,
+    pub(crate) error: Option<(Origin, String)>,
+}
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+
+pub(crate) async fn handle<B>(state: &AppState, request: &Request<B>) -> Outcome {
+    let head_only = request.method() == Method::HEAD;
+    let mut outcome = match route_request(state, request).await {
+        Ok((response, phase)) => Outcome {
+            response,
+            phase,
+            error: None,
+        },
+        Err(err) => {
+            let cause = err.internal.clone().unwrap_or_else(|| err.message.clone());
+            let origin = err.origin;
+            Outcome {
+                response: err.into_response(head_only),
+                phase: None,
+                error: Some((origin, cause)),
+            }
+        }
+    };
+    outcome
+        .response
+        .headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    outcome
+}
+
+type Handled = Result<(Response<Body>, Option<CachePhase>), ApiError>;
+
+async fn route_request<B>(state: &AppState, request: &Request<B>) -> Handled {
+    let route = route::parse(request.uri().path());
+    let method = request.method();
+    let readable = method == Method::GET || method == Method::HEAD;
+    match route {
+        Route::Health | Route::Ready if readable => {
+            Ok((text_response(StatusCode::OK, "ok\n"), None))
+        }
+        Route::Base if readable => Ok((json_response(StatusCode::OK, "{}"), None)),
+        Route::NotFound => Err(ApiError::not_found()),
+        Route::Catalog => Err(ApiError::unsupported("a pull-through cache has no catalog")),
+        Route::Upload => Err(ApiError::unsupported(
+            "regcache is a read-only pull-through cache",
+        )),
+        _ if !readable => Err(ApiError::unsupported(format!(
+            "{method} is not supported: regcache is a read-only pull-through cache"
+        ))),
+        Route::Manifest { name, reference } => {
+            let target = resolve(state, request, name)?;
+            let reference = Reference::parse(reference).map_err(|e| ApiError::from_parse(&e))?;
+            manifest(state, request, &target, &reference).await
+        }
+        Route::Blob { name, digest } => {
+            let target = resolve(state, request, name)?;
+            let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
+            blob(state, request, &target, &digest).await
+        }
+        Route::TagsList { name } => {
+            let target = resolve(state, request, name)?;
+            pass_through(state, request, &target, name, "tags/list").await
+        }
+        Route::Referrers { name, digest } => {
+            let target = resolve(state, request, name)?;
+            let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
+            pass_through(
+                state,
+                request,
+                &target,
+                name,
+                &format!("referrers/{digest}"),
+            )
+            .await
+        }
+        Route::Base | Route::Health | Route::Ready => {
+            Err(ApiError::unsupported("only GET and HEAD"))
+        }
+    }
+}
+
+fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+fn resolve<B>(state: &AppState, request: &Request<B>, name: &str) -> Result<Target, ApiError> {
+    let ns = request.uri().query().and_then(|q| query_param(q, "ns"));
+    state
+        .resolver
+        .resolve(ns.as_deref(), name)
+        .map_err(|e| ApiError::from_resolve(&e))
+}
+
+fn accept_values<B>(request: &Request<B>) -> Vec<String> {
+    request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn manifest<B>(
+    state: &AppState,
+    request: &Request<B>,
+    target: &Target,
+    reference: &Reference,
+) -> Handled {
+    let answer = state
+        .cache
+        .manifest(target, reference, &accept_values(request))
+        .await
+        .map_err(|e| ApiError::from_cache(&e, "MANIFEST_UNKNOWN"))?;
+    let ManifestAnswer { manifest, phase } = answer;
+    let digest = manifest.digest.to_string();
+    let body = if request.method() == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(manifest.bytes.clone())
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header_value(manifest.media_type.as_str()),
+    );
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(manifest.bytes.len()),
+    );
+    headers.insert("docker-content-digest", header_value(&digest));
+    headers.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
+    if phase == CachePhase::Stale {
+        headers.insert(
+            header::WARNING,
+            HeaderValue::from_static("110 regcache \"Response is Stale\""),
+        );
+    }
+    Ok((response, Some(phase)))
+}
+
+/// A value known to be a valid header (media types and digests are validated at parse time).
+fn header_value(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+}
+
+async fn blob<B>(
+    state: &AppState,
+    request: &Request<B>,
+    target: &Target,
+    digest: &Digest,
+) -> Handled {
+    let range = request
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map_or(RangeRequest::Full, parse_range);
+    let answer = state
+        .cache
+        .blob(target, digest, range)
+        .await
+        .map_err(|e| ApiError::from_cache(&e, "BLOB_UNKNOWN"))?;
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(unsatisfiable) => {
+            let mut err = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UNKNOWN",
+                "range not satisfiable",
+            );
+            err.internal = Some(format!("size {}", unsatisfiable.size));
+            let mut response = err.into_response(request.method() == Method::HEAD);
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                header_value(&format!("bytes */{}", unsatisfiable.size)),
+            );
+            return Ok((response, None));
+        }
+    };
+    let BlobAnswer {
+        size,
+        range,
+        body,
+        phase,
+    } = answer;
+    let digest_text = digest.to_string();
+    let mut response = Response::new(if request.method() == Method::HEAD {
+        body::empty()
+    } else {
+        body::blob(body)
+    });
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("docker-content-digest", header_value(&digest_text));
+    headers.insert(header::ETAG, header_value(&format!("\"{digest_text}\"")));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=31536000, immutable"),
+    );
+    match (range, size) {
+        (Some(r), Some(size)) => {
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(r.end - r.start));
+            headers.insert(
+                header::CONTENT_RANGE,
+                header_value(&format!("bytes {}-{}/{size}", r.start, r.end - 1)),
+            );
+        }
+        (None, Some(size)) => {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        _ => {}
+    }
+    Ok((response, Some(phase)))
+}
+
+/// Parses a single `bytes=` range; anything else (multiple ranges, other units) is served as
+/// the whole blob, as RFC 9110 allows.
+fn parse_range(value: &str) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Full;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Full;
+    };
+    match (first.parse::<u64>(), last) {
+        (Ok(start), "") => RangeRequest::From { start, last: None },
+        (Ok(start), last) => match last.parse::<u64>() {
+            Ok(last) if last >= start => RangeRequest::From {
+                start,
+                last: Some(last),
+            },
+            _ => RangeRequest::Full,
+        },
+        (Err(_), suffix) if first.is_empty() => suffix
+            .parse()
+            .map_or(RangeRequest::Full, RangeRequest::Suffix),
+        _ => RangeRequest::Full,
+    }
+}
+
+/// Tag lists and referrers: the upstream's answer, with pagination links rewritten to the name
+/// the client used.
+async fn pass_through<B>(
+    state: &AppState,
+    request: &Request<B>,
+    target: &Target,
+    client_name: &str,
+    tail: &str,
+) -> Handled {
+    let query = request.uri().query().map(without_ns);
+    let answer = state
+        .cache
+        .pass_through(target, tail, query.as_deref())
+        .await
+        .map_err(|e| ApiError::from_cache(&e, "NAME_UNKNOWN"))?;
+    let len = answer.bytes.len();
+    let mut response = Response::new(if request.method() == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(answer.bytes)
+    });
+    let headers = response.headers_mut();
+    let content_type = answer.content_type.as_deref().unwrap_or("application/json");
+    headers.insert(header::CONTENT_TYPE, header_value(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(link) = answer.link {
+        let upstream_path = format!("/v2/{}/", target.repo);
+        let client_path = format!("/v2/{client_name}/");
+        let mut link = link.replacen(&upstream_path, &client_path, 1);
+        if let Some(ns) = request.uri().query().and_then(|q| query_param(q, "ns")) {
+            link = link.replacen('>', &format!("&ns={ns}>"), 1);
+        }
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            headers.insert(header::LINK, value);
+        }
+    }
+    Ok((response, Some(CachePhase::PassThrough)))
+}
+
+/// The query without `ns=`, which is for regcache, not the upstream.
+fn without_ns(query: &str) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != "ns"))
+        .finish()
+}
+
+fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+fn json_response(status: StatusCode, json: &'static str) -> Response<Body> {
+    let mut response = Response::new(body::full(json));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(value: &str, expected: RangeRequest) {
+        assert_eq!(parse_range(value), expected, "{value}");
+    }
+
+    #[test]
+    fn ranges() {
+        check(
+            "bytes=0-99",
+            RangeRequest::From {
+                start: 0,
+                last: Some(99),
+            },
+        );
+        check(
+            "bytes=100-",
+            RangeRequest::From {
+                start: 100,
+                last: None,
+            },
+        );
+        check("bytes=-500", RangeRequest::Suffix(500));
+        check("bytes=5-1", RangeRequest::Full);
+        check("bytes=0-1,5-6", RangeRequest::Full);
+        check("items=0-1", RangeRequest::Full);
+        check("bytes=x-y", RangeRequest::Full);
+    }
+
+    #[test]
+    fn ns_is_not_forwarded() {
+        assert_eq!(without_ns("n=10&ns=docker.io&last=b"), "n=10&last=b");
+    }
+}

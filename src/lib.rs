@@ -1,0 +1,97 @@
+//! regcache: a pull-through cache for OCI / Docker container registries.
+//!
+//! Layering (each layer may use only those to its right):
+//! `main → lib → server → http → cache → {store, upstream} → oci`; `config` uses only `oci`.
+//! See `ARCHITECTURE.md` for the map and the invariants.
+
+#![warn(clippy::unwrap_used)]
+
+pub mod cache;
+pub mod config;
+mod http;
+pub mod oci;
+mod server;
+pub mod store;
+pub mod upstream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::http::route::Resolver;
+use crate::http::AppState;
+use crate::store::{BlobStore, Index, StoreError};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The store or index could not be opened.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// The cache could not be built (an upstream's TLS settings).
+    #[error(transparent)]
+    Cache(#[from] cache::BuildError),
+}
+
+/// Opens the store and index under the configured path. A corrupt index is moved aside (one
+/// log line) and the server starts with an empty one; manifests are rebuilt from the store.
+///
+/// # Errors
+/// [`RunError::Store`].
+pub fn open_storage(config: &Config) -> Result<(BlobStore, Index), RunError> {
+    let store = BlobStore::open(&config.storage_path)?;
+    let index_path: PathBuf = config.storage_path.join("index");
+    let (index, moved_aside) = Index::open(&index_path)?;
+    if let Some(aside) = moved_aside {
+        tracing::warn!(
+            moved_to = %aside.display(),
+            "index database could not be opened; moved it aside and started a new one (cached content is re-indexed on use)"
+        );
+    }
+    Ok((store, index))
+}
+
+/// Runs the server on `listener` until `shutdown` is cancelled, then drains and flushes.
+///
+/// # Errors
+/// [`RunError`] when the storage cannot be opened.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let (store, index) = open_storage(&config)?;
+    let removed = store.remove_temp_files()?;
+    if removed > 0 {
+        tracing::info!(removed, "removed temp files left by an earlier run");
+    }
+    let resolver = Resolver::new(
+        config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        config.upstreams.iter().position(|u| u.default),
+    );
+    let cache = Cache::new(&config, store, index)?;
+    let state = Arc::new(AppState { cache, resolver });
+    let address = listener.local_addr().ok();
+    tracing::info!(
+        address = ?address,
+        storage = %config.storage_path.display(),
+        upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
+        "regcache listening"
+    );
+    server::accept_loop(
+        listener,
+        Arc::clone(&state),
+        config.max_connections,
+        shutdown,
+        config.shutdown_timeout,
+    )
+    .await;
+    if let Err(err) = state.cache.index().flush() {
+        tracing::error!(error = %err, "flushing the index at shutdown failed");
+    }
+    Ok(())
+}

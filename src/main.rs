@@ -1,0 +1,153 @@
+//! The `regcache` command: parse arguments, load the config, start logging, run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use regcache::config::{Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// A pull-through cache for OCI / Docker container registries.
+///
+/// Point Docker (`registry-mirrors`), containerd (`hosts.toml`), podman/CRI-O
+/// (`registries.conf`) or skopeo at it; it fetches from the configured upstream registries on a
+/// miss, verifies every byte against its digest, and serves later pulls from local disk.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the cache server.
+    ///
+    /// Without --config, an embedded default is used: listen on 0.0.0.0:5000, store under
+    /// ./regcache-data, one default upstream docker.io -> https://registry-1.docker.io.
+    /// Requests are routed by `?ns=<registry>`, then by a first path segment equal to an
+    /// upstream name (/v2/ghcr.io/org/app/...), then to the default upstream.
+    Serve {
+        /// TOML configuration file (see config.toml.example for every key).
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override `server.listen` (e.g. 127.0.0.1:5000).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override `storage.path`.
+        #[arg(long)]
+        storage: Option<PathBuf>,
+        /// Serve only cached content; never contact any upstream.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Check a configuration file and print the effective settings (exit 64 if invalid).
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// `EX_USAGE`: the configuration is invalid.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(config) => {
+                println!("{config:#?}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("regcache: {err}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve {
+            config,
+            listen,
+            storage,
+            offline,
+        } => {
+            let mut config = match Config::load(config.as_deref()) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("regcache: {err}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(storage) = storage {
+                config.storage_path = storage;
+            }
+            if offline {
+                for upstream in &mut config.upstreams {
+                    upstream.offline = true;
+                }
+            }
+            init_tracing(&config);
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("regcache: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding server.listen = {}", config.listen))?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        regcache::run(config, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}

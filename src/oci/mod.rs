@@ -1,0 +1,12 @@
+//! OCI domain types: [`Digest`], [`RepoName`], [`Tag`], [`Reference`] and manifest media types.
+//!
+//! Everything here is pure: no I/O, no async. Strings from the network are parsed into these
+//! types once, at the HTTP edge, and nothing below `http` takes a digest, name or reference as
+//! `&str`. The grammars are those of the OCI distribution specification, so a value of one of
+//! these types is always safe to use as a path component or a sled key.
+
+mod manifest;
+mod name;
+
+pub use manifest::{manifest_digest, sniff_media_type, MediaType, MAX_MANIFEST_BYTES};
+pub use name::{Digest, ParseError, Reference, RepoName, Tag};

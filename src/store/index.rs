@@ -1,0 +1,298 @@
+//! The persistent index (sled): tag → digest with the time the upstream last confirmed it, and
+//! digest → manifest media type.
+//!
+//! Records on disk are versioned JSON kept apart from domain types. The index only *describes*
+//! the blob store: manifest bytes live in the content-addressed files, so a lost or corrupt
+//! database is moved aside at start and rebuilt lazily from the files and the upstreams.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Namespace, StoreError};
+use crate::oci::{Digest, MediaType, RepoName, Tag};
+
+/// The sled database.
+#[derive(Debug, Clone)]
+pub struct Index {
+    db: sled::Db,
+    tags: sled::Tree,
+    manifests: sled::Tree,
+}
+
+/// What the index knows about a tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    /// The manifest the tag pointed at when last confirmed.
+    pub digest: Digest,
+    /// When the upstream last confirmed it.
+    pub confirmed_at: SystemTime,
+}
+
+/// What the index knows about a manifest whose bytes are in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRecord {
+    /// The `Content-Type` the upstream gave it.
+    pub media_type: MediaType,
+}
+
+/// On-disk form of [`TagRecord`], version 1.
+#[derive(Serialize, Deserialize)]
+struct TagRecordV1 {
+    v: u8,
+    digest: String,
+    confirmed_unix_ms: u64,
+}
+
+/// On-disk form of [`ManifestRecord`], version 1.
+#[derive(Serialize, Deserialize)]
+struct ManifestRecordV1 {
+    v: u8,
+    media_type: String,
+}
+
+fn tag_key(namespace: &Namespace, repo: &RepoName, tag: &Tag) -> Vec<u8> {
+    format!(
+        "{}\n{}\n{}",
+        namespace.as_str(),
+        repo.as_str(),
+        tag.as_str()
+    )
+    .into_bytes()
+}
+
+fn manifest_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
+    format!("{}\n{digest}", namespace.as_str()).into_bytes()
+}
+
+impl Index {
+    /// Opens the database at `path`. If it cannot be opened (corrupt, or written by an
+    /// incompatible version), it is moved aside to `<path>.corrupt-<unix time>` and a fresh one
+    /// is created; the returned path says where the old one went.
+    ///
+    /// # Errors
+    /// [`StoreError`] when even a fresh database cannot be created.
+    pub fn open(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+        match Self::open_at(path) {
+            Ok(index) => Ok((index, None)),
+            Err(_) => {
+                let stamp = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let aside = path.with_extension(format!("corrupt-{stamp}"));
+                std::fs::rename(path, &aside).map_err(StoreError::io("move aside", path))?;
+                Ok((Self::open_at(path)?, Some(aside)))
+            }
+        }
+    }
+
+    fn open_at(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .open()?;
+        let tags = db.open_tree("tags")?;
+        let manifests = db.open_tree("manifests")?;
+        // Reading one record of each tree surfaces corruption now rather than on a request.
+        for tree in [&tags, &manifests] {
+            if let Some(entry) = tree.iter().next() {
+                entry?;
+            }
+        }
+        Ok(Self {
+            db,
+            tags,
+            manifests,
+        })
+    }
+
+    /// The record of a tag, if any. An undecodable record reads as absent (it will be
+    /// replaced by the next confirmation).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        let Some(raw) = self.tags.get(tag_key(namespace, repo, tag))? else {
+            return Ok(None);
+        };
+        let Ok(record) = serde_json::from_slice::<TagRecordV1>(&raw) else {
+            return Ok(None);
+        };
+        let Ok(digest) = Digest::parse(&record.digest) else {
+            return Ok(None);
+        };
+        Ok(Some(TagRecord {
+            digest,
+            confirmed_at: UNIX_EPOCH + Duration::from_millis(record.confirmed_unix_ms),
+        }))
+    }
+
+    /// Records that the upstream confirmed `tag` → `record.digest`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        let confirmed_unix_ms = record
+            .confirmed_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let raw = serde_json::to_vec(&TagRecordV1 {
+            v: 1,
+            digest: record.digest.to_string(),
+            confirmed_unix_ms: u64::try_from(confirmed_unix_ms).unwrap_or(u64::MAX),
+        })
+        .map_err(|source| StoreError::Record {
+            key: format!("{repo}:{tag}"),
+            source,
+        })?;
+        self.tags.insert(tag_key(namespace, repo, tag), raw)?;
+        Ok(())
+    }
+
+    /// The record of a manifest, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, StoreError> {
+        let Some(raw) = self.manifests.get(manifest_key(namespace, digest))? else {
+            return Ok(None);
+        };
+        let record = serde_json::from_slice::<ManifestRecordV1>(&raw)
+            .ok()
+            .and_then(|r| MediaType::from_content_type(&r.media_type));
+        Ok(record.map(|media_type| ManifestRecord { media_type }))
+    }
+
+    /// Records a manifest whose bytes were just committed to the blob store.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        record: &ManifestRecord,
+    ) -> Result<(), StoreError> {
+        let raw = serde_json::to_vec(&ManifestRecordV1 {
+            v: 1,
+            media_type: record.media_type.to_string(),
+        })
+        .map_err(|source| StoreError::Record {
+            key: digest.to_string(),
+            source,
+        })?;
+        self.manifests
+            .insert(manifest_key(namespace, digest), raw)?;
+        Ok(())
+    }
+
+    /// Forgets a manifest whose bytes turned out to be missing or corrupt.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        self.manifests.remove(manifest_key(namespace, digest))?;
+        Ok(())
+    }
+
+    /// Writes everything to disk (at shutdown).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        let namespace = Namespace::new("r.test");
+        let repo = RepoName::parse("a/b").expect("valid");
+        let tag = Tag::parse("v1").expect("valid");
+        let digest = Digest::of(b"x");
+        let confirmed_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        {
+            let (index, aside) = Index::open(&path).expect("open");
+            assert!(aside.is_none());
+            index
+                .put_tag(
+                    &namespace,
+                    &repo,
+                    &tag,
+                    &TagRecord {
+                        digest,
+                        confirmed_at,
+                    },
+                )
+                .expect("put tag");
+            let media_type = MediaType::from_static(MediaType::OCI_MANIFEST);
+            index
+                .put_manifest(&namespace, &digest, &ManifestRecord { media_type })
+                .expect("put manifest");
+            index.flush().expect("flush");
+        }
+        let (index, _) = Index::open(&path).expect("reopen");
+        let record = index.tag(&namespace, &repo, &tag).expect("read");
+        assert_eq!(
+            record,
+            Some(TagRecord {
+                digest,
+                confirmed_at
+            })
+        );
+        let manifest = index.manifest(&namespace, &digest).expect("read");
+        assert_eq!(
+            manifest.map(|m| m.media_type.to_string()).as_deref(),
+            Some(MediaType::OCI_MANIFEST)
+        );
+    }
+
+    #[test]
+    fn corrupt_database_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        {
+            let (index, _) = Index::open(&path).expect("open");
+            index.flush().expect("flush");
+        }
+        // Overwrite every file of the database with garbage.
+        for entry in std::fs::read_dir(&path).expect("list") {
+            let entry = entry.expect("entry");
+            if entry.path().is_file() {
+                std::fs::write(entry.path(), b"garbage garbage garbage").expect("write");
+            }
+        }
+        let (_index, aside) = Index::open(&path).expect("opens fresh");
+        let aside = aside.expect("the corrupt database was moved aside");
+        assert!(aside.exists());
+    }
+}

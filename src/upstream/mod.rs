@@ -1,0 +1,502 @@
+//! The registry client: manifests, blobs and pass-through listings from one upstream registry,
+//! with anonymous, basic and bearer-token authentication (see `auth`).
+//!
+//! `upstream` may not touch `store` or `cache`: it returns bytes and streams, and the cache
+//! decides what to keep. Redirects (blob storage on another host, as ghcr.io, quay.io and ECR
+//! do) are followed by reqwest, which drops `Authorization` when the host changes.
+
+mod auth;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
+use http::{HeaderMap, Method, StatusCode};
+use reqwest::RequestBuilder;
+
+use crate::config::{Secret, UpstreamConfig};
+use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
+use auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+
+/// Why an upstream request failed. Every variant is the upstream's (or the network's) fault
+/// except `Offline`, which is configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream is configured offline; it is never contacted.
+    #[error("upstream {upstream} is offline (configured)")]
+    Offline {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// The connection could not be made, or broke, or timed out.
+    #[error("upstream {upstream} unreachable: {source}")]
+    Unreachable {
+        /// The upstream's name.
+        upstream: String,
+        /// The network failure.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The upstream says the manifest, blob or repository does not exist.
+    #[error("upstream {upstream} has no such content")]
+    NotFound {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// The upstream refused our credentials (or we have none).
+    #[error("upstream {upstream} denied access ({status})")]
+    Denied {
+        /// The upstream's name.
+        upstream: String,
+        /// 401 or 403.
+        status: StatusCode,
+    },
+    /// The upstream is rate-limiting us.
+    #[error("upstream {upstream} is rate-limiting (429)")]
+    TooManyRequests {
+        /// The upstream's name.
+        upstream: String,
+        /// Its `Retry-After`, passed on to the client.
+        retry_after: Option<String>,
+    },
+    /// Any other unexpected status.
+    #[error("upstream {upstream} answered {status}")]
+    Status {
+        /// The upstream's name.
+        upstream: String,
+        /// The status.
+        status: StatusCode,
+    },
+    /// A manifest or listing was larger than regcache buffers.
+    #[error("upstream {upstream} sent more than {limit} bytes for a manifest")]
+    TooLarge {
+        /// The upstream's name.
+        upstream: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The token endpoint failed.
+    #[error("upstream {upstream} token endpoint {realm} failed: {reason}")]
+    Token {
+        /// The upstream's name.
+        upstream: String,
+        /// The realm URL.
+        realm: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the cause is the upstream being unavailable (as opposed to an answer about the
+    /// content), so that cached content may be served stale instead.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Offline { .. } | Self::Unreachable { .. } | Self::TooManyRequests { .. } => true,
+            Self::Status { status, .. } => status.is_server_error(),
+            Self::Token { .. } => true,
+            Self::NotFound { .. } | Self::Denied { .. } | Self::TooLarge { .. } => false,
+        }
+    }
+}
+
+/// A manifest as the upstream sent it.
+#[derive(Debug)]
+pub struct FetchedManifest {
+    /// The raw bytes.
+    pub bytes: Bytes,
+    /// The upstream's `Content-Type`, if it was a plausible media type.
+    pub media_type: Option<MediaType>,
+    /// The upstream's `Docker-Content-Digest`, if it sent a valid one.
+    pub digest_header: Option<Digest>,
+}
+
+/// A blob response whose body has not been read yet.
+pub struct BlobResponse {
+    /// The `Content-Length`, when known.
+    pub content_length: Option<u64>,
+    /// The body.
+    pub body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
+}
+
+impl std::fmt::Debug for BlobResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobResponse")
+            .field("content_length", &self.content_length)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A small response passed through to the client as it came (tag lists, referrers).
+#[derive(Debug)]
+pub struct PassThrough {
+    /// The upstream's `Content-Type`.
+    pub content_type: Option<String>,
+    /// The upstream's `Link` header (pagination), unrewritten.
+    pub link: Option<String>,
+    /// The body.
+    pub bytes: Bytes,
+}
+
+/// A client for one upstream registry.
+#[derive(Debug)]
+pub struct UpstreamClient {
+    name: String,
+    base: url::Url,
+    http: reqwest::Client,
+    credentials: Option<(String, Secret)>,
+    tokens: TokenCache,
+    /// Set once the upstream answered with a Basic challenge, so later requests send
+    /// credentials up front instead of paying a 401 round trip each time.
+    basic_seen: std::sync::atomic::AtomicBool,
+    offline: bool,
+}
+
+/// Errors building a client from configuration (a bad CA file).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream {upstream}: {reason}")]
+pub struct ClientBuildError {
+    upstream: String,
+    reason: String,
+}
+
+impl UpstreamClient {
+    /// Builds the client for one configured upstream.
+    ///
+    /// # Errors
+    /// [`ClientBuildError`] when the CA file cannot be read or parsed.
+    pub fn new(config: &UpstreamConfig) -> Result<Self, ClientBuildError> {
+        let build_error = |reason: String| ClientBuildError {
+            upstream: config.name.clone(),
+            reason,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.idle_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|err| build_error(format!("ca_file {}: {err}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|err| build_error(format!("ca_file {}: {err}", path.display())))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .build()
+            .map_err(|err| build_error(err.to_string()))?;
+        Ok(Self {
+            name: config.name.clone(),
+            base: config.url.clone(),
+            http,
+            credentials: config.credentials.clone(),
+            tokens: TokenCache::default(),
+            basic_seen: std::sync::atomic::AtomicBool::new(false),
+            offline: config.offline,
+        })
+    }
+
+    /// The upstream's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the upstream is configured offline.
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    fn url(&self, repo: &RepoName, tail: &str) -> String {
+        let base = self.base.as_str().trim_end_matches('/');
+        format!("{base}/v2/{}/{tail}", repo.as_str())
+    }
+
+    /// Fetches a manifest by tag or digest, asking for the media types in `accept` (the
+    /// client's `Accept` values; every manifest type when empty).
+    ///
+    /// # Errors
+    /// [`UpstreamError`]; a body over 4 MiB is [`UpstreamError::TooLarge`].
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<FetchedManifest, UpstreamError> {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        let accept = accept_header(accept);
+        let response = self
+            .send(Method::GET, &url, repo, &[("accept", accept.as_str())])
+            .await?;
+        let headers = response.headers().clone();
+        let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
+        Ok(FetchedManifest {
+            bytes,
+            media_type: header_str(&headers, "content-type").and_then(MediaType::from_content_type),
+            digest_header: header_str(&headers, "docker-content-digest")
+                .and_then(|value| Digest::parse(value).ok()),
+        })
+    }
+
+    /// Starts a blob download; the body is read by the caller.
+    ///
+    /// # Errors
+    /// [`UpstreamError`] for the status; body errors come through the stream.
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<BlobResponse, UpstreamError> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let response = self.send(Method::GET, &url, repo, &[]).await?;
+        let content_length = response.content_length();
+        let upstream = self.name.clone();
+        let body = response
+            .bytes_stream()
+            .map_err(move |source| UpstreamError::Unreachable {
+                upstream: upstream.clone(),
+                source,
+            });
+        Ok(BlobResponse {
+            content_length,
+            body: Box::pin(body),
+        })
+    }
+
+    /// Fetches `/v2/<repo>/<tail>?<query>` (tag lists, referrers) for pass-through.
+    ///
+    /// # Errors
+    /// [`UpstreamError`].
+    pub async fn get_pass_through(
+        &self,
+        repo: &RepoName,
+        tail: &str,
+        query: Option<&str>,
+    ) -> Result<PassThrough, UpstreamError> {
+        let mut url = self.url(repo, tail);
+        if let Some(query) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(query);
+        }
+        let accept = "application/json, application/vnd.oci.image.index.v1+json";
+        let response = self
+            .send(Method::GET, &url, repo, &[("accept", accept)])
+            .await?;
+        let headers = response.headers().clone();
+        let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
+        Ok(PassThrough {
+            content_type: header_str(&headers, "content-type").map(str::to_owned),
+            link: header_str(&headers, "link").map(str::to_owned),
+            bytes,
+        })
+    }
+
+    async fn read_limited(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes, UpstreamError> {
+        let too_large = || UpstreamError::TooLarge {
+            upstream: self.name.clone(),
+            limit,
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > limit as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| self.unreachable(source))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> UpstreamError {
+        UpstreamError::Unreachable {
+            upstream: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Sends a request with whatever credentials are known, answers one `401` challenge
+    /// (fetching a token or switching to basic), and maps error statuses.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &RepoName,
+        headers: &[(&str, &str)],
+    ) -> Result<reqwest::Response, UpstreamError> {
+        if self.offline {
+            return Err(UpstreamError::Offline {
+                upstream: self.name.clone(),
+            });
+        }
+        let scope = format!("repository:{}:pull", repo.as_str());
+        let build = |authorization: Option<&str>| {
+            let mut request = self.http.request(method.clone(), url);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            if let Some(authorization) = authorization {
+                request = request.header("authorization", authorization);
+            }
+            request
+        };
+        let first_auth = self.known_authorization(&scope);
+        let response = self.execute(build(first_auth.as_deref())).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return self.check_status(response);
+        }
+        let challenge =
+            header_str(response.headers(), "www-authenticate").and_then(parse_challenge);
+        let authorization = match challenge {
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            }) => {
+                // A stale or revoked token: forget it and fetch a new one.
+                self.tokens.remove(&scope);
+                let token_scope = challenge_scope.unwrap_or_else(|| scope.clone());
+                let token = self
+                    .fetch_token(&realm, service.as_deref(), &token_scope)
+                    .await?;
+                self.tokens.insert(&scope, token.0.clone(), token.1);
+                format!("Bearer {}", token.0)
+            }
+            Some(Challenge::Basic) if self.credentials.is_some() => {
+                self.basic_seen
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                self.basic_authorization().unwrap_or_default()
+            }
+            _ => return self.check_status(response),
+        };
+        if first_auth.as_deref() == Some(authorization.as_str()) {
+            return self.check_status(response);
+        }
+        let retried = self.execute(build(Some(&authorization))).await?;
+        self.check_status(retried)
+    }
+
+    fn known_authorization(&self, scope: &str) -> Option<String> {
+        if let Some(token) = self.tokens.get(scope) {
+            return Some(format!("Bearer {token}"));
+        }
+        if self.basic_seen.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.basic_authorization();
+        }
+        None
+    }
+
+    fn basic_authorization(&self) -> Option<String> {
+        let (user, password) = self.credentials.as_ref()?;
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("{user}:{}", password.expose()));
+        Some(format!("Basic {encoded}"))
+    }
+
+    async fn execute(&self, request: RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+        request
+            .send()
+            .await
+            .map_err(|source| self.unreachable(source))
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let token_error = |reason: String| UpstreamError::Token {
+            upstream: self.name.clone(),
+            realm: realm.to_owned(),
+            reason,
+        };
+        let mut realm_url = url::Url::parse(realm).map_err(|err| token_error(err.to_string()))?;
+        if !matches!(realm_url.scheme(), "http" | "https") {
+            return Err(token_error("realm is not an http(s) URL".to_owned()));
+        }
+        {
+            let mut query = realm_url.query_pairs_mut();
+            if let Some(service) = service {
+                query.append_pair("service", service);
+            }
+            query.append_pair("scope", scope);
+        }
+        let mut request = self.http.get(realm_url);
+        if let Some(basic) = self.basic_authorization() {
+            request = request.header("authorization", basic);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| token_error(err.to_string()))?;
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(UpstreamError::Denied {
+                upstream: self.name.clone(),
+                status,
+            });
+        }
+        if !status.is_success() {
+            return Err(token_error(format!("status {status}")));
+        }
+        let bytes = self.read_limited(response, 1024 * 1024).await?;
+        serde_json::from_slice::<TokenResponse>(&bytes)
+            .ok()
+            .and_then(TokenResponse::into_token)
+            .ok_or_else(|| token_error("no token in the response".to_owned()))
+    }
+
+    fn check_status(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let upstream = self.name.clone();
+        Err(match status {
+            StatusCode::NOT_FOUND => UpstreamError::NotFound { upstream },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                UpstreamError::Denied { upstream, status }
+            }
+            StatusCode::TOO_MANY_REQUESTS => UpstreamError::TooManyRequests {
+                upstream,
+                retry_after: header_str(response.headers(), "retry-after").map(str::to_owned),
+            },
+            _ => UpstreamError::Status { upstream, status },
+        })
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+/// The `Accept` value sent upstream: the client's, or every manifest type.
+fn accept_header(client_accept: &[String]) -> String {
+    let client: Vec<&str> = client_accept
+        .iter()
+        .map(String::as_str)
+        .filter(|value| !value.trim().is_empty())
+        .collect();
+    if client.is_empty() {
+        MediaType::ALL_MANIFESTS.join(", ")
+    } else {
+        client.join(", ")
+    }
+}
