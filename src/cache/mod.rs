@@ -210,19 +210,22 @@ pub enum RangeRequest {
 }
 
 impl RangeRequest {
-    /// Resolves against a known size; `Err(())` when unsatisfiable.
-    #[allow(clippy::result_unit_err)]
-    pub fn resolve(self, size: u64) -> Result<Option<ByteRange>, ()> {
+    /// Resolves against a known size; `Ok(None)` means the whole blob.
+    ///
+    /// # Errors
+    /// [`RangeNotSatisfiable`] when the range starts past the end.
+    pub fn resolve(self, size: u64) -> Result<Option<ByteRange>, RangeNotSatisfiable> {
+        let unsatisfiable = RangeNotSatisfiable { size };
         match self {
             Self::Full => Ok(None),
             Self::From { start, last } => {
                 let end = last.map_or(size, |last| last.saturating_add(1).min(size));
                 if start >= size || start >= end {
-                    return Err(());
+                    return Err(unsatisfiable);
                 }
                 Ok(Some(ByteRange { start, end }))
             }
-            Self::Suffix(0) => Err(()),
+            Self::Suffix(0) => Err(unsatisfiable),
             Self::Suffix(n) => Ok(Some(ByteRange {
                 start: size.saturating_sub(n),
                 end: size,
@@ -363,7 +366,7 @@ impl Cache {
             (Some(size), range) => match range.resolve(size) {
                 Ok(Some(r)) => (r.start, Some(r.end), Some(r)),
                 Ok(None) => (0, Some(size), None),
-                Err(()) => return Ok(Err(RangeNotSatisfiable { size })),
+                Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
             },
             // Unknown size: ranges cannot be checked yet; send the whole blob.
             (None, _) => (0, None, None),
@@ -388,7 +391,7 @@ impl Cache {
         };
         let range = match range.resolve(size) {
             Ok(range) => range,
-            Err(()) => return Ok(Some(Err(RangeNotSatisfiable { size }))),
+            Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
         };
         let len = match range {
             Some(r) => {

@@ -301,17 +301,29 @@ async fn pass_through<B>(
     headers.insert(header::CONTENT_TYPE, header_value(content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(link) = answer.link {
-        let upstream_path = format!("/v2/{}/", target.repo);
-        let client_path = format!("/v2/{client_name}/");
-        let mut link = link.replacen(&upstream_path, &client_path, 1);
-        if let Some(ns) = request.uri().query().and_then(|q| query_param(q, "ns")) {
-            link = link.replacen('>', &format!("&ns={ns}>"), 1);
-        }
+        let ns = request.uri().query().and_then(|q| query_param(q, "ns"));
+        let link = rewrite_link(&link, target.repo.as_str(), client_name, ns.as_deref());
         if let Ok(value) = HeaderValue::from_str(&link) {
             headers.insert(header::LINK, value);
         }
     }
     Ok((response, Some(CachePhase::PassThrough)))
+}
+
+/// Points an upstream pagination link (`</v2/<repo>/tags/list?n=2&last=b>; rel="next"`) at
+/// the name the client used, keeping its `ns=`.
+fn rewrite_link(link: &str, upstream_repo: &str, client_name: &str, ns: Option<&str>) -> String {
+    let upstream_path = format!("/v2/{upstream_repo}/");
+    let client_path = format!("/v2/{client_name}/");
+    let link = link.replacen(&upstream_path, &client_path, 1);
+    match ns {
+        Some(ns) => {
+            let ns = url::form_urlencoded::byte_serialize(ns.as_bytes()).collect::<String>();
+            let separator = if link.contains('?') { '&' } else { '?' };
+            link.replacen('>', &format!("{separator}ns={ns}>"), 1)
+        }
+        None => link,
+    }
 }
 
 /// The query without `ns=`, which is for regcache, not the upstream.
@@ -372,6 +384,19 @@ mod tests {
         check("bytes=0-1,5-6", RangeRequest::Full);
         check("items=0-1", RangeRequest::Full);
         check("bytes=x-y", RangeRequest::Full);
+    }
+
+    #[test]
+    fn pagination_links_name_the_client_path() {
+        let link = r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#;
+        assert_eq!(
+            rewrite_link(link, "library/alpine", "docker.io/alpine", None),
+            r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#
+        );
+        assert_eq!(
+            rewrite_link(link, "library/alpine", "library/alpine", Some("docker.io")),
+            r#"</v2/library/alpine/tags/list?last=b&n=2&ns=docker.io>; rel="next""#
+        );
     }
 
     #[test]

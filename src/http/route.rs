@@ -125,9 +125,14 @@ impl Resolver {
     }
 }
 
-/// Docker's rule for telling a registry host from a namespace.
+/// Docker's rule for telling a registry host from a namespace (a `.` or `:`, or `localhost`),
+/// limited to host characters so that `..` and other junk is reported as an invalid name.
 fn looks_like_registry(segment: &str) -> bool {
-    segment.contains('.') || segment.contains(':') || segment == "localhost"
+    let host_chars = segment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'));
+    let marked = segment.contains('.') || segment.contains(':') || segment == "localhost";
+    host_chars && marked && !segment.starts_with('.') && !segment.contains("..")
 }
 
 #[cfg(test)]

@@ -487,16 +487,36 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-/// The `Accept` value sent upstream: the client's, or every manifest type.
+/// The `Accept` value sent upstream: the client's when it names manifest types, otherwise
+/// every manifest type. A bare `*/*` must not be forwarded: Distribution answers it by
+/// down-converting to schema1, or with 404 for OCI content.
 fn accept_header(client_accept: &[String]) -> String {
-    let client: Vec<&str> = client_accept
+    let names_manifest_types = client_accept
         .iter()
-        .map(String::as_str)
-        .filter(|value| !value.trim().is_empty())
-        .collect();
-    if client.is_empty() {
-        MediaType::ALL_MANIFESTS.join(", ")
+        .flat_map(|value| value.split(','))
+        .filter_map(|item| item.split(';').next())
+        .any(|item| MediaType::ALL_MANIFESTS.contains(&item.trim()));
+    if names_manifest_types {
+        client_accept.join(", ")
     } else {
-        client.join(", ")
+        MediaType::ALL_MANIFESTS.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_is_forwarded_only_when_it_names_manifest_types() {
+        let all = MediaType::ALL_MANIFESTS.join(", ");
+        assert_eq!(accept_header(&[]), all);
+        assert_eq!(accept_header(&["*/*".to_owned()]), all);
+        assert_eq!(accept_header(&["application/json".to_owned()]), all);
+        let docker = "application/vnd.docker.distribution.manifest.v2+json; q=0.9".to_owned();
+        assert_eq!(
+            accept_header(&[docker.clone(), "*/*".to_owned()]),
+            format!("{docker}, */*")
+        );
     }
 }

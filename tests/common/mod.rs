@@ -1,0 +1,60 @@
+//! Test support shared by the integration tests (`mod common;`).
+//!
+//! - [`upstream`]: a real upstream registry (CNCF Distribution 2.8,
+//!   `docker-registry`) as a child process, optionally behind basic or token
+//!   auth, with request counting from its access log;
+//! - [`images`]: deterministic test images built in Rust and pushed with the
+//!   registry HTTP API;
+//! - [`token`]: the in-process token server used by `Auth::Token`;
+//! - [`regclient`]: a small registry API client that does the basic/Bearer
+//!   challenge dance;
+//! - [`proxy`]: the proxy under test (owned by the proxy's author).
+//!
+//! Everything listens on 127.0.0.1 only; every wait is bounded in time; child
+//! processes are killed on drop.
+
+// Each test binary uses a different part of this module.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod images;
+pub mod proxy;
+pub mod regclient;
+pub mod token;
+pub mod upstream;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
+/// released). Prefer binding `127.0.0.1:0` yourself when the listener is in
+/// process; use this to hand a port to a child process.
+pub fn free_port() -> u16 {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local address of a bound listener")
+        .port()
+}
+
+/// Panics with a clear message unless the executable `name` is on `PATH`.
+pub fn require_tool(name: &str) {
+    if find_on_path(name).is_none() {
+        panic!("`{name}` is not on PATH: install {name} (see .ci/run)");
+    }
+}
+
+/// Full path of the executable `name` on `PATH`, if any.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}

@@ -1,0 +1,243 @@
+//! The proxy under test: the real `regcache` binary started as a child process with a config
+//! file written here, plus `skopeo` helpers that pull through it and verify what arrived.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use tokio::process::{Child, Command};
+
+use super::free_port;
+
+/// One `[[upstream]]` of the proxy's config.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub url: String,
+    pub default: bool,
+    /// Extra TOML lines for this upstream (credentials, offline, timeouts).
+    pub extra: String,
+}
+
+impl UpstreamSpec {
+    /// The default upstream named `name`, at `url`.
+    pub fn default_at(name: &str, url: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            default: true,
+            extra: String::new(),
+        }
+    }
+
+    /// A non-default upstream.
+    pub fn named(name: &str, url: &str) -> Self {
+        Self {
+            default: false,
+            ..Self::default_at(name, url)
+        }
+    }
+
+    /// Adds TOML lines (e.g. `username = "u"`).
+    pub fn with(mut self, line: &str) -> Self {
+        self.extra.push_str(line);
+        self.extra.push('\n');
+        self
+    }
+}
+
+/// A running regcache. Drop kills it.
+#[derive(Debug)]
+pub struct TestProxy {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl TestProxy {
+    /// Starts regcache with these upstreams and extra top-level TOML (e.g. a `[cache]` table).
+    pub async fn start(upstreams: &[UpstreamSpec], extra_toml: &str) -> TestProxy {
+        let dir = tempfile::tempdir().expect("temp dir for the proxy");
+        let port = free_port();
+        let mut config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n[storage]\npath = \"{}\"\n{extra_toml}\n",
+            dir.path().join("data").display()
+        );
+        for upstream in upstreams {
+            config.push_str(&format!(
+                "[[upstream]]\nname = \"{}\"\nurl = \"{}\"\ndefault = {}\n{}\n",
+                upstream.name, upstream.url, upstream.default, upstream.extra
+            ));
+        }
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).expect("write proxy config");
+        let log_path = dir.path().join("regcache.log");
+        let mut proxy = TestProxy {
+            child: None,
+            port,
+            dir,
+            config_path,
+            log_path,
+        };
+        proxy.spawn().await;
+        proxy
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open proxy log");
+        let child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,regcache=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn regcache");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if client
+                .get(format!("{}/v2/", self.url()))
+                .send()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("regcache did not answer within 15 s; log:\n{}", self.log());
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    /// The storage directory.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly.
+    pub async fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        match tokio::time::timeout(Duration::from_secs(15), child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                let _ = child.kill().await;
+                false
+            }
+        }
+    }
+
+    /// SIGKILL (a crash).
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts again on the same port, config and storage.
+    pub async fn restart(&mut self) {
+        assert!(
+            self.stop().await,
+            "regcache did not shut down cleanly; log:\n{}",
+            self.log()
+        );
+        self.spawn().await;
+    }
+}
+
+/// Runs `skopeo copy --all --preserve-digests docker://<image> dir:<dest>` through a plain-HTTP
+/// registry and returns (success, stderr).
+pub async fn skopeo_copy(image: &str, dest: &Path, extra: &[&str]) -> (bool, String) {
+    super::require_tool("skopeo");
+    let output = Command::new("skopeo")
+        .args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--retry-times=0",
+        ])
+        .args(extra)
+        .arg(format!("docker://{image}"))
+        .arg(format!("dir:{}", dest.display()))
+        .output()
+        .await
+        .expect("run skopeo");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Checks a skopeo `dir:` copy: every blob file hashes to its name, every instance manifest to
+/// its digest, and the top manifest to `expected_digest` (schema1: over the unsigned payload).
+/// Returns the number of blob files.
+pub fn verify_dir(dir: &Path, expected_digest: &str) -> usize {
+    let top = std::fs::read(dir.join("manifest.json")).expect("manifest.json in the copy");
+    let top_digest = manifest_digest(&top);
+    assert_eq!(
+        top_digest, expected_digest,
+        "top manifest digest of the copy"
+    );
+    let mut blobs = 0;
+    for entry in std::fs::read_dir(dir).expect("list copy") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(entry.path()).expect("read copied file");
+        if name == "version" || name == "manifest.json" {
+            continue;
+        }
+        if let Some(hex) = name.strip_suffix(".manifest.json") {
+            assert_eq!(
+                manifest_digest(&bytes),
+                format!("sha256:{hex}"),
+                "instance manifest {name}"
+            );
+        } else {
+            assert_eq!(sha256_hex(&bytes), name, "blob {name} content");
+            blobs += 1;
+        }
+    }
+    blobs
+}
+
+/// A manifest's digest as a registry computes it (schema1 signatures cut out).
+pub fn manifest_digest(bytes: &[u8]) -> String {
+    super::images::schema1_payload_digest(bytes)
+        .unwrap_or_else(|_| format!("sha256:{}", sha256_hex(bytes)))
+}
