@@ -122,6 +122,8 @@ struct RawStorage {
 struct RawCache {
     tag_ttl: Option<String>,
     max_stale: Option<String>,
+    serve_stale_on_404: Option<bool>,
+    negative_ttl: Option<String>,
     max_concurrent_fills: Option<usize>,
 }
 
@@ -146,6 +148,8 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
     offline: Option<bool>,
+    breaker_threshold: Option<usize>,
+    breaker_cooldown: Option<String>,
 }
 
 /// The validated configuration.
@@ -163,6 +167,10 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// How long past `tag_ttl` a tag may be served when the upstream cannot be reached.
     pub max_stale: Duration,
+    /// Whether a tag the upstream says is gone (404) is still served from the cache.
+    pub serve_stale_on_404: bool,
+    /// How long an upstream 404 for a tag is remembered (0: not at all).
+    pub negative_ttl: Duration,
     /// Upstream fills running at once; more get `503` with `Retry-After`.
     pub max_concurrent_fills: usize,
     /// Log output format.
@@ -201,6 +209,10 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Never contact this upstream; serve only what is cached.
     pub offline: bool,
+    /// Consecutive failures after which the upstream is marked down.
+    pub breaker_threshold: u32,
+    /// How long an upstream marked down is not asked.
+    pub breaker_cooldown: Duration,
 }
 
 impl Config {
@@ -297,6 +309,12 @@ impl RawConfig {
                 "cache.max_stale",
                 self.cache.max_stale.as_deref(),
                 Duration::from_secs(7 * 24 * 3600),
+            )?,
+            serve_stale_on_404: self.cache.serve_stale_on_404.unwrap_or(false),
+            negative_ttl: duration(
+                "cache.negative_ttl",
+                self.cache.negative_ttl.as_deref(),
+                Duration::ZERO,
             )?,
             max_concurrent_fills: non_zero(
                 "cache.max_concurrent_fills",
@@ -413,12 +431,23 @@ impl RawUpstream {
                 self.idle_timeout.as_deref(),
                 Duration::from_secs(30),
             )?,
-            name: self.name,
+            name: self.name.clone(),
             url,
             default: self.default,
             credentials,
             ca_file: self.ca_file,
             offline: self.offline.unwrap_or(false),
+            breaker_threshold: u32::try_from(non_zero(
+                &key("breaker_threshold"),
+                self.breaker_threshold,
+                5,
+            )?)
+            .unwrap_or(u32::MAX),
+            breaker_cooldown: duration(
+                &key("breaker_cooldown"),
+                self.breaker_cooldown.as_deref(),
+                Duration::from_secs(10),
+            )?,
         })
     }
 }

@@ -73,7 +73,7 @@ pub async fn run(
         config.upstreams.iter().map(|u| u.name.clone()).collect(),
         config.upstreams.iter().position(|u| u.default),
     );
-    let cache = Cache::new(&config, store, index)?;
+    let cache = Arc::new(Cache::new(&config, store, index)?);
     let state = Arc::new(AppState { cache, resolver });
     let address = listener.local_addr().ok();
     tracing::info!(

@@ -181,42 +181,69 @@ async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
     drop(job.permit);
 }
 
+/// Times an interrupted download is resumed with a `Range` request before the fill fails.
+const MAX_RESUMES: u32 = 3;
+
 async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(), CacheError> {
-    let response = job
+    let upstream_error = |e| CacheError::Upstream(Arc::new(e));
+    let mut response = job
         .upstream
-        .get_blob(&job.repo, &job.digest)
+        .get_blob(&job.repo, &job.digest, 0)
         .await
-        .map_err(|e| CacheError::Upstream(Arc::new(e)))?;
+        .map_err(upstream_error)?;
+    let size = response.total_size;
     guard.sender.send_modify(|p| {
         p.started = true;
-        p.size = response.content_length;
+        p.size = size;
     });
-    let TempBlob { path, file } = temp;
-    let mut file = Some(file);
-    let mut hasher = Some(Sha256::new());
-    let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-    let mut written = 0u64;
-    let mut body = response.body;
+    let mut sink = Sink {
+        path: temp.path,
+        file: Some(temp.file),
+        hasher: Some(Sha256::new()),
+        batch: BytesMut::with_capacity(WRITE_BATCH),
+        written: 0,
+    };
+    let mut resumes = 0;
     loop {
-        let chunk = body.next().await;
-        let at_end = chunk.is_none();
-        if let Some(chunk) = chunk {
-            let chunk = chunk.map_err(|e| CacheError::Upstream(Arc::new(e)))?;
-            batch.extend_from_slice(&chunk);
+        // An upstream that ignored the range resent bytes we already have: skip them.
+        let mut skip = sink.written.saturating_sub(response.offset);
+        let mut interrupted = None;
+        while let Some(chunk) = response.body.next().await {
+            let mut chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(err) => {
+                    interrupted = Some(err);
+                    break;
+                }
+            };
+            let skipped = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
+            let _ = chunk.split_to(skipped);
+            skip -= skipped as u64;
+            sink.push(&chunk, guard).await?;
         }
-        if batch.len() >= WRITE_BATCH || (at_end && !batch.is_empty()) {
-            let data = batch.split().freeze();
-            let (f, h) = (file.take(), hasher.take());
-            let (f, h) = write_batch(f, h, data.clone(), &path).await?;
-            file = Some(f);
-            hasher = Some(h);
-            written += data.len() as u64;
-            guard.sender.send_modify(|p| p.written = written);
+        sink.flush(guard).await?;
+        let Some(err) = interrupted else { break };
+        if resumes == MAX_RESUMES || size.is_some_and(|s| sink.written >= s) {
+            return Err(upstream_error(err));
         }
-        if at_end {
-            break;
+        resumes += 1;
+        tracing::warn!(at = sink.written, error = %err, "upstream body interrupted; resuming with a range request");
+        response = job
+            .upstream
+            .get_blob(&job.repo, &job.digest, sink.written)
+            .await
+            .map_err(upstream_error)?;
+        if response.total_size.is_some() && size.is_some() && response.total_size != size {
+            return Err(CacheError::FillAborted);
         }
     }
+    let Sink {
+        path,
+        file,
+        hasher,
+        written,
+        ..
+    } = sink;
     let actual = Digest::from_hasher(hasher.expect("the hasher is always put back after a batch"));
     if actual != job.digest {
         return Err(CacheError::DigestMismatch {
@@ -234,8 +261,45 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
         .await
         .map_err(|_| CacheError::FillAborted)?
         .map_err(|e| CacheError::Store(Arc::new(e)))?;
-    tracing::debug!(bytes = written, "fill committed");
+    tracing::debug!(bytes = written, resumes, "fill committed");
     Ok(())
+}
+
+/// The temp file being written, its running hash, and the batch not yet written.
+struct Sink {
+    path: PathBuf,
+    // Options so that the file and hasher can move into a blocking task and come back.
+    file: Option<std::fs::File>,
+    hasher: Option<Sha256>,
+    batch: BytesMut,
+    written: u64,
+}
+
+impl Sink {
+    async fn push(&mut self, chunk: &[u8], guard: &FillGuard) -> Result<(), CacheError> {
+        self.batch.extend_from_slice(chunk);
+        if self.batch.len() >= WRITE_BATCH {
+            self.flush(guard).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch and tells the readers how far the file goes.
+    async fn flush(&mut self, guard: &FillGuard) -> Result<(), CacheError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let data = self.batch.split().freeze();
+        let len = data.len() as u64;
+        let (file, hasher) =
+            write_batch(self.file.take(), self.hasher.take(), data, &self.path).await?;
+        self.file = Some(file);
+        self.hasher = Some(hasher);
+        self.written += len;
+        let written = self.written;
+        guard.sender.send_modify(|p| p.written = written);
+        Ok(())
+    }
 }
 
 /// Hashes and appends one batch on a blocking thread.

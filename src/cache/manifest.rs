@@ -7,10 +7,22 @@ use std::time::SystemTime;
 
 use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
 use crate::oci::{
-    manifest_digest, sniff_media_type, Digest, MediaType, Reference, Tag, MAX_MANIFEST_BYTES,
+    manifest_digest, sniff_media_type, Digest, MediaType, Reference, RepoName, Tag,
+    MAX_MANIFEST_BYTES,
 };
 use crate::store::{ManifestRecord, Namespace, TagRecord};
-use crate::upstream::FetchedManifest;
+use crate::upstream::{FetchedManifest, UpstreamError};
+
+/// Key of a coalesced manifest lookup. The client's `Accept` is part of a tag's key: clients
+/// negotiating different types may get different manifests.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum FlightKey {
+    Tag(Namespace, RepoName, Tag, String),
+    Digest(Namespace, Digest),
+}
+
+/// The shared result of a coalesced lookup.
+pub(crate) type FlightValue = (Arc<Manifest>, CachePhase);
 
 impl Cache {
     /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest
@@ -19,7 +31,7 @@ impl Cache {
     /// # Errors
     /// [`CacheError`].
     pub async fn manifest(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         reference: &Reference,
         accept: &[String],
@@ -31,7 +43,7 @@ impl Cache {
     }
 
     async fn manifest_by_digest(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         digest: &Digest,
         accept: &[String],
@@ -43,17 +55,20 @@ impl Cache {
                 phase: CachePhase::Hit,
             });
         }
-        let manifest = self
-            .fetch_manifest(target, &digest.to_string(), Some(digest), accept)
-            .await?;
-        Ok(ManifestAnswer {
-            manifest,
-            phase: CachePhase::Miss,
+        let key = FlightKey::Digest(namespace.clone(), *digest);
+        let (this, target, digest, accept) =
+            (Arc::clone(self), target.clone(), *digest, accept.to_vec());
+        self.coalesced(key, async move {
+            let manifest = this
+                .fetch_manifest(&target, &digest.to_string(), Some(&digest), &accept)
+                .await?;
+            Ok((manifest, CachePhase::Miss))
         })
+        .await
     }
 
     async fn manifest_by_tag(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         tag: &Tag,
         accept: &[String],
@@ -81,42 +96,113 @@ impl Cache {
                 });
             }
         }
-        match self
-            .fetch_manifest(target, tag.as_str(), None, accept)
-            .await
-        {
-            Ok(manifest) => {
-                let record = TagRecord {
-                    digest: manifest.digest,
-                    confirmed_at: SystemTime::now(),
-                };
-                self.index.put_tag(namespace, &target.repo, tag, &record)?;
-                let phase = if cached.is_some() {
-                    CachePhase::Revalidated
-                } else {
-                    CachePhase::Miss
-                };
-                Ok(ManifestAnswer { manifest, phase })
+        let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());
+        if cached.is_none() && self.negative.contains_key(&negative_key) {
+            return Err(CacheError::Upstream(Arc::new(UpstreamError::NotFound {
+                upstream: upstream.name().to_owned(),
+            })));
+        }
+        let key = FlightKey::Tag(
+            namespace.clone(),
+            target.repo.clone(),
+            tag.clone(),
+            accept.join(","),
+        );
+        let cached_digest = cached.as_ref().map(|(m, _)| m.digest);
+        let (this, flight_target, flight_tag, flight_accept) = (
+            Arc::clone(self),
+            target.clone(),
+            tag.clone(),
+            accept.to_vec(),
+        );
+        let result = self
+            .coalesced(key, async move {
+                this.refresh_tag(&flight_target, &flight_tag, &flight_accept, cached_digest)
+                    .await
+            })
+            .await;
+        let err = match result {
+            Ok(answer) => return Ok(answer),
+            Err(err) => err,
+        };
+        let not_found = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::NotFound { .. }));
+        if not_found && !self.negative_ttl.is_zero() {
+            self.negative.insert(negative_key, ()).await;
+        }
+        match cached {
+            Some((manifest, confirmed_at))
+                if (is_unavailable(&err) || (not_found && self.serve_stale_on_404))
+                    && age(confirmed_at) < self.tag_ttl + self.max_stale =>
+            {
+                tracing::warn!(
+                    upstream = upstream.name(),
+                    repo = %target.repo,
+                    %tag,
+                    error = %err,
+                    "cannot revalidate tag; serving the cached manifest stale"
+                );
+                Ok(ManifestAnswer {
+                    manifest,
+                    phase: CachePhase::Stale,
+                })
             }
-            Err(err) => match cached {
-                Some((manifest, confirmed_at))
-                    if is_unavailable(&err)
-                        && age(confirmed_at) < self.tag_ttl + self.max_stale =>
-                {
-                    tracing::warn!(
-                        upstream = upstream.name(),
-                        repo = %target.repo,
-                        %tag,
-                        error = %err,
-                        "upstream unavailable; serving cached tag stale"
-                    );
-                    Ok(ManifestAnswer {
-                        manifest,
-                        phase: CachePhase::Stale,
-                    })
+            _ => Err(err),
+        }
+    }
+
+    /// Asks the upstream where a tag points: a cheap `HEAD` when a cached digest can be
+    /// confirmed, a `GET` when the tag moved or was never seen. Records the confirmation.
+    async fn refresh_tag(
+        &self,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+        cached_digest: Option<Digest>,
+    ) -> Result<FlightValue, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        let confirm = |digest: Digest| {
+            let record = TagRecord {
+                digest,
+                confirmed_at: SystemTime::now(),
+            };
+            self.index.put_tag(namespace, &target.repo, tag, &record)
+        };
+        if let Some(cached_digest) = cached_digest {
+            let head = upstream
+                .head_manifest(&target.repo, tag.as_str(), accept)
+                .await?;
+            if head.is_some_and(|(digest, _)| digest == cached_digest) {
+                if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
+                    confirm(cached_digest)?;
+                    return Ok((manifest, CachePhase::Revalidated));
                 }
-                _ => Err(err),
-            },
+            }
+        }
+        let manifest = self
+            .fetch_manifest(target, tag.as_str(), None, accept)
+            .await?;
+        confirm(manifest.digest)?;
+        let phase = if cached_digest.is_some() {
+            CachePhase::Revalidated
+        } else {
+            CachePhase::Miss
+        };
+        Ok((manifest, phase))
+    }
+
+    /// Runs `work` once for concurrent callers with the same key; joiners see
+    /// [`CachePhase::Coalesced`].
+    async fn coalesced(
+        &self,
+        key: FlightKey,
+        work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+    ) -> Result<ManifestAnswer, CacheError> {
+        match self.manifest_flights.run(key, work).await {
+            (Ok((manifest, phase)), leader) => Ok(ManifestAnswer {
+                manifest,
+                phase: if leader { phase } else { CachePhase::Coalesced },
+            }),
+            (Err(err), _) => Err(CacheError::Shared(err)),
         }
     }
 

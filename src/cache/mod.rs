@@ -7,6 +7,7 @@
 //! fill verifies).
 
 mod fill;
+mod flight;
 mod manifest;
 
 use std::sync::Arc;
@@ -252,8 +253,13 @@ pub struct Cache {
     manifests: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
     fills: Arc<Fills>,
     fill_permits: Arc<Semaphore>,
+    manifest_flights: Arc<flight::SingleFlight<manifest::FlightKey, manifest::FlightValue>>,
+    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0).
+    negative: moka::future::Cache<(Namespace, RepoName, crate::oci::Tag), ()>,
     tag_ttl: Duration,
     max_stale: Duration,
+    serve_stale_on_404: bool,
+    negative_ttl: Duration,
 }
 
 /// Memory for hot manifests.
@@ -295,8 +301,15 @@ impl Cache {
             manifests,
             fills: Arc::new(Fills::default()),
             fill_permits: Arc::new(Semaphore::new(config.max_concurrent_fills)),
+            manifest_flights: Arc::default(),
+            negative: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
             tag_ttl: config.tag_ttl,
             max_stale: config.max_stale,
+            serve_stale_on_404: config.serve_stale_on_404,
+            negative_ttl: config.negative_ttl,
         })
     }
 

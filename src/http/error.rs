@@ -182,6 +182,15 @@ impl ApiError {
                     cause,
                 )
             },
+            UpstreamError::CircuitOpen { upstream, retry_in } => Self {
+                retry_after: Some(retry_in.as_secs().max(1).to_string()),
+                ..Self::upstream(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    format!("upstream {upstream} is marked down after repeated failures"),
+                    cause,
+                )
+            },
             UpstreamError::Offline { upstream } => Self::upstream(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",

@@ -1,6 +1,8 @@
 //! Handlers: match the route, parse names at the edge, call the cache, build the response.
 //! They may not touch `store` or `upstream`.
 
+use std::sync::Arc;
+
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::{self, Body};
@@ -12,7 +14,7 @@ use crate::oci::{Digest, Reference};
 /// Everything a request needs.
 #[derive(Debug)]
 pub(crate) struct AppState {
-    pub(crate) cache: Cache,
+    pub(crate) cache: Arc<Cache>,
     pub(crate) resolver: Resolver,
 }
 

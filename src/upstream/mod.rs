@@ -6,6 +6,7 @@
 //! do) are followed by reqwest, which drops `Authorization` when the host changes.
 
 mod auth;
+mod breaker;
 
 use std::time::Duration;
 
@@ -18,6 +19,13 @@ use reqwest::RequestBuilder;
 use crate::config::{Secret, UpstreamConfig};
 use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
 use auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use breaker::Breaker;
+
+/// Attempts per idempotent request (the first try and two retries) for connection errors and
+/// 502/503/504.
+const MAX_ATTEMPTS: u32 = 3;
+/// First retry delay; doubled per retry, plus up to 100% jitter.
+const RETRY_BASE: Duration = Duration::from_millis(100);
 
 /// Why an upstream request failed. Every variant is the upstream's (or the network's) fault
 /// except `Offline`, which is configuration.
@@ -76,6 +84,14 @@ pub enum UpstreamError {
         /// The limit.
         limit: usize,
     },
+    /// The upstream failed repeatedly and is not asked again until the cooldown passes.
+    #[error("upstream {upstream} is marked down after repeated failures (retry in {retry_in:?})")]
+    CircuitOpen {
+        /// The upstream's name.
+        upstream: String,
+        /// Until the next probe.
+        retry_in: Duration,
+    },
     /// The token endpoint failed.
     #[error("upstream {upstream} token endpoint {realm} failed: {reason}")]
     Token {
@@ -93,7 +109,10 @@ impl UpstreamError {
     /// content), so that cached content may be served stale instead.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Offline { .. } | Self::Unreachable { .. } | Self::TooManyRequests { .. } => true,
+            Self::Offline { .. }
+            | Self::Unreachable { .. }
+            | Self::TooManyRequests { .. }
+            | Self::CircuitOpen { .. } => true,
             Self::Status { status, .. } => status.is_server_error(),
             Self::Token { .. } => true,
             Self::NotFound { .. } | Self::Denied { .. } | Self::TooLarge { .. } => false,
@@ -114,8 +133,11 @@ pub struct FetchedManifest {
 
 /// A blob response whose body has not been read yet.
 pub struct BlobResponse {
-    /// The `Content-Length`, when known.
-    pub content_length: Option<u64>,
+    /// The blob's total size, when known (from `Content-Length` or `Content-Range`).
+    pub total_size: Option<u64>,
+    /// The offset of the body's first byte: the requested offset when the upstream honoured
+    /// the range, 0 when it sent the whole blob.
+    pub offset: u64,
     /// The body.
     pub body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
 }
@@ -123,7 +145,8 @@ pub struct BlobResponse {
 impl std::fmt::Debug for BlobResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlobResponse")
-            .field("content_length", &self.content_length)
+            .field("total_size", &self.total_size)
+            .field("offset", &self.offset)
             .finish_non_exhaustive()
     }
 }
@@ -151,6 +174,7 @@ pub struct UpstreamClient {
     /// credentials up front instead of paying a 401 round trip each time.
     basic_seen: std::sync::atomic::AtomicBool,
     offline: bool,
+    breaker: Breaker,
 }
 
 /// Errors building a client from configuration (a bad CA file).
@@ -197,6 +221,7 @@ impl UpstreamClient {
             tokens: TokenCache::default(),
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
         })
     }
 
@@ -208,6 +233,11 @@ impl UpstreamClient {
     /// Whether the upstream is configured offline.
     pub fn is_offline(&self) -> bool {
         self.offline
+    }
+
+    /// Whether the circuit breaker currently considers the upstream down.
+    pub fn is_marked_down(&self) -> bool {
+        self.breaker.is_open()
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> String {
@@ -241,7 +271,9 @@ impl UpstreamClient {
         })
     }
 
-    /// Starts a blob download; the body is read by the caller.
+    /// Starts a blob download from byte `offset` (0 for the whole blob); the body is read by
+    /// the caller. An upstream that ignores the range answers with the whole blob, which
+    /// [`BlobResponse::offset`] reports.
     ///
     /// # Errors
     /// [`UpstreamError`] for the status; body errors come through the stream.
@@ -249,10 +281,24 @@ impl UpstreamClient {
         &self,
         repo: &RepoName,
         digest: &Digest,
+        offset: u64,
     ) -> Result<BlobResponse, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
-        let response = self.send(Method::GET, &url, repo, &[]).await?;
-        let content_length = response.content_length();
+        let range = format!("bytes={offset}-");
+        let headers: &[(&str, &str)] = if offset > 0 {
+            &[("range", range.as_str())]
+        } else {
+            &[]
+        };
+        let response = self.send(Method::GET, &url, repo, headers).await?;
+        let (offset, total_size) = if response.status() == StatusCode::PARTIAL_CONTENT {
+            let total = header_str(response.headers(), "content-range")
+                .and_then(|v| v.rsplit_once('/'))
+                .and_then(|(_, total)| total.parse().ok());
+            (offset, total)
+        } else {
+            (0, response.content_length())
+        };
         let upstream = self.name.clone();
         let body = response
             .bytes_stream()
@@ -261,9 +307,33 @@ impl UpstreamClient {
                 source,
             });
         Ok(BlobResponse {
-            content_length,
+            total_size,
+            offset,
             body: Box::pin(body),
         })
+    }
+
+    /// Asks for a manifest's digest without downloading it (`HEAD`; Docker Hub does not count
+    /// it against the pull rate limit). `None` when the upstream sent no usable digest.
+    ///
+    /// # Errors
+    /// [`UpstreamError`].
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &[String],
+    ) -> Result<Option<(Digest, Option<MediaType>)>, UpstreamError> {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        let accept = accept_header(accept);
+        let response = self
+            .send(Method::HEAD, &url, repo, &[("accept", accept.as_str())])
+            .await?;
+        let headers = response.headers();
+        let digest =
+            header_str(headers, "docker-content-digest").and_then(|v| Digest::parse(v).ok());
+        let media_type = header_str(headers, "content-type").and_then(MediaType::from_content_type);
+        Ok(digest.map(|digest| (digest, media_type)))
     }
 
     /// Fetches `/v2/<repo>/<tail>?<query>` (tag lists, referrers) for pass-through.
@@ -328,8 +398,8 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends a request with whatever credentials are known, answers one `401` challenge
-    /// (fetching a token or switching to basic), and maps error statuses.
+    /// Sends an idempotent request through the circuit breaker, retrying connection failures
+    /// and 502/503/504 with jittered exponential backoff.
     async fn send(
         &self,
         method: Method,
@@ -342,6 +412,50 @@ impl UpstreamClient {
                 upstream: self.name.clone(),
             });
         }
+        let mut attempt = 1;
+        loop {
+            if let Err(open) = self.breaker.check() {
+                return Err(UpstreamError::CircuitOpen {
+                    upstream: self.name.clone(),
+                    retry_in: open.0,
+                });
+            }
+            let result = self.send_once(method.clone(), url, repo, headers).await;
+            let failed = match &result {
+                Err(UpstreamError::Unreachable { .. }) => true,
+                Err(UpstreamError::Status { status, .. }) => status.is_server_error(),
+                _ => false,
+            };
+            if !failed {
+                self.breaker.record_success();
+                return result;
+            }
+            if self.breaker.record_failure() {
+                tracing::warn!(upstream = %self.name, "upstream marked down after repeated failures");
+            }
+            let retryable = match &result {
+                Err(UpstreamError::Unreachable { source, .. }) => source.is_connect(),
+                Err(UpstreamError::Status { status, .. }) => matches!(status.as_u16(), 502..=504),
+                _ => false,
+            };
+            if !retryable || attempt >= MAX_ATTEMPTS {
+                return result;
+            }
+            let delay = RETRY_BASE * 2u32.pow(attempt - 1);
+            tokio::time::sleep(delay + jitter(delay)).await;
+            attempt += 1;
+        }
+    }
+
+    /// One request: whatever credentials are known, then one answer to a `401` challenge
+    /// (fetching a token or switching to basic), then status mapping.
+    async fn send_once(
+        &self,
+        method: Method,
+        url: &str,
+        repo: &RepoName,
+        headers: &[(&str, &str)],
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{}:pull", repo.as_str());
         let build = |authorization: Option<&str>| {
             let mut request = self.http.request(method.clone(), url);
@@ -481,6 +595,15 @@ impl UpstreamClient {
             _ => UpstreamError::Status { upstream, status },
         })
     }
+}
+
+/// Up to `max` of random delay, so that retries from many requests spread out.
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    max.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
