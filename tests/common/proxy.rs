@@ -165,6 +165,12 @@ impl TestProxy {
         }
     }
 
+    /// Rewrites the config file (takes effect at the next restart).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read proxy config");
+        std::fs::write(&self.config_path, edit(text)).expect("write proxy config");
+    }
+
     /// Starts again on the same port, config and storage.
     pub async fn restart(&mut self) {
         assert!(
