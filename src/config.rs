@@ -107,6 +107,8 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    metrics_listen: Option<String>,
+    status_page: Option<bool>,
     max_connections: Option<usize>,
     shutdown_timeout: Option<String>,
 }
@@ -115,6 +117,9 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     path: Option<PathBuf>,
+    max_size: Option<String>,
+    high_watermark: Option<f64>,
+    low_watermark: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,12 +162,22 @@ struct RawUpstream {
 pub struct Config {
     /// Where the HTTP listener binds.
     pub listen: SocketAddr,
+    /// An extra listener serving only `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Whether `/` serves the HTML status page.
+    pub status_page: bool,
     /// Connections accepted at once; further connections wait in the kernel backlog.
     pub max_connections: usize,
     /// How long a graceful shutdown waits for in-flight requests and fills.
     pub shutdown_timeout: Duration,
     /// Root of the blob store and index.
     pub storage_path: PathBuf,
+    /// The disk budget in bytes (`None`: unlimited).
+    pub max_size: Option<u64>,
+    /// Eviction starts above this fraction of `max_size`.
+    pub high_watermark: f64,
+    /// Eviction stops below this fraction of `max_size`.
+    pub low_watermark: f64,
     /// How long a tag confirmed by the upstream is served without asking again.
     pub tag_ttl: Duration,
     /// How long past `tag_ttl` a tag may be served when the upstream cannot be reached.
@@ -271,6 +286,44 @@ impl RawConfig {
         let listen = listen_text
             .parse()
             .map_err(|_| invalid("server.listen", listen_text, "expected ADDRESS:PORT"))?;
+        let metrics_listen = match self.server.metrics_listen.as_deref() {
+            None => None,
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|_| invalid("server.metrics_listen", text, "expected ADDRESS:PORT"))?,
+            ),
+        };
+        let max_size = match self.storage.max_size.as_deref() {
+            None => None,
+            Some(text) => Some(
+                text.parse::<bytesize::ByteSize>()
+                    .map_err(|err| {
+                        invalid(
+                            "storage.max_size",
+                            text,
+                            format!("expected a size like \"50GiB\": {err}"),
+                        )
+                    })?
+                    .as_u64(),
+            ),
+        };
+        let high_watermark = self.storage.high_watermark.unwrap_or(0.95);
+        let low_watermark = self.storage.low_watermark.unwrap_or(0.85);
+        for (key, value) in [
+            ("storage.high_watermark", high_watermark),
+            ("storage.low_watermark", low_watermark),
+        ] {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(invalid(key, value, "expected a fraction in (0, 1]"));
+            }
+        }
+        if low_watermark >= high_watermark {
+            return Err(invalid(
+                "storage.low_watermark",
+                low_watermark,
+                "must be below storage.high_watermark",
+            ));
+        }
         let upstreams = self
             .upstream
             .into_iter()
@@ -290,6 +343,11 @@ impl RawConfig {
         };
         Ok(Config {
             listen,
+            metrics_listen,
+            status_page: self.server.status_page.unwrap_or(true),
+            max_size,
+            high_watermark,
+            low_watermark,
             max_connections: non_zero("server.max_connections", self.server.max_connections, 4096)?,
             shutdown_timeout: duration(
                 "server.shutdown_timeout",
@@ -484,6 +542,8 @@ mod tests {
     fn bad_values_name_the_key() {
         check_error("[server]\nlisten = \"nowhere\"", "server.listen");
         check_error("[server]\nbogus = 1", "bogus");
+        check_error("[storage]\nmax_size = \"lots\"", "storage.max_size");
+        check_error("[storage]\nlow_watermark = 0.99", "storage.low_watermark");
         check_error("[cache]\ntag_ttl = \"soon\"", "cache.tag_ttl");
         check_error(
             "[[upstream]]\nname = \"a.io\"\nurl = \"ftp://x\"",

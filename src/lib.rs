@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 mod http;
+pub mod metrics;
 pub mod oci;
 mod server;
 pub mod store;
@@ -62,6 +63,7 @@ pub fn open_storage(config: &Config) -> Result<(BlobStore, Index), RunError> {
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let (store, index) = open_storage(&config)?;
@@ -73,8 +75,19 @@ pub async fn run(
         config.upstreams.iter().map(|u| u.name.clone()).collect(),
         config.upstreams.iter().position(|u| u.default),
     );
-    let cache = Arc::new(Cache::new(&config, store, index)?);
-    let state = Arc::new(AppState { cache, resolver });
+    let metrics = Arc::new(metrics::Metrics::new());
+    let cache = Arc::new(Cache::new(&config, store, index, Arc::clone(&metrics))?);
+    // Usage figures come from a walk of the store; the server does not wait for it.
+    let scanning = Arc::clone(&cache);
+    tokio::task::spawn_blocking(move || {
+        let usage = scanning.store().scan_usage();
+        tracing::info!(
+            files = usage.files,
+            bytes = usage.bytes,
+            "store usage counted"
+        );
+    });
+    let state = Arc::new(AppState::new(cache, resolver, metrics, &config));
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
@@ -82,14 +95,28 @@ pub async fn run(
         upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "regcache listening"
     );
+    let admin = metrics_listener.map(|listener| {
+        tokio::spawn(server::accept_loop(
+            listener,
+            http::Listener::Admin,
+            Arc::clone(&state),
+            64,
+            shutdown.clone(),
+            config.shutdown_timeout,
+        ))
+    });
     server::accept_loop(
         listener,
+        http::Listener::Main,
         Arc::clone(&state),
         config.max_connections,
         shutdown,
         config.shutdown_timeout,
     )
     .await;
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     if let Err(err) = state.cache.index().flush() {
         tracing::error!(error = %err, "flushing the index at shutdown failed");
     }

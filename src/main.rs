@@ -124,9 +124,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding server.listen = {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding server.metrics_listen = {address}"))?,
+            ),
+            None => None,
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        regcache::run(config, listener, shutdown).await?;
+        regcache::run(config, listener, metrics_listener, shutdown).await?;
         Ok(())
     })
 }

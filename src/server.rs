@@ -22,6 +22,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// `drain_timeout`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
+    kind: http::Listener,
     state: Arc<AppState>,
     max_connections: usize,
     shutdown: CancellationToken,
@@ -63,7 +64,7 @@ pub(crate) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
-        let service = service_fn(move |request| http::serve(Arc::clone(&state), request));
+        let service = service_fn(move |request| http::serve(Arc::clone(&state), kind, request));
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {

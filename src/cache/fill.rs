@@ -77,6 +77,7 @@ pub(crate) enum Role {
 
 /// What the leader task needs.
 pub(crate) struct FillJob {
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) store: Arc<BlobStore>,
     pub(crate) upstream: Arc<UpstreamClient>,
     pub(crate) namespace: Namespace,
@@ -165,6 +166,7 @@ impl Drop for FillGuard {
 }
 
 async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
+    job.metrics.fills_in_flight.inc();
     let temp_path = temp.path.clone();
     let span = tracing::info_span!("fill", upstream = job.upstream.name(), digest = %job.digest);
     let _entered = span.enter();
@@ -175,9 +177,17 @@ async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
         Err(err) => {
             let _ = tokio::fs::remove_file(&temp_path).await;
             span.in_scope(|| tracing::warn!(error = %err, "fill failed"));
+            match &err {
+                CacheError::DigestMismatch { .. } => job
+                    .upstream
+                    .record_error("digest_mismatch", err.to_string()),
+                CacheError::Store(_) => job.metrics.store_write_errors.inc(),
+                _ => {}
+            }
             guard.finish(FillState::Failed(Arc::new(err)));
         }
     }
+    job.metrics.fills_in_flight.dec();
     drop(job.permit);
 }
 

@@ -141,6 +141,7 @@ impl Cache {
                     error = %err,
                     "cannot revalidate tag; serving the cached manifest stale"
                 );
+                self.metrics.stale_served.inc();
                 Ok(ManifestAnswer {
                     manifest,
                     phase: CachePhase::Stale,

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
 use crate::store::{BlobStore, Index, Namespace, StoreError};
 use crate::upstream::{ClientBuildError, PassThrough, UpstreamClient, UpstreamError};
@@ -260,6 +261,7 @@ pub struct Cache {
     max_stale: Duration,
     serve_stale_on_404: bool,
     negative_ttl: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// Memory for hot manifests.
@@ -278,12 +280,20 @@ impl Cache {
     ///
     /// # Errors
     /// [`BuildError`] when an upstream client cannot be built.
-    pub fn new(config: &Config, store: BlobStore, index: Index) -> Result<Self, BuildError> {
+    pub fn new(
+        config: &Config,
+        store: BlobStore,
+        index: Index,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| UpstreamClient::new(u).map(Arc::new))
+            .map(|u| UpstreamClient::new(u, Arc::clone(&metrics)).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        for upstream in &config.upstreams {
+            metrics.init_upstream(&upstream.name);
+        }
         let namespaces = config
             .upstreams
             .iter()
@@ -310,12 +320,40 @@ impl Cache {
             max_stale: config.max_stale,
             serve_stale_on_404: config.serve_stale_on_404,
             negative_ttl: config.negative_ttl,
+            metrics,
         })
     }
 
     /// The index, for flushing at shutdown.
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// The blob store (usage figures, the start-up scan).
+    pub fn store(&self) -> &BlobStore {
+        &self.store
+    }
+
+    /// Whether the store is writable and the index readable; `Err` says which is not.
+    ///
+    /// # Errors
+    /// A description of the first failing part.
+    pub async fn check_ready(&self) -> Result<(), String> {
+        self.index.check().map_err(|e| format!("index: {e}"))?;
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            let temp = store.create_temp()?;
+            std::fs::remove_file(&temp.path)
+                .map_err(crate::store::StoreError::io("remove", &temp.path))
+        })
+        .await
+        .map_err(|e| format!("store: {e}"))?
+        .map_err(|e| format!("store: {e}"))
+    }
+
+    /// The upstream clients, in config order (health for the status page).
+    pub fn upstreams(&self) -> &[Arc<UpstreamClient>] {
+        &self.upstreams
     }
 
     fn upstream(&self, target: &Target) -> (&Arc<UpstreamClient>, &Namespace) {
@@ -352,6 +390,7 @@ impl Cache {
                 .try_acquire_owned()
                 .map_err(|_| CacheError::Busy)?;
             Ok(fill::FillJob {
+                metrics: Arc::clone(&self.metrics),
                 store: Arc::clone(&self.store),
                 upstream: Arc::clone(upstream),
                 namespace: namespace.clone(),

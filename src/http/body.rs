@@ -25,6 +25,17 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// Counts the data bytes of `body` into `counter` as they are sent.
+pub(crate) fn counted(body: Body, counter: prometheus::IntCounter) -> Body {
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    })
+    .boxed_unsync()
+}
+
 /// A blob body: a file read in large chunks, or an in-flight fill.
 pub(crate) fn blob(body: BlobBody) -> Body {
     match body {

@@ -7,8 +7,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::{self, Body};
 use super::error::{ApiError, Origin};
-use super::route::{self, Resolver, Route};
+use super::route::{Resolver, Route};
+use super::status::{self, StatusBoard};
 use crate::cache::{BlobAnswer, Cache, CachePhase, ManifestAnswer, RangeRequest, Target};
+use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference};
 
 /// Everything a request needs.
@@ -16,24 +19,56 @@ use crate::oci::{Digest, Reference};
 pub(crate) struct AppState {
     pub(crate) cache: Arc<Cache>,
     pub(crate) resolver: Resolver,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) board: StatusBoard,
+    /// Request ids: unique per process, short, ordered.
+    pub(crate) next_request_id: std::sync::atomic::AtomicU64,
+    status_page: bool,
+    budget: Option<u64>,
 }
 
-/// A response with what the log line needs.
+impl AppState {
+    pub(crate) fn new(
+        cache: Arc<Cache>,
+        resolver: Resolver,
+        metrics: Arc<Metrics>,
+        config: &Config,
+    ) -> Self {
+        metrics
+            .storage_budget
+            .set(i64::try_from(config.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
+        Self {
+            cache,
+            resolver,
+            metrics,
+            board: StatusBoard::default(),
+            next_request_id: std::sync::atomic::AtomicU64::new(1),
+            status_page: config.status_page,
+            budget: config.max_size,
+        }
+    }
+}
+
+/// A response with what the log line, the metrics and the status board need.
 pub(crate) struct Outcome {
     pub(crate) response: Response<Body>,
     pub(crate) phase: Option<CachePhase>,
     pub(crate) error: Option<(Origin, String)>,
+    /// For manifest and blob requests: the upstream and repository.
+    pub(crate) target: Option<(String, String)>,
 }
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
-pub(crate) async fn handle<B>(state: &AppState, request: &Request<B>) -> Outcome {
+pub(crate) async fn handle<B>(state: &AppState, route: Route<'_>, request: &Request<B>) -> Outcome {
     let head_only = request.method() == Method::HEAD;
-    let mut outcome = match route_request(state, request).await {
+    let mut target = None;
+    let mut outcome = match route_request(state, route, request, &mut target).await {
         Ok((response, phase)) => Outcome {
             response,
             phase,
             error: None,
+            target: None,
         },
         Err(err) => {
             let cause = err.internal.clone().unwrap_or_else(|| err.message.clone());
@@ -42,9 +77,14 @@ pub(crate) async fn handle<B>(state: &AppState, request: &Request<B>) -> Outcome
                 response: err.into_response(head_only),
                 phase: None,
                 error: Some((origin, cause)),
+                target: None,
             }
         }
     };
+    outcome.target = target.map(|t: Target| {
+        let upstream = state.cache.upstreams()[t.upstream].name().to_owned();
+        (upstream, t.repo.to_string())
+    });
     outcome
         .response
         .headers_mut()
@@ -54,14 +94,48 @@ pub(crate) async fn handle<B>(state: &AppState, request: &Request<B>) -> Outcome
 
 type Handled = Result<(Response<Body>, Option<CachePhase>), ApiError>;
 
-async fn route_request<B>(state: &AppState, request: &Request<B>) -> Handled {
-    let route = route::parse(request.uri().path());
+async fn route_request<B>(
+    state: &AppState,
+    route: Route<'_>,
+    request: &Request<B>,
+    resolved: &mut Option<Target>,
+) -> Handled {
     let method = request.method();
     let readable = method == Method::GET || method == Method::HEAD;
     match route {
-        Route::Health | Route::Ready if readable => {
-            Ok((text_response(StatusCode::OK, "ok\n"), None))
+        Route::Health if readable => Ok((text_response(StatusCode::OK, "ok\n"), None)),
+        Route::Ready if readable => Ok((readiness(state).await, None)),
+        Route::Metrics if readable => {
+            let usage = state.cache.store().usage();
+            let metrics = &state.metrics;
+            metrics
+                .storage_used
+                .set(i64::try_from(usage.bytes).unwrap_or(i64::MAX));
+            metrics
+                .storage_blobs
+                .set(i64::try_from(usage.files).unwrap_or(i64::MAX));
+            metrics
+                .storage_manifests
+                .set(i64::try_from(state.cache.index().manifest_count()).unwrap_or(i64::MAX));
+            let mut response = Response::new(body::full(metrics.encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok((response, None))
         }
+        Route::Status if readable && state.status_page => {
+            let html = status::render(&state.cache, &state.metrics, &state.board, state.budget);
+            let mut response = Response::new(body::full(html));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            Ok((response, None))
+        }
+        Route::Status => Err(ApiError::not_found()),
         Route::Base if readable => Ok((json_response(StatusCode::OK, "{}"), None)),
         Route::NotFound => Err(ApiError::not_found()),
         Route::Catalog => Err(ApiError::unsupported("a pull-through cache has no catalog")),
@@ -73,11 +147,13 @@ async fn route_request<B>(state: &AppState, request: &Request<B>) -> Handled {
         ))),
         Route::Manifest { name, reference } => {
             let target = resolve(state, request, name)?;
+            *resolved = Some(target.clone());
             let reference = Reference::parse(reference).map_err(|e| ApiError::from_parse(&e))?;
             manifest(state, request, &target, &reference).await
         }
         Route::Blob { name, digest } => {
             let target = resolve(state, request, name)?;
+            *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
             blob(state, request, &target, &digest).await
         }
@@ -97,10 +173,44 @@ async fn route_request<B>(state: &AppState, request: &Request<B>) -> Handled {
             )
             .await
         }
-        Route::Base | Route::Health | Route::Ready => {
+        Route::Base | Route::Health | Route::Ready | Route::Metrics => {
             Err(ApiError::unsupported("only GET and HEAD"))
         }
     }
+}
+
+/// `/readyz`: 200 when the store is writable and the index readable. Upstream health is
+/// reported but does not fail readiness: an uplink outage must not take a cache that can still
+/// serve out of its load balancer.
+async fn readiness(state: &AppState) -> Response<Body> {
+    let ready = state.cache.check_ready().await;
+    let upstreams: Vec<serde_json::Value> = state
+        .cache
+        .upstreams()
+        .iter()
+        .map(|u| {
+            serde_json::json!({
+                "name": u.name(),
+                "up": !u.is_marked_down() && !u.is_offline(),
+                "offline": u.is_offline(),
+                "last_error": u.last_error().map(|(_, message)| message),
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "ready": ready.is_ok(),
+        "problem": ready.as_ref().err(),
+        "upstreams": upstreams,
+    });
+    let mut response = Response::new(body::full(body.to_string()));
+    if ready.is_err() {
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    }
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {

@@ -1,4 +1,5 @@
-//! The HTTP layer: routes a request, calls the cache, builds the response, logs one line.
+//! The HTTP layer: routes a request, calls the cache, builds the response, logs one line and
+//! records metrics.
 //!
 //! Only `server` and `http` name hyper types. Handlers are thin; [`error::ApiError`] is the one
 //! place where domain errors become statuses.
@@ -7,23 +8,66 @@ mod body;
 mod error;
 mod handlers;
 pub(crate) mod route;
+mod status;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+
+use tracing::Instrument as _;
 
 pub(crate) use body::Body;
 pub(crate) use handlers::AppState;
 
-/// Handles one request, logging one line for it.
+use crate::cache::CachePhase;
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// Everything.
+    Main,
+    /// `/metrics`, `/healthz`, `/readyz` only.
+    Admin,
+}
+
+/// Handles one request: a span with a request id that its upstream calls inherit, one log
+/// line, metrics, and the status board.
 pub(crate) async fn serve(
     state: Arc<AppState>,
+    listener: Listener,
     request: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<Body>, std::convert::Infallible> {
     let started = Instant::now();
+    let request_id = format!(
+        "{:x}",
+        state.next_request_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let span = tracing::info_span!("request", id = %request_id);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let outcome = handlers::handle(&state, &request).await;
-    let response = outcome.response;
+    let route = route::parse(&path);
+    let kind = route.kind();
+    let reference = match &route {
+        route::Route::Manifest { reference, .. } => Some((*reference).to_owned()),
+        _ => None,
+    };
+    let outcome = if listener == Listener::Admin && !route.is_admin() {
+        let err = error::ApiError::not_found();
+        handlers::Outcome {
+            response: err.into_response(method == http::Method::HEAD),
+            phase: None,
+            error: None,
+            target: None,
+        }
+    } else {
+        handlers::handle(&state, route, &request)
+            .instrument(span.clone())
+            .await
+    };
+    let mut response = outcome.response;
+    if let Ok(value) = http::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     let status = response.status().as_u16();
     let bytes = response
         .headers()
@@ -31,9 +75,50 @@ pub(crate) async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
-    let cache = outcome.phase.map_or("-", |p| p.as_str());
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    match &outcome.error {
+    let elapsed = started.elapsed();
+    let metrics = &state.metrics;
+    let status_class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics
+        .http_requests
+        .with_label_values(&[kind, method.as_str(), status_class])
+        .inc();
+    metrics
+        .http_duration
+        .with_label_values(&[kind])
+        .observe(elapsed.as_secs_f64());
+    if let Some(phase) = outcome.phase {
+        if matches!(kind, "manifest" | "blob") {
+            metrics
+                .cache_results
+                .with_label_values(&[kind, phase.as_str()])
+                .inc();
+            let source = match phase {
+                CachePhase::Miss | CachePhase::Coalesced => "upstream",
+                _ => "cache",
+            };
+            let counter = metrics.served_bytes.with_label_values(&[source]);
+            response = response.map(|body| body::counted(body, counter));
+        }
+    }
+    if let Some((upstream, repo)) = &outcome.target {
+        if method == http::Method::GET && status < 400 {
+            state.board.record_bytes(upstream, repo, bytes);
+        }
+        if let Some(reference) = &reference {
+            state
+                .board
+                .record_pull(upstream, repo, reference, status, outcome.phase);
+        }
+    }
+    let cache = outcome.phase.map_or("-", CachePhase::as_str);
+    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    span.in_scope(|| match &outcome.error {
         Some((error::Origin::Internal, cause)) => {
             tracing::error!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")
         }
@@ -44,6 +129,6 @@ pub(crate) async fn serve(
             tracing::info!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")
         }
         None => tracing::info!(%method, %path, status, bytes, cache, elapsed_ms, "request"),
-    }
+    });
     Ok(response)
 }

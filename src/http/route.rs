@@ -17,6 +17,10 @@ pub(crate) enum Route<'a> {
     Health,
     /// `/readyz`
     Ready,
+    /// `/metrics`
+    Metrics,
+    /// `/`: the HTML status page.
+    Status,
     /// `/v2/<name>/manifests/<reference>`
     Manifest { name: &'a str, reference: &'a str },
     /// `/v2/<name>/blobs/<digest>`
@@ -38,6 +42,8 @@ pub(crate) fn parse(path: &str) -> Route<'_> {
     match path {
         "/healthz" => return Route::Health,
         "/readyz" => return Route::Ready,
+        "/metrics" => return Route::Metrics,
+        "/" => return Route::Status,
         "/v2" | "/v2/" => return Route::Base,
         "/v2/_catalog" => return Route::Catalog,
         _ => {}
@@ -63,6 +69,26 @@ pub(crate) fn parse(path: &str) -> Route<'_> {
         return Route::Blob { name, digest };
     }
     Route::NotFound
+}
+
+impl Route<'_> {
+    /// The bounded `route` label for metrics.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Route::Manifest { .. } => "manifest",
+            Route::Blob { .. } => "blob",
+            Route::TagsList { .. } => "tags",
+            Route::Referrers { .. } => "referrers",
+            Route::Base => "base",
+            Route::Health | Route::Ready | Route::Metrics | Route::Status => "admin",
+            Route::Upload | Route::Catalog | Route::NotFound => "other",
+        }
+    }
+
+    /// Whether the route is served on the metrics-only listener.
+    pub(crate) fn is_admin(&self) -> bool {
+        matches!(self, Route::Health | Route::Ready | Route::Metrics)
+    }
 }
 
 /// Why a name could not be mapped to an upstream.

@@ -22,6 +22,19 @@ pub struct BlobStore {
     temp_dir: PathBuf,
     /// Makes temp names unique within this process; the pid makes them unique across restarts.
     temp_counter: AtomicU64,
+    /// Bytes and files under `blobs/`: counted by [`BlobStore::scan_usage`] at start, then
+    /// kept up to date by commits and removals.
+    used_bytes: AtomicU64,
+    files: AtomicU64,
+}
+
+/// What the store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Bytes of verified files.
+    pub bytes: u64,
+    /// Number of files.
+    pub files: u64,
 }
 
 /// A file being written; it becomes visible under its digest only through
@@ -49,6 +62,8 @@ impl BlobStore {
             root: blobs,
             temp_dir,
             temp_counter: AtomicU64::new(0),
+            used_bytes: AtomicU64::new(0),
+            files: AtomicU64::new(0),
         })
     }
 
@@ -66,6 +81,52 @@ impl BlobStore {
             }
         }
         Ok(removed)
+    }
+
+    fn account_removed(&self, len: u64) {
+        let saturating_sub = |by: u64| move |n: u64| Some(n.saturating_sub(by));
+        // The closures never return None, so the updates cannot fail.
+        let _ =
+            self.used_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, saturating_sub(len));
+        let _ = self
+            .files
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, saturating_sub(1));
+    }
+
+    /// Current usage.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            bytes: self.used_bytes.load(Ordering::Relaxed),
+            files: self.files.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Walks the store once and adds what it finds to the usage counters. Blocking; the server
+    /// runs it in the background after it starts listening, so start-up does not wait for it.
+    /// A file committed while the walk runs may be counted twice; the figure is for budgets and
+    /// dashboards, not accounting.
+    pub fn scan_usage(&self) -> Usage {
+        let mut usage = Usage::default();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                    Ok(kind) if kind.is_file() => {
+                        usage.files += 1;
+                        usage.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.used_bytes.fetch_add(usage.bytes, Ordering::Relaxed);
+        self.files.fetch_add(usage.files, Ordering::Relaxed);
+        usage
     }
 
     /// Where the verified bytes of `digest` live (whether or not they are there).
@@ -176,6 +237,7 @@ impl BlobStore {
     ) -> Result<(), StoreError> {
         file.sync_all()
             .map_err(StoreError::io("fsync", temp_path))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         drop(file);
         let final_path = self.path(namespace, digest);
         let dir = final_path
@@ -186,6 +248,8 @@ impl BlobStore {
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(StoreError::io("fsync", dir))?;
+        self.used_bytes.fetch_add(len, Ordering::Relaxed);
+        self.files.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -213,11 +277,16 @@ impl BlobStore {
     /// [`StoreError::Io`] for failures other than "not found".
     pub async fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
         let path = self.path(namespace, digest);
+        let len = tokio::fs::metadata(&path).await.map(|m| m.len()).ok();
         match tokio::fs::remove_file(&path).await {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::io("remove", path)(err))
             }
-            _ => Ok(()),
+            Err(_) => Ok(()),
+            Ok(()) => {
+                self.account_removed(len.unwrap_or(0));
+                Ok(())
+            }
         }
     }
 }

@@ -217,6 +217,20 @@ impl Index {
         Ok(())
     }
 
+    /// Number of manifest records (O(n) in sled; for the metrics scrape).
+    pub fn manifest_count(&self) -> usize {
+        self.manifests.len()
+    }
+
+    /// Whether the database answers reads (for `/readyz`).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.tags.get(b"\0readiness-probe")?;
+        Ok(())
+    }
+
     /// Writes everything to disk (at shutdown).
     ///
     /// # Errors

@@ -9,7 +9,7 @@
 mod blobs;
 mod index;
 
-pub use blobs::{BlobStore, TempBlob};
+pub use blobs::{BlobStore, TempBlob, Usage};
 pub use index::{Index, ManifestRecord, TagRecord};
 
 use std::path::PathBuf;

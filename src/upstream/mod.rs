@@ -17,6 +17,7 @@ use http::{HeaderMap, Method, StatusCode};
 use reqwest::RequestBuilder;
 
 use crate::config::{Secret, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
 use auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
 use breaker::Breaker;
@@ -105,6 +106,21 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The `reason` label of `regcache_upstream_errors_total`, or `None` when this is an
+    /// answer about content rather than a failure (404).
+    pub fn metric_reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Unreachable { source, .. } if source.is_timeout() => "timeout",
+            Self::Unreachable { .. } => "connect",
+            Self::TooManyRequests { .. } => "429",
+            Self::Status { status, .. } if status.is_server_error() => "5xx",
+            Self::Status { .. } | Self::Denied { .. } | Self::TooLarge { .. } => "4xx",
+            Self::Token { .. } => "token",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::NotFound { .. } | Self::Offline { .. } => return None,
+        })
+    }
+
     /// Whether the cause is the upstream being unavailable (as opposed to an answer about the
     /// content), so that cached content may be served stale instead.
     pub fn is_unavailable(&self) -> bool {
@@ -175,6 +191,9 @@ pub struct UpstreamClient {
     basic_seen: std::sync::atomic::AtomicBool,
     offline: bool,
     breaker: Breaker,
+    metrics: std::sync::Arc<Metrics>,
+    /// The last failure, for the status page.
+    last_error: std::sync::Mutex<Option<(std::time::SystemTime, String)>>,
 }
 
 /// Errors building a client from configuration (a bad CA file).
@@ -190,7 +209,10 @@ impl UpstreamClient {
     ///
     /// # Errors
     /// [`ClientBuildError`] when the CA file cannot be read or parsed.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, ClientBuildError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Self, ClientBuildError> {
         let build_error = |reason: String| ClientBuildError {
             upstream: config.name.clone(),
             reason,
@@ -222,6 +244,8 @@ impl UpstreamClient {
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
             breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+            metrics,
+            last_error: std::sync::Mutex::new(None),
         })
     }
 
@@ -238,6 +262,24 @@ impl UpstreamClient {
     /// Whether the circuit breaker currently considers the upstream down.
     pub fn is_marked_down(&self) -> bool {
         self.breaker.is_open()
+    }
+
+    /// The last failure and when it happened.
+    pub fn last_error(&self) -> Option<(std::time::SystemTime, String)> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts an error found by the caller (a digest mismatch) against this upstream.
+    pub fn record_error(&self, reason: &'static str, message: String) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[self.name.as_str(), reason])
+            .inc();
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::SystemTime::now(), message));
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> String {
@@ -259,10 +301,17 @@ impl UpstreamClient {
         let url = self.url(repo, &format!("manifests/{reference}"));
         let accept = accept_header(accept);
         let response = self
-            .send(Method::GET, &url, repo, &[("accept", accept.as_str())])
+            .send(
+                "manifest",
+                Method::GET,
+                &url,
+                repo,
+                &[("accept", accept.as_str())],
+            )
             .await?;
         let headers = response.headers().clone();
         let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
+        self.count_bytes(bytes.len());
         Ok(FetchedManifest {
             bytes,
             media_type: header_str(&headers, "content-type").and_then(MediaType::from_content_type),
@@ -290,7 +339,7 @@ impl UpstreamClient {
         } else {
             &[]
         };
-        let response = self.send(Method::GET, &url, repo, headers).await?;
+        let response = self.send("blob", Method::GET, &url, repo, headers).await?;
         let (offset, total_size) = if response.status() == StatusCode::PARTIAL_CONTENT {
             let total = header_str(response.headers(), "content-range")
                 .and_then(|v| v.rsplit_once('/'))
@@ -300,8 +349,13 @@ impl UpstreamClient {
             (0, response.content_length())
         };
         let upstream = self.name.clone();
+        let fetched = self
+            .metrics
+            .upstream_bytes
+            .with_label_values(&[self.name.as_str()]);
         let body = response
             .bytes_stream()
+            .inspect_ok(move |chunk| fetched.inc_by(chunk.len() as u64))
             .map_err(move |source| UpstreamError::Unreachable {
                 upstream: upstream.clone(),
                 source,
@@ -327,7 +381,13 @@ impl UpstreamClient {
         let url = self.url(repo, &format!("manifests/{reference}"));
         let accept = accept_header(accept);
         let response = self
-            .send(Method::HEAD, &url, repo, &[("accept", accept.as_str())])
+            .send(
+                "manifest",
+                Method::HEAD,
+                &url,
+                repo,
+                &[("accept", accept.as_str())],
+            )
             .await?;
         let headers = response.headers();
         let digest =
@@ -353,10 +413,11 @@ impl UpstreamClient {
         }
         let accept = "application/json, application/vnd.oci.image.index.v1+json";
         let response = self
-            .send(Method::GET, &url, repo, &[("accept", accept)])
+            .send("list", Method::GET, &url, repo, &[("accept", accept)])
             .await?;
         let headers = response.headers().clone();
         let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
+        self.count_bytes(bytes.len());
         Ok(PassThrough {
             content_type: header_str(&headers, "content-type").map(str::to_owned),
             link: header_str(&headers, "link").map(str::to_owned),
@@ -391,6 +452,13 @@ impl UpstreamClient {
         Ok(Bytes::from(body))
     }
 
+    fn count_bytes(&self, len: usize) {
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[self.name.as_str()])
+            .inc_by(len as u64);
+    }
+
     fn unreachable(&self, source: reqwest::Error) -> UpstreamError {
         UpstreamError::Unreachable {
             upstream: self.name.clone(),
@@ -402,6 +470,7 @@ impl UpstreamClient {
     /// and 502/503/504 with jittered exponential backoff.
     async fn send(
         &self,
+        kind: &'static str,
         method: Method,
         url: &str,
         repo: &RepoName,
@@ -415,12 +484,21 @@ impl UpstreamClient {
         let mut attempt = 1;
         loop {
             if let Err(open) = self.breaker.check() {
-                return Err(UpstreamError::CircuitOpen {
+                let err = UpstreamError::CircuitOpen {
                     upstream: self.name.clone(),
                     retry_in: open.0,
-                });
+                };
+                self.record_error("circuit_open", err.to_string());
+                return Err(err);
             }
+            let timer = self.metrics.upstream_timer(&self.name, kind);
             let result = self.send_once(method.clone(), url, repo, headers).await;
+            timer.observe_duration();
+            if let Err(err) = &result {
+                if let Some(reason) = err.metric_reason() {
+                    self.record_error(reason, err.to_string());
+                }
+            }
             let failed = match &result {
                 Err(UpstreamError::Unreachable { .. }) => true,
                 Err(UpstreamError::Status { status, .. }) => status.is_server_error(),
@@ -428,11 +506,19 @@ impl UpstreamClient {
             };
             if !failed {
                 self.breaker.record_success();
+                self.metrics
+                    .upstream_up
+                    .with_label_values(&[self.name.as_str()])
+                    .set(1);
                 return result;
             }
             if self.breaker.record_failure() {
                 tracing::warn!(upstream = %self.name, "upstream marked down after repeated failures");
             }
+            self.metrics
+                .upstream_up
+                .with_label_values(&[self.name.as_str()])
+                .set(i64::from(!self.breaker.is_open()));
             let retryable = match &result {
                 Err(UpstreamError::Unreachable { source, .. }) => source.is_connect(),
                 Err(UpstreamError::Status { status, .. }) => matches!(status.as_u16(), 502..=504),
@@ -549,6 +635,11 @@ impl UpstreamClient {
             }
             query.append_pair("scope", scope);
         }
+        self.metrics
+            .token_fetches
+            .with_label_values(&[self.name.as_str()])
+            .inc();
+        let _timer = self.metrics.upstream_timer(&self.name, "token");
         let mut request = self.http.get(realm_url);
         if let Some(basic) = self.basic_authorization() {
             request = request.header("authorization", basic);

@@ -16,6 +16,7 @@
 // Each test binary uses a different part of this module.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod fake;
 pub mod images;
 pub mod proxy;
 pub mod regclient;

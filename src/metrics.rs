@@ -1,0 +1,285 @@
+//! Prometheus metrics: a [`Metrics`] struct of typed handles over its own registry (no global
+//! state), and the text encoding for `/metrics`. No business logic lives here.
+//!
+//! Labels are bounded: route kind, method, status class, cache result, upstream name (from the
+//! config's allow-list) and error reason. Never repository names or digests.
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// All metric handles.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `route`, `method`, `status_class`
+    pub http_requests: IntCounterVec,
+    /// `route`
+    pub http_duration: HistogramVec,
+    /// `kind` (manifest, blob), `result` (hit, miss, stale, revalidated, coalesced)
+    pub cache_results: IntCounterVec,
+    /// `source` (cache, upstream)
+    pub served_bytes: IntCounterVec,
+    /// `upstream`
+    pub upstream_bytes: IntCounterVec,
+    /// `upstream`, `kind` (manifest, blob, token, list)
+    pub upstream_duration: HistogramVec,
+    /// `upstream`, `reason` (timeout, connect, 4xx, 429, 5xx, digest_mismatch, circuit_open)
+    pub upstream_errors: IntCounterVec,
+    /// `upstream`: 1 when not marked down by the circuit breaker.
+    pub upstream_up: IntGaugeVec,
+    /// `upstream`
+    pub token_fetches: IntCounterVec,
+    /// Blob downloads in progress.
+    pub fills_in_flight: IntGauge,
+    /// Tags served stale because the upstream could not be asked.
+    pub stale_served: IntCounter,
+    /// Bytes of verified files in the store.
+    pub storage_used: IntGauge,
+    /// The configured budget (0: none).
+    pub storage_budget: IntGauge,
+    /// Files in the store.
+    pub storage_blobs: IntGauge,
+    /// Manifests known to the index.
+    pub storage_manifests: IntGauge,
+    /// Files removed to stay under the budget.
+    pub evictions: IntCounter,
+    /// Bytes removed to stay under the budget.
+    pub evicted_bytes: IntCounter,
+    /// Fills that failed to write to disk (the client was still served when possible).
+    pub store_write_errors: IntCounter,
+}
+
+/// Buckets from 1 ms to ~2 min: manifest hits are sub-millisecond, cold blob pulls minutes.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0,
+];
+
+impl Metrics {
+    /// Creates the handles and registers them (plus process metrics) in a new registry.
+    ///
+    /// # Panics
+    /// Never in practice: the names below are fixed, valid and registered once.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric names and labels are valid literals");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+            let metric = HistogramVec::new(opts, labels).expect("valid literals");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid literals");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid literals");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("each metric is registered once");
+            metric
+        };
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                "regcache_upstream_up",
+                "1 when the upstream is not marked down by the circuit breaker",
+            ),
+            &["upstream"],
+        )
+        .expect("valid literals");
+        registry
+            .register(Box::new(upstream_up.clone()))
+            .expect("each metric is registered once");
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = registry.register(Box::new(process));
+        }
+        let metrics = Self {
+            http_requests: counter_vec(
+                "regcache_http_requests_total",
+                "HTTP requests answered, by route kind, method and status class",
+                &["route", "method", "status_class"],
+            ),
+            http_duration: histogram_vec(
+                "regcache_http_request_duration_seconds",
+                "Time to the response head, by route kind",
+                &["route"],
+            ),
+            cache_results: counter_vec(
+                "regcache_cache_results_total",
+                "How manifest and blob requests were answered",
+                &["kind", "result"],
+            ),
+            served_bytes: counter_vec(
+                "regcache_served_bytes_total",
+                "Body bytes sent to clients, by where they came from",
+                &["source"],
+            ),
+            upstream_bytes: counter_vec(
+                "regcache_upstream_fetched_bytes_total",
+                "Body bytes downloaded from each upstream",
+                &["upstream"],
+            ),
+            upstream_duration: histogram_vec(
+                "regcache_upstream_request_duration_seconds",
+                "Upstream request time to the response head",
+                &["upstream", "kind"],
+            ),
+            upstream_errors: counter_vec(
+                "regcache_upstream_errors_total",
+                "Upstream failures by reason",
+                &["upstream", "reason"],
+            ),
+            upstream_up,
+            token_fetches: counter_vec(
+                "regcache_upstream_token_fetches_total",
+                "Bearer tokens fetched from upstream token endpoints",
+                &["upstream"],
+            ),
+            fills_in_flight: gauge(
+                "regcache_fills_in_flight",
+                "Blob downloads from upstreams in progress",
+            ),
+            stale_served: counter(
+                "regcache_stale_served_total",
+                "Tags served stale because the upstream could not be asked",
+            ),
+            storage_used: gauge(
+                "regcache_storage_used_bytes",
+                "Bytes of verified content in the store",
+            ),
+            storage_budget: gauge(
+                "regcache_storage_budget_bytes",
+                "Configured storage budget (storage.max_size), 0 when unlimited",
+            ),
+            storage_blobs: gauge(
+                "regcache_storage_blobs",
+                "Content files (blobs and manifests) in the store",
+            ),
+            storage_manifests: gauge(
+                "regcache_storage_manifests",
+                "Manifests recorded in the index",
+            ),
+            evictions: counter(
+                "regcache_evictions_total",
+                "Files evicted to stay under the storage budget",
+            ),
+            evicted_bytes: counter(
+                "regcache_evicted_bytes_total",
+                "Bytes evicted to stay under the storage budget",
+            ),
+            store_write_errors: counter(
+                "regcache_store_write_errors_total",
+                "Blob downloads that could not be written to disk",
+            ),
+            registry,
+        };
+        for kind in ["manifest", "blob"] {
+            for result in ["hit", "miss", "coalesced", "revalidated", "stale"] {
+                metrics.cache_results.with_label_values(&[kind, result]);
+            }
+        }
+        for source in ["cache", "upstream"] {
+            metrics.served_bytes.with_label_values(&[source]);
+        }
+        for route in ["manifest", "blob"] {
+            metrics.http_duration.with_label_values(&[route]);
+            for class in ["2xx", "4xx", "5xx"] {
+                metrics
+                    .http_requests
+                    .with_label_values(&[route, "GET", class]);
+            }
+        }
+        metrics
+    }
+
+    /// Creates the series of one upstream at zero, so that dashboards and alerts see every
+    /// series from the first scrape on.
+    pub fn init_upstream(&self, upstream: &str) {
+        self.upstream_up.with_label_values(&[upstream]).set(1);
+        self.upstream_bytes.with_label_values(&[upstream]);
+        self.token_fetches.with_label_values(&[upstream]);
+        for reason in [
+            "timeout",
+            "connect",
+            "4xx",
+            "429",
+            "5xx",
+            "digest_mismatch",
+            "circuit_open",
+            "token",
+        ] {
+            self.upstream_errors.with_label_values(&[upstream, reason]);
+        }
+        for kind in ["manifest", "blob"] {
+            self.upstream_duration.with_label_values(&[upstream, kind]);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        buffer
+    }
+
+    /// Observes an upstream request duration.
+    pub fn upstream_timer(&self, upstream: &str, kind: &str) -> prometheus::HistogramTimer {
+        self.upstream_duration
+            .with_label_values(&[upstream, kind])
+            .start_timer()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions() {
+        let metrics = Metrics::new();
+        metrics
+            .http_requests
+            .with_label_values(&["blob", "GET", "2xx"])
+            .inc();
+        metrics.upstream_up.with_label_values(&["docker.io"]).set(1);
+        let text = String::from_utf8(metrics.encode()).expect("utf-8");
+        assert!(text.contains(
+            "regcache_http_requests_total{method=\"GET\",route=\"blob\",status_class=\"2xx\"} 1"
+        ));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE regcache_")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (
+                parts.next().unwrap_or_default(),
+                parts.next().unwrap_or_default(),
+            );
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(name.ends_with("_seconds"), "{name}"),
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Upstream faults a real registry cannot be made to produce on demand — rate limits, 5xx,
+//! wrong bytes, hangs, expiring tokens, redirects to a storage host — injected by the in-process
+//! [`FakeRegistry`], with the real `regcache` binary in front of it and plain HTTP clients
+//! checking what a user would see.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake::{FakeRegistry, Fault, Listener};
+use common::images::{seeded_bytes, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST};
+use common::proxy::{TestProxy, UpstreamSpec};
+use common::regclient::sha256_digest;
+use reqwest::StatusCode;
+
+/// The name regcache knows the fake by.
+const UPSTREAM: &str = "fake.test";
+/// The repository every test pulls from.
+const REPO: &str = "test/app";
+
+/// A layer, a config and a manifest naming them, as bytes.
+struct Image {
+    layer: Vec<u8>,
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+}
+
+impl Image {
+    /// An image whose layer is `layer_len` seeded bytes.
+    fn new(layer_len: usize) -> Image {
+        let layer = seeded_bytes("faults-layer", layer_len);
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+                .to_vec();
+        let descriptor = |media_type: &str, bytes: &[u8]| {
+            serde_json::json!({
+                "mediaType": media_type,
+                "digest": sha256_digest(bytes),
+                "size": bytes.len(),
+            })
+        };
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": descriptor(MT_OCI_CONFIG, &config),
+            "layers": [descriptor(MT_OCI_LAYER_GZIP, &layer)],
+        });
+        let manifest = serde_json::to_vec(&manifest).expect("serialise the manifest");
+        Image {
+            layer,
+            config,
+            manifest,
+        }
+    }
+
+    /// A fake registry builder holding this image as `REPO:v1`.
+    fn fake(&self) -> common::fake::FakeRegistryBuilder {
+        FakeRegistry::builder()
+            .blob(self.layer.clone())
+            .blob(self.config.clone())
+            .manifest(REPO, "v1", MT_OCI_MANIFEST, self.manifest.clone())
+    }
+
+    fn layer_digest(&self) -> String {
+        sha256_digest(&self.layer)
+    }
+
+    fn manifest_digest(&self) -> String {
+        sha256_digest(&self.manifest)
+    }
+}
+
+/// regcache with the fake as its default upstream, plus `extra` lines in its `[[upstream]]`.
+async fn proxy_for(fake: &FakeRegistry, extra: &[&str]) -> TestProxy {
+    let spec = extra.iter().fold(
+        UpstreamSpec::default_at(UPSTREAM, fake.url()),
+        |spec, line| spec.with(line),
+    );
+    TestProxy::start(&[spec], "").await
+}
+
+/// A client for talking to regcache: no proxy, every request bounded in time.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+async fn get(proxy: &TestProxy, tail: &str) -> reqwest::Response {
+    client()
+        .get(format!("{}/v2/{REPO}/{tail}", proxy.url()))
+        .header("accept", MT_OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {tail}: {e}\nproxy log:\n{}", proxy.log()))
+}
+
+/// Status, OCI error code and message of an error response.
+async fn oci_error(response: reqwest::Response) -> (StatusCode, String, String) {
+    let status = response.status();
+    let bytes = response.bytes().await.expect("error body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "{status}: not an OCI JSON error ({e}): {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    let field = |name: &str| {
+        body["errors"][0][name]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (status, field("code"), field("message"))
+}
+
+/// How many GETs whose path ends with `suffix` the fake registry (not storage) received.
+fn gets(fake: &FakeRegistry, suffix: &str) -> usize {
+    fake.count(|r| r.on == Listener::Registry && r.is_get(suffix))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_rate_limit_is_passed_on_with_its_retry_after() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    fake.set_fault("/manifests/", Fault::too_many_requests("7"));
+    let proxy = proxy_for(&fake, &[]).await;
+
+    let response = get(&proxy, "manifests/v1").await;
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let (status, code, _) = oci_error(response).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(code, "TOOMANYREQUESTS");
+    assert_eq!(retry_after.as_deref(), Some("7"));
+    assert!(
+        gets(&fake, "/manifests/v1") >= 1,
+        "the miss reached the fake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_redirected_to_storage_is_served_without_leaking_the_token() {
+    let image = Image::new(300 * 1024);
+    let fake = image.fake().bearer_auth(300).redirect_blobs().start().await;
+    let proxy = proxy_for(&fake, &[]).await;
+    let digest = image.layer_digest();
+
+    let response = get(&proxy, &format!("blobs/{digest}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.bytes().await.expect("blob body");
+    assert_eq!(sha256_digest(&body), digest, "blob bytes through regcache");
+
+    let requests = fake.requests();
+    let registry_gets: Vec<_> = requests
+        .iter()
+        .filter(|r| r.on == Listener::Registry && r.is_get(&digest))
+        .collect();
+    assert!(
+        registry_gets
+            .iter()
+            .any(|r| r.authorization().is_some_and(|a| a.starts_with("Bearer "))),
+        "the registry got the blob GET with a token: {registry_gets:#?}"
+    );
+    let storage: Vec<_> = requests
+        .iter()
+        .filter(|r| r.on == Listener::Storage)
+        .collect();
+    assert!(!storage.is_empty(), "the redirect was followed");
+    for request in storage {
+        assert_eq!(
+            request.authorization(),
+            None,
+            "the storage host received the registry's Authorization: {request:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_token_is_fetched_again_on_401() {
+    let image = Image::new(4096);
+    let fake = image.fake().bearer_auth(300).start().await;
+    let proxy = proxy_for(&fake, &[]).await;
+    let tokens = |fake: &FakeRegistry| fake.count(|r| r.path == "/token");
+
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(tokens(&fake), 1, "the first pull fetched a token");
+
+    fake.expire_tokens();
+    let digest = image.layer_digest();
+    let response = get(&proxy, &format!("blobs/{digest}")).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "a miss after the token expired"
+    );
+    let body = response.bytes().await.expect("blob body");
+    assert_eq!(sha256_digest(&body), digest);
+    assert_eq!(tokens(&fake), 2, "the token was fetched again after a 401");
+
+    // The new token is cached: another miss needs no third one.
+    let config = sha256_digest(&image.config);
+    let response = get(&proxy, &format!("blobs/{config}")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(tokens(&fake), 2, "the refreshed token is reused");
+}
+
+/// GETs `tail` and returns the body only if a complete 200 body arrived.
+async fn complete_body(proxy: &TestProxy, tail: &str) -> Result<bytes::Bytes, String> {
+    let response = get(proxy, tail).await;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    response.bytes().await.map_err(|e| format!("body: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_bytes_never_reach_a_client_complete_and_are_not_cached() {
+    let image = Image::new(600 * 1024);
+    let fake = image.fake().start().await;
+    let digest = image.layer_digest();
+    fake.set_fault(
+        &digest,
+        Fault::WrongBytes {
+            final_chunk_only: true,
+        },
+    );
+    let proxy = proxy_for(&fake, &[]).await;
+
+    for attempt in 1..=2 {
+        if attempt > 1 {
+            // Give the failed fill time to leave, so that this attempt cannot join it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let outcome = complete_body(&proxy, &format!("blobs/{digest}")).await;
+        assert!(
+            outcome.is_err(),
+            "attempt {attempt}: a complete 200 body of {} wrong bytes arrived",
+            outcome.map(|b| b.len()).unwrap_or_default()
+        );
+    }
+    assert_eq!(
+        gets(&fake, &digest),
+        2,
+        "each attempt fetched again: nothing was cached"
+    );
+
+    let manifest = image.manifest_digest();
+    fake.set_fault(
+        &manifest,
+        Fault::WrongBytes {
+            final_chunk_only: false,
+        },
+    );
+    let (status, code, _) = oci_error(get(&proxy, &format!("manifests/{manifest}")).await).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(code, "DIGEST_INVALID");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_range_request_is_answered_and_fills_the_whole_blob() {
+    let image = Image::new(300 * 1024);
+    let fake = image.fake().start().await;
+    let proxy = proxy_for(&fake, &[]).await;
+    let digest = image.layer_digest();
+    let url = format!("{}/v2/{REPO}/blobs/{digest}", proxy.url());
+
+    let response = client()
+        .get(&url)
+        .header("range", "bytes=100-199")
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(response.status(), StatusCode::PARTIAL_CONTENT);
+    let content_range = response.headers()["content-range"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert_eq!(
+        content_range,
+        format!("bytes 100-199/{}", image.layer.len())
+    );
+    let body = response.bytes().await.expect("range body");
+    assert_eq!(&body[..], &image.layer[100..200]);
+
+    let response = client().get(&url).send().await.expect("full GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.bytes().await.expect("full body");
+    assert_eq!(sha256_digest(&body), digest);
+    assert_eq!(
+        gets(&fake, &digest),
+        1,
+        "the whole blob was cached by the ranged miss"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_upstream_is_answered_with_a_gateway_error() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    fake.set_fault("/manifests/", Fault::Hang);
+    let proxy = proxy_for(
+        &fake,
+        &["connect_timeout = \"1s\"", "idle_timeout = \"2s\""],
+    )
+    .await;
+
+    let started = Instant::now();
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("reqwest client")
+        .get(format!("{}/v2/{REPO}/manifests/v1", proxy.url()))
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "regcache did not answer within 20 s: {e}\nproxy log:\n{}",
+                proxy.log()
+            )
+        });
+    let elapsed = started.elapsed();
+    let (status, code, _) = oci_error(response).await;
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
+        "status {status} after {elapsed:?}"
+    );
+    assert_eq!(code, "UNAVAILABLE");
+    assert!(
+        gets(&fake, "/manifests/v1") >= 1,
+        "the miss reached the fake"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_server_error_is_a_bad_gateway_naming_the_upstream() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    fake.set_fault("/manifests/", Fault::status(500));
+    let proxy = proxy_for(&fake, &[]).await;
+
+    let (status, code, message) = oci_error(get(&proxy, "manifests/v1").await).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(code, "UNAVAILABLE");
+    assert!(
+        message.contains(UPSTREAM),
+        "the message names the upstream: {message:?}"
+    );
+}
