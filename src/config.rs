@@ -101,6 +101,31 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    pin: Vec<RawPin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPin {
+    upstream: String,
+    repository: String,
+    reference: String,
+    #[serde(default)]
+    platforms: Vec<String>,
+}
+
+/// An image kept cached and never evicted.
+#[derive(Debug, Clone)]
+pub struct PinConfig {
+    /// Index of the upstream in [`Config::upstreams`].
+    pub upstream: usize,
+    /// The repository as the upstream knows it (`library/alpine`).
+    pub repository: crate::oci::RepoName,
+    /// A tag or digest.
+    pub reference: crate::oci::Reference,
+    /// `os/arch[/variant]` entries of an index to keep; empty keeps all.
+    pub platforms: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +219,8 @@ pub struct Config {
     pub log_level: String,
     /// The allow-list of registries, in file order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Images kept cached.
+    pub pins: Vec<PinConfig>,
 }
 
 /// Human-readable or JSON log lines.
@@ -330,6 +357,11 @@ impl RawConfig {
             .map(RawUpstream::validate)
             .collect::<Result<Vec<_>, _>>()?;
         check_upstream_set(&upstreams)?;
+        let pins = self
+            .pin
+            .into_iter()
+            .map(|pin| pin.validate(&upstreams))
+            .collect::<Result<Vec<_>, _>>()?;
         let log_format = match self.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -382,6 +414,7 @@ impl RawConfig {
             log_format,
             log_level: self.log.level.unwrap_or_else(|| "info".to_owned()),
             upstreams,
+            pins,
         })
     }
 }
@@ -405,6 +438,41 @@ fn check_upstream_set(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+impl RawPin {
+    fn validate(self, upstreams: &[UpstreamConfig]) -> Result<PinConfig, ConfigError> {
+        let upstream = upstreams
+            .iter()
+            .position(|u| u.name == self.upstream)
+            .ok_or_else(|| {
+                invalid(
+                    "pin.upstream",
+                    &self.upstream,
+                    "no [[upstream]] has this name",
+                )
+            })?;
+        let repository = crate::oci::RepoName::parse(&self.repository)
+            .map_err(|err| invalid("pin.repository", &self.repository, err.to_string()))?;
+        let reference = crate::oci::Reference::parse(&self.reference)
+            .map_err(|err| invalid("pin.reference", &self.reference, err.to_string()))?;
+        for platform in &self.platforms {
+            let parts = platform.split('/').count();
+            if !(2..=3).contains(&parts) || platform.split('/').any(str::is_empty) {
+                return Err(invalid(
+                    "pin.platforms",
+                    platform,
+                    "expected os/arch or os/arch/variant",
+                ));
+            }
+        }
+        Ok(PinConfig {
+            upstream,
+            repository,
+            reference,
+            platforms: self.platforms,
+        })
+    }
 }
 
 /// A registry host: `host` or `host:port`, lower-case letters, digits, `.`, `-`.

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod config;
 mod http;
+pub mod maintenance;
 pub mod metrics;
 pub mod oci;
 mod server;
@@ -80,13 +81,15 @@ pub async fn run(
     // Usage figures come from a walk of the store; the server does not wait for it.
     let scanning = Arc::clone(&cache);
     tokio::task::spawn_blocking(move || {
-        let usage = scanning.store().scan_usage();
+        let usage = scanning.register_existing_files();
         tracing::info!(
             files = usage.files,
             bytes = usage.bytes,
             "store usage counted"
         );
     });
+    let maintenance = tokio::spawn(Arc::clone(&cache).maintain(shutdown.clone()));
+    tokio::spawn(Arc::clone(&cache).prefetch_pins());
     let state = Arc::new(AppState::new(cache, resolver, metrics, &config));
     let address = listener.local_addr().ok();
     tracing::info!(
@@ -117,6 +120,7 @@ pub async fn run(
     if let Some(admin) = admin {
         let _ = admin.await;
     }
+    let _ = maintenance.await;
     if let Err(err) = state.cache.index().flush() {
         tracing::error!(error = %err, "flushing the index at shutdown failed");
     }

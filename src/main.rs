@@ -42,6 +42,35 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Re-hash every cached file, quarantine corrupt ones and drop index entries that point
+    /// nowhere. Exits 1 when something was wrong. The file check runs while a server runs;
+    /// the index check needs the server stopped.
+    Verify {
+        /// TOML configuration file (for storage.path).
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Also rebuild the index from the store (a corrupt index is moved aside first).
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove temp files and index entries whose files are gone; print what was freed.
+    Gc {
+        /// TOML configuration file (for storage.path).
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// List cached tags with digests, cached sizes and last access (server stopped).
+    Ls {
+        /// TOML configuration file (for storage.path).
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
     CheckConfig {
         /// TOML configuration file.
@@ -53,9 +82,120 @@ enum Command {
 /// `EX_USAGE`: the configuration is invalid.
 const EXIT_CONFIG: u8 = 64;
 
+fn load_or_exit(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|err| {
+        eprintln!("regcache: {err}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Verify {
+            config,
+            repair,
+            json,
+        } => {
+            let config = match load_or_exit(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_tracing(&config);
+            match regcache::maintenance::verify(&config, repair, !json) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
+                    } else {
+                        println!(
+                            "checked {} files ({} bytes): {} corrupt (quarantined), {} index entries dropped, {} manifests re-indexed",
+                            report.checked,
+                            report.bytes,
+                            report.corrupt.len(),
+                            report.dropped_entries,
+                            report.rebuilt_manifests
+                        );
+                        for corrupt in &report.corrupt {
+                            println!("corrupt: {corrupt}");
+                        }
+                        if let Some(reason) = &report.index_skipped {
+                            println!("index not checked: {reason}");
+                        }
+                    }
+                    if report.is_clean() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(err) => {
+                    eprintln!("regcache: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Gc { config } => {
+            let config = match load_or_exit(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_tracing(&config);
+            match regcache::maintenance::gc(&config) {
+                Ok(report) => {
+                    println!(
+                        "removed {} temp files ({} bytes) and {} orphan index entries",
+                        report.temp_files, report.temp_bytes, report.orphan_entries
+                    );
+                    if let Some(reason) = &report.index_skipped {
+                        println!("index not cleaned: {reason}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("regcache: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ls { config, json } => {
+            let config = match load_or_exit(config.as_deref()) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            match regcache::maintenance::list(&config) {
+                Ok(tags) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&tags).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(tags) => {
+                    println!(
+                        "{:<24} {:<40} {:<20} {:<73} {:>12}",
+                        "UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "CACHED"
+                    );
+                    for tag in tags {
+                        println!(
+                            "{:<24} {:<40} {:<20} {:<73} {:>12}",
+                            tag.upstream,
+                            tag.repository,
+                            tag.tag,
+                            tag.digest,
+                            bytesize::ByteSize(tag.cached_bytes).to_string()
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("regcache: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(config) => {
                 println!("{config:#?}");

@@ -78,6 +78,7 @@ pub(crate) enum Role {
 /// What the leader task needs.
 pub(crate) struct FillJob {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) access_log: Arc<super::evict::AccessLog>,
     pub(crate) store: Arc<BlobStore>,
     pub(crate) upstream: Arc<UpstreamClient>,
     pub(crate) namespace: Namespace,
@@ -272,6 +273,8 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
         .map_err(|_| CacheError::FillAborted)?
         .map_err(|e| CacheError::Store(Arc::new(e)))?;
     tracing::debug!(bytes = written, resumes, "fill committed");
+    job.access_log.touch(&job.namespace, &job.digest, written);
+    job.access_log.check_budget(job.store.usage().bytes);
     Ok(())
 }
 

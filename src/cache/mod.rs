@@ -6,9 +6,12 @@
 //! when they are committed (and, while a fill runs, by holding back the final byte until the
 //! fill verifies).
 
+mod evict;
 mod fill;
 mod flight;
 mod manifest;
+
+pub use evict::EvictionReport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -262,6 +265,9 @@ pub struct Cache {
     serve_stale_on_404: bool,
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
+    access_log: Arc<evict::AccessLog>,
+    pins: Vec<crate::config::PinConfig>,
+    budget: Option<evict::Budget>,
 }
 
 /// Memory for hot manifests.
@@ -299,6 +305,11 @@ impl Cache {
             .iter()
             .map(|u| Namespace::new(&u.name))
             .collect();
+        let budget = config.max_size.map(|max| evict::Budget {
+            max,
+            high: max as f64 * config.high_watermark,
+            low: max as f64 * config.low_watermark,
+        });
         let manifests = moka::future::Cache::builder()
             .max_capacity(MANIFEST_CACHE_BYTES)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -321,6 +332,9 @@ impl Cache {
             serve_stale_on_404: config.serve_stale_on_404,
             negative_ttl: config.negative_ttl,
             metrics,
+            access_log: Arc::new(evict::AccessLog::new(budget)),
+            pins: config.pins.clone(),
+            budget,
         })
     }
 
@@ -391,6 +405,7 @@ impl Cache {
                 .map_err(|_| CacheError::Busy)?;
             Ok(fill::FillJob {
                 metrics: Arc::clone(&self.metrics),
+                access_log: Arc::clone(&self.access_log),
                 store: Arc::clone(&self.store),
                 upstream: Arc::clone(upstream),
                 namespace: namespace.clone(),
@@ -441,6 +456,7 @@ impl Cache {
         let Some((mut file, size)) = self.store.open_blob(namespace, digest).await? else {
             return Ok(None);
         };
+        self.access_log.touch(namespace, digest, size);
         let range = match range.resolve(size) {
             Ok(range) => range,
             Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),

@@ -102,31 +102,88 @@ impl BlobStore {
         }
     }
 
-    /// Walks the store once and adds what it finds to the usage counters. Blocking; the server
+    /// Walks the store once, calls `visit` with each content file (namespace, digest, size,
+    /// modification time), and adds what it finds to the usage counters. Blocking; the server
     /// runs it in the background after it starts listening, so start-up does not wait for it.
     /// A file committed while the walk runs may be counted twice; the figure is for budgets and
     /// dashboards, not accounting.
-    pub fn scan_usage(&self) -> Usage {
+    pub fn scan(
+        &self,
+        mut visit: impl FnMut(Namespace, Digest, u64, std::time::SystemTime),
+    ) -> Usage {
         let mut usage = Usage::default();
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
+        let Ok(namespaces) = std::fs::read_dir(&self.root) else {
+            return usage;
+        };
+        for namespace_dir in namespaces.flatten() {
+            let namespace = Namespace::new(&namespace_dir.file_name().to_string_lossy());
+            let Ok(prefixes) = std::fs::read_dir(namespace_dir.path().join("sha256")) else {
                 continue;
             };
-            for entry in entries.flatten() {
-                match entry.file_type() {
-                    Ok(kind) if kind.is_dir() => stack.push(entry.path()),
-                    Ok(kind) if kind.is_file() => {
-                        usage.files += 1;
-                        usage.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    }
-                    _ => {}
+            for prefix in prefixes.flatten() {
+                let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name();
+                    let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy()))
+                    else {
+                        continue;
+                    };
+                    let Ok(meta) = file.metadata() else { continue };
+                    usage.files += 1;
+                    usage.bytes += meta.len();
+                    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    visit(namespace.clone(), digest, meta.len(), modified);
                 }
             }
         }
         self.used_bytes.fetch_add(usage.bytes, Ordering::Relaxed);
         self.files.fetch_add(usage.files, Ordering::Relaxed);
         usage
+    }
+
+    /// Moves a corrupt file out of the store into `<root>/quarantine/` for inspection.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn quarantine(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<PathBuf, StoreError> {
+        let path = self.path(namespace, digest);
+        let dir = self
+            .root
+            .parent()
+            .map_or_else(|| self.root.join("quarantine"), |p| p.join("quarantine"));
+        std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
+        let target = dir.join(format!("{}-{}", namespace.as_str(), digest.hex()));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        std::fs::rename(&path, &target).map_err(StoreError::io("quarantine", &path))?;
+        self.account_removed(len);
+        Ok(target)
+    }
+
+    /// Removes temp files only if they are older than `age` (for `gc` while a server may run).
+    pub fn remove_temp_files_older_than(&self, age: std::time::Duration) -> (usize, u64) {
+        let mut removed = (0, 0);
+        let Ok(entries) = std::fs::read_dir(&self.temp_dir) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|elapsed| elapsed >= age);
+            if old && std::fs::remove_file(entry.path()).is_ok() {
+                removed.0 += 1;
+                removed.1 += meta.len();
+            }
+        }
+        removed
     }
 
     /// Where the verified bytes of `digest` live (whether or not they are there).
@@ -269,6 +326,29 @@ impl BlobStore {
             return Err(StoreError::io("write", temp.path)(err));
         }
         self.commit(temp, namespace, digest)
+    }
+
+    /// Removes a cached file (eviction). Blocking. Readers that have it open keep reading.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] for failures other than "not found".
+    pub fn remove_blocking(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        let path = self.path(namespace, digest);
+        let len = std::fs::metadata(&path).map(|m| m.len()).ok();
+        match std::fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::io("remove", path)(err))
+            }
+            Err(_) => Ok(()),
+            Ok(()) => {
+                self.account_removed(len.unwrap_or(0));
+                Ok(())
+            }
+        }
     }
 
     /// Removes a cached file that turned out to be corrupt, so that it is fetched again.

@@ -19,6 +19,37 @@ pub struct Index {
     db: sled::Db,
     tags: sled::Tree,
     manifests: sled::Tree,
+    /// Blob files' size and last access, for least-recently-used eviction.
+    access: sled::Tree,
+}
+
+/// Size and last use of a cached blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// File size in bytes.
+    pub size: u64,
+    /// Last time it was served or written, in milliseconds since the Unix epoch.
+    pub last_access: u64,
+}
+
+/// On-disk form of [`AccessRecord`]: two little-endian u64s (size, last access). Fixed-size
+/// binary, not JSON: there is one per blob and eviction reads them all.
+fn encode_access(record: AccessRecord) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&record.size.to_le_bytes());
+    raw[8..].copy_from_slice(&record.last_access.to_le_bytes());
+    raw
+}
+
+fn decode_access(raw: &[u8]) -> Option<AccessRecord> {
+    let size = u64::from_le_bytes(raw.get(..8)?.try_into().ok()?);
+    let last_access = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
+    Some(AccessRecord { size, last_access })
+}
+
+/// Splits a `namespace\n…` key.
+fn split_key(key: &[u8]) -> Option<Vec<&str>> {
+    Some(std::str::from_utf8(key).ok()?.split('\n').collect())
 }
 
 /// What the index knows about a tag.
@@ -76,6 +107,14 @@ impl Index {
     pub fn open(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
         match Self::open_at(path) {
             Ok(index) => Ok((index, None)),
+            // An I/O error is not corruption: another process holding the database's lock (a
+            // running server), permissions, a full disk. Moving the database aside then would
+            // lose a healthy index, so that is reported instead.
+            Err(StoreError::Index(sled::Error::Io(err)))
+                if err.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                Err(StoreError::Index(sled::Error::Io(err)))
+            }
             Err(_) => {
                 let stamp = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -95,8 +134,9 @@ impl Index {
             .open()?;
         let tags = db.open_tree("tags")?;
         let manifests = db.open_tree("manifests")?;
+        let access = db.open_tree("access")?;
         // Reading one record of each tree surfaces corruption now rather than on a request.
-        for tree in [&tags, &manifests] {
+        for tree in [&tags, &manifests, &access] {
             if let Some(entry) = tree.iter().next() {
                 entry?;
             }
@@ -105,6 +145,7 @@ impl Index {
             db,
             tags,
             manifests,
+            access,
         })
     }
 
@@ -217,6 +258,116 @@ impl Index {
         Ok(())
     }
 
+    /// Records blob accesses (batched by the caller).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn record_access(
+        &self,
+        entries: &[(Namespace, Digest, AccessRecord)],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (namespace, digest, record) in entries {
+            batch.insert(manifest_key(namespace, digest), &encode_access(*record)[..]);
+        }
+        self.access.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Whether a blob has an access record.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn has_access(&self, namespace: &Namespace, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.access.contains_key(manifest_key(namespace, digest))?)
+    }
+
+    /// Every blob's access record (for eviction and listings).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn access_records(&self) -> Result<Vec<(Namespace, Digest, AccessRecord)>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.access.iter() {
+            let (key, value) = entry?;
+            let parsed = split_key(&key).and_then(|parts| match parts.as_slice() {
+                [namespace, digest] => {
+                    Some((Namespace::new(namespace), Digest::parse(digest).ok()?))
+                }
+                _ => None,
+            });
+            if let (Some((namespace, digest)), Some(record)) = (parsed, decode_access(&value)) {
+                records.push((namespace, digest, record));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Forgets a blob's access record (after eviction or when its file is gone).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_access(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
+        self.access.remove(manifest_key(namespace, digest))?;
+        Ok(())
+    }
+
+    /// Every tag record: (namespace, repository, tag, record).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn tags(&self) -> Result<Vec<(Namespace, RepoName, Tag, TagRecord)>, StoreError> {
+        let mut tags = Vec::new();
+        for entry in self.tags.iter() {
+            let (key, _) = entry?;
+            let Some(parts) = split_key(&key) else {
+                continue;
+            };
+            let [namespace, repo, tag] = parts.as_slice() else {
+                continue;
+            };
+            let (Ok(repo), Ok(tag)) = (RepoName::parse(repo), Tag::parse(tag)) else {
+                continue;
+            };
+            let namespace = Namespace::new(namespace);
+            if let Some(record) = self.tag(&namespace, &repo, &tag)? {
+                tags.push((namespace, repo, tag, record));
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Every manifest record's key.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn manifest_digests(&self) -> Result<Vec<(Namespace, Digest)>, StoreError> {
+        let mut digests = Vec::new();
+        for entry in self.manifests.iter() {
+            let (key, _) = entry?;
+            if let Some([namespace, digest]) = split_key(&key).as_deref() {
+                if let Ok(digest) = Digest::parse(digest) {
+                    digests.push((Namespace::new(namespace), digest));
+                }
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Forgets a tag (its manifest is gone and cannot be rebuilt).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<(), StoreError> {
+        self.tags.remove(tag_key(namespace, repo, tag))?;
+        Ok(())
+    }
+
     /// Number of manifest records (O(n) in sled; for the metrics scrape).
     pub fn manifest_count(&self) -> usize {
         self.manifests.len()
@@ -287,6 +438,21 @@ mod tests {
         assert_eq!(
             manifest.map(|m| m.media_type.to_string()).as_deref(),
             Some(MediaType::OCI_MANIFEST)
+        );
+    }
+
+    #[test]
+    fn a_locked_database_is_an_error_not_corruption() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        let (_held, _) = Index::open(&path).expect("open");
+        assert!(
+            Index::open(&path).is_err(),
+            "a second open must fail, not start fresh"
+        );
+        assert!(
+            std::fs::read_dir(dir.path()).expect("list").count() == 1,
+            "nothing was moved aside"
         );
     }
 

@@ -62,9 +62,21 @@ impl TestProxy {
     pub async fn start(upstreams: &[UpstreamSpec], extra_toml: &str) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let port = free_port();
-        let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n[storage]\npath = \"{}\"\n{extra_toml}\n",
+        // A `[storage]` table in `extra_toml` gets the path line; otherwise one is added.
+        let storage_line = format!(
+            "[storage]\npath = \"{}\"\n",
             dir.path().join("data").display()
+        );
+        let (storage, extra) = if extra_toml.contains("[storage]\n") {
+            (
+                String::new(),
+                extra_toml.replacen("[storage]\n", &storage_line, 1),
+            )
+        } else {
+            (storage_line, extra_toml.to_owned())
+        };
+        let mut config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage}{extra}\n"
         );
         for upstream in upstreams {
             config.push_str(&format!(
@@ -134,6 +146,11 @@ impl TestProxy {
         self.dir.path().join("data")
     }
 
+    /// The config file the proxy runs with (for the CLI's maintenance commands).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
     /// Everything the proxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -169,6 +186,12 @@ impl TestProxy {
     pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.config_path).expect("read proxy config");
         std::fs::write(&self.config_path, edit(text)).expect("write proxy config");
+    }
+
+    /// Starts again after [`TestProxy::kill`] or [`TestProxy::stop`].
+    pub async fn restart_after_crash(&mut self) {
+        self.child = None;
+        self.spawn().await;
     }
 
     /// Starts again on the same port, config and storage.

@@ -1,0 +1,372 @@
+//! The disk budget: access tracking, least-recently-used eviction between the high and low
+//! watermarks, and pinned images that are never evicted (and are fetched when missing).
+//!
+//! Accesses are buffered in memory and written to the index in batches, so a cache hit costs a
+//! map insert, not a database write. Deleting a file that a client is still reading is safe:
+//! the reader holds the file open and keeps its bytes (POSIX unlink semantics); a fill in
+//! progress is in `tmp/`, out of eviction's reach.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use super::{BlobBody, Cache, RangeRequest, Target};
+use crate::config::PinConfig;
+use crate::oci::{Digest, Reference, MAX_MANIFEST_BYTES};
+use crate::store::{AccessRecord, Namespace, Usage};
+
+/// How often buffered accesses are written and the budget checked.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+
+fn now_millis() -> u64 {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+/// Accesses not yet written to the index, and the signal that usage passed the high mark.
+#[derive(Debug, Default)]
+pub(crate) struct AccessLog {
+    // A std mutex: one insert per blob request, never held across an await.
+    pending: Mutex<HashMap<(Namespace, Digest), AccessRecord>>,
+    over_budget: tokio::sync::Notify,
+    /// The high watermark in bytes, when there is a budget.
+    high: Option<f64>,
+}
+
+impl AccessLog {
+    pub(crate) fn new(budget: Option<Budget>) -> Self {
+        Self {
+            high: budget.map(|b| b.high),
+            ..Self::default()
+        }
+    }
+
+    /// Notes that a blob was served or written.
+    pub(crate) fn touch(&self, namespace: &Namespace, digest: &Digest, size: u64) {
+        let record = AccessRecord {
+            size,
+            last_access: now_millis(),
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert((namespace.clone(), *digest), record);
+    }
+
+    /// Wakes the maintenance task when `used` passed the high watermark.
+    pub(crate) fn check_budget(&self, used: u64) {
+        if self.high.is_some_and(|high| used as f64 > high) {
+            self.over_budget.notify_one();
+        }
+    }
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictionReport {
+    /// Files removed.
+    pub files: u64,
+    /// Bytes removed.
+    pub bytes: u64,
+}
+
+/// The parts of a manifest that point at other content.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Links {
+    #[serde(default)]
+    manifests: Vec<Child>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    fs_layers: Vec<Schema1Layer>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Schema1Layer {
+    blob_sum: String,
+}
+
+#[derive(Deserialize)]
+struct Child {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Platform {
+    /// `os/arch` and `os/arch/variant` both match a platform with that variant.
+    fn matches(&self, wanted: &str) -> bool {
+        let base = format!("{}/{}", self.os, self.architecture);
+        match &self.variant {
+            Some(variant) => wanted == base || wanted == format!("{base}/{variant}"),
+            None => wanted == base,
+        }
+    }
+}
+
+/// Child manifests (filtered by `platforms` when not empty) and blobs a manifest references.
+fn links(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Digest>) {
+    let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
+        return (Vec::new(), Vec::new());
+    };
+    let children = links
+        .manifests
+        .iter()
+        .filter(|child| {
+            platforms.is_empty()
+                || child
+                    .platform
+                    .as_ref()
+                    .is_some_and(|p| platforms.iter().any(|w| p.matches(w)))
+        })
+        .filter_map(|child| Digest::parse(&child.digest).ok())
+        .collect();
+    let blobs = links
+        .config
+        .iter()
+        .map(|d| d.digest.as_str())
+        .chain(links.layers.iter().map(|d| d.digest.as_str()))
+        .chain(links.fs_layers.iter().map(|l| l.blob_sum.as_str()))
+        .filter_map(|d| Digest::parse(d).ok())
+        .collect();
+    (children, blobs)
+}
+
+impl Cache {
+    /// Writes buffered accesses to the index.
+    pub fn flush_access(&self) {
+        let entries: Vec<_> = {
+            let mut pending = self
+                .access_log
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            pending.drain().map(|((ns, d), r)| (ns, d, r)).collect()
+        };
+        if let Err(err) = self.index.record_access(&entries) {
+            tracing::warn!(error = %err, "could not record blob accesses");
+        }
+    }
+
+    /// Walks the store at start: counts usage and gives every blob file without an access
+    /// record one dated by its modification time (files written by an older version, or before
+    /// the index was rebuilt). Manifests are not eviction candidates. Blocking.
+    pub fn register_existing_files(&self) -> Usage {
+        let mut missing = Vec::new();
+        let usage = self.store.scan(|namespace, digest, size, modified| {
+            let known = self.index.has_access(&namespace, &digest).unwrap_or(true)
+                || self
+                    .index
+                    .manifest(&namespace, &digest)
+                    .ok()
+                    .flatten()
+                    .is_some();
+            if !known {
+                let millis = modified
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis();
+                let last_access = u64::try_from(millis).unwrap_or(u64::MAX);
+                missing.push((namespace, digest, AccessRecord { size, last_access }));
+            }
+        });
+        if let Err(err) = self.index.record_access(&missing) {
+            tracing::warn!(error = %err, "could not record existing blobs");
+        }
+        usage
+    }
+
+    /// Every digest the configured pins protect: their manifests, children (for the chosen
+    /// platforms) and blobs, as far as they are cached.
+    fn pinned(&self) -> HashSet<(Namespace, Digest)> {
+        let mut pinned = HashSet::new();
+        for pin in &self.pins {
+            let namespace = &self.namespaces[pin.upstream];
+            let root = match &pin.reference {
+                Reference::Digest(digest) => Some(*digest),
+                Reference::Tag(tag) => self
+                    .index
+                    .tag(namespace, &pin.repository, tag)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.digest),
+            };
+            let mut queue: Vec<Digest> = root.into_iter().collect();
+            while let Some(digest) = queue.pop() {
+                if !pinned.insert((namespace.clone(), digest)) {
+                    continue;
+                }
+                let path = self.store.path(namespace, &digest);
+                let small =
+                    std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAX_MANIFEST_BYTES as u64);
+                let Some(bytes) = small.then(|| std::fs::read(&path).ok()).flatten() else {
+                    continue;
+                };
+                let (children, blobs) = links(&bytes, &pin.platforms);
+                queue.extend(children);
+                for blob in blobs {
+                    pinned.insert((namespace.clone(), blob));
+                }
+            }
+        }
+        pinned
+    }
+
+    /// Evicts least-recently-used blobs when usage is above the high watermark, down to the
+    /// low watermark. Pinned content is skipped. Blocking (file removals, index scan).
+    pub fn evict_if_needed(&self) -> EvictionReport {
+        let mut report = EvictionReport::default();
+        let Some(budget) = self.budget else {
+            return report;
+        };
+        let used = self.store.usage().bytes;
+        if (used as f64) <= budget.high {
+            return report;
+        }
+        self.flush_access();
+        let mut candidates = match self.index.access_records() {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read access records; eviction skipped");
+                return report;
+            }
+        };
+        let pinned = self.pinned();
+        candidates.retain(|(ns, digest, _)| !pinned.contains(&(ns.clone(), *digest)));
+        candidates.sort_by_key(|(_, _, record)| record.last_access);
+        let mut used = used;
+        for (namespace, digest, _) in candidates {
+            if (used as f64) <= budget.low {
+                break;
+            }
+            let path = self.store.path(&namespace, &digest);
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            match self.store.remove_blocking(&namespace, &digest) {
+                Ok(()) => {
+                    let _ = self.index.remove_access(&namespace, &digest);
+                    used = used.saturating_sub(size);
+                    report.files += 1;
+                    report.bytes += size;
+                }
+                Err(err) => {
+                    tracing::warn!(%digest, error = %err, "eviction could not remove a file")
+                }
+            }
+        }
+        self.metrics.evictions.inc_by(report.files);
+        self.metrics.evicted_bytes.inc_by(report.bytes);
+        tracing::info!(
+            files = report.files,
+            bytes = report.bytes,
+            budget = budget.max,
+            "evicted to stay under the storage budget"
+        );
+        report
+    }
+
+    /// Runs until `shutdown`: flushes accesses and enforces the budget every few seconds, or
+    /// at once when a fill pushes usage past the high watermark.
+    pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+                () = self.access_log.over_budget.notified() => {}
+            }
+            let cache = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || {
+                cache.flush_access();
+                cache.evict_if_needed();
+            })
+            .await;
+        }
+        self.flush_access();
+    }
+
+    /// Fetches every pinned image that is not fully cached. Best effort: failures are logged
+    /// and retried at the next start.
+    pub async fn prefetch_pins(self: Arc<Self>) {
+        for pin in self.pins.clone() {
+            let target = Target {
+                upstream: pin.upstream,
+                repo: pin.repository.clone(),
+            };
+            if let Err(err) = self.prefetch(&target, &pin).await {
+                tracing::warn!(repo = %pin.repository, reference = %pin.reference, error = %err, "could not prefetch pinned image");
+            }
+        }
+    }
+
+    async fn prefetch(
+        self: &Arc<Self>,
+        target: &Target,
+        pin: &PinConfig,
+    ) -> Result<(), super::CacheError> {
+        let root = self.manifest(target, &pin.reference, &[]).await?;
+        let mut queue = vec![root.manifest];
+        while let Some(manifest) = queue.pop() {
+            let (children, blobs) = links(&manifest.bytes, &pin.platforms);
+            for child in children {
+                let answer = self
+                    .manifest(target, &Reference::Digest(child), &[])
+                    .await?;
+                queue.push(answer.manifest);
+            }
+            for blob in blobs {
+                if let Ok(answer) = self.blob(target, &blob, RangeRequest::Full).await? {
+                    if let BlobBody::Filling(mut stream) = answer.body {
+                        while let Some(chunk) = stream.next_chunk().await {
+                            chunk.map_err(|_| super::CacheError::FillAborted)?;
+                        }
+                    }
+                }
+            }
+        }
+        tracing::info!(repo = %pin.repository, reference = %pin.reference, "pinned image cached");
+        Ok(())
+    }
+}
+
+/// The budget in bytes at each watermark.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) max: u64,
+    pub(crate) high: f64,
+    pub(crate) low: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_follow_platform_filters() {
+        let index = br#"{"manifests":[
+            {"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","platform":{"os":"linux","architecture":"amd64"}},
+            {"digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","platform":{"os":"linux","architecture":"arm64","variant":"v8"}}]}"#;
+        assert_eq!(links(index, &[]).0.len(), 2);
+        assert_eq!(links(index, &["linux/arm64".to_owned()]).0.len(), 1);
+        assert_eq!(links(index, &["linux/arm64/v8".to_owned()]).0.len(), 1);
+        assert_eq!(links(index, &["windows/amd64".to_owned()]).0.len(), 0);
+        let image = br#"{"config":{"digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"},
+            "layers":[{"digest":"sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd"}]}"#;
+        assert_eq!(links(image, &[]).1.len(), 2);
+    }
+}

@@ -1,0 +1,360 @@
+//! Offline maintenance commands over a store: `verify` (re-hash everything, quarantine what is
+//! corrupt, drop index entries that point nowhere), `gc` (temp files and orphan records) and
+//! `ls` (what is cached). They open the store directly; the index (sled) admits one process, so
+//! while a server runs they do the file-level part and say that the index part was skipped.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::config::Config;
+use crate::oci::{manifest_digest, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
+use crate::store::{BlobStore, Index, ManifestRecord, Namespace, StoreError};
+
+/// What `verify` found.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    /// Files re-hashed.
+    pub checked: u64,
+    /// Bytes re-hashed.
+    pub bytes: u64,
+    /// Files whose bytes did not match their digest (moved to `quarantine/`).
+    pub corrupt: Vec<String>,
+    /// Index entries dropped because their file is missing.
+    pub dropped_entries: u64,
+    /// Manifest records recreated from files (with `--repair`).
+    pub rebuilt_manifests: u64,
+    /// Why the index part did not run, if it did not.
+    pub index_skipped: Option<String>,
+}
+
+impl VerifyReport {
+    /// Whether everything was sound.
+    pub fn is_clean(&self) -> bool {
+        self.corrupt.is_empty() && self.dropped_entries == 0
+    }
+}
+
+fn hash_file(path: &Path) -> std::io::Result<Digest> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1024 * 1024];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(Digest::from_hasher(hasher))
+}
+
+/// Whether the file at `path` holds the content of `digest`: its sha256, or for a signed
+/// schema1 manifest the digest of its payload.
+fn content_matches(path: &Path, digest: &Digest, size: u64) -> std::io::Result<bool> {
+    if hash_file(path)? == *digest {
+        return Ok(true);
+    }
+    if size <= MAX_MANIFEST_BYTES as u64 {
+        let bytes = std::fs::read(path)?;
+        if let Some(media_type) = sniff_media_type(&bytes).filter(|m| m.is_schema1()) {
+            return Ok(manifest_digest(&bytes, &media_type) == *digest);
+        }
+    }
+    Ok(false)
+}
+
+/// Re-hashes every file in parallel (one thread per core) with a progress bar on stderr.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be opened.
+pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyReport, StoreError> {
+    let store = BlobStore::open(&config.storage_path)?;
+    let mut files = Vec::new();
+    let usage = store.scan(|namespace, digest, size, _| files.push((namespace, digest, size)));
+    let bar = if progress {
+        indicatif::ProgressBar::new(usage.bytes)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let next = AtomicU64::new(0);
+    let corrupt = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let index =
+                    usize::try_from(next.fetch_add(1, Ordering::Relaxed)).unwrap_or(usize::MAX);
+                let Some((namespace, digest, size)) = files.get(index) else {
+                    break;
+                };
+                let path = store.path(namespace, digest);
+                // A file removed meanwhile (eviction by a running server) is not corruption.
+                if let Ok(false) = content_matches(&path, digest, *size) {
+                    corrupt
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((namespace.clone(), *digest));
+                }
+                bar.inc(*size);
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let mut report = VerifyReport {
+        checked: usage.files,
+        bytes: usage.bytes,
+        ..VerifyReport::default()
+    };
+    for (namespace, digest) in corrupt.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        match store.quarantine(&namespace, &digest) {
+            Ok(moved) => tracing::warn!(%digest, to = %moved.display(), "corrupt file quarantined"),
+            Err(err) => {
+                tracing::error!(%digest, error = %err, "could not quarantine a corrupt file")
+            }
+        }
+        report
+            .corrupt
+            .push(format!("{}/{digest}", namespace.as_str()));
+    }
+    match open_index(config, repair) {
+        Ok(index) => check_index(&store, &index, repair, &mut report)?,
+        Err(reason) => report.index_skipped = Some(reason),
+    }
+    Ok(report)
+}
+
+/// Opens the index unless a server holds it. With `repair`, a corrupt one is moved aside.
+fn open_index(config: &Config, repair: bool) -> Result<Index, String> {
+    let path = config.storage_path.join("index");
+    if !repair && !path.exists() {
+        return Err("no index database".to_owned());
+    }
+    match Index::open(&path) {
+        Ok((index, None)) => Ok(index),
+        Ok((index, Some(aside))) if repair => {
+            tracing::warn!(moved_to = %aside.display(), "corrupt index moved aside; rebuilding");
+            Ok(index)
+        }
+        Ok((_, Some(aside))) => Err(format!("index was corrupt (moved to {})", aside.display())),
+        Err(err) => Err(format!(
+            "index in use or unreadable ({err}); is a server running?"
+        )),
+    }
+}
+
+fn check_index(
+    store: &BlobStore,
+    index: &Index,
+    repair: bool,
+    report: &mut VerifyReport,
+) -> Result<(), StoreError> {
+    for (namespace, digest) in index.manifest_digests()? {
+        if !store.contains(&namespace, &digest) {
+            index.remove_manifest(&namespace, &digest)?;
+            report.dropped_entries += 1;
+        }
+    }
+    for (namespace, digest, _) in index.access_records()? {
+        if !store.contains(&namespace, &digest) {
+            index.remove_access(&namespace, &digest)?;
+            report.dropped_entries += 1;
+        }
+    }
+    for (namespace, repo, tag, record) in index.tags()? {
+        if !store.contains(&namespace, &record.digest) {
+            index.remove_tag(&namespace, &repo, &tag)?;
+            report.dropped_entries += 1;
+        }
+    }
+    if repair {
+        report.rebuilt_manifests = rebuild_manifests(store, index)?;
+    }
+    index.flush()
+}
+
+/// Recreates manifest records from the files that are manifests (tags return as clients ask
+/// for them and the upstream confirms them).
+fn rebuild_manifests(store: &BlobStore, index: &Index) -> Result<u64, StoreError> {
+    let mut small = Vec::new();
+    store.scan(|namespace, digest, size, _| {
+        if size <= MAX_MANIFEST_BYTES as u64 {
+            small.push((namespace, digest));
+        }
+    });
+    let mut rebuilt = 0;
+    for (namespace, digest) in small {
+        if index.manifest(&namespace, &digest)?.is_some() {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(store.path(&namespace, &digest)) else {
+            continue;
+        };
+        let Some(media_type) = sniff_media_type(&bytes) else {
+            continue;
+        };
+        if manifest_digest(&bytes, &media_type) == digest {
+            index.put_manifest(&namespace, &digest, &ManifestRecord { media_type })?;
+            rebuilt += 1;
+        }
+    }
+    Ok(rebuilt)
+}
+
+/// What `gc` removed.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    /// Temp files removed.
+    pub temp_files: usize,
+    /// Bytes they held.
+    pub temp_bytes: u64,
+    /// Index entries whose file was gone.
+    pub orphan_entries: u64,
+    /// Why the index part did not run, if it did not.
+    pub index_skipped: Option<String>,
+}
+
+/// Removes temp files (all of them when no server holds the index, otherwise only those
+/// older than an hour) and index entries that point at missing files.
+///
+/// # Errors
+/// [`StoreError`] when the store cannot be opened.
+pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
+    let store = BlobStore::open(&config.storage_path)?;
+    let mut report = GcReport::default();
+    let index = open_index(config, false);
+    let min_age = if index.is_ok() {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(3600)
+    };
+    (report.temp_files, report.temp_bytes) = store.remove_temp_files_older_than(min_age);
+    match index {
+        Ok(index) => {
+            let mut verify = VerifyReport::default();
+            check_index(&store, &index, false, &mut verify)?;
+            report.orphan_entries = verify.dropped_entries;
+        }
+        Err(reason) => report.index_skipped = Some(reason),
+    }
+    Ok(report)
+}
+
+/// One cached tag, for `ls`.
+#[derive(Debug, Serialize)]
+pub struct ListedTag {
+    /// The upstream's name.
+    pub upstream: String,
+    /// The repository on it.
+    pub repository: String,
+    /// The tag.
+    pub tag: String,
+    /// The manifest it pointed at when last confirmed.
+    pub digest: String,
+    /// Bytes of the manifest and every cached blob it references (children included).
+    pub cached_bytes: u64,
+    /// Last confirmation by the upstream, seconds since the Unix epoch.
+    pub confirmed_at: u64,
+    /// Latest access to any of its blobs, milliseconds since the Unix epoch (0: never
+    /// recorded).
+    pub last_access: u64,
+}
+
+/// Lists cached tags. Needs the index, so not while a server runs.
+///
+/// # Errors
+/// [`StoreError`], or a message when the index is in use.
+pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
+    let store = BlobStore::open(&config.storage_path).map_err(|e| e.to_string())?;
+    let index = open_index(config, false)?;
+    let access: std::collections::HashMap<(Namespace, Digest), u64> = index
+        .access_records()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(ns, d, r)| ((ns, d), r.last_access))
+        .collect();
+    let mut listed = Vec::new();
+    for (namespace, repo, tag, record) in index.tags().map_err(|e| e.to_string())? {
+        let mut cached_bytes = 0;
+        let mut last_access = 0;
+        let mut queue = vec![record.digest];
+        let mut seen = std::collections::HashSet::new();
+        while let Some(digest) = queue.pop() {
+            if !seen.insert(digest) {
+                continue;
+            }
+            let path = store.path(&namespace, &digest);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            cached_bytes += meta.len();
+            last_access = last_access.max(
+                access
+                    .get(&(namespace.clone(), digest))
+                    .copied()
+                    .unwrap_or(0),
+            );
+            if meta.len() <= MAX_MANIFEST_BYTES as u64
+                && index.manifest(&namespace, &digest).ok().flatten().is_some()
+            {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    queue.extend(referenced(&bytes));
+                }
+            }
+        }
+        listed.push(ListedTag {
+            upstream: namespace.as_str().to_owned(),
+            repository: repo.to_string(),
+            tag: tag.to_string(),
+            digest: record.digest.to_string(),
+            cached_bytes,
+            confirmed_at: record
+                .confirmed_at
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+            last_access,
+        });
+    }
+    listed.sort_by(|a, b| {
+        (&a.upstream, &a.repository, &a.tag).cmp(&(&b.upstream, &b.repository, &b.tag))
+    });
+    Ok(listed)
+}
+
+/// Every digest string in a manifest's JSON (children, config, layers).
+fn referenced(bytes: &[u8]) -> Vec<Digest> {
+    fn walk(value: &serde_json::Value, out: &mut Vec<Digest>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    if key == "digest" || key == "blobSum" {
+                        if let Some(digest) = value.as_str().and_then(|d| Digest::parse(d).ok()) {
+                            out.push(digest);
+                        }
+                    } else if key != "subject" {
+                        walk(value, out);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|item| walk(item, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        walk(&value, &mut out);
+    }
+    out
+}

@@ -1,0 +1,333 @@
+//! Storage lifecycle: the disk budget and eviction, pins, crash safety under SIGKILL, and the
+//! `verify`, `gc` and `ls` commands, against a real upstream (Debian's `docker-registry`).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::images::{self, Pushed};
+use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::upstream::{Auth, Upstream};
+use tokio::process::Command;
+
+const NAME: &str = "registry.test";
+
+fn cached_path(proxy: &TestProxy, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    proxy
+        .storage()
+        .join("blobs")
+        .join(NAME)
+        .join("sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+fn stored_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+async fn pull(proxy: &TestProxy, image: &Pushed) {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &[],
+    )
+    .await;
+    assert!(
+        ok,
+        "pull of {} failed: {stderr}\n{}",
+        image.reference,
+        proxy.log()
+    );
+    verify_dir(dest.path(), &image.digest);
+}
+
+/// Runs a maintenance command of the regcache binary; returns (exit success, stdout).
+async fn regcache(args: &[&str], config: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("run regcache");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+fn largest_blob(image: &Pushed, proxy: &TestProxy) -> String {
+    image
+        .blobs
+        .iter()
+        .max_by_key(|d| std::fs::metadata(cached_path(proxy, d)).map_or(0, |m| m.len()))
+        .expect("a blob")
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_budget_evicts_least_recently_used_blobs_but_never_pins() {
+    let upstream = Upstream::start(Auth::None).await;
+    let mut pushed = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        pushed.push(
+            images::push_oci_image(
+                &upstream,
+                &format!("test/{name}"),
+                "v1",
+                name,
+                &[600 * 1024],
+            )
+            .await,
+        );
+    }
+    // Room for about two images; "a" is pinned.
+    let proxy = TestProxy::start(
+        &[UpstreamSpec::default_at(NAME, &upstream.url())],
+        "[storage]\nmax_size = \"1500KiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.6\n\
+         [[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\nreference = \"v1\"\n",
+    )
+    .await;
+    for image in &pushed {
+        pull(&proxy, image).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Eviction runs in the background right after the fill that crossed the mark.
+    let budget = 1500 * 1024;
+    let mut used = u64::MAX;
+    for _ in 0..100 {
+        used = stored_bytes(&proxy.storage().join("blobs"));
+        if used <= budget {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        used <= budget,
+        "store holds {used} bytes over a {budget} budget\n{}",
+        proxy.log()
+    );
+    let layer = |image: &Pushed| largest_blob(image, &proxy);
+    assert!(
+        cached_path(&proxy, &layer(&pushed[0])).exists(),
+        "the pinned image was evicted"
+    );
+    assert!(
+        !cached_path(&proxy, &layer(&pushed[1])).exists(),
+        "the least recently used blob stayed"
+    );
+    assert!(
+        cached_path(&proxy, &layer(&pushed[3])).exists(),
+        "the newest blob was evicted"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", proxy.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("regcache_evictions_total ") && !l.ends_with(" 0")),
+        "no eviction counted"
+    );
+    // An evicted image pulls again (from the upstream).
+    pull(&proxy, &pushed[1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_concurrent_cold_pulls_leaves_only_verified_bytes() {
+    let upstream = Upstream::start(Auth::None).await;
+    let mut proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
+    let mut all_pushed = Vec::new();
+    // A different kill point each round (early, mid-fill, late), varied per run by the clock.
+    let jitter = u64::from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_millis()
+            % 40,
+    );
+    for (round, kill_after_ms) in [10u64, 40, 90, 160, 300].into_iter().enumerate() {
+        // Fresh images each round, so that every pull in the round is cold.
+        let mut pushed = Vec::new();
+        for index in 0..5 {
+            let repo = format!("test/crash{round}-{index}");
+            pushed.push(
+                images::push_oci_image(
+                    &upstream,
+                    &repo,
+                    "v1",
+                    &repo,
+                    &[2 * 1024 * 1024, 300 * 1024, 40 * 1024],
+                )
+                .await,
+            );
+        }
+        // 50 concurrent cold requests: every manifest and blob, twice.
+        let mut pulls = Vec::new();
+        for _ in 0..2 {
+            for image in &pushed {
+                for digest in image.blobs.iter().chain(std::iter::once(&image.digest)) {
+                    let kind = if digest == &image.digest {
+                        "manifests"
+                    } else {
+                        "blobs"
+                    };
+                    let url = format!("{}/v2/{}/{kind}/{digest}", proxy.url(), image.repo);
+                    pulls.push(tokio::spawn(async move {
+                        let _ = reqwest::get(url).await.map(|r| r.bytes());
+                    }));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(kill_after_ms + jitter)).await;
+        proxy.kill().await;
+        for pull in pulls {
+            let _ = pull.await;
+        }
+        // Offline check of everything on disk, with the server down: the index opens, and
+        // every file hashes to its name.
+        let (clean, report) = regcache(&["verify", "--json"], proxy.config_path()).await;
+        assert!(
+            clean,
+            "round {round}: verify found problems after SIGKILL:\n{report}"
+        );
+        let report: serde_json::Value = serde_json::from_str(&report).expect("verify --json");
+        assert!(report["index_skipped"].is_null(), "round {round}: {report}");
+        proxy.restart_after_crash().await;
+        let leftovers = std::fs::read_dir(proxy.storage().join("tmp"))
+            .expect("tmp")
+            .count();
+        assert_eq!(leftovers, 0, "round {round}: temp files survived a restart");
+        all_pushed.extend(pushed);
+        // Everything pulled so far pulls again, with every digest checked.
+        for image in &all_pushed {
+            pull(&proxy, image).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_quarantines_corrupt_files_and_the_next_pull_refetches() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "test/rot", "v1", "rot", &[100_000]).await;
+    let mut proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
+    pull(&proxy, &image).await;
+    assert!(proxy.stop().await);
+    let layer = largest_blob(&image, &proxy);
+    let path = cached_path(&proxy, &layer);
+    let mut bytes = std::fs::read(&path).expect("cached layer");
+    bytes[10] ^= 0x55;
+    std::fs::write(&path, &bytes).expect("rot a byte");
+
+    let (clean, report) = regcache(&["verify", "--json"], proxy.config_path()).await;
+    assert!(!clean, "verify must fail on a corrupt file");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    assert_eq!(
+        report["corrupt"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert!(!path.exists(), "the corrupt file is still in the store");
+    let quarantined = proxy.storage().join("quarantine");
+    assert_eq!(
+        std::fs::read_dir(&quarantined)
+            .expect("quarantine dir")
+            .count(),
+        1
+    );
+    let (clean, _) = regcache(&["verify"], proxy.config_path()).await;
+    assert!(clean, "a second verify is clean");
+
+    proxy.restart_after_crash().await;
+    pull(&proxy, &image).await;
+    assert_eq!(
+        upstream.blob_gets(&layer),
+        2,
+        "the quarantined blob was not refetched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_repair_rebuilds_a_corrupt_index_and_ls_and_gc_report() {
+    let upstream = Upstream::start(Auth::None).await;
+    let images = images::push_standard(&upstream, "test").await;
+    let mut proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
+    pull(&proxy, &images.multiarch_oci).await;
+    pull(&proxy, &images.schema1).await;
+    assert!(proxy.stop().await);
+
+    let (ok, listing) = regcache(&["ls", "--json"], proxy.config_path()).await;
+    assert!(ok, "{listing}");
+    let listing: serde_json::Value = serde_json::from_str(&listing).expect("ls --json");
+    let entry = listing
+        .as_array()
+        .and_then(|tags| {
+            tags.iter()
+                .find(|t| t["repository"] == "test/multiarch-oci")
+        })
+        .expect("the pulled tag is listed");
+    assert_eq!(entry["digest"], images.multiarch_oci.digest.as_str());
+    assert!(
+        entry["cached_bytes"].as_u64().unwrap_or(0) > 80_000,
+        "{entry}"
+    );
+
+    // A stray temp file (as a crash leaves) is removed by gc.
+    std::fs::write(
+        proxy.storage().join("tmp").join("stray.part"),
+        vec![0u8; 4096],
+    )
+    .expect("write");
+    let (ok, gc) = regcache(&["gc"], proxy.config_path()).await;
+    assert!(
+        ok && gc.contains("removed 1 temp files (4096 bytes)"),
+        "{gc}"
+    );
+
+    for entry in std::fs::read_dir(proxy.storage().join("index")).expect("index dir") {
+        let path = entry.expect("entry").path();
+        if path.is_file() {
+            std::fs::write(&path, b"garbage").expect("corrupt the index");
+        }
+    }
+    let (ok, report) = regcache(&["verify", "--repair", "--json"], proxy.config_path()).await;
+    assert!(ok, "{report}");
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    // The index, the two children and schema1 manifests are re-indexed from their files.
+    assert!(
+        report["rebuilt_manifests"].as_u64().unwrap_or(0) >= 4,
+        "{report}"
+    );
+    let mut upstream = upstream;
+    upstream.stop().await;
+    proxy.restart_after_crash().await;
+    let dest = tempfile::tempdir().expect("temp dir");
+    let by_digest = format!(
+        "{}/test/multiarch-oci@{}",
+        proxy.addr(),
+        images.multiarch_oci.digest
+    );
+    let (ok, stderr) = skopeo_copy(&by_digest, dest.path(), &[]).await;
+    assert!(ok, "{stderr}");
+    verify_dir(dest.path(), &images.multiarch_oci.digest);
+}
