@@ -28,6 +28,15 @@ use crate::http::route::Resolver;
 use crate::http::AppState;
 use crate::store::{BlobStore, Index, StoreError};
 
+/// Entry points for the criterion benchmarks (`benches/`); not a stable API.
+#[doc(hidden)]
+pub mod bench_support {
+    /// The route kind of a request path, as the router sees it.
+    pub fn route_kind(path: &str) -> &'static str {
+        crate::http::route::parse(path).kind()
+    }
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

@@ -353,3 +353,306 @@ async fn upstream_server_error_is_a_bad_gateway_naming_the_upstream() {
         "the message names the upstream: {message:?}"
     );
 }
+
+/// The start offset of a `Range: bytes=N-` header, if the request carried one.
+fn range_start(request: &common::fake::Recorded) -> Option<u64> {
+    request
+        .range()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_cut_off_half_way_is_resumed_with_a_range_request() {
+    const MIB: usize = 1024 * 1024;
+    let image = Image::new(8 * MIB);
+    let fake = image.fake().start().await;
+    let digest = image.layer_digest();
+    fake.set_fault_times(&digest, Fault::Truncate { after: 3 * MIB }, 1);
+    let proxy = proxy_for(&fake, &[]).await;
+
+    let response = get(&proxy, &format!("blobs/{digest}")).await;
+    assert_eq!(response.status(), StatusCode::OK, "the interrupted miss");
+    let body = response
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("blob body: {e}\nproxy log:\n{}", proxy.log()));
+    assert_eq!(body.len(), image.layer.len(), "a complete blob arrived");
+    assert_eq!(sha256_digest(&body), digest, "the blob's bytes are right");
+
+    let blob_gets: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.on == Listener::Registry && r.is_get(&digest))
+        .collect();
+    assert_eq!(
+        blob_gets.len(),
+        2,
+        "one cut-off GET and one resumed GET: {blob_gets:#?}"
+    );
+    assert_eq!(
+        blob_gets[0].range(),
+        None,
+        "the first GET asks for everything"
+    );
+    let resumed_at = range_start(&blob_gets[1]).unwrap_or_else(|| {
+        panic!(
+            "the second GET resumes with `Range: bytes=N-`: {:#?}",
+            blob_gets[1]
+        )
+    });
+    assert!(
+        resumed_at > 0 && resumed_at <= 3 * MIB as u64,
+        "resumed from a byte that had arrived, not from the start: {resumed_at}"
+    );
+
+    let response = get(&proxy, &format!("blobs/{digest}")).await;
+    assert_eq!(response.status(), StatusCode::OK, "the second pull");
+    let body = response.bytes().await.expect("cached blob body");
+    assert_eq!(sha256_digest(&body), digest);
+    assert_eq!(
+        gets(&fake, &digest),
+        2,
+        "the second pull was served from the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_trickle_is_served_correctly_and_shared_by_a_second_client() {
+    let image = Image::new(300 * 1024);
+    let fake = image.fake().start().await;
+    let digest = image.layer_digest();
+    // 19 frames of 16 KiB, 50 ms apart: about a second for the whole blob.
+    fake.set_fault(
+        &digest,
+        Fault::Trickle {
+            bytes: 16 * 1024,
+            every: Duration::from_millis(50),
+        },
+    );
+    let proxy = proxy_for(&fake, &[]).await;
+    let tail = format!("blobs/{digest}");
+
+    let started = Instant::now();
+    let first = {
+        let url = format!("{}/v2/{REPO}/{tail}", proxy.url());
+        tokio::spawn(async move {
+            let response = client().get(url).send().await?;
+            let status = response.status();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, body, Instant::now()))
+        })
+    };
+    // The first client's fill is under way (the upstream answered, bytes are trickling).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = get(&proxy, &tail).await;
+    let second_answered = Instant::now();
+    assert_eq!(second.status(), StatusCode::OK, "the second client");
+    let second_body = second.bytes().await.expect("second client's body");
+    let (first_status, first_body, first_done) = first
+        .await
+        .expect("first client task")
+        .unwrap_or_else(|e| panic!("first client: {e}\nproxy log:\n{}", proxy.log()));
+
+    assert_eq!(first_status, StatusCode::OK, "the first client");
+    assert_eq!(sha256_digest(&first_body), digest, "first client's bytes");
+    assert_eq!(sha256_digest(&second_body), digest, "second client's bytes");
+    assert!(
+        second_answered < first_done,
+        "the second client arrived while the first one's download was still running"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a slow upstream costs its own pace, no more: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        gets(&fake, &digest),
+        1,
+        "both clients were served by one upstream download"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_error_storm_opens_the_circuit_which_then_recovers() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    fake.set_fault("/manifests/", Fault::status(500));
+    let proxy = proxy_for(
+        &fake,
+        &["breaker_threshold = 3", "breaker_cooldown = \"2s\""],
+    )
+    .await;
+    let upstream_requests = |fake: &FakeRegistry| fake.count(|r| r.path.contains("/manifests/"));
+
+    for attempt in 1..=3 {
+        let (status, code, _) = oci_error(get(&proxy, "manifests/v1").await).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_GATEWAY,
+            "failing request {attempt} reaches the upstream"
+        );
+        assert_eq!(code, "UNAVAILABLE");
+    }
+    let before = upstream_requests(&fake);
+    assert!(
+        before >= 3,
+        "the failing requests reached the fake: {before}"
+    );
+
+    let response = get(&proxy, "manifests/v1").await;
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let (status, code, message) = oci_error(response).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the circuit is open"
+    );
+    assert_eq!(code, "UNAVAILABLE");
+    assert!(
+        message.contains("marked down") && message.contains(UPSTREAM),
+        "the message says which upstream is down: {message:?}"
+    );
+    assert!(
+        retry_after.is_some_and(|s| (1..=2).contains(&s)),
+        "Retry-After within the cooldown: {retry_after:?}"
+    );
+    assert_eq!(
+        upstream_requests(&fake),
+        before,
+        "an open circuit does not contact the upstream"
+    );
+
+    fake.clear_faults();
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the circuit recovered after the cooldown"
+    );
+    let body = response.bytes().await.expect("manifest body");
+    assert_eq!(&body[..], &image.manifest[..]);
+    assert_eq!(
+        upstream_requests(&fake),
+        before + 1,
+        "one probe reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_expiring_mid_pull_is_refreshed_for_the_remaining_blobs() {
+    let image = Image::new(64 * 1024);
+    let fake = image.fake().bearer_auth(300).start().await;
+    let proxy = proxy_for(&fake, &[]).await;
+
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK, "the manifest");
+    let body = response.bytes().await.expect("manifest body");
+    assert_eq!(&body[..], &image.manifest[..]);
+    assert_eq!(fake.tokens_issued(), 1, "the manifest needed one token");
+
+    fake.expire_tokens();
+    for (what, bytes) in [("config", &image.config), ("layer", &image.layer)] {
+        let digest = sha256_digest(bytes);
+        let response = get(&proxy, &format!("blobs/{digest}")).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::OK,
+            "the {what} after the token expired"
+        );
+        let body = response.bytes().await.expect("blob body");
+        assert_eq!(sha256_digest(&body), digest, "the {what}'s bytes");
+    }
+    assert_eq!(
+        fake.tokens_issued(),
+        2,
+        "one new token after the expiry, reused for the second blob"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transient_unavailability_is_absorbed_by_retries() {
+    let image = Image::new(64 * 1024);
+    let fake = image.fake().start().await;
+    let digest = image.layer_digest();
+    fake.set_fault_times("/manifests/v1", Fault::status(503), 2);
+    fake.set_fault_times(&digest, Fault::status(503), 2);
+    let proxy = proxy_for(&fake, &[]).await;
+
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "two 503s then a success: the client sees only the success"
+    );
+    let body = response.bytes().await.expect("manifest body");
+    assert_eq!(&body[..], &image.manifest[..]);
+    assert_eq!(
+        fake.count(|r| r.path.ends_with("/manifests/v1")),
+        3,
+        "two failed attempts and the successful one"
+    );
+
+    let response = get(&proxy, &format!("blobs/{digest}")).await;
+    assert_eq!(response.status(), StatusCode::OK, "the layer");
+    let body = response.bytes().await.expect("blob body");
+    assert_eq!(sha256_digest(&body), digest);
+    assert_eq!(
+        fake.count(|r| r.path.ends_with(&digest)),
+        3,
+        "two failed attempts and the successful one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn circuit_recovers_after_a_half_open_probe_is_abandoned_by_its_client() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    fake.set_fault("/manifests/", Fault::status(500));
+    let proxy = proxy_for(
+        &fake,
+        &["breaker_threshold = 1", "breaker_cooldown = \"1s\""],
+    )
+    .await;
+    let (status, _, _) = oci_error(get(&proxy, "manifests/v1").await).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "the failure opens the circuit"
+    );
+
+    // After the cooldown, the first request through is the probe: a tag listing (passed
+    // through, not run in a task of its own) whose client gives up while the upstream hangs.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    fake.set_fault("/tags/list", Fault::Hang);
+    let abandoned = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("reqwest client")
+        .get(format!("{}/v2/{REPO}/tags/list", proxy.url()))
+        .send()
+        .await;
+    assert!(abandoned.is_err(), "the probe's client gave up");
+    assert_eq!(
+        fake.count(|r| r.path.ends_with("/tags/list")),
+        1,
+        "the probe reached the upstream"
+    );
+
+    fake.clear_faults();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "a healthy upstream is asked again once the abandoned probe is gone"
+    );
+}

@@ -183,7 +183,12 @@ impl ApiError {
                 )
             },
             UpstreamError::CircuitOpen { upstream, retry_in } => Self {
-                retry_after: Some(retry_in.as_secs().max(1).to_string()),
+                // Rounded up: a client honouring it must not come back while still open.
+                retry_after: Some(
+                    (retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0))
+                        .max(1)
+                        .to_string(),
+                ),
                 ..Self::upstream(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "UNAVAILABLE",

@@ -22,6 +22,18 @@ struct State {
     probing: bool,
 }
 
+/// A probe in flight; see [`Breaker::check`].
+#[derive(Debug)]
+pub(crate) struct Probe<'a>(&'a Breaker);
+
+impl Drop for Probe<'_> {
+    fn drop(&mut self) {
+        // Recorded results already cleared the flag; this covers a probe that never reported.
+        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.probing = false;
+    }
+}
+
 /// The circuit is open; retry after this long.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Open(pub(crate) Duration);
@@ -35,11 +47,13 @@ impl Breaker {
         }
     }
 
-    /// Whether a request may go out now.
-    pub(crate) fn check(&self) -> Result<(), Open> {
+    /// Whether a request may go out now. After the cooldown, the one request let through is
+    /// the probe; the returned guard ends the probe when dropped, so a probe whose caller was
+    /// cancelled (a client that went away) cannot keep the circuit open forever.
+    pub(crate) fn check(&self) -> Result<Option<Probe<'_>>, Open> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let Some(open_until) = state.open_until else {
-            return Ok(());
+            return Ok(None);
         };
         let now = Instant::now();
         if now < open_until {
@@ -49,7 +63,7 @@ impl Breaker {
             return Err(Open(Duration::from_secs(1)));
         }
         state.probing = true;
-        Ok(())
+        Ok(Some(Probe(self)))
     }
 
     /// The upstream answered (any status below 500).
@@ -95,15 +109,30 @@ mod tests {
         assert!(breaker.check().is_err());
         assert!(breaker.is_open());
         std::thread::sleep(Duration::from_millis(40));
-        assert!(breaker.check().is_ok(), "one probe after the cooldown");
+        let probe = breaker.check().expect("one probe after the cooldown");
+        assert!(probe.is_some());
         assert!(breaker.check().is_err(), "only one probe at a time");
         breaker.record_failure();
+        drop(probe);
         assert!(breaker.check().is_err(), "a failed probe reopens");
         std::thread::sleep(Duration::from_millis(40));
         assert!(breaker.check().is_ok());
         breaker.record_success();
         assert!(breaker.check().is_ok());
         assert!(!breaker.is_open());
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_request_probe() {
+        let breaker = Breaker::new(1, Duration::from_millis(10));
+        breaker.record_failure();
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = breaker.check().expect("probe");
+        drop(probe);
+        assert!(
+            breaker.check().is_ok(),
+            "a dropped probe must not wedge the circuit"
+        );
     }
 
     #[test]

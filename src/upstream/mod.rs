@@ -483,14 +483,17 @@ impl UpstreamClient {
         }
         let mut attempt = 1;
         loop {
-            if let Err(open) = self.breaker.check() {
-                let err = UpstreamError::CircuitOpen {
-                    upstream: self.name.clone(),
-                    retry_in: open.0,
-                };
-                self.record_error("circuit_open", err.to_string());
-                return Err(err);
-            }
+            let _probe = match self.breaker.check() {
+                Ok(probe) => probe,
+                Err(open) => {
+                    let err = UpstreamError::CircuitOpen {
+                        upstream: self.name.clone(),
+                        retry_in: open.0,
+                    };
+                    self.record_error("circuit_open", err.to_string());
+                    return Err(err);
+                }
+            };
             let timer = self.metrics.upstream_timer(&self.name, kind);
             let result = self.send_once(method.clone(), url, repo, headers).await;
             timer.observe_duration();
