@@ -12,6 +12,7 @@ mod http;
 pub mod maintenance;
 pub mod metrics;
 pub mod oci;
+pub mod routing;
 mod server;
 pub mod store;
 pub mod upstream;
@@ -24,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::http::route::Resolver;
 use crate::http::AppState;
+use crate::routing::Resolver;
 use crate::store::{BlobStore, Index, StoreError};
 
 /// Entry points for the criterion benchmarks (`benches/`); not a stable API.

@@ -71,6 +71,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keep an image cached and never evict it (IMAGE as clients name it: `alpine:3.20`,
+    /// `ghcr.io/org/app:1.0`, `org/app@sha256:…`). Recorded in `<storage>/pins.toml`; a running
+    /// server picks it up within seconds and fetches what is missing.
+    Pin {
+        /// The image.
+        image: String,
+        /// Keep only these platforms of an index (`linux/amd64`, `linux/arm64/v8`); repeatable.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// TOML configuration file.
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Remove a pin made with `regcache pin`.
+    Unpin {
+        /// The image, as given to `regcache pin`.
+        image: String,
+        /// TOML configuration file.
+        #[arg(long, short, env = "REGCACHE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
     CheckConfig {
         /// TOML configuration file.
@@ -137,6 +158,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Pin {
+            image,
+            platforms,
+            config,
+        } => match load_or_exit(config.as_deref()) {
+            Ok(config) => edit_pins(&config, &image, Some(platforms)),
+            Err(code) => code,
+        },
+        Command::Unpin { image, config } => match load_or_exit(config.as_deref()) {
+            Ok(config) => edit_pins(&config, &image, None),
+            Err(code) => code,
+        },
         Command::Gc { config } => {
             let config = match load_or_exit(config.as_deref()) {
                 Ok(config) => config,
@@ -239,6 +272,55 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Adds (`platforms` given) or removes a pin in the pins file.
+fn edit_pins(config: &Config, image: &str, platforms: Option<Vec<String>>) -> ExitCode {
+    let resolver = regcache::routing::Resolver::new(
+        config.upstreams.iter().map(|u| u.name.clone()).collect(),
+        config.upstreams.iter().position(|u| u.default),
+    );
+    let (name, reference) = regcache::routing::split_image_ref(image);
+    let resolved = match resolver.resolve(None, name) {
+        Ok(resolved) => resolved,
+        Err(err) => {
+            eprintln!("regcache: {image}: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let upstream = &config.upstreams[resolved.upstream].name;
+    let path = regcache::config::PinsFile::path(config);
+    let result = regcache::config::PinsFile::read(&path).and_then(|mut file| {
+        let changed = match platforms {
+            Some(platforms) => file.add(upstream, resolved.repo.as_str(), reference, platforms),
+            None => file.remove(upstream, resolved.repo.as_str(), reference),
+        };
+        // Validate before writing, so a bad reference never reaches the server.
+        file.validate(&config.upstreams)?;
+        std::fs::create_dir_all(&config.storage_path).map_err(|source| {
+            regcache::config::ConfigError::Read {
+                path: config.storage_path.clone(),
+                source,
+            }
+        })?;
+        file.write(&path)?;
+        Ok(changed)
+    });
+    match result {
+        Ok(changed) => {
+            let what = if changed { "updated" } else { "unchanged" };
+            println!(
+                "{upstream}/{}:{reference}: pins {what} ({})",
+                resolved.repo,
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("regcache: {err}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }

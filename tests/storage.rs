@@ -331,3 +331,48 @@ async fn verify_repair_rebuilds_a_corrupt_index_and_ls_and_gc_report() {
     assert!(ok, "{stderr}");
     verify_dir(dest.path(), &images.multiarch_oci.digest);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn regcache_pin_makes_a_running_server_fetch_and_keep_an_image() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "test/pinned", "v2", "pinned", &[50_000]).await;
+    let proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
+    let (ok, out) = regcache(
+        &["pin", "registry.test/test/pinned:v2"],
+        proxy.config_path(),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let layer = image.blobs.last().expect("layer").clone();
+    // The server re-reads the pins every couple of seconds and fetches what is missing.
+    let fetched = upstream
+        .wait_blob_gets(&layer, 1, Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        fetched,
+        1,
+        "the pinned image was not prefetched\n{}",
+        proxy.log()
+    );
+    let pins = std::fs::read_to_string(proxy.storage().join("pins.toml")).expect("pins file");
+    assert!(
+        pins.contains("test/pinned") && pins.contains("v2"),
+        "{pins}"
+    );
+    let (ok, out) = regcache(
+        &["unpin", "registry.test/test/pinned:v2"],
+        proxy.config_path(),
+    )
+    .await;
+    assert!(ok, "{out}");
+    let pins = std::fs::read_to_string(proxy.storage().join("pins.toml")).expect("pins file");
+    assert!(!pins.contains("test/pinned"), "{pins}");
+    // An unknown registry is refused with the configuration exit status.
+    let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["pin", "quay.io/x/y:1", "--config"])
+        .arg(proxy.config_path())
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(output.status.code(), Some(64));
+}

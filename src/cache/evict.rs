@@ -17,8 +17,9 @@ use crate::config::PinConfig;
 use crate::oci::{Digest, Reference, MAX_MANIFEST_BYTES};
 use crate::store::{AccessRecord, Namespace, Usage};
 
-/// How often buffered accesses are written and the budget checked.
-const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often buffered accesses are written, the budget checked and the pins file re-read.
+/// Each is cheap: a batch write, an atomic compare, a small file read.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
 
 fn now_millis() -> u64 {
     let millis = SystemTime::now()
@@ -197,7 +198,8 @@ impl Cache {
     /// platforms) and blobs, as far as they are cached.
     fn pinned(&self) -> HashSet<(Namespace, Digest)> {
         let mut pinned = HashSet::new();
-        for pin in &self.pins {
+        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for pin in &pins {
             let namespace = &self.namespaces[pin.upstream];
             let root = match &pin.reference {
                 Reference::Digest(digest) => Some(*digest),
@@ -281,8 +283,27 @@ impl Cache {
         report
     }
 
+    /// Re-reads `pins.toml` (written by `regcache pin`); returns whether the pins changed.
+    fn reload_pins(&self) -> bool {
+        let from_file = crate::config::PinsFile::read(&self.pins_file)
+            .and_then(|file| file.validate(&self.upstream_configs));
+        let from_file = match from_file {
+            Ok(pins) => pins,
+            Err(err) => {
+                tracing::warn!(file = %self.pins_file.display(), error = %err, "ignoring the pins file");
+                return false;
+            }
+        };
+        let mut all = self.config_pins.clone();
+        all.extend(from_file);
+        let mut pins = self.pins.write().unwrap_or_else(|p| p.into_inner());
+        let changed = *pins != all;
+        *pins = all;
+        changed
+    }
+
     /// Runs until `shutdown`: flushes accesses and enforces the budget every few seconds, or
-    /// at once when a fill pushes usage past the high watermark.
+    /// at once when a fill pushes usage past the high watermark; picks up new pins.
     pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
@@ -296,6 +317,9 @@ impl Cache {
                 cache.evict_if_needed();
             })
             .await;
+            if self.reload_pins() {
+                tokio::spawn(Arc::clone(&self).prefetch_pins());
+            }
         }
         self.flush_access();
     }
@@ -303,7 +327,9 @@ impl Cache {
     /// Fetches every pinned image that is not fully cached. Best effort: failures are logged
     /// and retried at the next start.
     pub async fn prefetch_pins(self: Arc<Self>) {
-        for pin in self.pins.clone() {
+        self.reload_pins();
+        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        for pin in pins {
             let target = Target {
                 upstream: pin.upstream,
                 repo: pin.repository.clone(),

@@ -266,8 +266,13 @@ pub struct Cache {
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
     access_log: Arc<evict::AccessLog>,
-    pins: Vec<crate::config::PinConfig>,
+    /// Pins from the config file, and all pins in force (config plus `pins.toml`).
+    config_pins: Vec<crate::config::PinConfig>,
+    pins: std::sync::RwLock<Vec<crate::config::PinConfig>>,
+    pins_file: std::path::PathBuf,
     budget: Option<evict::Budget>,
+    /// For validating `pins.toml` when it changes.
+    upstream_configs: Vec<crate::config::UpstreamConfig>,
 }
 
 /// Memory for hot manifests.
@@ -333,7 +338,10 @@ impl Cache {
             negative_ttl: config.negative_ttl,
             metrics,
             access_log: Arc::new(evict::AccessLog::new(budget)),
-            pins: config.pins.clone(),
+            config_pins: config.pins.clone(),
+            pins: std::sync::RwLock::new(config.pins.clone()),
+            pins_file: crate::config::PinsFile::path(config),
+            upstream_configs: config.upstreams.clone(),
             budget,
         })
     }

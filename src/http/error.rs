@@ -7,9 +7,9 @@ use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 
 use super::body::{self, Body};
-use super::route::ResolveError;
 use crate::cache::CacheError;
 use crate::oci::ParseError;
+use crate::routing::ResolveError;
 use crate::upstream::UpstreamError;
 
 /// Where a failure came from; drives the status class and the log level.

@@ -7,12 +7,13 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::{self, Body};
 use super::error::{ApiError, Origin};
-use super::route::{Resolver, Route};
+use super::route::Route;
 use super::status::{self, StatusBoard};
 use crate::cache::{BlobAnswer, Cache, CachePhase, ManifestAnswer, RangeRequest, Target};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference};
+use crate::routing::Resolver;
 
 /// Everything a request needs.
 #[derive(Debug)]
@@ -224,6 +225,10 @@ fn resolve<B>(state: &AppState, request: &Request<B>, name: &str) -> Result<Targ
     state
         .resolver
         .resolve(ns.as_deref(), name)
+        .map(|resolved| Target {
+            upstream: resolved.upstream,
+            repo: resolved.repo,
+        })
         .map_err(|e| ApiError::from_resolve(&e))
 }
 
