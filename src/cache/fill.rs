@@ -79,6 +79,7 @@ pub(crate) enum Role {
 pub(crate) struct FillJob {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) access_log: Arc<super::evict::AccessLog>,
+    pub(crate) store_trouble: Arc<super::direct::StoreTrouble>,
     pub(crate) store: Arc<BlobStore>,
     pub(crate) upstream: Arc<UpstreamClient>,
     pub(crate) namespace: Namespace,
@@ -131,7 +132,14 @@ impl Fills {
             key,
             sender,
         };
-        tokio::spawn(run_fill(job, temp, guard));
+        // The span is made here, in the request that started the fill, so that the fill's log
+        // lines carry that request's id.
+        let span =
+            tracing::info_span!("fill", upstream = job.upstream.name(), digest = %job.digest);
+        tokio::spawn(tracing::Instrument::instrument(
+            run_fill(job, temp, guard),
+            span,
+        ));
         Ok(Some((fill, Role::Leader)))
     }
 }
@@ -169,20 +177,20 @@ impl Drop for FillGuard {
 async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
     job.metrics.fills_in_flight.inc();
     let temp_path = temp.path.clone();
-    let span = tracing::info_span!("fill", upstream = job.upstream.name(), digest = %job.digest);
-    let _entered = span.enter();
-    drop(_entered);
-    let result = tracing::Instrument::instrument(fill_body(&job, temp, &guard), span.clone()).await;
+    let result = fill_body(&job, temp, &guard).await;
     match result {
         Ok(()) => guard.finish(FillState::Done),
         Err(err) => {
             let _ = tokio::fs::remove_file(&temp_path).await;
-            span.in_scope(|| tracing::warn!(error = %err, "fill failed"));
+            tracing::warn!(error = %err, "fill failed");
             match &err {
                 CacheError::DigestMismatch { .. } => job
                     .upstream
                     .record_error("digest_mismatch", err.to_string()),
-                CacheError::Store(_) => job.metrics.store_write_errors.inc(),
+                CacheError::Store(_) => {
+                    job.metrics.store_write_errors.inc();
+                    job.store_trouble.mark();
+                }
                 _ => {}
             }
             guard.finish(FillState::Failed(Arc::new(err)));

@@ -50,7 +50,9 @@ where
             } else {
                 let flights = Arc::clone(self);
                 let task_key = key.clone();
-                let handle = tokio::spawn(async move {
+                // In the span of the request that started it, so its upstream calls log that
+                // request's id.
+                let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
                     let result = work.await.map_err(Arc::new);
                     // Removed by the task itself, so a cancelled caller cannot leave a stale
                     // entry behind. Joined callers keep their clone of the shared future.
@@ -60,7 +62,7 @@ where
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&task_key);
                     result
-                });
+                }));
                 let flight = async move {
                     handle
                         .await

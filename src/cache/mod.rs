@@ -6,6 +6,7 @@
 //! when they are committed (and, while a fill runs, by holding back the final byte until the
 //! fill verifies).
 
+mod direct;
 mod evict;
 mod fill;
 mod flight;
@@ -170,10 +171,17 @@ pub enum BlobBody {
     Filling(BlobStream),
 }
 
-/// A stream of an in-flight fill; yields an error (aborting the client connection) if the fill
-/// fails verification.
+/// A blob streaming from the upstream: through a shared fill, or (when the store cannot be
+/// written) straight through. Either way it yields an error, aborting the client connection,
+/// if the bytes fail verification, and holds back the final bytes until they pass.
 #[derive(Debug)]
-pub struct BlobStream(FillReader);
+pub struct BlobStream(StreamSource);
+
+#[derive(Debug)]
+enum StreamSource {
+    Fill(FillReader),
+    Direct(direct::DirectStream),
+}
 
 impl BlobStream {
     /// The next chunk.
@@ -181,7 +189,10 @@ impl BlobStream {
     /// # Cancel safety
     /// Not cancel safe; poll it to completion from one body.
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
-        self.0.next_chunk().await
+        match &mut self.0 {
+            StreamSource::Fill(reader) => reader.next_chunk().await,
+            StreamSource::Direct(stream) => stream.next_chunk().await,
+        }
     }
 }
 
@@ -271,6 +282,8 @@ pub struct Cache {
     pins: std::sync::RwLock<Vec<crate::config::PinConfig>>,
     pins_file: std::path::PathBuf,
     budget: Option<evict::Budget>,
+    /// Set when writing to the store fails (disk full): misses then stream without caching.
+    store_trouble: Arc<direct::StoreTrouble>,
     /// For validating `pins.toml` when it changes.
     upstream_configs: Vec<crate::config::UpstreamConfig>,
 }
@@ -342,6 +355,7 @@ impl Cache {
             pins: std::sync::RwLock::new(config.pins.clone()),
             pins_file: crate::config::PinsFile::path(config),
             upstream_configs: config.upstreams.clone(),
+            store_trouble: Arc::default(),
             budget,
         })
     }
@@ -414,6 +428,7 @@ impl Cache {
             Ok(fill::FillJob {
                 metrics: Arc::clone(&self.metrics),
                 access_log: Arc::clone(&self.access_log),
+                store_trouble: Arc::clone(&self.store_trouble),
                 store: Arc::clone(&self.store),
                 upstream: Arc::clone(upstream),
                 namespace: namespace.clone(),
@@ -422,10 +437,22 @@ impl Cache {
                 permit,
             })
         };
-        let Some((fill, role)) = self
+        if self.store_trouble.is_recent() {
+            return self.blob_direct(target, digest).await;
+        }
+        let joined = match self
             .fills
-            .join_or_start(&self.store, namespace, digest, start)?
-        else {
+            .join_or_start(&self.store, namespace, digest, start)
+        {
+            Err(CacheError::Store(err)) => {
+                tracing::warn!(error = %err, "cannot create a temp file; streaming without caching");
+                self.metrics.store_write_errors.inc();
+                self.store_trouble.mark();
+                return self.blob_direct(target, digest).await;
+            }
+            other => other?,
+        };
+        let Some((fill, role)) = joined else {
             // Committed by a fill that just finished.
             return self
                 .blob_from_store(namespace, digest, range, CachePhase::Coalesced)
@@ -449,8 +476,29 @@ impl Cache {
         Ok(Ok(BlobAnswer {
             size: progress.size,
             range,
-            body: BlobBody::Filling(BlobStream(FillReader::new(fill, start, end))),
+            body: BlobBody::Filling(BlobStream(StreamSource::Fill(FillReader::new(
+                fill, start, end,
+            )))),
             phase,
+        }))
+    }
+
+    /// Streams a blob from the upstream without caching it (the store cannot be written).
+    async fn blob_direct(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<Result<BlobAnswer, RangeNotSatisfiable>, CacheError> {
+        let (upstream, _) = self.upstream(target);
+        let response = upstream.get_blob(&target.repo, digest, 0).await?;
+        Ok(Ok(BlobAnswer {
+            size: response.total_size,
+            range: None,
+            body: BlobBody::Filling(BlobStream(StreamSource::Direct(direct::DirectStream::new(
+                response.body,
+                *digest,
+            )))),
+            phase: CachePhase::Miss,
         }))
     }
 
