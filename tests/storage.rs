@@ -376,3 +376,118 @@ async fn regcache_pin_makes_a_running_server_fetch_and_keep_an_image() {
         .expect("run");
     assert_eq!(output.status.code(), Some(64));
 }
+
+/// A small tmpfs, unmounted on drop (after the proxy using it is gone).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = format!("size={size}");
+        let mounted = ["", "sudo"].iter().any(|sudo| {
+            let mut command = if sudo.is_empty() {
+                std::process::Command::new("mount")
+            } else {
+                let mut command = std::process::Command::new("sudo");
+                command.args(["-n", "mount"]);
+                command
+            };
+            command
+                .args(["-t", "tmpfs", "-o", &options, "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|status| status.success())
+        });
+        assert!(
+            mounted,
+            "mounting a tmpfs needs root (or passwordless sudo), as CI has"
+        );
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let path = self.dir.path().to_owned();
+        let unmounted = std::process::Command::new("umount")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = std::process::Command::new("sudo")
+                .args(["-n", "umount"])
+                .arg(&path)
+                .status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_fails_the_fill_cleanly_and_later_pulls_stream_uncached() {
+    let upstream = Upstream::start(Auth::None).await;
+    let small = images::push_oci_image(&upstream, "test/fits", "v1", "fits", &[512 * 1024]).await;
+    let large = images::push_oci_image(
+        &upstream,
+        "test/too-big",
+        "v1",
+        "too-big",
+        &[12 * 1024 * 1024],
+    )
+    .await;
+    let disk = SmallDisk::mount("6m");
+    let storage = disk.path().join("store");
+    let mut proxy = TestProxy::start_with_storage(
+        &[UpstreamSpec::default_at(NAME, &upstream.url())],
+        "",
+        Some(storage),
+    )
+    .await;
+    pull(&proxy, &small).await;
+
+    let layer = large.blobs.last().expect("the layer").clone();
+    let url = format!("{}/v2/test/too-big/blobs/{layer}", proxy.url());
+    // The first pull runs into the full disk: its fill fails, the partial file is removed, and
+    // the client's transfer is aborted rather than completed with unverified bytes.
+    let first = reqwest::get(&url).await.expect("GET");
+    let first_complete = first.status().is_success() && first.bytes().await.is_ok();
+    assert!(
+        !first_complete,
+        "a 12 MiB fill cannot have succeeded on a 6 MiB disk"
+    );
+    // The server keeps running, says why, and streams later pulls without caching them.
+    let retried = reqwest::get(&url).await.expect("GET");
+    assert_eq!(retried.status(), reqwest::StatusCode::OK);
+    let bytes = retried.bytes().await.expect("a complete body on retry");
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+    );
+    assert_eq!(digest, layer);
+    let metrics = reqwest::get(format!("{}/metrics", proxy.url()))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let errors = metrics
+        .lines()
+        .find(|l| l.starts_with("regcache_store_write_errors_total "))
+        .expect("the write error metric");
+    assert!(!errors.ends_with(" 0"), "{errors}");
+    assert!(proxy.log().contains("fill failed"), "{}", proxy.log());
+    let temp_files = std::fs::read_dir(proxy.storage().join("tmp"))
+        .expect("tmp")
+        .count();
+    assert_eq!(temp_files, 0, "the partial file was left behind");
+    // What was cached before still serves.
+    pull(&proxy, &small).await;
+    proxy.kill().await;
+    drop(proxy);
+    drop(disk);
+}

@@ -53,6 +53,7 @@ pub struct TestProxy {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    storage: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
 }
@@ -60,14 +61,21 @@ pub struct TestProxy {
 impl TestProxy {
     /// Starts regcache with these upstreams and extra top-level TOML (e.g. a `[cache]` table).
     pub async fn start(upstreams: &[UpstreamSpec], extra_toml: &str) -> TestProxy {
+        Self::start_with_storage(upstreams, extra_toml, None).await
+    }
+
+    /// Like [`TestProxy::start`], with the store at `storage` instead of a temp directory.
+    pub async fn start_with_storage(
+        upstreams: &[UpstreamSpec],
+        extra_toml: &str,
+        storage: Option<PathBuf>,
+    ) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
+        let storage = storage.unwrap_or_else(|| dir.path().join("data"));
         let port = free_port();
         // A `[storage]` table in `extra_toml` gets the path line; otherwise one is added.
-        let storage_line = format!(
-            "[storage]\npath = \"{}\"\n",
-            dir.path().join("data").display()
-        );
-        let (storage, extra) = if extra_toml.contains("[storage]\n") {
+        let storage_line = format!("[storage]\npath = \"{}\"\n", storage.display());
+        let (storage_table, extra) = if extra_toml.contains("[storage]\n") {
             (
                 String::new(),
                 extra_toml.replacen("[storage]\n", &storage_line, 1),
@@ -76,7 +84,7 @@ impl TestProxy {
             (storage_line, extra_toml.to_owned())
         };
         let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage}{extra}\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage_table}{extra}\n"
         );
         for upstream in upstreams {
             config.push_str(&format!(
@@ -91,6 +99,7 @@ impl TestProxy {
             child: None,
             port,
             dir,
+            storage,
             config_path,
             log_path,
         };
@@ -143,7 +152,7 @@ impl TestProxy {
 
     /// The storage directory.
     pub fn storage(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.storage.clone()
     }
 
     /// The config file the proxy runs with (for the CLI's maintenance commands).
