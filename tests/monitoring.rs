@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::images::{self, Pushed};
-use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::proxy::{TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -42,20 +42,7 @@ async fn setup(repo: &str, seed: &str, extra_upstream: &[&str]) -> (Upstream, Te
 
 /// Pulls `image` through the proxy with skopeo and verifies every digest.
 async fn pull(proxy: &TestProxy, image: &Pushed) {
-    let dest = tempfile::tempdir().expect("temp dir for the copy");
-    let (ok, stderr) = skopeo_copy(
-        &format!("{}/{}", proxy.addr(), image.reference),
-        dest.path(),
-        &[],
-    )
-    .await;
-    assert!(
-        ok,
-        "skopeo pull of {} failed: {stderr}\nproxy log:\n{}",
-        image.reference,
-        proxy.log()
-    );
-    let blobs = verify_dir(dest.path(), &image.digest);
+    let blobs = proxy.pull_verified(&image.reference, &image.digest).await;
     assert_eq!(
         blobs,
         image.blobs.len(),

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::images::{self, Pushed};
-use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::proxy::{verify_dir, TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
 use reqwest::StatusCode;
 use sha2::{Digest as _, Sha256};
@@ -30,15 +30,7 @@ async fn setup(auth: Auth) -> (Upstream, TestProxy) {
 /// Pulls `reference` (`repo:tag` or `repo@digest`) through the proxy with skopeo and checks
 /// every digest against `expected`.
 async fn pull_and_verify(proxy: &TestProxy, reference: &str, expected: &Pushed) -> usize {
-    let dest = tempfile::tempdir().expect("temp dir");
-    let (ok, stderr) =
-        skopeo_copy(&format!("{}/{reference}", proxy.addr()), dest.path(), &[]).await;
-    assert!(
-        ok,
-        "skopeo pull of {reference} failed: {stderr}\nproxy log:\n{}",
-        proxy.log()
-    );
-    verify_dir(dest.path(), &expected.digest)
+    proxy.pull_verified(reference, &expected.digest).await
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -41,20 +41,7 @@ fn stored_bytes(dir: &Path) -> u64 {
 }
 
 async fn pull(proxy: &TestProxy, image: &Pushed) {
-    let dest = tempfile::tempdir().expect("temp dir");
-    let (ok, stderr) = skopeo_copy(
-        &format!("{}/{}", proxy.addr(), image.reference),
-        dest.path(),
-        &[],
-    )
-    .await;
-    assert!(
-        ok,
-        "pull of {} failed: {stderr}\n{}",
-        image.reference,
-        proxy.log()
-    );
-    verify_dir(dest.path(), &image.digest);
+    proxy.pull_verified(&image.reference, &image.digest).await;
 }
 
 /// Runs a maintenance command of the regcache binary; returns (exit success, stdout).
@@ -137,12 +124,7 @@ async fn a_small_budget_evicts_least_recently_used_blobs_but_never_pins() {
         cached_path(&proxy, &layer(&pushed[3])).exists(),
         "the newest blob was evicted"
     );
-    let metrics = reqwest::get(format!("{}/metrics", proxy.url()))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = proxy.metrics_text().await;
     assert!(
         metrics
             .lines()
@@ -469,12 +451,7 @@ async fn a_full_disk_fails_the_fill_cleanly_and_later_pulls_stream_uncached() {
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
     );
     assert_eq!(digest, layer);
-    let metrics = reqwest::get(format!("{}/metrics", proxy.url()))
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    let metrics = proxy.metrics_text().await;
     let errors = metrics
         .lines()
         .find(|l| l.starts_with("regcache_store_write_errors_total "))

@@ -260,7 +260,7 @@ impl Cache {
             }
             let path = self.store.path(&namespace, &digest);
             let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-            match self.store.remove_blocking(&namespace, &digest) {
+            match self.store.remove(&namespace, &digest) {
                 Ok(()) => {
                     let _ = self.index.remove_access(&namespace, &digest);
                     used = used.saturating_sub(size);

@@ -239,7 +239,7 @@ impl Cache {
         };
         if manifest_digest(&bytes, &media_type) != *digest {
             tracing::warn!(%digest, "cached manifest is corrupt; removing it");
-            self.store.remove(namespace, digest).await?;
+            self.store.remove(namespace, digest)?;
             self.index.remove_manifest(namespace, digest)?;
             return Ok(None);
         }

@@ -69,11 +69,13 @@ pub(crate) async fn serve(
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
+    // The declared length, or the exact size of an in-memory body (status page, metrics).
     let bytes = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| hyper::body::Body::size_hint(response.body()).exact())
         .unwrap_or(0);
     let elapsed = started.elapsed();
     let metrics = &state.metrics;

@@ -328,37 +328,16 @@ impl BlobStore {
         self.commit(temp, namespace, digest)
     }
 
-    /// Removes a cached file (eviction). Blocking. Readers that have it open keep reading.
+    /// Removes a cached file (eviction, or a corrupt manifest so that it is fetched again).
+    /// One `unlink`: cheap enough to call from async code on these rare paths. Readers that
+    /// have the file open keep reading.
     ///
     /// # Errors
     /// [`StoreError::Io`] for failures other than "not found".
-    pub fn remove_blocking(
-        &self,
-        namespace: &Namespace,
-        digest: &Digest,
-    ) -> Result<(), StoreError> {
+    pub fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
         let path = self.path(namespace, digest);
         let len = std::fs::metadata(&path).map(|m| m.len()).ok();
         match std::fs::remove_file(&path) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::io("remove", path)(err))
-            }
-            Err(_) => Ok(()),
-            Ok(()) => {
-                self.account_removed(len.unwrap_or(0));
-                Ok(())
-            }
-        }
-    }
-
-    /// Removes a cached file that turned out to be corrupt, so that it is fetched again.
-    ///
-    /// # Errors
-    /// [`StoreError::Io`] for failures other than "not found".
-    pub async fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
-        let path = self.path(namespace, digest);
-        let len = tokio::fs::metadata(&path).await.map(|m| m.len()).ok();
-        match tokio::fs::remove_file(&path).await {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::io("remove", path)(err))
             }

@@ -165,6 +165,31 @@ impl TestProxy {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Pulls `reference` (`repo:tag` or `repo@digest`, as a client names it) through the proxy
+    /// with `skopeo copy --all` and verifies every digest against `expected_digest`. Returns
+    /// the number of blob files copied.
+    pub async fn pull_verified(&self, reference: &str, expected_digest: &str) -> usize {
+        let dest = tempfile::tempdir().expect("temp dir for the copy");
+        let (ok, stderr) =
+            skopeo_copy(&format!("{}/{reference}", self.addr()), dest.path(), &[]).await;
+        assert!(
+            ok,
+            "skopeo pull of {reference} failed: {stderr}\nproxy log:\n{}",
+            self.log()
+        );
+        verify_dir(dest.path(), expected_digest)
+    }
+
+    /// The text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url()))
+            .await
+            .expect("scrape /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly.
     pub async fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
