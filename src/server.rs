@@ -35,6 +35,9 @@ pub(crate) async fn accept_loop(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Bounds the write queue to about one body chunk per connection (hyper's default
+        // lets ~400 KiB queue up), so memory does not grow with the number of clients.
+        .max_buf_size(64 * 1024)
         .keep_alive(true);
     builder
         .http2()

@@ -28,8 +28,10 @@ use crate::upstream::UpstreamClient;
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
 /// enough that followers see progress often and memory per fill stays small.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Bytes a reader reads per chunk it sends.
-pub(crate) const READ_CHUNK: usize = 256 * 1024;
+/// Bytes a reader reads per chunk it sends. With hyper's write buffer capped near one chunk
+/// (see `server.rs`), a connection holds about two chunks, so 64 clients stay within tens of
+/// MiB; larger chunks gained no throughput on loopback.
+pub(crate) const READ_CHUNK: usize = 128 * 1024;
 
 /// Where a fill stands; published through a `watch` channel.
 #[derive(Debug, Clone)]
@@ -215,13 +217,7 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
         p.started = true;
         p.size = size;
     });
-    let mut sink = Sink {
-        path: temp.path,
-        file: Some(temp.file),
-        hasher: Some(Sha256::new()),
-        batch: BytesMut::with_capacity(WRITE_BATCH),
-        written: 0,
-    };
+    let mut sink = Sink::new(temp);
     let mut resumes = 0;
     loop {
         // An upstream that ignored the range resent bytes we already have: skip them.
@@ -240,8 +236,11 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
             skip -= skipped as u64;
             sink.push(&chunk, guard).await?;
         }
-        sink.flush(guard).await?;
         let Some(err) = interrupted else { break };
+        // Resume from what is on disk: settle the batches first.
+        sink.flush(guard).await?;
+        let idle = sink.settle(guard).await?;
+        sink.idle = Some(idle);
         if resumes == MAX_RESUMES || size.is_some_and(|s| sink.written >= s) {
             return Err(upstream_error(err));
         }
@@ -256,14 +255,7 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
             return Err(CacheError::FillAborted);
         }
     }
-    let Sink {
-        path,
-        file,
-        hasher,
-        written,
-        ..
-    } = sink;
-    let actual = Digest::from_hasher(hasher.expect("the hasher is always put back after a batch"));
+    let (temp, actual, written) = sink.finish(guard).await?;
     if actual != job.digest {
         return Err(CacheError::DigestMismatch {
             expected: job.digest,
@@ -271,10 +263,6 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
         });
     }
     let store = Arc::clone(&job.store);
-    let temp = TempBlob {
-        path,
-        file: file.expect("the file is always put back after a batch"),
-    };
     let (namespace, digest) = (job.namespace.clone(), job.digest);
     tokio::task::spawn_blocking(move || store.commit(temp, &namespace, &digest))
         .await
@@ -286,17 +274,32 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
     Ok(())
 }
 
-/// The temp file being written, its running hash, and the batch not yet written.
+/// The temp file being written, its running hash, and the batch not yet written. One batch
+/// is hashed and written on a blocking thread while the next arrives from the network, so the
+/// two overlap on two cores.
 struct Sink {
     path: PathBuf,
-    // Options so that the file and hasher can move into a blocking task and come back.
-    file: Option<std::fs::File>,
-    hasher: Option<Sha256>,
+    /// The file and hasher while no batch is in flight.
+    idle: Option<(std::fs::File, Sha256)>,
+    in_flight: Option<tokio::task::JoinHandle<Result<WrittenBatch, CacheError>>>,
     batch: BytesMut,
     written: u64,
 }
 
+/// A batch hashed and appended: the file and hasher come back with the batch's length.
+type WrittenBatch = (std::fs::File, Sha256, u64);
+
 impl Sink {
+    fn new(temp: TempBlob) -> Self {
+        Self {
+            path: temp.path,
+            idle: Some((temp.file, Sha256::new())),
+            in_flight: None,
+            batch: BytesMut::with_capacity(WRITE_BATCH),
+            written: 0,
+        }
+    }
+
     async fn push(&mut self, chunk: &[u8], guard: &FillGuard) -> Result<(), CacheError> {
         self.batch.extend_from_slice(chunk);
         if self.batch.len() >= WRITE_BATCH {
@@ -305,49 +308,51 @@ impl Sink {
         Ok(())
     }
 
-    /// Writes the batch and tells the readers how far the file goes.
+    /// Starts writing the batch (after the previous one is done).
     async fn flush(&mut self, guard: &FillGuard) -> Result<(), CacheError> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let data = self.batch.split().freeze();
-        let len = data.len() as u64;
-        let (file, hasher) =
-            write_batch(self.file.take(), self.hasher.take(), data, &self.path).await?;
-        self.file = Some(file);
-        self.hasher = Some(hasher);
-        self.written += len;
-        let written = self.written;
-        guard.sender.send_modify(|p| p.written = written);
-        Ok(())
-    }
-}
-
-/// Hashes and appends one batch on a blocking thread.
-async fn write_batch(
-    file: Option<std::fs::File>,
-    hasher: Option<Sha256>,
-    data: Bytes,
-    path: &std::path::Path,
-) -> Result<(std::fs::File, Sha256), CacheError> {
-    let (Some(mut file), Some(mut hasher)) = (file, hasher) else {
-        return Err(CacheError::FillAborted);
-    };
-    let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        hasher.update(&data);
-        file.write_all(&data)
-            .map(|()| (file, hasher))
-            .map_err(|source| {
+        let (mut file, mut hasher) = self.settle(guard).await?;
+        let path = self.path.clone();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            hasher.update(&data);
+            file.write_all(&data).map_err(|source| {
                 CacheError::Store(Arc::new(crate::store::StoreError::Io {
                     action: "write",
                     path,
                     source,
                 }))
-            })
-    })
-    .await
-    .map_err(|_| CacheError::FillAborted)?
+            })?;
+            Ok((file, hasher, data.len() as u64))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the batch in flight, tells the readers how far the file goes, and hands back
+    /// the file and hasher.
+    async fn settle(&mut self, guard: &FillGuard) -> Result<(std::fs::File, Sha256), CacheError> {
+        let Some(handle) = self.in_flight.take() else {
+            return self.idle.take().ok_or(CacheError::FillAborted);
+        };
+        let (file, hasher, len) = handle.await.map_err(|_| CacheError::FillAborted)??;
+        self.written += len;
+        let written = self.written;
+        guard.sender.send_modify(|p| p.written = written);
+        Ok((file, hasher))
+    }
+
+    /// Writes what is left and returns the file, the digest of everything and the length.
+    async fn finish(mut self, guard: &FillGuard) -> Result<(TempBlob, Digest, u64), CacheError> {
+        self.flush(guard).await?;
+        let (file, hasher) = self.settle(guard).await?;
+        let temp = TempBlob {
+            path: self.path,
+            file,
+        };
+        Ok((temp, Digest::from_hasher(hasher), self.written))
+    }
 }
 
 /// Waits until the fill has started (or ended).

@@ -160,10 +160,12 @@ pub struct ByteRange {
 /// The body of a blob answer.
 #[derive(Debug)]
 pub enum BlobBody {
-    /// A verified file, positioned at the range start, `len` bytes to send.
+    /// `len` bytes of a verified file from `offset`.
     File {
         /// The open file.
-        file: tokio::fs::File,
+        file: std::fs::File,
+        /// Where the bytes to send start.
+        offset: u64,
         /// Bytes to send.
         len: u64,
     },
@@ -509,7 +511,7 @@ impl Cache {
         range: RangeRequest,
         phase: CachePhase,
     ) -> Result<Option<Result<BlobAnswer, RangeNotSatisfiable>>, CacheError> {
-        let Some((mut file, size)) = self.store.open_blob(namespace, digest).await? else {
+        let Some((file, size)) = self.store.open_blob(namespace, digest).await? else {
             return Ok(None);
         };
         self.access_log.touch(namespace, digest, size);
@@ -517,20 +519,15 @@ impl Cache {
             Ok(range) => range,
             Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
         };
-        let len = match range {
-            Some(r) => {
-                use tokio::io::AsyncSeekExt as _;
-                file.seek(std::io::SeekFrom::Start(r.start))
-                    .await
-                    .map_err(|e| StoreError::io("seek", self.store.path(namespace, digest))(e))?;
-                r.end - r.start
-            }
-            None => size,
-        };
+        let (offset, len) = range.map_or((0, size), |r| (r.start, r.end - r.start));
         Ok(Some(Ok(BlobAnswer {
             size: Some(size),
             range,
-            body: BlobBody::File { file, len },
+            body: BlobBody::File {
+                file: file.into_std().await,
+                offset,
+                len,
+            },
             phase,
         })))
     }

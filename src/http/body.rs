@@ -6,7 +6,6 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt as _};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt as _, Empty, Full, StreamBody};
 use hyper::body::Frame;
-use tokio::io::AsyncReadExt as _;
 
 use crate::cache::{BlobBody, READ_CHUNK};
 
@@ -25,6 +24,15 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// Reads `len` bytes at `offset`; a file shorter than that is an error (it was verified at
+/// that size, so it was truncated under us).
+fn read_chunk_at(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buffer = vec![0u8; len];
+    file.read_exact_at(&mut buffer, offset)?;
+    Ok(Bytes::from(buffer))
+}
+
 /// Counts the data bytes of `body` into `counter` as they are sent.
 pub(crate) fn counted(body: Body, counter: prometheus::IntCounter) -> Body {
     body.map_frame(move |frame| {
@@ -39,10 +47,22 @@ pub(crate) fn counted(body: Body, counter: prometheus::IntCounter) -> Body {
 /// A blob body: a file read in large chunks, or an in-flight fill.
 pub(crate) fn blob(body: BlobBody) -> Body {
     match body {
-        BlobBody::File { file, len } => {
-            let reader = file.take(len);
-            let chunks = tokio_util::io::ReaderStream::with_capacity(reader, READ_CHUNK);
-            StreamBody::new(chunks.map(|chunk| chunk.map(Frame::data))).boxed_unsync()
+        BlobBody::File { file, offset, len } => {
+            let file = std::sync::Arc::new(file);
+            let chunks = stream::try_unfold((file, offset, offset + len), |(file, at, end)| async move {
+                if at >= end {
+                    return Ok(None);
+                }
+                let want = usize::try_from(end - at).unwrap_or(READ_CHUNK).min(READ_CHUNK);
+                let reader = std::sync::Arc::clone(&file);
+                // One positioned read per chunk, straight into the buffer that is sent.
+                let chunk = tokio::task::spawn_blocking(move || read_chunk_at(&reader, at, want))
+                    .await
+                    .map_err(std::io::Error::other)??;
+                let next = at + chunk.len() as u64;
+                Ok(Some((Frame::data(chunk), (file, next, end))))
+            });
+            StreamBody::new(chunks).boxed_unsync()
         }
         BlobBody::Filling(stream) => {
             let chunks = stream::unfold(stream, |mut stream| async move {
