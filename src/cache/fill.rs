@@ -28,10 +28,9 @@ use crate::upstream::UpstreamClient;
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
 /// enough that followers see progress often and memory per fill stays small.
 const WRITE_BATCH: usize = 256 * 1024;
-/// Bytes a reader reads per chunk it sends. With hyper's write buffer capped near one chunk
-/// (see `server.rs`), a connection holds about two chunks, so 64 clients stay within tens of
-/// MiB; larger chunks gained no throughput on loopback.
-pub(crate) const READ_CHUNK: usize = 128 * 1024;
+/// Bytes a reader reads per chunk it sends. With hyper's write queue capped near one chunk
+/// (see `server.rs`), a connection holds about two chunks: 64 clients stay within tens of MiB.
+pub(crate) const READ_CHUNK: usize = 256 * 1024;
 
 /// Where a fill stands; published through a `watch` channel.
 #[derive(Debug, Clone)]
@@ -428,7 +427,7 @@ impl FillReader {
                 let len = usize::try_from(limit - self.position)
                     .unwrap_or(READ_CHUNK)
                     .min(READ_CHUNK);
-                return Some(self.read(len, done).await);
+                return Some(self.read(len).await);
             }
             if done {
                 return None;
@@ -443,17 +442,21 @@ impl FillReader {
         }
     }
 
-    async fn read(&mut self, len: usize, done: bool) -> Result<Bytes, std::io::Error> {
+    async fn read(&mut self, len: usize) -> Result<Bytes, std::io::Error> {
         let file = self.file.take();
         let (temp_path, final_path) = (self.fill.temp_path.clone(), self.fill.final_path.clone());
         let position = self.position;
         let (file, bytes) = tokio::task::spawn_blocking(move || {
             let mut file = match file {
                 Some(file) => file,
-                None => open_fill_file(&temp_path, &final_path, done, position)?,
+                None => open_fill_file(&temp_path, &final_path, position)?,
             };
-            let mut buffer = vec![0u8; len];
-            file.read_exact(&mut buffer)?;
+            // Read into spare capacity (no zero-fill); the bytes are known to be written.
+            let mut buffer = Vec::with_capacity(len);
+            (&mut file).take(len as u64).read_to_end(&mut buffer)?;
+            if buffer.len() < len {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "fill file shrank"));
+            }
             Ok::<_, std::io::Error>((file, Bytes::from(buffer)))
         })
         .await
@@ -464,19 +467,16 @@ impl FillReader {
     }
 }
 
-/// Opens the temp file, or the committed file if the fill already renamed it.
+/// Opens the temp file, or the committed file if the fill already renamed it (the rename
+/// happens just before `Done` is published, so the reader may not know yet).
 fn open_fill_file(
     temp_path: &std::path::Path,
     final_path: &std::path::Path,
-    done: bool,
     position: u64,
 ) -> Result<std::fs::File, std::io::Error> {
     let mut file = match std::fs::File::open(temp_path) {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            // Renamed between our progress check and the open; once renamed, the fill is done
-            // (the rename happens before `Done` is published, so `done` may still be false).
-            let _ = done;
             std::fs::File::open(final_path)?
         }
         Err(err) => return Err(err),

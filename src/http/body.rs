@@ -24,13 +24,18 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// Reads `len` bytes at `offset`; a file shorter than that is an error (it was verified at
-/// that size, so it was truncated under us).
-fn read_chunk_at(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    use std::os::unix::fs::FileExt as _;
-    let mut buffer = vec![0u8; len];
-    file.read_exact_at(&mut buffer, offset)?;
-    Ok(Bytes::from(buffer))
+/// Reads `len` bytes at `offset` into a fresh buffer (not zero-filled first:
+/// `read_to_end` fills spare capacity directly). A file shorter than that is an error: it was
+/// verified at that size, so it was truncated under us.
+fn read_chunk(mut file: std::fs::File, offset: u64, len: u64) -> std::io::Result<(std::fs::File, Bytes)> {
+    use std::io::{Read as _, Seek as _};
+    file.seek(std::io::SeekFrom::Start(offset))?;
+    let mut buffer = Vec::with_capacity(usize::try_from(len).unwrap_or(READ_CHUNK));
+    (&mut file).take(len).read_to_end(&mut buffer)?;
+    if (buffer.len() as u64) < len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shrank"));
+    }
+    Ok((file, Bytes::from(buffer)))
 }
 
 /// Counts the data bytes of `body` into `counter` as they are sent.
@@ -48,19 +53,18 @@ pub(crate) fn counted(body: Body, counter: prometheus::IntCounter) -> Body {
 pub(crate) fn blob(body: BlobBody) -> Body {
     match body {
         BlobBody::File { file, offset, len } => {
-            let file = std::sync::Arc::new(file);
-            let chunks = stream::try_unfold((file, offset, offset + len), |(file, at, end)| async move {
-                if at >= end {
+            let chunks = stream::try_unfold((Some(file), offset, len), |(file, offset, left)| async move {
+                let Some(file) = file.filter(|_| left > 0) else {
                     return Ok(None);
-                }
-                let want = usize::try_from(end - at).unwrap_or(READ_CHUNK).min(READ_CHUNK);
-                let reader = std::sync::Arc::clone(&file);
-                // One positioned read per chunk, straight into the buffer that is sent.
-                let chunk = tokio::task::spawn_blocking(move || read_chunk_at(&reader, at, want))
+                };
+                let want = left.min(READ_CHUNK as u64);
+                // The file moves into the blocking read and comes back with the chunk, read
+                // straight into the buffer that is sent.
+                let (file, chunk) = tokio::task::spawn_blocking(move || read_chunk(file, offset, want))
                     .await
                     .map_err(std::io::Error::other)??;
-                let next = at + chunk.len() as u64;
-                Ok(Some((Frame::data(chunk), (file, next, end))))
+                let read = chunk.len() as u64;
+                Ok(Some((Frame::data(chunk), (Some(file), offset + read, left - read))))
             });
             StreamBody::new(chunks).boxed_unsync()
         }
