@@ -1,0 +1,626 @@
+#!/usr/bin/env bash
+# compare.sh - measure regcache side by side with nginx, CNCF Distribution's proxy mode and
+# the upstream registry itself, in one run on loopback, and print the targets of the
+# performance issue with the measured ratio and PASS/FAIL.
+#
+# Usage (from the repository root, after `cargo build --release`):
+#   loadtest/compare.sh
+#
+# What it starts, all on 127.0.0.1 (free ports from $BASE_PORT on), all stopped on exit:
+#   upstream      Debian's docker-registry (CNCF Distribution 2.8), holding the test images
+#   regcache      target/release/regcache serve --config <generated>, upstream = the above
+#   distribution  docker-registry in proxy mode (proxy.remoteurl = the upstream): the peer
+#   nginx         serving the same 256 MiB layer file with sendfile: the serving ceiling
+#
+# Settings (environment):
+#   LAYER_MIB=256        size of the large layer
+#   WARM_SECS=5          duration of each warm-blob run; WARM_ROUNDS=4 rounds per target,
+#                        interleaved (nginx, distribution, regcache, nginx, ...); best round
+#                        of each target compared
+#   WARM_CONN=8          connections of the warm-blob runs
+#   WRK_SECS=5           wrk cross-check of the warm numbers (0 skips)
+#   NGINX_LISTEN_OPTS=   extra options of nginx's listen directive (e.g. "reuseport")
+#   COLD_RUNS=2          cold pulls through regcache and straight from the upstream
+#   CONC_LIST="8 16 64"  concurrent cold clients of a fresh blob (coalescing)
+#   STORM_SECS=10        manifest storm duration per target; STORM_CONN=16 connections
+#   STARTUP_BLOBS=100000 blobs seeded into the store for the start-up time (0 skips)
+#   BASE_PORT=15500      first port tried
+#   WORK=DIR             work directory (default: a new one under $TMPDIR or /tmp)
+#   KEEP_WORK=1          keep storage and blob files (default: only logs and results are kept)
+#   REGCACHE_BIN=PATH    default: <repo>/target/release/regcache
+#   NO_INSTALL=1         never run apt-get (fail if a tool is missing)
+#
+# Output: the detailed tables of every run on stderr as they happen; the final targets table
+# on stdout; every run's JSON in $WORK/results/*.json and the targets in
+# $WORK/results/targets.tsv. Exit status 0 when the run completed (whatever PASS/FAIL says),
+# 1 when a measurement itself failed (a client saw wrong bytes, a server did not start, ...).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+
+LAYER_MIB="${LAYER_MIB:-256}"
+WARM_SECS="${WARM_SECS:-5}"
+WARM_ROUNDS="${WARM_ROUNDS:-4}"
+NGINX_LISTEN_OPTS="${NGINX_LISTEN_OPTS:-}"
+WARM_CONN="${WARM_CONN:-8}"
+WRK_SECS="${WRK_SECS:-5}"
+COLD_RUNS="${COLD_RUNS:-2}"
+CONC_LIST="${CONC_LIST:-8 16 64}"
+STORM_SECS="${STORM_SECS:-10}"
+STORM_CONN="${STORM_CONN:-16}"
+STARTUP_BLOBS="${STARTUP_BLOBS:-100000}"
+BASE_PORT="${BASE_PORT:-15500}"
+KEEP_WORK="${KEEP_WORK:-0}"
+REGCACHE_BIN="${REGCACHE_BIN:-$ROOT/target/release/regcache}"
+LOADTEST_BIN="$HERE/target/release/loadtest"
+UPSTREAM_NAME="upstream.local"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'compare.sh: error: %s\n' "$*" >&2; exit 1; }
+
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  "") ;;
+  *) die "unknown argument $1 (see --help)" ;;
+esac
+
+int_in() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -ge "$2" ] && [ "$1" -le "$3" ]; }
+int_in "$LAYER_MIB" 1 4096 || die "LAYER_MIB must be 1..4096"
+int_in "$WARM_SECS" 1 120 || die "WARM_SECS must be 1..120"
+int_in "$WARM_ROUNDS" 1 10 || die "WARM_ROUNDS must be 1..10"
+[[ "$NGINX_LISTEN_OPTS" =~ ^[a-z_=0-9\ ]*$ ]] || die "NGINX_LISTEN_OPTS: letters, digits, '_', '=' and spaces only"
+int_in "$WARM_CONN" 1 256 || die "WARM_CONN must be 1..256"
+int_in "$WRK_SECS" 0 60 || die "WRK_SECS must be 0..60"
+int_in "$COLD_RUNS" 1 5 || die "COLD_RUNS must be 1..5"
+int_in "$STORM_SECS" 1 120 || die "STORM_SECS must be 1..120"
+int_in "$STORM_CONN" 1 256 || die "STORM_CONN must be 1..256"
+int_in "$STARTUP_BLOBS" 0 1000000 || die "STARTUP_BLOBS must be 0..1000000"
+for n in $CONC_LIST; do int_in "$n" 1 256 || die "CONC_LIST entries must be 1..256"; done
+
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+# CPU seconds of the whole machine (all cores; user, nice, system, irq and softirq time) from
+# /proc/stat. Softirq time is included: the loopback traffic of the run is processed there, and
+# the kernel also charges it to the task that was running, so it shows up in "ours" as well.
+machine_busy_s() { awk -v hz="$(getconf CLK_TCK)" '/^cpu / { print ($2 + $3 + $4 + $7 + $8) / hz; exit }' /proc/stat; }
+pid_cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); split($0, f, " "); print (f[12] + f[13]) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# ours_cpu: sets OURS_CPU to the CPU seconds of everything this script ran: its finished
+# children (bash's `times`, which must run in this shell, not in a $(...) subshell) plus the
+# daemons still running (nginx's workers are not its children: they are added one by one).
+OURS_CPU=0
+ours_cpu() {
+  local entry pid p total
+  times >"$TIMES_FILE"
+  total="$(awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } print s + 0 }' "$TIMES_FILE")"
+  for entry in "${PIDS[@]}"; do
+    pid="${entry#*:}"
+    if alive "$pid"; then total="$(awk -v a="$total" -v b="$(pid_cpu_s "$pid")" 'BEGIN { print a + b }')"; fi
+  done
+  for p in ${NGINX_WORKERS:-}; do
+    total="$(awk -v a="$total" -v b="$(pid_cpu_s "$p")" 'BEGIN { print a + b }')"
+  done
+  OURS_CPU="$total"
+}
+
+# --- tools ------------------------------------------------------------------------------
+install_tools() {
+  local missing=() c pkg
+  for c in docker-registry:docker-registry nginx:nginx curl:curl jq:jq wrk:wrk skopeo:skopeo; do
+    command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  if [ "${NO_INSTALL:-0}" = 1 ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    # wrk and skopeo are optional (cross-checks); the others are not.
+    for pkg in "${missing[@]}"; do
+      case "$pkg" in wrk|skopeo) log "optional tool $pkg missing: its cross-check is skipped" ;;
+        *) die "missing $pkg (apt-get install -y docker-registry nginx wrk skopeo jq curl)" ;; esac
+    done
+    return 0
+  fi
+  log "installing ${missing[*]} with apt-get"
+  # Debian starts a package's system service on install (nginx on :80, docker-registry on
+  # :5000); a temporary policy-rc.d forbids that, so that nothing listens beyond loopback.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
+  fi
+  local rc=0
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } >&2 || rc=$?
+  [ "$made_policy" = 1 ] && rm -f "$policy"
+  [ "$rc" = 0 ] || die "apt-get install ${missing[*]} failed"
+}
+install_tools
+command -v wrk >/dev/null 2>&1 || WRK_SECS=0
+HAVE_SKOPEO=0
+command -v skopeo >/dev/null 2>&1 && HAVE_SKOPEO=1
+
+if [ ! -x "$REGCACHE_BIN" ]; then
+  log "building regcache (cargo build --release in $ROOT)"
+  (cd "$ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
+fi
+log "building the load generator (cargo build --release in $HERE)"
+(cd "$HERE" && cargo build --release --quiet) >&2 || die "building loadtest failed"
+
+# --- work directory and daemons ------------------------------------------------------------
+if [ -n "${WORK:-}" ]; then
+  mkdir -p "$WORK"
+  W="$(cd "$WORK" && pwd)"
+else
+  W="$(mktemp -d "${TMPDIR:-/tmp}/regcache-compare.XXXXXX")"
+fi
+R="$W/results"
+mkdir -p "$R" "$W/up" "$W/regcache" "$W/dist" "$W/nginx/tmp" "$W/www"
+PIDS=() # "name:pid" of every daemon started here
+TIMES_FILE="$R/.times"
+ours_cpu
+OURS_START="$OURS_CPU"
+BUSY_START="$(machine_busy_s)"
+T_START="$(date +%s%N)"
+
+alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+
+stop_pid() { # NAME PID: TERM, up to 10 s, then KILL; by PID only
+  local name="$1" pid="$2" i=0
+  alive "$pid" || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  while [ "$i" -lt 100 ] && alive "$pid"; do sleep 0.1; i=$((i + 1)); done
+  if alive "$pid"; then
+    log "$name (PID $pid) ignored TERM for 10 s: KILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$? entry
+  trap - EXIT INT TERM
+  local i
+  # newest first: clients of the upstream (nginx, the proxies) stop before it
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    entry="${PIDS[$i]}"
+    stop_pid "${entry%%:*}" "${entry#*:}"
+  done
+  if [ "$KEEP_WORK" != 1 ]; then
+    rm -rf "$W/up/storage" "$W/regcache/data" "$W/dist/storage" "$W/www" "$W/nginx/tmp"
+    # the manifest storm leaves ~10^5 log lines per server: keep them compressed
+    find "$W" -name '*.log' -size +10M -exec gzip -1 {} + 2>/dev/null || true
+  fi
+  log "work directory (logs, results): $W"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+trap 'log "stopped: line $LINENO: $BASH_COMMAND failed"' ERR
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+NEXT_PORT="$BASE_PORT"
+free_port() { # VAR: sets VAR to a free port >= NEXT_PORT (at most 500 tries)
+  local i=0 p
+  while [ "$i" -lt 500 ]; do
+    p=$((NEXT_PORT + i))
+    if port_free "$p"; then
+      NEXT_PORT=$((p + 1))
+      printf -v "$1" '%s' "$p"
+      return 0
+    fi
+    i=$((i + 1))
+  done
+  die "no free port in $NEXT_PORT..$((NEXT_PORT + 499))"
+}
+
+wait_http() { # URL [TRIES of 0.1 s, default 150]: until it answers any HTTP status
+  local url="$1" tries="${2:-150}" i=0 code
+  while [ "$i" -lt "$tries" ]; do
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)"
+    [ -n "$code" ] && [ "$code" != 000 ] && return 0
+    sleep 0.1
+    i=$((i + 1))
+  done
+  return 1
+}
+
+start_daemon() { # NAME LOGFILE CMD...: sets DAEMON_PID
+  local name="$1" logfile="$2"
+  shift 2
+  "$@" >>"$logfile" 2>&1 </dev/null &
+  DAEMON_PID=$!
+  PIDS+=("$name:$DAEMON_PID")
+}
+
+# wait_ready NAME PID URL LOG: the daemon answers URL and is still alive (a daemon that lost
+# a port race exits, while another process may answer on that port)
+wait_ready() {
+  if ! wait_http "$3" || ! alive "$2"; then
+    tail -20 "$4" >&2 || true
+    die "$1 did not start (see $4)"
+  fi
+}
+
+free_port UP_PORT
+free_port RC_PORT
+free_port DIST_PORT
+free_port NGINX_PORT
+UP="http://127.0.0.1:$UP_PORT"
+RC="http://127.0.0.1:$RC_PORT"
+DIST="http://127.0.0.1:$DIST_PORT"
+NGINX="http://127.0.0.1:$NGINX_PORT"
+UPLOG="$W/up/registry.log"
+
+cat >"$W/up/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: $W/up/storage
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$UP_PORT
+  secret: regcache-loadtest-upstream
+EOF
+start_daemon upstream "$UPLOG" docker-registry serve "$W/up/config.yml"
+UP_PID=$DAEMON_PID
+wait_ready upstream "$UP_PID" "$UP/v2/" "$UPLOG"
+log "upstream (docker-registry $(docker-registry --version 2>/dev/null | awk '{print $3}')) on $UP, PID $UP_PID"
+
+cat >"$W/regcache/regcache.toml" <<EOF
+[server]
+listen = "127.0.0.1:$RC_PORT"
+
+[storage]
+path = "$W/regcache/data"
+
+[cache]
+tag_ttl = "60s"
+
+[log]
+level = "info"
+
+[[upstream]]
+name = "$UPSTREAM_NAME"
+url = "$UP"
+default = true
+EOF
+start_regcache() {
+  start_daemon regcache "$W/regcache/regcache.log" "$REGCACHE_BIN" serve --config "$W/regcache/regcache.toml"
+  RC_PID=$DAEMON_PID
+}
+start_regcache
+wait_ready regcache "$RC_PID" "$RC/readyz" "$W/regcache/regcache.log"
+log "regcache on $RC, PID $RC_PID"
+
+cat >"$W/dist/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+storage:
+  filesystem:
+    rootdirectory: $W/dist/storage
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: 127.0.0.1:$DIST_PORT
+  secret: regcache-loadtest-peer
+proxy:
+  remoteurl: $UP
+EOF
+start_daemon distribution "$W/dist/registry.log" docker-registry serve "$W/dist/config.yml"
+DIST_PID=$DAEMON_PID
+wait_ready distribution "$DIST_PID" "$DIST/v2/" "$W/dist/registry.log"
+log "distribution proxy on $DIST, PID $DIST_PID"
+
+LT() { # loadtest with a hard time bound
+  timeout 900 "$LOADTEST_BIN" "$@"
+}
+# run_json NAME ARGS...: runs loadtest --json, keeps its JSON in results/NAME.json (and its
+# stderr in results/NAME.err); a failed run (error, wrong bytes) stops the comparison.
+run_json() {
+  local name="$1" b0 o0 t0
+  shift
+  b0="$(machine_busy_s)"
+  ours_cpu
+  o0="$OURS_CPU"
+  t0="$(date +%s%N)"
+  if ! LT --json --label "$name" "$@" >"$R/$name.json" 2>"$R/$name.err"; then
+    cat "$R/$name.err" "$R/$name.json" >&2 || true
+    die "loadtest run '$name' failed"
+  fi
+  [ -s "$R/$name.err" ] || rm -f "$R/$name.err"
+  # how busy the machine was during this run, and how much of it was not this run
+  ours_cpu
+  jq --argjson b "$(awk -v a="$b0" -v b="$(machine_busy_s)" 'BEGIN { printf "%.2f", b - a }')" \
+    --argjson o "$(awk -v a="$o0" -v b="$OURS_CPU" 'BEGIN { printf "%.2f", b - a }')" \
+    --argjson w "$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')" \
+    '. + {machine: {wall_s: $w, busy_cpu_s: $b, ours_cpu_s: $o, foreign_cpu_s: (([$b - $o, 0] | max) * 100 | round / 100)}}' \
+    "$R/$name.json" >"$R/$name.tmp" && mv "$R/$name.tmp" "$R/$name.json"
+}
+j() { jq -r "$2" "$R/$1.json"; }
+f3() { awk -v v="$1" 'BEGIN { printf "%.3f", v }'; }
+
+# --- images -----------------------------------------------------------------------------
+STAMP="$(date +%s)-$$"
+push() { # NAME REPO TAG SEED [extra push args]
+  local name="$1" repo="$2" tag="$3" seed="$4"
+  shift 4
+  run_json "$name" push --registry "$UP" --repo "$repo" --tag "$tag" --seed "$seed" \
+    --layer-mib "$LAYER_MIB" "$@"
+}
+log "pushing test images (${LAYER_MIB} MiB pseudo-random layer each) to the upstream"
+push push-warm bench/warm v1 "warm-$STAMP" --layer-out "$W/www/blob"
+WARM_LAYER="$(j push-warm .large_layer.digest)"
+WARM_SIZE="$(j push-warm .large_layer.size)"
+WARM_MANIFEST="$(j push-warm .manifest_digest)"
+for r in $(seq 1 "$COLD_RUNS"); do
+  push "push-coldpull-$r" bench/coldpull "r$r" "coldpull-$r-$STAMP"
+done
+push push-coalesce-1 bench/coalesce n1 "coalesce-1-$STAMP" --small-layers 0
+for n in $CONC_LIST; do
+  push "push-coalesce-$n" bench/coalesce "n$n" "coalesce-$n-$STAMP" --small-layers 0
+done
+push push-dist-coalesce bench/distcoalesce n8 "distcoalesce-$STAMP" --small-layers 0
+[ "$(sha256sum "$W/www/blob" | awk '{print "sha256:" $1}')" = "$WARM_LAYER" ] || die "layer file does not match its digest"
+
+# --- nginx ---------------------------------------------------------------------------------
+cat >"$W/nginx/nginx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $W/nginx/nginx.pid;
+error_log $W/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  default_type application/octet-stream;
+  client_body_temp_path $W/nginx/tmp/client;
+  proxy_temp_path $W/nginx/tmp/proxy;
+  fastcgi_temp_path $W/nginx/tmp/fastcgi;
+  uwsgi_temp_path $W/nginx/tmp/uwsgi;
+  scgi_temp_path $W/nginx/tmp/scgi;
+  server {
+    listen 127.0.0.1:$NGINX_PORT${NGINX_LISTEN_OPTS:+ $NGINX_LISTEN_OPTS};
+    root $W/www;
+  }
+}
+EOF
+start_daemon nginx "$W/nginx/nginx.out" nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" -e "$W/nginx/error.log"
+NGINX_PID=$DAEMON_PID
+wait_ready nginx "$NGINX_PID" "$NGINX/blob" "$W/nginx/error.log"
+# CPU and memory of nginx are those of its workers (and the idle master).
+NGINX_PIDS="$(pgrep -P "$NGINX_PID" | paste -sd, - || true)"
+NGINX_WORKERS="${NGINX_PIDS//,/ }"
+NGINX_PIDS="$NGINX_PID${NGINX_PIDS:+,$NGINX_PIDS}"
+log "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') on $NGINX, PIDs $NGINX_PIDS (sendfile on)"
+
+# --- upstream access-log accounting --------------------------------------------------------
+log_mark() { wc -l <"$UPLOG"; }
+upstream_serves() { # MARK DIGEST -> "GETS BYTES" of GET .../blobs/DIGEST answered 200/206
+  tail -n "+$(($1 + 1))" "$UPLOG" | grep -F "/blobs/$2 " |
+    awk '/"GET [^"]*" (200|206) / { n++; for (i = 1; i < NF; i++) if ($i ~ /^(200|206)$/ && $(i-1) ~ /HTTP\/[0-9.]+"$/) b += $(i+1) }
+         END { printf "%d %.0f\n", n, b }'
+}
+
+# --- 1. warm blob --------------------------------------------------------------------------
+log "priming: one cold pull of bench/warm:v1 through regcache and through distribution"
+run_json prime-regcache pull --registry "$RC" --repo bench/warm --reference v1
+run_json prime-dist pull --registry "$DIST" --repo bench/warm --reference v1
+sleep 2 # Distribution may still be writing the blob it just streamed
+run_json prime-dist-2 pull --registry "$DIST" --repo bench/warm --reference v1
+if [ "$HAVE_SKOPEO" = 1 ]; then
+  got="$(timeout 60 skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$RC_PORT/bench/warm:v1" | sha256sum | awk '{print "sha256:" $1}')"
+  [ "$got" = "$WARM_MANIFEST" ] || die "skopeo through regcache got manifest $got, expected $WARM_MANIFEST"
+  log "skopeo inspect through regcache: manifest digest matches the upstream's"
+fi
+
+for round in $(seq 1 "$WARM_ROUNDS"); do
+  log "warm blob round $round/$WARM_ROUNDS: ${LAYER_MIB} MiB blob, $WARM_CONN connections, ${WARM_SECS}s per target"
+  run_json "warm-nginx-$round" warm-blob --url "$NGINX/blob" -c "$WARM_CONN" -d "$WARM_SECS" \
+    --digest "$WARM_LAYER" --pid "$NGINX_PIDS"
+  run_json "warm-dist-$round" warm-blob --url "$DIST/v2/bench/warm/blobs/$WARM_LAYER" -c "$WARM_CONN" \
+    -d "$WARM_SECS" --digest "$WARM_LAYER" --pid "$DIST_PID"
+  run_json "warm-regcache-$round" warm-blob --url "$RC/v2/bench/warm/blobs/$WARM_LAYER" -c "$WARM_CONN" \
+    -d "$WARM_SECS" --digest "$WARM_LAYER" --pid "$RC_PID" --reset-hwm
+done
+best_warm() { # TARGET -> name of the round with the highest MB/s
+  local t="$1" best="" bv=-1 r v
+  for r in $(seq 1 "$WARM_ROUNDS"); do
+    v="$(j "warm-$t-$r" .mb_per_s)"
+    if awk -v a="$v" -v b="$bv" 'BEGIN { exit !(a > b) }'; then bv="$v"; best="warm-$t-$r"; fi
+  done
+  echo "$best"
+}
+W_NGINX="$(best_warm nginx)"
+W_DIST="$(best_warm dist)"
+W_RC="$(best_warm regcache)"
+for t in nginx dist regcache; do
+  for r in $(seq 1 "$WARM_ROUNDS"); do
+    log "  warm $t round $r: $(j "warm-$t-$r" '"\(.mb_per_s|floor) MB/s, \(.requests_completed) responses, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, target CPU \(.target_cpu_s_per_gb*1000|floor/1000) s/GB, errors \(.errors); other work on the machine \(.machine.foreign_cpu_s) CPU s"')"
+  done
+done
+
+WRK_NGINX="-"; WRK_RC="-"; WRK_DIST="-"
+wrk_mbps() { # URL -> MB/s (1e6) from wrk's "N requests in Xs, Y read" line (Y 1024-based)
+  local out
+  out="$(timeout $((WRK_SECS + 120)) wrk -t 2 -c "$WARM_CONN" -d "${WRK_SECS}s" --timeout 120s "$1" 2>&1)" || true
+  printf '%s\n' "$out" >>"$R/wrk.txt"
+  printf '%s\n' "$out" | awk '/requests in/ {
+      s = $4; sub(/s,$/, "", s); v = $5; n = v; u = v; gsub(/[A-Za-z]/, "", n); gsub(/[0-9.]/, "", u);
+      m = (u == "TB") ? 1099511627776 : (u == "GB") ? 1073741824 : (u == "MB") ? 1048576 : (u == "KB") ? 1024 : 1;
+      if (s > 0) printf "%.1f\n", n * m / s / 1e6 }'
+}
+if [ "$WRK_SECS" != 0 ]; then
+  log "wrk cross-check (wrk -t2 -c$WARM_CONN -d${WRK_SECS}s)"
+  WRK_NGINX="$(wrk_mbps "$NGINX/blob")"
+  WRK_DIST="$(wrk_mbps "$DIST/v2/bench/warm/blobs/$WARM_LAYER")"
+  WRK_RC="$(wrk_mbps "$RC/v2/bench/warm/blobs/$WARM_LAYER")"
+  log "  wrk MB/s: nginx ${WRK_NGINX:--}, distribution ${WRK_DIST:--}, regcache ${WRK_RC:--}"
+fi
+
+# --- 2. cold pull through regcache vs straight from the upstream ---------------------------
+for r in $(seq 1 "$COLD_RUNS"); do
+  log "cold pull $r/$COLD_RUNS of bench/coldpull:r$r: straight from the upstream, then through regcache"
+  run_json "pull-upstream-$r" pull --registry "$UP" --repo bench/coldpull --reference "r$r"
+  mark="$(log_mark)"
+  run_json "pull-regcache-$r" pull --registry "$RC" --repo bench/coldpull --reference "r$r"
+  layer="$(j "push-coldpull-$r" .large_layer.digest)"
+  read -r gets bytes <<<"$(upstream_serves "$mark" "$layer")"
+  log "  upstream $(f3 "$(j "pull-upstream-$r" .wall_s)") s, regcache $(f3 "$(j "pull-regcache-$r" .wall_s)") s; upstream served the layer $gets time(s); other work $(j "pull-upstream-$r" .machine.foreign_cpu_s) / $(j "pull-regcache-$r" .machine.foreign_cpu_s) CPU s"
+done
+min_of() { # PREFIX FIELD -> minimum over the cold runs
+  local p="$1" f="$2" r
+  for r in $(seq 1 "$COLD_RUNS"); do j "$p-$r" "$f"; done | sort -g | head -1
+}
+COLD_UP="$(f3 "$(min_of pull-upstream .wall_s)")"
+COLD_RC="$(f3 "$(min_of pull-regcache .wall_s)")"
+
+# --- 3. coalescing --------------------------------------------------------------------------
+coalesce() { # NAME REGISTRY PUSHNAME N [pid args]
+  local name="$1" reg="$2" pushname="$3" n="$4" digest mark gets bytes
+  shift 4
+  digest="$(j "$pushname" .large_layer.digest)"
+  mark="$(log_mark)"
+  run_json "$name" cold-blob --url "$reg/v2/$(j "$pushname" .repo)/blobs/$digest" -n "$n" "$@"
+  sleep 0.5 # let the upstream flush its access log line
+  read -r gets bytes <<<"$(upstream_serves "$mark" "$digest")"
+  jq --argjson g "$gets" --argjson b "$bytes" '. + {upstream_gets: $g, upstream_bytes: $b}' \
+    "$R/$name.json" >"$R/$name.tmp" && mv "$R/$name.tmp" "$R/$name.json"
+  log "  $name: $n clients, wall $(f3 "$(j "$name" .wall_s)") s, per-client $(f3 "$(j "$name" .client_s.min)")-$(f3 "$(j "$name" .client_s.max)") s, wait for the last chunk $(f3 "$(j "$name" .tail_s.median)") s, upstream served it $gets time(s) ($bytes bytes), $(j "$name" '"\(.clients - .failed)/\(.clients)"') verified; other work $(j "$name" .machine.foreign_cpu_s) CPU s"
+}
+log "coalescing: one cold client (reference), then ${CONC_LIST// /, } cold clients of fresh blobs"
+coalesce cold-1 "$RC" push-coalesce-1 1 --pid "$RC_PID" --reset-hwm
+for n in $CONC_LIST; do
+  coalesce "cold-$n" "$RC" "push-coalesce-$n" "$n" --pid "$RC_PID" --reset-hwm
+  # the same blob again, now cached: the serving floor for n clients (and warm peak RSS)
+  coalesce "warm-$n" "$RC" "push-coalesce-$n" "$n" --pid "$RC_PID" --reset-hwm
+done
+log "context: 8 cold clients of a fresh blob through the distribution proxy"
+coalesce dist-cold-8 "$DIST" push-dist-coalesce 8 --pid "$DIST_PID"
+
+# --- 4. manifest storm ------------------------------------------------------------------------
+log "manifest storm: GET/HEAD by digest and by tag, $STORM_CONN connections, ${STORM_SECS}s per target"
+mark="$(log_mark)"
+run_json storm-regcache manifest-storm --registry "$RC" --repo bench/warm --tag v1 --digest "$WARM_MANIFEST" \
+  -c "$STORM_CONN" -d "$STORM_SECS" --pid "$RC_PID" --reset-hwm
+UP_REQ_RC="$(tail -n "+$((mark + 1))" "$UPLOG" | grep -c -F '/v2/bench/warm/manifests/' || true)"
+mark="$(log_mark)"
+run_json storm-dist manifest-storm --registry "$DIST" --repo bench/warm --tag v1 --digest "$WARM_MANIFEST" \
+  -c "$STORM_CONN" -d "$STORM_SECS" --pid "$DIST_PID"
+UP_REQ_DIST="$(tail -n "+$((mark + 1))" "$UPLOG" | grep -c -F '/v2/bench/warm/manifests/' || true)"
+log "  regcache $(j storm-regcache '"\(.req_per_s|floor) req/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, errors \(.errors), other work \(.machine.foreign_cpu_s) CPU s"'); upstream manifest requests during it: $UP_REQ_RC"
+log "  distribution $(j storm-dist '"\(.req_per_s|floor) req/s, p50 \(.latency.p50_ms) ms, p99 \(.latency.p99_ms) ms, errors \(.errors), other work \(.machine.foreign_cpu_s) CPU s"'); upstream manifest requests during it: $UP_REQ_DIST"
+
+# --- 7. start-up with many cached blobs --------------------------------------------------------
+STARTUP_S="-"
+if [ "$STARTUP_BLOBS" != 0 ]; then
+  log "start-up: stopping regcache, seeding $STARTUP_BLOBS blobs into its store, starting it again"
+  stop_pid regcache "$RC_PID"
+  run_json seed-store seed-store --dir "$W/regcache/data/blobs/$UPSTREAM_NAME" --count "$STARTUP_BLOBS" --seed "$STAMP"
+  sync
+  t0="$(date +%s%N)"
+  start_regcache
+  ready=0
+  for _ in $(seq 1 3000); do # at most ~30 s
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$RC/readyz" || true)" = 200 ]; then ready=1; break; fi
+    sleep 0.01
+  done
+  t1="$(date +%s%N)"
+  [ "$ready" = 1 ] || die "regcache not ready 30 s after start with $STARTUP_BLOBS blobs"
+  STARTUP_S="$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')"
+  seeded="$(j seed-store .first_digest)"
+  code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$RC/v2/bench/any/blobs/$seeded")"
+  [ "$code" = 200 ] || die "a seeded blob was not served after the restart (HTTP $code)"
+  log "  ready after $STARTUP_S s (from exec to the first 200 of /readyz); a seeded blob is served"
+fi
+
+# --- the targets table --------------------------------------------------------------------------
+TSV="$R/targets.tsv"
+printf 'target\tmeasure\tregcache\treference\tratio\tgoal\tresult\n' >"$TSV"
+row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TSV"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "-"; else printf "%.2f", a / b }'; }
+pass_ge() { awk -v r="$1" -v g="$2" 'BEGIN { print (r != "-" && r + 0 >= g) ? "PASS" : "FAIL" }'; }
+pass_le() { awk -v r="$1" -v g="$2" 'BEGIN { print (r != "-" && r + 0 <= g) ? "PASS" : "FAIL" }'; }
+mbs() { printf '%.0f MB/s' "$1"; }
+mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+peak_kib() { # RESULT -> the run's peak RSS of its (one) watched process in KiB: VmHWM when it
+  # was reset before the run (exact), else the maximum of the samples
+  j "$1" "[.processes[] | if .hwm_reset then ([.vm_hwm_kib, .peak_rss_sampled_kib] | max) else .peak_rss_sampled_kib end] | max"
+}
+
+rc_w="$(j "$W_RC" .mb_per_s)"; ng_w="$(j "$W_NGINX" .mb_per_s)"; di_w="$(j "$W_DIST" .mb_per_s)"
+r="$(ratio "$rc_w" "$ng_w")"
+row "1 warm blob vs nginx" "${LAYER_MIB} MiB, $WARM_CONN conns, best of $WARM_ROUNDS" "$(mbs "$rc_w")" "$(mbs "$ng_w")" "$r" ">= 0.95" "$(pass_ge "$r" 0.95)"
+r="$(ratio "$rc_w" "$di_w")"
+row "1 warm blob vs distribution" "${LAYER_MIB} MiB, $WARM_CONN conns, best of $WARM_ROUNDS" "$(mbs "$rc_w")" "$(mbs "$di_w")" "$r" ">= 1.30" "$(pass_ge "$r" 1.30)"
+if [ "$WRK_SECS" != 0 ] && [ -n "$WRK_RC" ] && [ -n "$WRK_NGINX" ]; then
+  r="$(ratio "$WRK_RC" "$WRK_NGINX")"
+  row "1 (wrk cross-check) vs nginx" "wrk -t2 -c$WARM_CONN ${WRK_SECS}s" "$(mbs "$WRK_RC")" "$(mbs "$WRK_NGINX")" "$r" ">= 0.95" "$(pass_ge "$r" 0.95)"
+  if [ -n "$WRK_DIST" ]; then
+    r="$(ratio "$WRK_RC" "$WRK_DIST")"
+    row "1 (wrk cross-check) vs distribution" "wrk -t2 -c$WARM_CONN ${WRK_SECS}s" "$(mbs "$WRK_RC")" "$(mbs "$WRK_DIST")" "$r" ">= 1.30" "$(pass_ge "$r" 1.30)"
+  fi
+fi
+r="$(ratio "$COLD_RC" "$COLD_UP")"
+row "2 cold pull vs upstream direct" "1 client, min of $COLD_RUNS" "${COLD_RC} s" "${COLD_UP} s" "$r" "<= 1.05" "$(pass_le "$r" 1.05)"
+T1="$(j cold-1 .wall_s)"
+row "3 one cold client (reference)" "1 client; its last chunk waited $(f3 "$(j cold-1 .tail_s.median)") s (verify+commit)" "$(f3 "$T1") s" "-" "-" "-" "INFO"
+for n in $CONC_LIST; do
+  gets="$(j "cold-$n" .upstream_gets)"
+  ok="$(j "cold-$n" .all_ok)"
+  res=FAIL; { [ "$gets" = 1 ] && [ "$ok" = true ]; } && res=PASS
+  row "3 coalescing: upstream serves, $n cold" "GETs of the blob upstream (all clients verified: $ok)" "$gets" "-" "$gets" "== 1" "$res"
+done
+for n in $CONC_LIST; do
+  wall="$(j "cold-$n" .wall_s)"
+  r="$(ratio "$wall" "$T1")"
+  row "3 coalescing: $n cold clients' wall time" "vs 1 cold client; warm $n: $(printf '%.3f' "$(j "warm-$n" .wall_s)") s" "$(printf '%.3f s' "$wall")" "$(printf '%.3f s' "$T1")" "$r" "<= 1.20" "$(pass_le "$r" 1.20)"
+done
+rc_rps="$(j storm-regcache .req_per_s)"; di_rps="$(j storm-dist .req_per_s)"
+r="$(ratio "$rc_rps" "$di_rps")"
+row "4 manifests req/s vs distribution" "$STORM_CONN conns; p99 $(j storm-regcache .latency.p99_ms) vs $(j storm-dist .latency.p99_ms) ms; errors $(j storm-regcache .errors)/$(j storm-dist .errors)" "$(printf '%.0f req/s' "$rc_rps")" "$(printf '%.0f req/s' "$di_rps")" "$r" ">= 3.00" "$(pass_ge "$r" 3)"
+last_n="${CONC_LIST##* }"
+for what in "cold-$last_n:$last_n clients cold" "warm-$last_n:$last_n clients warm" "$W_RC:$WARM_CONN conns warm-blob"; do
+  name="${what%%:*}"
+  k="$(peak_kib "$name")"
+  m="$(mib "$k")"
+  row "5 peak RSS, $name" "${what#*:}, ${LAYER_MIB} MiB blob" "$m MiB" "64 MiB" "$m" "<= 64" "$(pass_le "$m" 64)"
+done
+rss_list=""
+for n in $CONC_LIST; do rss_list="$rss_list $n:$(mib "$(peak_kib "cold-$n")")"; done
+row "5 peak RSS by cold client count" "MiB by N clients (must not grow with N)" "${rss_list# }" "-" "-" "report" "INFO"
+rc_cpu="$(j "$W_RC" .target_cpu_s_per_gb)"; ng_cpu="$(j "$W_NGINX" .target_cpu_s_per_gb)"; di_cpu="$(j "$W_DIST" .target_cpu_s_per_gb)"
+r="$(ratio "$rc_cpu" "$ng_cpu")"
+row "6 CPU s per GB served warm" "regcache vs nginx (distribution $(printf '%.3f' "$di_cpu"))" "$(printf '%.3f s/GB' "$rc_cpu")" "$(printf '%.3f s/GB' "$ng_cpu")" "$r" "report" "INFO"
+if [ "$STARTUP_S" != "-" ]; then
+  row "7 start-up with $STARTUP_BLOBS cached blobs" "exec to /readyz 200" "$STARTUP_S s" "1 s" "$STARTUP_S" "< 1" "$(awk -v s="$STARTUP_S" 'BEGIN { print (s < 1) ? "PASS" : "FAIL" }')"
+fi
+dgets="$(j dist-cold-8 .upstream_gets)"
+row "context: distribution, 8 cold" "upstream GETs of the blob; wall $(printf '%.3f' "$(j dist-cold-8 .wall_s)") s" "-" "$dgets" "-" "-" "INFO"
+
+ours_cpu
+FOREIGN="$(awk -v b0="$BUSY_START" -v b1="$(machine_busy_s)" -v o0="$OURS_START" -v o1="$OURS_CPU" -v t0="$T_START" -v t1="$(date +%s%N)" -v n="$(nproc)" \
+  'BEGIN { f = (b1 - b0) - (o1 - o0); if (f < 0) f = 0; a = (t1 - t0) / 1e9 * n; printf "%.1f CPU s of %.0f available (%.0f%%)", f, a, 100 * f / a }')"
+
+{
+  printf '\n# regcache performance comparison, %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  printf '# machine: %s cores (%s), %s MiB RAM, %s; load average at start: %s\n' "$(nproc)" \
+    "$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)" \
+    "$(awk '/MemTotal/ { printf "%d", $2 / 1024 }' /proc/meminfo)" "$(uname -sr)" "$LOAD_BEFORE"
+  printf '# regcache %s; nginx %s; docker-registry %s; all on 127.0.0.1, clients on the same cores\n' \
+    "$("$REGCACHE_BIN" --version 2>/dev/null | awk '{print $2}')" "$(nginx -v 2>&1 | sed 's/.*nginx\///')" \
+    "$(docker-registry --version 2>/dev/null | awk '{print $3}')"
+  column -t -s $'\t' "$TSV" 2>/dev/null || cat "$TSV"
+  printf '# load average at the end: %s (numbers taken while other work runs are not comparable)\n' \
+    "$(cut -d' ' -f1-3 /proc/loadavg)"
+  printf '# CPU used by other processes on this machine during the run: %s\n' "$FOREIGN"
+  printf '# every run: %s/*.json\n' "$R"
+} | tee "$R/targets.txt"
