@@ -30,7 +30,7 @@
 #   REGCACHE_BIN=PATH    default: <repo>/target/release/regcache
 #   NO_INSTALL=1         never run apt-get (fail if a tool is missing)
 #
-# Output: the detailed tables of every run on stderr as they happen; the final targets table
+# Output: a one-line summary of every measurement on stderr as it happens; the targets table
 # on stdout; every run's JSON in $WORK/results/*.json and the targets in
 # $WORK/results/targets.tsv. Exit status 0 when the run completed (whatever PASS/FAIL says),
 # 1 when a measurement itself failed (a client saw wrong bytes, a server did not start, ...).
@@ -157,14 +157,20 @@ OURS_START="$OURS_CPU"
 BUSY_START="$(machine_busy_s)"
 T_START="$(date +%s%N)"
 
-alive() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+# alive PID: the process exists and is not a zombie. An unreadable /proc/PID/stat means it is
+# gone (bash may reap an exited child at any moment, even between two checks).
+alive() {
+  local state
+  state="$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null)" || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
 
 stop_pid() { # NAME PID: TERM, up to 10 s, then KILL; by PID only
   local name="$1" pid="$2" i=0
   alive "$pid" || return 0
   kill -TERM "$pid" 2>/dev/null || true
   while [ "$i" -lt 100 ] && alive "$pid"; do sleep 0.1; i=$((i + 1)); done
-  if alive "$pid"; then
+  if [ "$i" -ge 100 ] && alive "$pid"; then
     log "$name (PID $pid) ignored TERM for 10 s: KILL"
     kill -KILL "$pid" 2>/dev/null || true
   fi
