@@ -47,6 +47,9 @@ pub(crate) struct Progress {
 #[derive(Debug, Clone)]
 pub(crate) enum FillState {
     Running,
+    /// Every byte is written and the digest matched: readers may finish their responses
+    /// while the file is fsynced and renamed (a crash now loses the file, never correctness).
+    Verified,
     /// Verified and committed under its digest.
     Done,
     Failed(Arc<CacheError>),
@@ -163,7 +166,7 @@ impl FillGuard {
 impl Drop for FillGuard {
     fn drop(&mut self) {
         self.sender.send_if_modified(|p| {
-            if matches!(p.state, FillState::Running) {
+            if matches!(p.state, FillState::Running | FillState::Verified) {
                 p.state = FillState::Failed(Arc::new(CacheError::FillAborted));
                 true
             } else {
@@ -261,6 +264,7 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
             actual,
         });
     }
+    guard.sender.send_modify(|p| p.state = FillState::Verified);
     let store = Arc::clone(&job.store);
     let (namespace, digest) = (job.namespace.clone(), job.digest);
     tokio::task::spawn_blocking(move || store.commit(temp, &namespace, &digest))
@@ -406,7 +410,7 @@ impl FillReader {
                     FillState::Failed(err) => {
                         return Some(Err(std::io::Error::other(err.to_string())))
                     }
-                    FillState::Done => (
+                    FillState::Verified | FillState::Done => (
                         self.end.unwrap_or(progress.written).min(progress.written),
                         true,
                     ),
@@ -455,7 +459,10 @@ impl FillReader {
             let mut buffer = Vec::with_capacity(len);
             (&mut file).take(len as u64).read_to_end(&mut buffer)?;
             if buffer.len() < len {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "fill file shrank"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "fill file shrank",
+                ));
             }
             Ok::<_, std::io::Error>((file, Bytes::from(buffer)))
         })
@@ -476,9 +483,7 @@ fn open_fill_file(
 ) -> Result<std::fs::File, std::io::Error> {
     let mut file = match std::fs::File::open(temp_path) {
         Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::File::open(final_path)?
-        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => std::fs::File::open(final_path)?,
         Err(err) => return Err(err),
     };
     file.seek(SeekFrom::Start(position))?;

@@ -27,13 +27,20 @@ pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
 /// Reads `len` bytes at `offset` into a fresh buffer (not zero-filled first:
 /// `read_to_end` fills spare capacity directly). A file shorter than that is an error: it was
 /// verified at that size, so it was truncated under us.
-fn read_chunk(mut file: std::fs::File, offset: u64, len: u64) -> std::io::Result<(std::fs::File, Bytes)> {
+fn read_chunk(
+    mut file: std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<(std::fs::File, Bytes)> {
     use std::io::{Read as _, Seek as _};
     file.seek(std::io::SeekFrom::Start(offset))?;
     let mut buffer = Vec::with_capacity(usize::try_from(len).unwrap_or(READ_CHUNK));
     (&mut file).take(len).read_to_end(&mut buffer)?;
     if (buffer.len() as u64) < len {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cached file shrank"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "cached file shrank",
+        ));
     }
     Ok((file, Bytes::from(buffer)))
 }
@@ -53,19 +60,26 @@ pub(crate) fn counted(body: Body, counter: prometheus::IntCounter) -> Body {
 pub(crate) fn blob(body: BlobBody) -> Body {
     match body {
         BlobBody::File { file, offset, len } => {
-            let chunks = stream::try_unfold((Some(file), offset, len), |(file, offset, left)| async move {
-                let Some(file) = file.filter(|_| left > 0) else {
-                    return Ok(None);
-                };
-                let want = left.min(READ_CHUNK as u64);
-                // The file moves into the blocking read and comes back with the chunk, read
-                // straight into the buffer that is sent.
-                let (file, chunk) = tokio::task::spawn_blocking(move || read_chunk(file, offset, want))
-                    .await
-                    .map_err(std::io::Error::other)??;
-                let read = chunk.len() as u64;
-                Ok(Some((Frame::data(chunk), (Some(file), offset + read, left - read))))
-            });
+            let chunks = stream::try_unfold(
+                (Some(file), offset, len),
+                |(file, offset, left)| async move {
+                    let Some(file) = file.filter(|_| left > 0) else {
+                        return Ok(None);
+                    };
+                    let want = left.min(READ_CHUNK as u64);
+                    // The file moves into the blocking read and comes back with the chunk, read
+                    // straight into the buffer that is sent.
+                    let (file, chunk) =
+                        tokio::task::spawn_blocking(move || read_chunk(file, offset, want))
+                            .await
+                            .map_err(std::io::Error::other)??;
+                    let read = chunk.len() as u64;
+                    Ok(Some((
+                        Frame::data(chunk),
+                        (Some(file), offset + read, left - read),
+                    )))
+                },
+            );
             StreamBody::new(chunks).boxed_unsync()
         }
         BlobBody::Filling(stream) => {
