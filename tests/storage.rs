@@ -121,6 +121,14 @@ async fn a_small_budget_evicts_least_recently_used_blobs_but_never_pins() {
         "the least recently used blob stayed"
     );
     assert!(
+        !cached_path(&proxy, &pushed[1].digest).exists(),
+        "the least recently used manifest stayed"
+    );
+    assert!(
+        cached_path(&proxy, &pushed[0].digest).exists(),
+        "the pinned manifest was evicted"
+    );
+    assert!(
         cached_path(&proxy, &layer(&pushed[3])).exists(),
         "the newest blob was evicted"
     );

@@ -168,17 +168,11 @@ impl Cache {
 
     /// Walks the store at start: counts usage and gives every blob file without an access
     /// record one dated by its modification time (files written by an older version, or before
-    /// the index was rebuilt). Manifests are not eviction candidates. Blocking.
+    /// the index was rebuilt). Blocking.
     pub fn register_existing_files(&self) -> Usage {
         let mut missing = Vec::new();
         let usage = self.store.scan(|namespace, digest, size, modified| {
-            let known = self.index.has_access(&namespace, &digest).unwrap_or(true)
-                || self
-                    .index
-                    .manifest(&namespace, &digest)
-                    .ok()
-                    .flatten()
-                    .is_some();
+            let known = self.index.has_access(&namespace, &digest).unwrap_or(true);
             if !known {
                 let millis = modified
                     .duration_since(UNIX_EPOCH)
@@ -254,6 +248,7 @@ impl Cache {
         candidates.retain(|(ns, digest, _)| !pinned.contains(&(ns.clone(), *digest)));
         candidates.sort_by_key(|(_, _, record)| record.last_access);
         let mut used = used;
+        let mut evicted_manifests = HashSet::new();
         for (namespace, digest, _) in candidates {
             if (used as f64) <= budget.low {
                 break;
@@ -263,12 +258,30 @@ impl Cache {
             match self.store.remove(&namespace, &digest) {
                 Ok(()) => {
                     let _ = self.index.remove_access(&namespace, &digest);
+                    // An evicted manifest takes its index record and the tags pointing at it.
+                    if self
+                        .index
+                        .manifest(&namespace, &digest)
+                        .ok()
+                        .flatten()
+                        .is_some()
+                    {
+                        let _ = self.index.remove_manifest(&namespace, &digest);
+                        evicted_manifests.insert((namespace.clone(), digest));
+                    }
                     used = used.saturating_sub(size);
                     report.files += 1;
                     report.bytes += size;
                 }
                 Err(err) => {
                     tracing::warn!(%digest, error = %err, "eviction could not remove a file")
+                }
+            }
+        }
+        if !evicted_manifests.is_empty() {
+            for (namespace, repo, tag, record) in self.index.tags().unwrap_or_default() {
+                if evicted_manifests.contains(&(namespace.clone(), record.digest)) {
+                    let _ = self.index.remove_tag(&namespace, &repo, &tag);
                 }
             }
         }

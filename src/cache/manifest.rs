@@ -216,6 +216,8 @@ impl Cache {
     ) -> Result<Option<Arc<Manifest>>, CacheError> {
         let key = (namespace.clone(), *digest);
         if let Some(manifest) = self.manifests.get(&key).await {
+            self.access_log
+                .touch(namespace, digest, manifest.bytes.len() as u64);
             return Ok(Some(manifest));
         }
         let record = self.index.manifest(namespace, digest)?;
@@ -255,6 +257,8 @@ impl Cache {
             media_type,
             bytes,
         });
+        self.access_log
+            .touch(namespace, digest, manifest.bytes.len() as u64);
         self.manifests.insert(key, Arc::clone(&manifest)).await;
         Ok(Some(manifest))
     }
@@ -291,6 +295,8 @@ impl Cache {
             },
         )?;
         let manifest = Arc::new(manifest);
+        self.access_log
+            .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);
         self.manifests
             .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
             .await;
