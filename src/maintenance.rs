@@ -13,7 +13,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::config::Config;
-use crate::oci::{manifest_digest, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
+use crate::oci::{manifest_digest, references, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
 use crate::store::{BlobStore, Index, ManifestRecord, Namespace, StoreError};
 
 /// What `verify` found.
@@ -309,7 +309,8 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
                 && index.manifest(&namespace, &digest).ok().flatten().is_some()
             {
                 if let Ok(bytes) = std::fs::read(&path) {
-                    queue.extend(referenced(&bytes));
+                    let (children, blobs) = references(&bytes, &[]);
+                    queue.extend(children.into_iter().chain(blobs));
                 }
             }
         }
@@ -331,30 +332,4 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
         (&a.upstream, &a.repository, &a.tag).cmp(&(&b.upstream, &b.repository, &b.tag))
     });
     Ok(listed)
-}
-
-/// Every digest string in a manifest's JSON (children, config, layers).
-fn referenced(bytes: &[u8]) -> Vec<Digest> {
-    fn walk(value: &serde_json::Value, out: &mut Vec<Digest>) {
-        match value {
-            serde_json::Value::Object(map) => {
-                for (key, value) in map {
-                    if key == "digest" || key == "blobSum" {
-                        if let Some(digest) = value.as_str().and_then(|d| Digest::parse(d).ok()) {
-                            out.push(digest);
-                        }
-                    } else if key != "subject" {
-                        walk(value, out);
-                    }
-                }
-            }
-            serde_json::Value::Array(items) => items.iter().for_each(|item| walk(item, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
-        walk(&value, &mut out);
-    }
-    out
 }

@@ -120,6 +120,19 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     finish_digest(hasher)
 }
 
+/// Reads a body to the end, hashing it: returns its digest (`sha256:…`) and length.
+pub async fn hash_body(mut body: Incoming) -> Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            hasher.update(data);
+            n += data.len() as u64;
+        }
+    }
+    Ok((finish_digest(hasher), n))
+}
+
 pub fn finish_digest(hasher: Sha256) -> String {
     let out = hasher.finalize();
     let mut s = String::with_capacity(71);

@@ -9,13 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use http_body_util::BodyExt as _;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
 
-use crate::http::{empty, finish_digest, header_str, sha256_digest, Conn, Endpoint};
+use crate::http::{empty, hash_body, header_str, sha256_digest, Conn, Endpoint};
 use crate::stats::median;
 use crate::storm::MANIFEST_ACCEPT;
 use crate::Report;
@@ -145,16 +143,7 @@ async fn blob(conn: &mut Conn, ctx: &Ctx, digest: &str, size: Option<u64>) -> Re
     if response.status() != StatusCode::OK {
         bail!("GET {path}: {}", response.status());
     }
-    let mut body = response.into_body();
-    let mut hasher = Sha256::new();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Some(data) = frame?.data_ref() {
-            hasher.update(data);
-            n += data.len() as u64;
-        }
-    }
-    let got = finish_digest(hasher);
+    let (got, n) = hash_body(response.into_body()).await?;
     if got != digest {
         bail!("GET {path}: body is {got}");
     }

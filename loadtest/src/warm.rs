@@ -9,10 +9,9 @@ use hdrhistogram::Histogram;
 use http_body_util::BodyExt as _;
 use hyper::Method;
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::Barrier;
 
-use crate::http::{empty, finish_digest, Conn, Endpoint};
+use crate::http::{empty, hash_body, Conn, Endpoint};
 use crate::stats::{new_histogram, record, summarize};
 use crate::Report;
 
@@ -48,16 +47,7 @@ pub async fn check_once(endpoint: &Endpoint, path: &str, digest: &str) -> Result
     if !response.status().is_success() {
         bail!("GET {path} answered {}", response.status());
     }
-    let mut body = response.into_body();
-    let mut hasher = Sha256::new();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Some(data) = frame?.data_ref() {
-            hasher.update(data);
-            n += data.len() as u64;
-        }
-    }
-    let got = finish_digest(hasher);
+    let (got, n) = hash_body(response.into_body()).await?;
     if got != digest {
         bail!("GET {path}: body hashes to {got}, expected {digest}");
     }

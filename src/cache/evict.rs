@@ -10,11 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
-
 use super::{BlobBody, Cache, RangeRequest, Target};
 use crate::config::PinConfig;
-use crate::oci::{Digest, Reference, MAX_MANIFEST_BYTES};
+use crate::oci::{references, Digest, Reference, MAX_MANIFEST_BYTES};
 use crate::store::{AccessRecord, Namespace, Usage};
 
 /// How often buffered accesses are written, the budget checked and the pins file re-read.
@@ -72,82 +70,6 @@ pub struct EvictionReport {
     pub files: u64,
     /// Bytes removed.
     pub bytes: u64,
-}
-
-/// The parts of a manifest that point at other content.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Links {
-    #[serde(default)]
-    manifests: Vec<Child>,
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    fs_layers: Vec<Schema1Layer>,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Schema1Layer {
-    blob_sum: String,
-}
-
-#[derive(Deserialize)]
-struct Child {
-    digest: String,
-    platform: Option<Platform>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
-}
-
-impl Platform {
-    /// `os/arch` and `os/arch/variant` both match a platform with that variant.
-    fn matches(&self, wanted: &str) -> bool {
-        let base = format!("{}/{}", self.os, self.architecture);
-        match &self.variant {
-            Some(variant) => wanted == base || wanted == format!("{base}/{variant}"),
-            None => wanted == base,
-        }
-    }
-}
-
-/// Child manifests (filtered by `platforms` when not empty) and blobs a manifest references.
-fn links(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Digest>) {
-    let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
-        return (Vec::new(), Vec::new());
-    };
-    let children = links
-        .manifests
-        .iter()
-        .filter(|child| {
-            platforms.is_empty()
-                || child
-                    .platform
-                    .as_ref()
-                    .is_some_and(|p| platforms.iter().any(|w| p.matches(w)))
-        })
-        .filter_map(|child| Digest::parse(&child.digest).ok())
-        .collect();
-    let blobs = links
-        .config
-        .iter()
-        .map(|d| d.digest.as_str())
-        .chain(links.layers.iter().map(|d| d.digest.as_str()))
-        .chain(links.fs_layers.iter().map(|l| l.blob_sum.as_str()))
-        .filter_map(|d| Digest::parse(d).ok())
-        .collect();
-    (children, blobs)
 }
 
 impl Cache {
@@ -215,7 +137,7 @@ impl Cache {
                 let Some(bytes) = small.then(|| std::fs::read(&path).ok()).flatten() else {
                     continue;
                 };
-                let (children, blobs) = links(&bytes, &pin.platforms);
+                let (children, blobs) = references(&bytes, &pin.platforms);
                 queue.extend(children);
                 for blob in blobs {
                     pinned.insert((namespace.clone(), blob));
@@ -361,7 +283,7 @@ impl Cache {
         let root = self.manifest(target, &pin.reference, &[]).await?;
         let mut queue = vec![root.manifest];
         while let Some(manifest) = queue.pop() {
-            let (children, blobs) = links(&manifest.bytes, &pin.platforms);
+            let (children, blobs) = references(&manifest.bytes, &pin.platforms);
             for child in children {
                 let answer = self
                     .manifest(target, &Reference::Digest(child), &[])
@@ -389,23 +311,4 @@ pub(crate) struct Budget {
     pub(crate) max: u64,
     pub(crate) high: f64,
     pub(crate) low: f64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn links_follow_platform_filters() {
-        let index = br#"{"manifests":[
-            {"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","platform":{"os":"linux","architecture":"amd64"}},
-            {"digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","platform":{"os":"linux","architecture":"arm64","variant":"v8"}}]}"#;
-        assert_eq!(links(index, &[]).0.len(), 2);
-        assert_eq!(links(index, &["linux/arm64".to_owned()]).0.len(), 1);
-        assert_eq!(links(index, &["linux/arm64/v8".to_owned()]).0.len(), 1);
-        assert_eq!(links(index, &["windows/amd64".to_owned()]).0.len(), 0);
-        let image = br#"{"config":{"digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"},
-            "layers":[{"digest":"sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd"}]}"#;
-        assert_eq!(links(image, &[]).1.len(), 2);
-    }
 }

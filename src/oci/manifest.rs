@@ -178,6 +178,85 @@ fn schema1_payload(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(payload)
 }
 
+/// The parts of a manifest that point at other content.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Links {
+    #[serde(default)]
+    manifests: Vec<Child>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    fs_layers: Vec<Schema1Layer>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Schema1Layer {
+    blob_sum: String,
+}
+
+#[derive(Deserialize)]
+struct Child {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Platform {
+    /// `os/arch` and `os/arch/variant` both match a platform with that variant.
+    fn matches(&self, wanted: &str) -> bool {
+        let base = format!("{}/{}", self.os, self.architecture);
+        match &self.variant {
+            Some(variant) => wanted == base || wanted == format!("{base}/{variant}"),
+            None => wanted == base,
+        }
+    }
+}
+
+/// The child manifests (filtered by `platforms`, `os/arch[/variant]`, when not empty) and the
+/// blobs (config, layers, schema1 `fsLayers`) a manifest references. A `subject` is not a
+/// reference: the referrer points at it, not the other way. Bytes that are not a manifest
+/// reference nothing.
+pub fn references(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Digest>) {
+    let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
+        return (Vec::new(), Vec::new());
+    };
+    let children = links
+        .manifests
+        .iter()
+        .filter(|child| {
+            platforms.is_empty()
+                || child
+                    .platform
+                    .as_ref()
+                    .is_some_and(|p| platforms.iter().any(|w| p.matches(w)))
+        })
+        .filter_map(|child| Digest::parse(&child.digest).ok())
+        .collect();
+    let blobs = links
+        .config
+        .iter()
+        .map(|d| d.digest.as_str())
+        .chain(links.layers.iter().map(|d| d.digest.as_str()))
+        .chain(links.fs_layers.iter().map(|l| l.blob_sum.as_str()))
+        .filter_map(|d| Digest::parse(d).ok())
+        .collect();
+    (children, blobs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +265,20 @@ mod tests {
     fn check_sniff(json: &str, expected: Option<&str>) {
         let sniffed = sniff_media_type(json.as_bytes());
         assert_eq!(sniffed.as_ref().map(MediaType::as_str), expected, "{json}");
+    }
+
+    #[test]
+    fn references_follow_platform_filters() {
+        let index = br#"{"manifests":[
+            {"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","platform":{"os":"linux","architecture":"amd64"}},
+            {"digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","platform":{"os":"linux","architecture":"arm64","variant":"v8"}}]}"#;
+        assert_eq!(references(index, &[]).0.len(), 2);
+        assert_eq!(references(index, &["linux/arm64".to_owned()]).0.len(), 1);
+        assert_eq!(references(index, &["linux/arm64/v8".to_owned()]).0.len(), 1);
+        assert_eq!(references(index, &["windows/amd64".to_owned()]).0.len(), 0);
+        let image = br#"{"config":{"digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"},
+            "layers":[{"digest":"sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd"}]}"#;
+        assert_eq!(references(image, &[]).1.len(), 2);
     }
 
     #[test]

@@ -8,5 +8,5 @@
 mod manifest;
 mod name;
 
-pub use manifest::{manifest_digest, sniff_media_type, MediaType, MAX_MANIFEST_BYTES};
+pub use manifest::{manifest_digest, references, sniff_media_type, MediaType, MAX_MANIFEST_BYTES};
 pub use name::{Digest, ParseError, Reference, RepoName, Tag};
