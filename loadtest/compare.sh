@@ -377,7 +377,14 @@ push push-dist-coalesce bench/distcoalesce n8 "distcoalesce-$STAMP" --small-laye
 [ "$(sha256sum "$W/www/blob" | awk '{print "sha256:" $1}')" = "$WARM_LAYER" ] || die "layer file does not match its digest"
 
 # --- nginx ---------------------------------------------------------------------------------
+# nginx started as root drops its workers to an unprivileged user (nobody / www-data), which
+# cannot traverse the work directory (mktemp -d makes it 0700): every GET was 403. The workers
+# run as the user that owns the work directory instead; started unprivileged, nginx keeps its
+# own user and the directive is not written (it would only log a warning).
+NGINX_USER=""
+[ "$(id -u)" = 0 ] && NGINX_USER="user $(id -un) $(id -gn);"
 cat >"$W/nginx/nginx.conf" <<EOF
+$NGINX_USER
 worker_processes auto;
 daemon off;
 pid $W/nginx/nginx.pid;
