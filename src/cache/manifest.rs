@@ -140,6 +140,11 @@ impl Cache {
             (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
                 // RFC 5861: answer now, let the revalidation update the tag for the next client.
                 tokio::spawn(flight);
+                tracing::debug!(
+                    repo = %target.repo,
+                    %tag,
+                    "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
+                );
                 self.metrics.stale_served.inc();
                 return Ok(ManifestAnswer {
                     manifest,
