@@ -504,3 +504,66 @@ async fn files_deleted_from_the_store_are_fetched_again_not_answered_404() {
         assert_eq!(upstream.blob_gets(digest), 2, "{digest} was not refetched");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tag_is_served_stale_up_to_max_stale_and_not_after() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "test/aged", "v1", "aged", &[1024]).await;
+    let (faults, proxy) = behind_fault_proxy(
+        &upstream,
+        "[cache]\ntag_ttl = \"60s\"\nmax_stale = \"1h\"\n",
+    )
+    .await;
+    assert_eq!(
+        manifest_digest(&proxy, "test/aged", "v1").await.1,
+        image.digest
+    );
+    faults.set(Mode::Refuse);
+
+    proxy.clock().advance(Duration::from_secs(60 + 3590));
+    let (status, digest, warning) = manifest_answer(&proxy.url(), "test/aged", "v1").await;
+    assert_eq!(
+        (status, digest.as_str(), warning),
+        (StatusCode::OK, image.digest.as_str(), true)
+    );
+
+    proxy.clock().advance(Duration::from_secs(20));
+    let (status, _, _) = manifest_answer(&proxy.url(), "test/aged", "v1").await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_GATEWAY,
+        "past tag_ttl + max_stale the upstream's failure is the answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_tag_is_remembered_for_negative_ttl() {
+    let upstream = Upstream::start(Auth::None).await;
+    images::push_oci_image(&upstream, "test/later", "v0", "later-0", &[512]).await;
+    let proxy = proxy_for(&upstream, "[cache]\nnegative_ttl = \"60s\"\n").await;
+    for _ in 0..3 {
+        assert_eq!(
+            manifest_digest(&proxy, "test/later", "v1").await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(
+        gets(&upstream, "test/later", "v1"),
+        1,
+        "the 404 was remembered"
+    );
+
+    let image = images::push_oci_image(&upstream, "test/later", "v1", "later", &[512]).await;
+    proxy.clock().advance(Duration::from_secs(59));
+    assert_eq!(
+        manifest_digest(&proxy, "test/later", "v1").await.0,
+        StatusCode::NOT_FOUND,
+        "within negative_ttl"
+    );
+    proxy.clock().advance(Duration::from_secs(2));
+    assert_eq!(
+        manifest_digest(&proxy, "test/later", "v1").await,
+        (StatusCode::OK, image.digest.clone())
+    );
+    assert_eq!(gets(&upstream, "test/later", "v1"), 2);
+}

@@ -111,7 +111,13 @@ impl Cache {
             _ => {}
         }
         let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());
-        if cached.is_none() && self.negative.contains_key(&negative_key) {
+        let remembered_404 = cached.is_none()
+            && self
+                .negative
+                .get(&negative_key)
+                .await
+                .is_some_and(|at| self.clock.instant().duration_since(at) < self.negative_ttl);
+        if remembered_404 {
             return Err(CacheError::Upstream(Arc::new(UpstreamError::NotFound {
                 upstream: upstream.name().to_owned(),
             })));
@@ -177,7 +183,9 @@ impl Cache {
         };
         let not_found = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::NotFound { .. }));
         if not_found && !self.negative_ttl.is_zero() {
-            self.negative.insert(negative_key, ()).await;
+            self.negative
+                .insert(negative_key, self.clock.instant())
+                .await;
         }
         match cached {
             Some((manifest, _))

@@ -318,8 +318,9 @@ pub struct Cache {
     fills: Arc<Fills>,
     fill_permits: Arc<Semaphore>,
     manifest_flights: Arc<flight::SingleFlight<manifest::FlightKey, manifest::FlightValue>>,
-    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0).
-    negative: moka::future::Cache<(Namespace, RepoName, crate::oci::Tag), ()>,
+    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0), with
+    /// when it said so on `clock` (moka's own expiry, on real time, only bounds memory).
+    negative: moka::future::Cache<(Namespace, RepoName, crate::oci::Tag), std::time::Instant>,
     /// When a cached tag is served, revalidated, or given up.
     freshness: revalidate::Freshness,
     /// How long a client waits for a revalidation before it is served the cached tag stale.
