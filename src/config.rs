@@ -248,6 +248,8 @@ struct RawCache {
     serve_stale_on_404: Option<bool>,
     negative_ttl: Option<String>,
     max_concurrent_fills: Option<usize>,
+    revalidate_timeout: Option<String>,
+    stale_while_revalidate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -306,6 +308,12 @@ pub struct Config {
     pub negative_ttl: Duration,
     /// Upstream fills running at once; more get `503` with `Retry-After`.
     pub max_concurrent_fills: usize,
+    /// How long a client waits for a tag revalidation before the cached tag is served stale
+    /// (the revalidation goes on in the background).
+    pub revalidate_timeout: Duration,
+    /// Past `tag_ttl`, how long a tag is served at once while it is revalidated in the
+    /// background (RFC 5861); 0: off.
+    pub stale_while_revalidate: Duration,
     /// Log output format.
     pub log_format: LogFormat,
     /// Default log filter (`RUST_LOG` overrides it).
@@ -503,6 +511,16 @@ impl RawConfig {
                 "cache.max_concurrent_fills",
                 self.cache.max_concurrent_fills,
                 256,
+            )?,
+            revalidate_timeout: duration(
+                "cache.revalidate_timeout",
+                self.cache.revalidate_timeout.as_deref(),
+                Duration::from_secs(2),
+            )?,
+            stale_while_revalidate: duration(
+                "cache.stale_while_revalidate",
+                self.cache.stale_while_revalidate.as_deref(),
+                Duration::ZERO,
             )?,
             log_format,
             log_level: self.log.level.unwrap_or_else(|| "info".to_owned()),

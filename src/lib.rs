@@ -7,6 +7,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod cache;
+pub mod clock;
 pub mod config;
 mod http;
 pub mod maintenance;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::routing::Resolver;
@@ -77,6 +79,28 @@ pub async fn run(
     metrics_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    run_with_clock(
+        config,
+        listener,
+        metrics_listener,
+        shutdown,
+        Clock::system(),
+    )
+    .await
+}
+
+/// [`run`] with the clock that freshness and circuit-breaker decisions read (tests advance an
+/// [`Clock::adjustable`] one instead of sleeping).
+///
+/// # Errors
+/// [`RunError`] when the storage cannot be opened.
+pub async fn run_with_clock(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+    clock: Clock,
+) -> Result<(), RunError> {
     let (store, index) = open_storage(&config)?;
     let removed = store.remove_temp_files()?;
     if removed > 0 {
@@ -87,7 +111,13 @@ pub async fn run(
         config.upstreams.iter().position(|u| u.default),
     );
     let metrics = Arc::new(metrics::Metrics::new());
-    let cache = Arc::new(Cache::new(&config, store, index, Arc::clone(&metrics))?);
+    let cache = Arc::new(Cache::with_clock(
+        &config,
+        store,
+        index,
+        Arc::clone(&metrics),
+        clock,
+    )?);
     // Usage figures come from a walk of the store; the server does not wait for it.
     let scanning = Arc::clone(&cache);
     tokio::task::spawn_blocking(move || {

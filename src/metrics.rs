@@ -35,6 +35,11 @@ pub struct Metrics {
     pub fills_in_flight: IntGauge,
     /// Tags served stale because the upstream could not be asked.
     pub stale_served: IntCounter,
+    /// `upstream`, `to` (open, closed): circuit breaker state changes.
+    pub breaker_transitions: IntCounterVec,
+    /// `upstream`: tag revalidations that passed `cache.revalidate_timeout` (the cached tag
+    /// was served stale while they went on in the background).
+    pub revalidation_deadlines: IntCounterVec,
     /// Bytes of verified files in the store.
     pub storage_used: IntGauge,
     /// The configured budget (0: none).
@@ -159,6 +164,16 @@ impl Metrics {
                 "regcache_stale_served_total",
                 "Tags served stale because the upstream could not be asked",
             ),
+            breaker_transitions: counter_vec(
+                "regcache_upstream_breaker_transitions_total",
+                "Circuit breaker state changes, by upstream and new state",
+                &["upstream", "to"],
+            ),
+            revalidation_deadlines: counter_vec(
+                "regcache_revalidation_deadline_total",
+                "Tag revalidations not answered within cache.revalidate_timeout",
+                &["upstream"],
+            ),
             storage_used: gauge(
                 "regcache_storage_used_bytes",
                 "Bytes of verified content in the store",
@@ -214,6 +229,10 @@ impl Metrics {
         self.upstream_up.with_label_values(&[upstream]).set(1);
         self.upstream_bytes.with_label_values(&[upstream]);
         self.token_fetches.with_label_values(&[upstream]);
+        self.revalidation_deadlines.with_label_values(&[upstream]);
+        for to in ["open", "closed"] {
+            self.breaker_transitions.with_label_values(&[upstream, to]);
+        }
         for reason in [
             "timeout",
             "connect",

@@ -1,7 +1,7 @@
 //! Upstream faults a real registry cannot be made to produce on demand — rate limits, 5xx,
 //! wrong bytes, hangs, expiring tokens, redirects to a storage host — injected by the in-process
-//! [`FakeRegistry`], with the real `regcache` binary in front of it and plain HTTP clients
-//! checking what a user would see.
+//! [`FakeRegistry`], with regcache running in process in front of it (port 0, an adjustable
+//! clock for cooldowns: no sleeps) and plain HTTP clients checking what a user would see.
 
 mod common;
 
@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::fake::{FakeRegistry, Fault, Listener};
 use common::images::{seeded_bytes, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST};
-use common::proxy::{TestProxy, UpstreamSpec};
+use common::inproc::InProcess;
+use common::proxy::UpstreamSpec;
 use common::regclient::sha256_digest;
 use reqwest::StatusCode;
 
@@ -71,12 +72,17 @@ impl Image {
 }
 
 /// regcache with the fake as its default upstream, plus `extra` lines in its `[[upstream]]`.
-async fn proxy_for(fake: &FakeRegistry, extra: &[&str]) -> TestProxy {
+async fn proxy_for(fake: &FakeRegistry, extra: &[&str]) -> InProcess {
+    proxy_with(fake, extra, "").await
+}
+
+/// Like [`proxy_for`], with extra top-level TOML (a `[cache]` table).
+async fn proxy_with(fake: &FakeRegistry, extra: &[&str], toml: &str) -> InProcess {
     let spec = extra.iter().fold(
         UpstreamSpec::default_at(UPSTREAM, fake.url()),
         |spec, line| spec.with(line),
     );
-    TestProxy::start(&[spec], "").await
+    InProcess::start(&[spec], toml).await
 }
 
 /// A client for talking to regcache: no proxy, every request bounded in time.
@@ -88,7 +94,7 @@ fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
-async fn get(proxy: &TestProxy, tail: &str) -> reqwest::Response {
+async fn get(proxy: &InProcess, tail: &str) -> reqwest::Response {
     client()
         .get(format!("{}/v2/{REPO}/{tail}", proxy.url()))
         .header("accept", MT_OCI_MANIFEST)
@@ -211,7 +217,7 @@ async fn expired_token_is_fetched_again_on_401() {
 }
 
 /// GETs `tail` and returns the body only if a complete 200 body arrived.
-async fn complete_body(proxy: &TestProxy, tail: &str) -> Result<bytes::Bytes, String> {
+async fn complete_body(proxy: &InProcess, tail: &str) -> Result<bytes::Bytes, String> {
     let response = get(proxy, tail).await;
     if response.status() != StatusCode::OK {
         return Err(format!("status {}", response.status()));
@@ -300,7 +306,7 @@ async fn cold_range_request_is_answered_and_fills_the_whole_blob() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hanging_upstream_is_answered_with_a_gateway_error() {
+async fn hanging_upstream_is_answered_504_naming_it_after_the_idle_timeout() {
     let image = Image::new(4096);
     let fake = image.fake().start().await;
     fake.set_fault("/manifests/", Fault::Hang);
@@ -326,16 +332,20 @@ async fn hanging_upstream_is_answered_with_a_gateway_error() {
             )
         });
     let elapsed = started.elapsed();
-    let (status, code, _) = oci_error(response).await;
-    assert!(
-        status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT,
-        "status {status} after {elapsed:?}"
-    );
+    let (status, code, message) = oci_error(response).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "after {elapsed:?}");
     assert_eq!(code, "UNAVAILABLE");
     assert!(
-        gets(&fake, "/manifests/v1") >= 1,
-        "the miss reached the fake"
+        message.contains(UPSTREAM),
+        "names the upstream: {message:?}"
     );
+    // The documented bound: one idle_timeout (a timeout is not retried). Generous slack for
+    // a loaded machine, far below a second attempt.
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
+    assert_eq!(gets(&fake, "/manifests/v1"), 1, "asked once, no retries");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -475,75 +485,159 @@ async fn slow_trickle_is_served_correctly_and_shared_by_a_second_client() {
     );
 }
 
+/// `regcache_upstream_breaker_transitions_total` for the fake, to `to`.
+async fn transitions(proxy: &InProcess, to: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "regcache_upstream_breaker_transitions_total{{to=\"{to}\",upstream=\"{UPSTREAM}\"}}"
+        ))
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn server_error_storm_opens_the_circuit_which_then_recovers() {
+async fn server_error_storm_opens_the_circuit_and_the_first_answer_closes_it() {
     let image = Image::new(4096);
     let fake = image.fake().start().await;
-    fake.set_fault("/manifests/", Fault::status(500));
-    let proxy = proxy_for(
+    let proxy = proxy_with(
         &fake,
-        &["breaker_threshold = 3", "breaker_cooldown = \"2s\""],
+        &["breaker_threshold = 3", "breaker_cooldown = \"10s\""],
+        "[cache]\ntag_ttl = \"0s\"\n",
     )
     .await;
-    let upstream_requests = |fake: &FakeRegistry| fake.count(|r| r.path.contains("/manifests/"));
+    let manifest_requests = |fake: &FakeRegistry| fake.count(|r| r.path.contains("/manifests/"));
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK, "the tag is cached");
 
+    // Every pull by tag revalidates (tag_ttl 0s); each failing revalidation is served stale
+    // and counts once, retries included.
+    fake.set_fault("/manifests/", Fault::status(503));
     for attempt in 1..=3 {
-        let (status, code, _) = oci_error(get(&proxy, "manifests/v1").await).await;
-        assert_eq!(
-            status,
-            StatusCode::BAD_GATEWAY,
-            "failing request {attempt} reaches the upstream"
-        );
-        assert_eq!(code, "UNAVAILABLE");
+        let response = get(&proxy, "manifests/v1").await;
+        assert_eq!(response.status(), StatusCode::OK, "stale serve {attempt}");
+        assert!(response.headers().contains_key("warning"));
     }
-    let before = upstream_requests(&fake);
-    assert!(
-        before >= 3,
-        "the failing requests reached the fake: {before}"
+    assert_eq!(
+        transitions(&proxy, "open").await,
+        1.0,
+        "three failures opened it"
+    );
+    assert_eq!(
+        proxy
+            .metric(&format!("regcache_upstream_up{{upstream=\"{UPSTREAM}\"}}"))
+            .await,
+        0.0
     );
 
+    // Open: a pull with a cached copy does not ask the upstream; it is served stale at once.
+    let before = manifest_requests(&fake);
     let response = get(&proxy, "manifests/v1").await;
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let (status, code, message) = oci_error(response).await;
-    assert_eq!(
-        status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the circuit is open"
-    );
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().contains_key("warning"));
+    assert_eq!(manifest_requests(&fake), before, "no request while open");
+
+    // A miss has nothing to fall back to: it probes, once, without retries. A failed probe keeps
+    // the circuit open and doubles the cooldown.
+    let config = sha256_digest(&image.config);
+    let (status, code, message) =
+        oci_error(get(&proxy, &format!("manifests/{config}")).await).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "the probe's own answer");
     assert_eq!(code, "UNAVAILABLE");
-    assert!(
-        message.contains("marked down") && message.contains(UPSTREAM),
-        "the message says which upstream is down: {message:?}"
-    );
-    assert!(
-        retry_after.is_some_and(|s| (1..=2).contains(&s)),
-        "Retry-After within the cooldown: {retry_after:?}"
-    );
+    assert!(message.contains(UPSTREAM), "{message:?}");
     assert_eq!(
-        upstream_requests(&fake),
-        before,
-        "an open circuit does not contact the upstream"
+        manifest_requests(&fake),
+        before + 1,
+        "one probe, no retries"
     );
-
-    fake.clear_faults();
-    tokio::time::sleep(Duration::from_millis(2300)).await;
     let response = get(&proxy, "manifests/v1").await;
+    assert!(response.headers().contains_key("warning"), "still open");
+    assert_eq!(manifest_requests(&fake), before + 1);
+
+    // The upstream is back: the first miss succeeds and closes the circuit.
+    fake.clear_faults();
+    let response = get(&proxy, &format!("blobs/{}", image.layer_digest())).await;
     assert_eq!(
         response.status(),
         StatusCode::OK,
-        "the circuit recovered after the cooldown"
+        "the first miss after recovery"
     );
-    let body = response.bytes().await.expect("manifest body");
-    assert_eq!(&body[..], &image.manifest[..]);
-    assert_eq!(
-        upstream_requests(&fake),
-        before + 1,
-        "one probe reached the upstream"
+    assert_eq!(transitions(&proxy, "closed").await, 1.0);
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        !response.headers().contains_key("warning"),
+        "revalidated again once closed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_the_cooldown_a_revalidation_probes_and_closes_the_circuit() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    let proxy = proxy_with(
+        &fake,
+        &["breaker_threshold = 1", "breaker_cooldown = \"30s\""],
+        "[cache]\ntag_ttl = \"0s\"\n",
+    )
+    .await;
+    assert_eq!(get(&proxy, "manifests/v1").await.status(), StatusCode::OK);
+    fake.set_fault("/manifests/", Fault::status(502));
+    let response = get(&proxy, "manifests/v1").await;
+    assert!(
+        response.headers().contains_key("warning"),
+        "stale, and open"
+    );
+    fake.clear_faults();
+    let before = fake.count(|r| r.path.contains("/manifests/"));
+    let response = get(&proxy, "manifests/v1").await;
+    assert!(
+        response.headers().contains_key("warning"),
+        "within the cooldown"
+    );
+    assert_eq!(fake.count(|r| r.path.contains("/manifests/")), before);
+
+    proxy.clock().advance(Duration::from_secs(31));
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        !response.headers().contains_key("warning"),
+        "the revalidation after the cooldown probed and was answered"
+    );
+    assert_eq!(transitions(&proxy, "closed").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_a_client_provokes_do_not_open_the_circuit() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    // The upstream answers 500 for one odd repository only (as Distribution does for a
+    // 255-character name), and serves the others.
+    fake.set_fault("/v2/odd/", Fault::status(500));
+    let proxy = proxy_for(
+        &fake,
+        &["breaker_threshold = 2", "breaker_cooldown = \"60s\""],
+    )
+    .await;
+    for _ in 0..10 {
+        let response = client()
+            .get(format!("{}/v2/odd/name/manifests/v1", proxy.url()))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(transitions(&proxy, "open").await, 0.0, "still closed");
+    let response = get(&proxy, "manifests/v1").await;
+    assert_eq!(response.status(), StatusCode::OK, "a legitimate miss");
+    let response = get(&proxy, &format!("blobs/{}", image.layer_digest())).await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The same 500 on a repository the upstream has answered is its own failure.
+    fake.set_fault("/manifests/", Fault::status(500));
+    for tag in ["v2", "v3"] {
+        let (status, _, _) = oci_error(get(&proxy, &format!("manifests/{tag}")).await).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(transitions(&proxy, "open").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -612,25 +706,26 @@ async fn transient_unavailability_is_absorbed_by_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn circuit_recovers_after_a_half_open_probe_is_abandoned_by_its_client() {
+async fn circuit_recovers_after_a_probe_is_abandoned_by_its_client() {
     let image = Image::new(4096);
     let fake = image.fake().start().await;
-    fake.set_fault("/manifests/", Fault::status(500));
     let proxy = proxy_for(
         &fake,
-        &["breaker_threshold = 1", "breaker_cooldown = \"1s\""],
+        &["breaker_threshold = 1", "breaker_cooldown = \"60s\""],
     )
     .await;
-    let (status, _, _) = oci_error(get(&proxy, "manifests/v1").await).await;
+    assert_eq!(get(&proxy, "manifests/v1").await.status(), StatusCode::OK);
+    fake.set_fault("/manifests/", Fault::status(500));
+    let (status, _, _) = oci_error(get(&proxy, "manifests/v2").await).await;
     assert_eq!(
         status,
         StatusCode::BAD_GATEWAY,
         "the failure opens the circuit"
     );
+    assert_eq!(transitions(&proxy, "open").await, 1.0);
 
-    // After the cooldown, the first request through is the probe: a tag listing (passed
-    // through, not run in a task of its own) whose client gives up while the upstream hangs.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The next miss is the probe: a tag listing (passed through, not run in a task of its
+    // own) whose client gives up while the upstream hangs.
     fake.set_fault("/tags/list", Fault::Hang);
     let abandoned = reqwest::Client::builder()
         .no_proxy()
@@ -648,11 +743,19 @@ async fn circuit_recovers_after_a_half_open_probe_is_abandoned_by_its_client() {
     );
 
     fake.clear_faults();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let response = get(&proxy, "manifests/v1").await;
-    assert_eq!(
-        response.status(),
-        StatusCode::OK,
-        "a healthy upstream is asked again once the abandoned probe is gone"
-    );
+    // Poll briefly: the server notices the client's disconnect asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = get(&proxy, &format!("blobs/{}", image.layer_digest())).await;
+        if response.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a healthy upstream is asked again once the abandoned probe is gone: {}",
+            response.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(transitions(&proxy, "closed").await, 1.0);
 }

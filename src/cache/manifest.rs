@@ -1,17 +1,19 @@
 //! Manifests: by digest from memory, then disk (verified on load), then the upstream; by tag
-//! from the index while the tag is fresh, otherwise from the upstream, and served stale when the
-//! upstream cannot be reached.
+//! from the index while the tag is fresh (see `revalidate`), otherwise revalidated with the
+//! upstream — waiting at most `cache.revalidate_timeout` when a cached copy may be served
+//! stale — and served stale when the upstream cannot be asked in time.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::revalidate::Verdict;
 use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
 use crate::oci::{
     manifest_digest, sniff_media_type, Digest, MediaType, Reference, RepoName, Tag,
     MAX_MANIFEST_BYTES,
 };
 use crate::store::{ManifestRecord, Namespace, TagRecord};
-use crate::upstream::{FetchedManifest, UpstreamError};
+use crate::upstream::{FetchedManifest, Need, UpstreamError};
 
 /// Key of a coalesced manifest lookup. The client's `Accept` is part of a tag's key: clients
 /// negotiating different types may get different manifests.
@@ -60,7 +62,13 @@ impl Cache {
             (Arc::clone(self), target.clone(), *digest, accept.to_vec());
         self.coalesced(key, async move {
             let manifest = this
-                .fetch_manifest(&target, &digest.to_string(), Some(&digest), &accept)
+                .fetch_manifest(
+                    &target,
+                    &digest.to_string(),
+                    Some(&digest),
+                    &accept,
+                    Need::Miss,
+                )
                 .await?;
             Ok((manifest, CachePhase::Miss))
         })
@@ -83,71 +91,147 @@ impl Cache {
                 .map(|m| (m, record.confirmed_at)),
             None => None,
         };
-        let age = |confirmed_at: SystemTime| {
-            SystemTime::now()
-                .duration_since(confirmed_at)
-                .unwrap_or_default()
+        let verdict = cached.as_ref().map(|(_, confirmed_at)| {
+            let age = self
+                .clock
+                .now()
+                .duration_since(*confirmed_at)
+                .unwrap_or_default();
+            self.freshness.judge(age)
+        });
+        let fresh = |manifest: &Arc<Manifest>| {
+            Ok(ManifestAnswer {
+                manifest: Arc::clone(manifest),
+                phase: CachePhase::Hit,
+            })
         };
-        if let Some((manifest, confirmed_at)) = &cached {
-            if age(*confirmed_at) < self.tag_ttl || upstream.is_offline() {
-                return Ok(ManifestAnswer {
-                    manifest: Arc::clone(manifest),
-                    phase: CachePhase::Hit,
-                });
-            }
+        match (&cached, verdict) {
+            (Some((manifest, _)), _) if upstream.is_offline() => return fresh(manifest),
+            (Some((manifest, _)), Some(Verdict::Fresh)) => return fresh(manifest),
+            _ => {}
         }
         let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());
-        if cached.is_none() && self.negative.contains_key(&negative_key) {
+        let remembered_404 = cached.is_none()
+            && self
+                .negative
+                .get(&negative_key)
+                .await
+                .is_some_and(|at| self.clock.instant().duration_since(at) < self.negative_ttl);
+        if remembered_404 {
             return Err(CacheError::Upstream(Arc::new(UpstreamError::NotFound {
                 upstream: upstream.name().to_owned(),
             })));
         }
-        let key = FlightKey::Tag(
-            namespace.clone(),
-            target.repo.clone(),
-            tag.clone(),
-            accept.join(","),
-        );
-        let cached_digest = cached.as_ref().map(|(m, _)| m.digest);
-        let (this, flight_target, flight_tag, flight_accept) = (
-            Arc::clone(self),
-            target.clone(),
-            tag.clone(),
-            accept.to_vec(),
-        );
-        let result = self
-            .coalesced(key, async move {
-                this.refresh_tag(&flight_target, &flight_tag, &flight_accept, cached_digest)
-                    .await
+        let stale_ok = match verdict {
+            Some(Verdict::Revalidate { stale_ok }) => stale_ok,
+            Some(Verdict::ServeAndRevalidate | Verdict::Fresh) => true,
+            None => false,
+        };
+        let flight = self.revalidation(target, tag, accept, cached.as_ref(), stale_ok);
+        let stale = |manifest: Arc<Manifest>, why: &dyn std::fmt::Display| {
+            tracing::warn!(
+                upstream = upstream.name(),
+                repo = %target.repo,
+                %tag,
+                reason = %why,
+                "serving the cached manifest stale"
+            );
+            self.metrics.stale_served.inc();
+            Ok(ManifestAnswer {
+                manifest,
+                phase: CachePhase::Stale,
             })
-            .await;
+        };
+        let result = match (cached.clone(), verdict) {
+            (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
+                // RFC 5861: answer now, let the revalidation update the tag for the next client.
+                tokio::spawn(flight);
+                tracing::debug!(
+                    repo = %target.repo,
+                    %tag,
+                    "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
+                );
+                self.metrics.stale_served.inc();
+                return Ok(ManifestAnswer {
+                    manifest,
+                    phase: CachePhase::Stale,
+                });
+            }
+            (Some((manifest, _)), _) if stale_ok => {
+                // The revalidation runs in its own task (see `SingleFlight`): when the deadline
+                // passes it goes on, and its answer updates the tag for the next client.
+                match tokio::time::timeout(self.revalidate_timeout, flight).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        self.metrics
+                            .revalidation_deadlines
+                            .with_label_values(&[upstream.name()])
+                            .inc();
+                        let why = format!(
+                            "revalidation not answered within {:?}; it goes on in the background",
+                            self.revalidate_timeout
+                        );
+                        return stale(manifest, &why);
+                    }
+                }
+            }
+            _ => flight.await,
+        };
         let err = match result {
             Ok(answer) => return Ok(answer),
             Err(err) => err,
         };
         let not_found = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::NotFound { .. }));
         if not_found && !self.negative_ttl.is_zero() {
-            self.negative.insert(negative_key, ()).await;
+            self.negative
+                .insert(negative_key, self.clock.instant())
+                .await;
         }
         match cached {
-            Some((manifest, confirmed_at))
-                if (is_unavailable(&err) || (not_found && self.serve_stale_on_404))
-                    && age(confirmed_at) < self.tag_ttl + self.max_stale =>
+            Some((manifest, _))
+                if stale_ok
+                    && (err.class().unavailable || (not_found && self.serve_stale_on_404)) =>
             {
-                tracing::warn!(
-                    upstream = upstream.name(),
-                    repo = %target.repo,
-                    %tag,
-                    error = %err,
-                    "cannot revalidate tag; serving the cached manifest stale"
-                );
-                self.metrics.stale_served.inc();
-                Ok(ManifestAnswer {
-                    manifest,
-                    phase: CachePhase::Stale,
-                })
+                stale(manifest, &err)
             }
             _ => Err(err),
+        }
+    }
+
+    /// The coalesced revalidation (or first fetch) of a tag, not started until polled. Runs in
+    /// its own task once started, so dropping this future does not stop it.
+    fn revalidation(
+        self: &Arc<Self>,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+        cached: Option<&(Arc<Manifest>, SystemTime)>,
+        stale_ok: bool,
+    ) -> impl std::future::Future<Output = Result<ManifestAnswer, CacheError>> + Send + 'static
+    {
+        let (_, namespace) = self.upstream(target);
+        let key = FlightKey::Tag(
+            namespace.clone(),
+            target.repo.clone(),
+            tag.clone(),
+            accept.join(","),
+        );
+        let cached_digest = cached.map(|(m, _)| m.digest);
+        let need = if stale_ok {
+            Need::HasFallback
+        } else {
+            Need::Miss
+        };
+        let this = Arc::clone(self);
+        let (target, tag, accept) = (target.clone(), tag.clone(), accept.to_vec());
+        async move {
+            let worker = Arc::clone(&this);
+            this.coalesced(key, async move {
+                worker
+                    .refresh_tag(&target, &tag, &accept, cached_digest, need)
+                    .await
+            })
+            .await
         }
     }
 
@@ -159,18 +243,19 @@ impl Cache {
         tag: &Tag,
         accept: &[String],
         cached_digest: Option<Digest>,
+        need: Need,
     ) -> Result<FlightValue, CacheError> {
         let (upstream, namespace) = self.upstream(target);
         let confirm = |digest: Digest| {
             let record = TagRecord {
                 digest,
-                confirmed_at: SystemTime::now(),
+                confirmed_at: self.clock.now(),
             };
             self.index.put_tag(namespace, &target.repo, tag, &record)
         };
         if let Some(cached_digest) = cached_digest {
             let head = upstream
-                .head_manifest(&target.repo, tag.as_str(), accept)
+                .head_manifest(&target.repo, tag.as_str(), accept, need)
                 .await?;
             if head.is_some_and(|(digest, _)| digest == cached_digest) {
                 if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
@@ -180,7 +265,7 @@ impl Cache {
             }
         }
         let manifest = self
-            .fetch_manifest(target, tag.as_str(), None, accept)
+            .fetch_manifest(target, tag.as_str(), None, accept, need)
             .await?;
         confirm(manifest.digest)?;
         let phase = if cached_digest.is_some() {
@@ -271,6 +356,7 @@ impl Cache {
         reference: &str,
         expected: Option<&Digest>,
         accept: &[String],
+        need: Need,
     ) -> Result<Arc<Manifest>, CacheError> {
         let (upstream, namespace) = self.upstream(target);
         if upstream.is_offline() {
@@ -279,7 +365,7 @@ impl Cache {
             });
         }
         let fetched = upstream
-            .get_manifest(&target.repo, reference, accept)
+            .get_manifest(&target.repo, reference, accept, need)
             .await?;
         let manifest = verify_manifest(fetched, expected)?;
         let store = Arc::clone(&self.store);
@@ -301,13 +387,6 @@ impl Cache {
             .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
             .await;
         Ok(manifest)
-    }
-}
-
-fn is_unavailable(err: &CacheError) -> bool {
-    match err.root() {
-        CacheError::Upstream(err) => err.is_unavailable(),
-        _ => false,
     }
 }
 

@@ -11,6 +11,7 @@ mod evict;
 mod fill;
 mod flight;
 mod manifest;
+mod revalidate;
 
 pub use evict::EvictionReport;
 
@@ -20,11 +21,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
 use crate::store::{BlobStore, Index, Namespace, StoreError};
-use crate::upstream::{ClientBuildError, PassThrough, UpstreamClient, UpstreamError};
+pub use crate::upstream::{Answer, ErrorClass, Origin};
+use crate::upstream::{ClientBuildError, Health, PassThrough, UpstreamClient, UpstreamError};
 pub(crate) use fill::READ_CHUNK;
 use fill::{FillReader, Fills, Role};
 
@@ -71,6 +74,50 @@ impl CacheError {
         match self {
             Self::Shared(inner) => inner.root(),
             other => other,
+        }
+    }
+}
+
+impl CacheError {
+    /// The one classification of this error (see [`UpstreamError::class`]); `http/error.rs`
+    /// only maps it.
+    pub fn class(&self) -> ErrorClass {
+        let ours = |origin, answer| ErrorClass {
+            origin,
+            answer,
+            retryable: false,
+            health: Health::Unknown,
+            unavailable: false,
+            reason: None,
+        };
+        match self.root() {
+            Self::Upstream(err) => err.class(),
+            Self::DigestMismatch { .. } | Self::NotAManifest => {
+                ours(Origin::Upstream, Answer::BadContent)
+            }
+            Self::NotCachedOffline { .. } => ours(Origin::Client, Answer::Unknown),
+            Self::Busy => ours(Origin::Overload, Answer::Busy),
+            Self::Store(_) | Self::FillAborted | Self::Shared(_) => {
+                ours(Origin::Internal, Answer::Internal)
+            }
+        }
+    }
+
+    /// The upstream the error is about, if any.
+    pub fn upstream(&self) -> Option<&str> {
+        match self.root() {
+            Self::Upstream(err) => Some(err.upstream()),
+            Self::NotCachedOffline { upstream } => Some(upstream),
+            _ => None,
+        }
+    }
+
+    /// The `Retry-After` to send, if any.
+    pub fn retry_after(&self) -> Option<String> {
+        match self.root() {
+            Self::Upstream(err) => err.retry_after(),
+            Self::Busy => Some("1".to_owned()),
+            _ => None,
         }
     }
 }
@@ -271,10 +318,15 @@ pub struct Cache {
     fills: Arc<Fills>,
     fill_permits: Arc<Semaphore>,
     manifest_flights: Arc<flight::SingleFlight<manifest::FlightKey, manifest::FlightValue>>,
-    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0).
-    negative: moka::future::Cache<(Namespace, RepoName, crate::oci::Tag), ()>,
-    tag_ttl: Duration,
-    max_stale: Duration,
+    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0), with
+    /// when it said so on `clock` (moka's own expiry, on real time, only bounds memory).
+    negative: moka::future::Cache<(Namespace, RepoName, crate::oci::Tag), std::time::Instant>,
+    /// When a cached tag is served, revalidated, or given up.
+    freshness: revalidate::Freshness,
+    /// How long a client waits for a revalidation before it is served the cached tag stale.
+    revalidate_timeout: Duration,
+    /// What "now" is for tag ages (tests advance it).
+    clock: Clock,
     serve_stale_on_404: bool,
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
@@ -312,10 +364,24 @@ impl Cache {
         index: Index,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
+        Self::with_clock(config, store, index, metrics, Clock::system())
+    }
+
+    /// [`Cache::new`] with the clock that tag freshness and the circuit breakers read.
+    ///
+    /// # Errors
+    /// [`BuildError`] when an upstream client cannot be built.
+    pub fn with_clock(
+        config: &Config,
+        store: BlobStore,
+        index: Index,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Result<Self, BuildError> {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| UpstreamClient::new(u, Arc::clone(&metrics)).map(Arc::new))
+            .map(|u| UpstreamClient::new(u, Arc::clone(&metrics), clock.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         for upstream in &config.upstreams {
             metrics.init_upstream(&upstream.name);
@@ -347,8 +413,13 @@ impl Cache {
                 .max_capacity(100_000)
                 .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
-            tag_ttl: config.tag_ttl,
-            max_stale: config.max_stale,
+            freshness: revalidate::Freshness {
+                tag_ttl: config.tag_ttl,
+                stale_while_revalidate: config.stale_while_revalidate,
+                max_stale: config.max_stale,
+            },
+            revalidate_timeout: config.revalidate_timeout,
+            clock,
             serve_stale_on_404: config.serve_stale_on_404,
             negative_ttl: config.negative_ttl,
             metrics,

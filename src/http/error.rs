@@ -1,4 +1,6 @@
 //! [`ApiError`]: the only place where domain errors become HTTP statuses and OCI error codes.
+//! What an error is (whose fault, what kind of answer) is decided by its `class()` where it is
+//! made; this module only maps the answer kind to a status, a code and a message.
 //!
 //! The client gets the external message in the OCI JSON error form; the internal cause is kept
 //! for the request log line.
@@ -7,18 +9,10 @@ use http::{HeaderValue, StatusCode};
 use serde::Serialize;
 
 use super::body::{self, Body};
-use crate::cache::CacheError;
+pub(crate) use crate::cache::Origin;
+use crate::cache::{Answer, CacheError};
 use crate::oci::ParseError;
 use crate::routing::ResolveError;
-use crate::upstream::UpstreamError;
-
-/// Where a failure came from; drives the status class and the log level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Origin {
-    Client,
-    Upstream,
-    Internal,
-}
 
 /// An error response.
 #[derive(Debug)]
@@ -61,19 +55,6 @@ impl ApiError {
         }
     }
 
-    fn upstream(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<String>,
-        cause: &dyn std::fmt::Display,
-    ) -> Self {
-        Self {
-            internal: Some(cause.to_string()),
-            origin: Origin::Upstream,
-            ..Self::new(status, code, message)
-        }
-    }
-
     pub(crate) fn unsupported(message: impl Into<String>) -> Self {
         Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
     }
@@ -112,118 +93,82 @@ impl ApiError {
         }
     }
 
-    /// Maps a cache error; `unknown_code` is `MANIFEST_UNKNOWN` or `BLOB_UNKNOWN`.
+    /// Maps a cache error by its [`CacheError::class`]; `unknown_code` is `MANIFEST_UNKNOWN`
+    /// or `BLOB_UNKNOWN`.
     pub(crate) fn from_cache(err: &CacheError, unknown_code: &'static str) -> Self {
-        let cause: &dyn std::fmt::Display = err;
-        match err.root() {
-            CacheError::Upstream(upstream_err) => {
-                Self::from_upstream(upstream_err, unknown_code, cause)
-            }
-            CacheError::DigestMismatch { .. } | CacheError::NotAManifest => Self::upstream(
-                StatusCode::BAD_GATEWAY,
-                "DIGEST_INVALID",
-                "the upstream sent content that does not match its digest",
-                cause,
-            ),
-            CacheError::NotCachedOffline { upstream } => Self::upstream(
+        let class = err.class();
+        let upstream = err.upstream().unwrap_or("(none)");
+        let (status, code, message) = match class.answer {
+            Answer::Unknown if matches!(err.root(), CacheError::NotCachedOffline { .. }) => (
                 StatusCode::NOT_FOUND,
                 unknown_code,
                 format!("not cached, and upstream {upstream} is offline"),
-                cause,
             ),
-            CacheError::Busy => Self {
-                retry_after: Some("1".to_owned()),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "TOOMANYREQUESTS",
-                    "too many upstream fills in progress",
-                )
-            },
-            CacheError::Store(_) | CacheError::FillAborted | CacheError::Shared(_) => Self {
-                internal: Some(cause.to_string()),
-                ..Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "UNKNOWN",
-                    "internal error",
-                )
-            },
-        }
-    }
-
-    fn from_upstream(
-        err: &UpstreamError,
-        unknown_code: &'static str,
-        cause: &dyn std::fmt::Display,
-    ) -> Self {
-        match err {
-            UpstreamError::NotFound { upstream } => Self::upstream(
+            Answer::Unknown => (
                 StatusCode::NOT_FOUND,
                 unknown_code,
                 format!("not found on upstream {upstream}"),
-                cause,
             ),
-            UpstreamError::Denied { upstream, .. } => Self::upstream(
+            Answer::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHORIZED",
                 format!(
                     "upstream {upstream} denied access; check the credentials configured for it"
                 ),
-                cause,
             ),
-            UpstreamError::TooManyRequests {
-                upstream,
-                retry_after,
-            } => Self {
-                retry_after: retry_after.clone(),
-                ..Self::upstream(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TOOMANYREQUESTS",
-                    format!("upstream {upstream} is rate-limiting"),
-                    cause,
-                )
-            },
-            UpstreamError::CircuitOpen { upstream, retry_in } => Self {
-                // Rounded up: a client honouring it must not come back while still open.
-                retry_after: Some(
-                    (retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0))
-                        .max(1)
-                        .to_string(),
-                ),
-                ..Self::upstream(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    format!("upstream {upstream} is marked down after repeated failures"),
-                    cause,
-                )
-            },
-            UpstreamError::Offline { upstream } => Self::upstream(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                format!("upstream {upstream} is offline"),
-                cause,
+            Answer::RateLimited => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOOMANYREQUESTS",
+                format!("upstream {upstream} is rate-limiting"),
             ),
-            UpstreamError::Unreachable { upstream, source } if source.is_timeout() => {
-                Self::upstream(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "UNAVAILABLE",
-                    format!("upstream {upstream} timed out"),
-                    cause,
-                )
-            }
-            UpstreamError::Unreachable { upstream, .. }
-            | UpstreamError::Status { upstream, .. }
-            | UpstreamError::Token { upstream, .. } => Self::upstream(
+            Answer::BadGateway => (
                 StatusCode::BAD_GATEWAY,
                 "UNAVAILABLE",
                 format!("upstream {upstream} is unavailable"),
-                cause,
             ),
-            UpstreamError::TooLarge { upstream, limit } => Self::upstream(
+            Answer::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "UNAVAILABLE",
+                format!("upstream {upstream} timed out"),
+            ),
+            Answer::MarkedDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("upstream {upstream} is marked down after repeated failures"),
+            ),
+            Answer::Offline => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("upstream {upstream} is offline"),
+            ),
+            Answer::BadContent => (
+                StatusCode::BAD_GATEWAY,
+                "DIGEST_INVALID",
+                "the upstream sent content that does not match its digest".to_owned(),
+            ),
+            Answer::TooLarge => (
                 StatusCode::BAD_GATEWAY,
                 "MANIFEST_INVALID",
-                format!("upstream {upstream} sent a manifest over {limit} bytes"),
-                cause,
+                format!("upstream {upstream} sent a manifest larger than regcache accepts"),
             ),
+            Answer::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TOOMANYREQUESTS",
+                "too many upstream fills in progress".to_owned(),
+            ),
+            Answer::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNKNOWN",
+                "internal error".to_owned(),
+            ),
+        };
+        Self {
+            status,
+            code,
+            message,
+            internal: Some(err.to_string()),
+            origin: class.origin,
+            retry_after: err.retry_after(),
         }
     }
 

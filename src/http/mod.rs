@@ -124,7 +124,7 @@ pub(crate) async fn serve(
         Some((error::Origin::Internal, cause)) => {
             tracing::error!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")
         }
-        Some((error::Origin::Upstream, cause)) => {
+        Some((error::Origin::Upstream | error::Origin::Overload, cause)) => {
             tracing::warn!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")
         }
         Some((error::Origin::Client, cause)) => {

@@ -1,36 +1,141 @@
-//! A per-upstream circuit breaker: after `threshold` consecutive failures (connection errors,
-//! timeouts, 5xx) the upstream is considered down for `cooldown`, and requests fail at once
-//! instead of each paying a timeout. After the cooldown one probe request is let through; a
-//! success closes the circuit, a failure opens it again.
+//! A per-upstream circuit breaker, so that a sick upstream costs one waiting request, not one
+//! per client, and the first request after it recovers succeeds.
+//!
+//! The state machine (also in ARCHITECTURE.md):
+//!
+//! - **Closed**: requests go out. Each request that fails (after its retries: one request, one
+//!   failure) adds one to a count of consecutive failures; any answer resets it. At `threshold`
+//!   the circuit opens with `cooldown` = `breaker_cooldown`.
+//! - **Open** until `retry_at`: a request that has something else to serve (a tag revalidation
+//!   with a cached copy) fails fast; a miss, which has nothing to fall back to, may go out as
+//!   the **probe** — one probe in flight at a time, sent once without retries; every other
+//!   request fails fast (`503` with `Retry-After`). After `retry_at` any request may probe.
+//! - The probe's answer closes the circuit. A failed probe re-opens it with the cooldown
+//!   doubled (at most [`MAX_BACKOFF`] × `breaker_cooldown`) from now; a probe that ends without
+//!   a verdict (its caller went away, or the answer said nothing about health) only frees the
+//!   probe slot.
+//!
+//! Every decision takes `now` from the breaker's [`Clock`], so the machine is tested with
+//! fabricated instants.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::clock::Clock;
+
+/// The cooldown after repeated failed probes is at most this many times `breaker_cooldown`.
+pub(crate) const MAX_BACKOFF: u32 = 8;
 
 #[derive(Debug)]
 pub(crate) struct Breaker {
     threshold: u32,
     cooldown: Duration,
-    // A std mutex: a few integer updates, never held across an await.
+    clock: Clock,
+    // A std mutex: a few field updates, never held across an await.
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    consecutive_failures: u32,
-    open_until: Option<Instant>,
-    /// A probe is in flight after the cooldown; others keep failing fast until it reports.
-    probing: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Closed {
+        consecutive_failures: u32,
+    },
+    Open {
+        /// Until then only misses may probe.
+        retry_at: Instant,
+        /// The cooldown that set `retry_at`; doubled by each failed probe.
+        cooldown: Duration,
+        /// A probe is in flight; every other request fails fast.
+        probing: bool,
+    },
 }
 
-/// A probe in flight; see [`Breaker::check`].
-#[derive(Debug)]
-pub(crate) struct Probe<'a>(&'a Breaker);
+/// Whether the caller has something to serve if the upstream cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: a miss. May probe an open circuit.
+    Miss,
+    /// A cached copy (a tag revalidation): fails fast while the circuit is open.
+    HasFallback,
+}
 
-impl Drop for Probe<'_> {
+/// A change of state, for the log and the transition metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    Opened,
+    Closed,
+}
+
+/// Permission to send one request; a probe when the circuit is open. Dropping it without
+/// recording a verdict frees the probe slot, so a probe whose caller was cancelled (a client
+/// that went away) cannot wedge the circuit.
+#[derive(Debug)]
+pub(crate) struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+}
+
+impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        // Recorded results already cleared the flag; this covers a probe that never reported.
-        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.probing = false;
+        if self.probe {
+            let mut state = self.breaker.lock();
+            if let State::Open { probing, .. } = &mut *state {
+                *probing = false;
+            }
+        }
+    }
+}
+
+impl Permit<'_> {
+    /// Whether this request is the probe of an open circuit (sent once, without retries).
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// The upstream answered (any status that is not its failure): closes the circuit.
+    pub(crate) fn succeeded(self) -> Option<Transition> {
+        let mut state = self.breaker.lock();
+        let was_open = matches!(*state, State::Open { .. });
+        *state = State::Closed {
+            consecutive_failures: 0,
+        };
+        was_open.then_some(Transition::Closed)
+    }
+
+    /// The upstream failed this request (after its retries).
+    pub(crate) fn failed(self) -> Option<Transition> {
+        let now = self.breaker.clock.instant();
+        let mut state = self.breaker.lock();
+        match *state {
+            State::Closed {
+                consecutive_failures,
+            } => {
+                let failures = consecutive_failures.saturating_add(1);
+                if failures < self.breaker.threshold {
+                    *state = State::Closed {
+                        consecutive_failures: failures,
+                    };
+                    return None;
+                }
+                *state = State::Open {
+                    retry_at: now + self.breaker.cooldown,
+                    cooldown: self.breaker.cooldown,
+                    probing: false,
+                };
+                Some(Transition::Opened)
+            }
+            State::Open { cooldown, .. } if self.probe => {
+                let cooldown = (cooldown * 2).min(self.breaker.cooldown * MAX_BACKOFF);
+                *state = State::Open {
+                    retry_at: now + cooldown,
+                    cooldown,
+                    probing: false,
+                };
+                None
+            }
+            // A request let through before the circuit opened: already counted by others.
+            State::Open { .. } => None,
+        }
     }
 }
 
@@ -39,56 +144,54 @@ impl Drop for Probe<'_> {
 pub(crate) struct Open(pub(crate) Duration);
 
 impl Breaker {
-    pub(crate) fn new(threshold: u32, cooldown: Duration) -> Self {
+    pub(crate) fn new(threshold: u32, cooldown: Duration, clock: Clock) -> Self {
         Self {
             threshold: threshold.max(1),
             cooldown,
-            state: Mutex::new(State::default()),
+            clock,
+            state: Mutex::new(State::Closed {
+                consecutive_failures: 0,
+            }),
         }
     }
 
-    /// Whether a request may go out now. After the cooldown, the one request let through is
-    /// the probe; the returned guard ends the probe when dropped, so a probe whose caller was
-    /// cancelled (a client that went away) cannot keep the circuit open forever.
-    pub(crate) fn check(&self) -> Result<Option<Probe<'_>>, Open> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(open_until) = state.open_until else {
-            return Ok(None);
-        };
-        let now = Instant::now();
-        if now < open_until {
-            return Err(Open(open_until - now));
-        }
-        if state.probing {
-            return Err(Open(Duration::from_secs(1)));
-        }
-        state.probing = true;
-        Ok(Some(Probe(self)))
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The upstream answered (any status below 500).
-    pub(crate) fn record_success(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        *state = State::default();
-    }
-
-    /// The upstream failed (connection, timeout, 5xx). Returns true when this opened the circuit.
-    pub(crate) fn record_failure(&self) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-        let was_probe = std::mem::take(&mut state.probing);
-        if was_probe || state.consecutive_failures >= self.threshold {
-            let newly_open = state.open_until.is_none_or(|until| Instant::now() >= until);
-            state.open_until = Some(Instant::now() + self.cooldown);
-            return newly_open;
+    /// Whether a request may go out now; see the module doc for who may probe.
+    ///
+    /// # Errors
+    /// [`Open`] with the time until a request with a fallback may probe.
+    pub(crate) fn check(&self, need: Need) -> Result<Permit<'_>, Open> {
+        let now = self.clock.instant();
+        let mut state = self.lock();
+        match &mut *state {
+            State::Closed { .. } => Ok(Permit {
+                breaker: self,
+                probe: false,
+            }),
+            State::Open {
+                retry_at, probing, ..
+            } => {
+                let wait = retry_at.saturating_duration_since(now);
+                if *probing || (need == Need::HasFallback && !wait.is_zero()) {
+                    // While a probe is in flight, its verdict is at most a timeout away.
+                    return Err(Open(wait.max(Duration::from_secs(1))));
+                }
+                *probing = true;
+                Ok(Permit {
+                    breaker: self,
+                    probe: true,
+                })
+            }
         }
-        false
     }
 
-    /// Whether the circuit is open now (for health reporting).
+    /// Whether the circuit is open (for health reporting): from the failure that opened it to
+    /// the answer that closes it.
     pub(crate) fn is_open(&self) -> bool {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.open_until.is_some_and(|until| Instant::now() < until)
+        matches!(*self.lock(), State::Open { .. })
     }
 }
 
@@ -96,51 +199,92 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    const COOLDOWN: Duration = Duration::from_secs(10);
+
+    fn breaker(threshold: u32) -> (Breaker, Clock) {
+        let clock = Clock::adjustable();
+        (Breaker::new(threshold, COOLDOWN, clock.clone()), clock)
+    }
+
+    fn fail(breaker: &Breaker, need: Need) -> Option<Transition> {
+        breaker.check(need).expect("a permit").failed()
+    }
+
     #[test]
-    fn opens_after_threshold_and_probes_after_cooldown() {
-        let breaker = Breaker::new(3, Duration::from_millis(30));
-        assert!(breaker.check().is_ok());
-        assert!(!breaker.record_failure());
-        assert!(!breaker.record_failure());
-        assert!(
-            breaker.record_failure(),
-            "the third failure opens the circuit"
-        );
-        assert!(breaker.check().is_err());
+    fn opens_after_threshold_requests_fail() {
+        let (breaker, _) = breaker(3);
+        assert_eq!(fail(&breaker, Need::Miss), None);
+        assert_eq!(fail(&breaker, Need::Miss), None);
+        assert_eq!(fail(&breaker, Need::Miss), Some(Transition::Opened));
         assert!(breaker.is_open());
-        std::thread::sleep(Duration::from_millis(40));
-        let probe = breaker.check().expect("one probe after the cooldown");
-        assert!(probe.is_some());
-        assert!(breaker.check().is_err(), "only one probe at a time");
-        breaker.record_failure();
-        drop(probe);
-        assert!(breaker.check().is_err(), "a failed probe reopens");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(breaker.check().is_ok());
-        breaker.record_success();
-        assert!(breaker.check().is_ok());
+    }
+
+    #[test]
+    fn an_answer_resets_the_count() {
+        let (breaker, _) = breaker(2);
+        fail(&breaker, Need::Miss);
+        assert_eq!(breaker.check(Need::Miss).expect("permit").succeeded(), None);
+        assert_eq!(fail(&breaker, Need::Miss), None, "the count restarted");
         assert!(!breaker.is_open());
     }
 
     #[test]
-    fn an_abandoned_probe_lets_the_next_request_probe() {
-        let breaker = Breaker::new(1, Duration::from_millis(10));
-        breaker.record_failure();
-        std::thread::sleep(Duration::from_millis(20));
-        let probe = breaker.check().expect("probe");
-        drop(probe);
+    fn while_open_a_miss_probes_at_once_and_others_fail_fast() {
+        let (breaker, _) = breaker(1);
+        fail(&breaker, Need::Miss);
+        let open = breaker
+            .check(Need::HasFallback)
+            .expect_err("a request with a fallback does not probe during the cooldown");
+        assert!(open.0 <= COOLDOWN && open.0 > COOLDOWN - Duration::from_secs(1));
+        let probe = breaker.check(Need::Miss).expect("a miss may probe at once");
+        assert!(breaker.check(Need::Miss).is_err(), "one probe at a time");
+        assert_eq!(probe.succeeded(), Some(Transition::Closed));
+        assert!(!breaker.is_open());
+        assert!(breaker.check(Need::HasFallback).is_ok());
+    }
+
+    #[test]
+    fn failed_probes_back_off_the_cooldown_up_to_the_cap() {
+        let (breaker, clock) = breaker(1);
+        fail(&breaker, Need::Miss);
+        let mut expected = COOLDOWN;
+        for _ in 0..6 {
+            expected = (expected * 2).min(COOLDOWN * MAX_BACKOFF);
+            assert_eq!(fail(&breaker, Need::Miss), None, "still open");
+            let wait = breaker.check(Need::HasFallback).expect_err("open").0;
+            assert!(
+                wait <= expected && wait > expected - Duration::from_secs(1),
+                "{wait:?} vs {expected:?}"
+            );
+        }
+        assert_eq!(expected, COOLDOWN * MAX_BACKOFF);
+        clock.advance(expected);
+        let probe = breaker
+            .check(Need::HasFallback)
+            .expect("after the cooldown anyone may probe");
+        assert_eq!(probe.succeeded(), Some(Transition::Closed));
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_slot_and_keeps_the_circuit_open() {
+        let (breaker, _) = breaker(1);
+        fail(&breaker, Need::Miss);
+        drop(breaker.check(Need::Miss).expect("probe"));
+        assert!(breaker.is_open());
         assert!(
-            breaker.check().is_ok(),
+            breaker.check(Need::Miss).is_ok(),
             "a dropped probe must not wedge the circuit"
         );
     }
 
     #[test]
-    fn a_success_resets_the_count() {
-        let breaker = Breaker::new(2, Duration::from_secs(60));
-        breaker.record_failure();
-        breaker.record_success();
-        assert!(!breaker.record_failure());
-        assert!(breaker.check().is_ok());
+    fn a_late_failure_of_a_request_sent_while_closed_does_not_extend_the_cooldown() {
+        let (breaker, _) = breaker(1);
+        let early = breaker.check(Need::Miss).expect("closed");
+        fail(&breaker, Need::Miss);
+        let before = breaker.check(Need::HasFallback).expect_err("open").0;
+        assert_eq!(early.failed(), None);
+        let after = breaker.check(Need::HasFallback).expect_err("open").0;
+        assert!(after <= before);
     }
 }

@@ -7,6 +7,7 @@
 
 mod auth;
 mod breaker;
+mod class;
 
 use std::time::Duration;
 
@@ -16,20 +17,34 @@ use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
 use http::{HeaderMap, Method, StatusCode};
 use reqwest::RequestBuilder;
 
+use crate::clock::Clock;
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
 use auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
-use breaker::Breaker;
+pub use breaker::Need;
+use breaker::{Breaker, Transition};
+pub use class::{Answer, ErrorClass, Health, Origin};
 
 /// Attempts per idempotent request (the first try and two retries) for connection errors and
 /// 502/503/504.
 const MAX_ATTEMPTS: u32 = 3;
 /// First retry delay; doubled per retry, plus up to 100% jitter.
 const RETRY_BASE: Duration = Duration::from_millis(100);
+/// Repositories remembered as answered, per upstream.
+const ANSWERED_REPOSITORIES: u64 = 10_000;
 
-/// Why an upstream request failed. Every variant is the upstream's (or the network's) fault
-/// except `Offline`, which is configuration.
+/// What a request is for: its metric kind, its repository and whether the caller has a
+/// fallback (see [`Need`]).
+#[derive(Debug, Clone, Copy)]
+struct Request<'a> {
+    kind: &'static str,
+    repo: &'a RepoName,
+    need: Need,
+}
+
+/// Why an upstream request failed. What each variant means for retries, the circuit breaker,
+/// serving stale, metrics and the client is decided once, in [`UpstreamError::class`].
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// The upstream is configured offline; it is never contacted.
@@ -105,37 +120,6 @@ pub enum UpstreamError {
     },
 }
 
-impl UpstreamError {
-    /// The `reason` label of `regcache_upstream_errors_total`, or `None` when this is an
-    /// answer about content rather than a failure (404).
-    pub fn metric_reason(&self) -> Option<&'static str> {
-        Some(match self {
-            Self::Unreachable { source, .. } if source.is_timeout() => "timeout",
-            Self::Unreachable { .. } => "connect",
-            Self::TooManyRequests { .. } => "429",
-            Self::Status { status, .. } if status.is_server_error() => "5xx",
-            Self::Status { .. } | Self::Denied { .. } | Self::TooLarge { .. } => "4xx",
-            Self::Token { .. } => "token",
-            Self::CircuitOpen { .. } => "circuit_open",
-            Self::NotFound { .. } | Self::Offline { .. } => return None,
-        })
-    }
-
-    /// Whether the cause is the upstream being unavailable (as opposed to an answer about the
-    /// content), so that cached content may be served stale instead.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            Self::Offline { .. }
-            | Self::Unreachable { .. }
-            | Self::TooManyRequests { .. }
-            | Self::CircuitOpen { .. } => true,
-            Self::Status { status, .. } => status.is_server_error(),
-            Self::Token { .. } => true,
-            Self::NotFound { .. } | Self::Denied { .. } | Self::TooLarge { .. } => false,
-        }
-    }
-}
-
 /// A manifest as the upstream sent it.
 #[derive(Debug)]
 pub struct FetchedManifest {
@@ -191,6 +175,9 @@ pub struct UpstreamClient {
     basic_seen: std::sync::atomic::AtomicBool,
     offline: bool,
     breaker: Breaker,
+    /// Repositories the upstream answered recently: its 5xx on them are its own failures (see
+    /// [`Health::FailedUnlessProvoked`]). Bounded.
+    answered: moka::future::Cache<RepoName, ()>,
     metrics: std::sync::Arc<Metrics>,
     /// The last failure, for the status page.
     last_error: std::sync::Mutex<Option<(std::time::SystemTime, String)>>,
@@ -212,6 +199,7 @@ impl UpstreamClient {
     pub fn new(
         config: &UpstreamConfig,
         metrics: std::sync::Arc<Metrics>,
+        clock: Clock,
     ) -> Result<Self, ClientBuildError> {
         let build_error = |reason: String| ClientBuildError {
             upstream: config.name.clone(),
@@ -243,7 +231,11 @@ impl UpstreamClient {
             tokens: TokenCache::default(),
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
-            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown),
+            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown, clock),
+            answered: moka::future::Cache::builder()
+                .max_capacity(ANSWERED_REPOSITORIES)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
             metrics,
             last_error: std::sync::Mutex::new(None),
         })
@@ -288,7 +280,8 @@ impl UpstreamClient {
     }
 
     /// Fetches a manifest by tag or digest, asking for the media types in `accept` (the
-    /// client's `Accept` values; every manifest type when empty).
+    /// client's `Accept` values; every manifest type when empty). `need` says whether the
+    /// caller could serve a cached copy instead (it then fails fast while the circuit is open).
     ///
     /// # Errors
     /// [`UpstreamError`]; a body over 4 MiB is [`UpstreamError::TooLarge`].
@@ -297,17 +290,17 @@ impl UpstreamClient {
         repo: &RepoName,
         reference: &str,
         accept: &[String],
+        need: Need,
     ) -> Result<FetchedManifest, UpstreamError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
         let accept = accept_header(accept);
+        let request = Request {
+            kind: "manifest",
+            repo,
+            need,
+        };
         let response = self
-            .send(
-                "manifest",
-                Method::GET,
-                &url,
-                repo,
-                &[("accept", accept.as_str())],
-            )
+            .send(request, Method::GET, &url, &[("accept", accept.as_str())])
             .await?;
         let headers = response.headers().clone();
         let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
@@ -339,7 +332,12 @@ impl UpstreamClient {
         } else {
             &[]
         };
-        let response = self.send("blob", Method::GET, &url, repo, headers).await?;
+        let request = Request {
+            kind: "blob",
+            repo,
+            need: Need::Miss,
+        };
+        let response = self.send(request, Method::GET, &url, headers).await?;
         let (offset, total_size) = if response.status() == StatusCode::PARTIAL_CONTENT {
             let total = header_str(response.headers(), "content-range")
                 .and_then(|v| v.rsplit_once('/'))
@@ -368,7 +366,8 @@ impl UpstreamClient {
     }
 
     /// Asks for a manifest's digest without downloading it (`HEAD`; Docker Hub does not count
-    /// it against the pull rate limit). `None` when the upstream sent no usable digest.
+    /// it against the pull rate limit). `None` when the upstream sent no usable digest. `need`
+    /// as for [`UpstreamClient::get_manifest`].
     ///
     /// # Errors
     /// [`UpstreamError`].
@@ -377,17 +376,17 @@ impl UpstreamClient {
         repo: &RepoName,
         reference: &str,
         accept: &[String],
+        need: Need,
     ) -> Result<Option<(Digest, Option<MediaType>)>, UpstreamError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
         let accept = accept_header(accept);
+        let request = Request {
+            kind: "manifest",
+            repo,
+            need,
+        };
         let response = self
-            .send(
-                "manifest",
-                Method::HEAD,
-                &url,
-                repo,
-                &[("accept", accept.as_str())],
-            )
+            .send(request, Method::HEAD, &url, &[("accept", accept.as_str())])
             .await?;
         let headers = response.headers();
         let digest =
@@ -412,8 +411,13 @@ impl UpstreamClient {
             url.push_str(query);
         }
         let accept = "application/json, application/vnd.oci.image.index.v1+json";
+        let request = Request {
+            kind: "list",
+            repo,
+            need: Need::Miss,
+        };
         let response = self
-            .send("list", Method::GET, &url, repo, &[("accept", accept)])
+            .send(request, Method::GET, &url, &[("accept", accept)])
             .await?;
         let headers = response.headers().clone();
         let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
@@ -466,14 +470,14 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends an idempotent request through the circuit breaker, retrying connection failures
-    /// and 502/503/504 with jittered exponential backoff.
+    /// Sends an idempotent request through the circuit breaker, retrying what
+    /// [`ErrorClass::retryable`] allows with jittered exponential backoff (not a probe). The
+    /// request and its retries are one verdict for the breaker.
     async fn send(
         &self,
-        kind: &'static str,
+        request: Request<'_>,
         method: Method,
         url: &str,
-        repo: &RepoName,
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, UpstreamError> {
         if self.offline {
@@ -481,59 +485,81 @@ impl UpstreamClient {
                 upstream: self.name.clone(),
             });
         }
+        let permit = match self.breaker.check(request.need) {
+            Ok(permit) => permit,
+            Err(open) => {
+                let err = UpstreamError::CircuitOpen {
+                    upstream: self.name.clone(),
+                    retry_in: open.0,
+                };
+                self.record_error("circuit_open", err.to_string());
+                return Err(err);
+            }
+        };
+        // A probe asks once: its verdict matters more than its own success.
+        let max_attempts = if permit.is_probe() { 1 } else { MAX_ATTEMPTS };
         let mut attempt = 1;
-        loop {
-            let _probe = match self.breaker.check() {
-                Ok(probe) => probe,
-                Err(open) => {
-                    let err = UpstreamError::CircuitOpen {
-                        upstream: self.name.clone(),
-                        retry_in: open.0,
-                    };
-                    self.record_error("circuit_open", err.to_string());
-                    return Err(err);
-                }
-            };
-            let timer = self.metrics.upstream_timer(&self.name, kind);
-            let result = self.send_once(method.clone(), url, repo, headers).await;
+        let result = loop {
+            let timer = self.metrics.upstream_timer(&self.name, request.kind);
+            let result = self
+                .send_once(method.clone(), url, request.repo, headers)
+                .await;
             timer.observe_duration();
-            if let Err(err) = &result {
-                if let Some(reason) = err.metric_reason() {
-                    self.record_error(reason, err.to_string());
-                }
+            let Err(err) = &result else { break result };
+            let class = err.class();
+            if let Some(reason) = class.reason {
+                self.record_error(reason, err.to_string());
             }
-            let failed = match &result {
-                Err(UpstreamError::Unreachable { .. }) => true,
-                Err(UpstreamError::Status { status, .. }) => status.is_server_error(),
-                _ => false,
-            };
-            if !failed {
-                self.breaker.record_success();
-                self.metrics
-                    .upstream_up
-                    .with_label_values(&[self.name.as_str()])
-                    .set(1);
-                return result;
-            }
-            if self.breaker.record_failure() {
-                tracing::warn!(upstream = %self.name, "upstream marked down after repeated failures");
-            }
-            self.metrics
-                .upstream_up
-                .with_label_values(&[self.name.as_str()])
-                .set(i64::from(!self.breaker.is_open()));
-            let retryable = match &result {
-                Err(UpstreamError::Unreachable { source, .. }) => source.is_connect(),
-                Err(UpstreamError::Status { status, .. }) => matches!(status.as_u16(), 502..=504),
-                _ => false,
-            };
-            if !retryable || attempt >= MAX_ATTEMPTS {
-                return result;
+            if !class.retryable || attempt >= max_attempts {
+                break result;
             }
             let delay = RETRY_BASE * 2u32.pow(attempt - 1);
             tokio::time::sleep(delay + jitter(delay)).await;
             attempt += 1;
-        }
+        };
+        let health = match &result {
+            Ok(_) => Health::Answered,
+            Err(err) => err.class().health,
+        };
+        let transition = match health {
+            Health::Answered => {
+                if !self.answered.contains_key(request.repo) {
+                    self.answered.insert(request.repo.clone(), ()).await;
+                }
+                permit.succeeded()
+            }
+            Health::Failed => permit.failed(),
+            Health::FailedUnlessProvoked if self.answered.contains_key(request.repo) => {
+                permit.failed()
+            }
+            Health::FailedUnlessProvoked | Health::Unknown => None,
+        };
+        self.breaker_moved(transition);
+        result
+    }
+
+    fn breaker_moved(&self, transition: Option<Transition>) {
+        let Some(transition) = transition else {
+            return;
+        };
+        let (to, up) = match transition {
+            Transition::Opened => {
+                tracing::warn!(upstream = %self.name, "upstream marked down after repeated failures");
+                ("open", 0)
+            }
+            Transition::Closed => {
+                tracing::info!(upstream = %self.name, "upstream answered again; circuit closed");
+                ("closed", 1)
+            }
+        };
+        self.metrics
+            .breaker_transitions
+            .with_label_values(&[self.name.as_str(), to])
+            .inc();
+        self.metrics
+            .upstream_up
+            .with_label_values(&[self.name.as_str()])
+            .set(up);
     }
 
     /// One request: whatever credentials are known, then one answer to a `401` challenge

@@ -8,7 +8,11 @@
 //! - [`token`]: the in-process token server used by `Auth::Token`;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
-//! - [`proxy`]: the proxy under test (owned by the proxy's author).
+//! - [`proxy`]: the proxy under test as a child process (the real binary), and skopeo helpers;
+//! - [`inproc`]: the proxy under test in process, on a port-0 listener, with an adjustable
+//!   clock for TTLs and cooldowns;
+//! - [`faultproxy`]: a switchable TCP proxy (pass, hang, refuse, delay) in front of the real
+//!   upstream.
 //!
 //! Everything listens on 127.0.0.1 only; every wait is bounded in time; child
 //! processes are killed on drop.
@@ -17,7 +21,9 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake;
+pub mod faultproxy;
 pub mod images;
+pub mod inproc;
 pub mod proxy;
 pub mod regclient;
 pub mod token;

@@ -73,25 +73,7 @@ impl TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = storage.unwrap_or_else(|| dir.path().join("data"));
         let port = free_port();
-        // A `[storage]` table in `extra_toml` gets the path line; otherwise one is added.
-        let storage_line = format!("[storage]\npath = \"{}\"\n", storage.display());
-        let (storage_table, extra) = if extra_toml.contains("[storage]\n") {
-            (
-                String::new(),
-                extra_toml.replacen("[storage]\n", &storage_line, 1),
-            )
-        } else {
-            (storage_line, extra_toml.to_owned())
-        };
-        let mut config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage_table}{extra}\n"
-        );
-        for upstream in upstreams {
-            config.push_str(&format!(
-                "[[upstream]]\nname = \"{}\"\nurl = \"{}\"\ndefault = {}\n{}\n",
-                upstream.name, upstream.url, upstream.default, upstream.extra
-            ));
-        }
+        let config = config_text(port, &storage, upstreams, extra_toml);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write proxy config");
         let log_path = dir.path().join("regcache.log");
@@ -237,6 +219,35 @@ impl TestProxy {
         );
         self.spawn().await;
     }
+}
+
+/// The proxy's config file: listening on `127.0.0.1:port`, the store at `storage`, these
+/// upstreams and extra top-level TOML (a `[storage]` table in it gets the path line).
+pub fn config_text(
+    port: u16,
+    storage: &Path,
+    upstreams: &[UpstreamSpec],
+    extra_toml: &str,
+) -> String {
+    let storage_line = format!("[storage]\npath = \"{}\"\n", storage.display());
+    let (storage_table, extra) = if extra_toml.contains("[storage]\n") {
+        (
+            String::new(),
+            extra_toml.replacen("[storage]\n", &storage_line, 1),
+        )
+    } else {
+        (storage_line, extra_toml.to_owned())
+    };
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage_table}{extra}\n"
+    );
+    for upstream in upstreams {
+        config.push_str(&format!(
+            "[[upstream]]\nname = \"{}\"\nurl = \"{}\"\ndefault = {}\n{}\n",
+            upstream.name, upstream.url, upstream.default, upstream.extra
+        ));
+    }
+    config
 }
 
 /// Runs `skopeo copy --all --preserve-digests docker://<image> dir:<dest>` through a plain-HTTP
