@@ -8,6 +8,8 @@
 
 pub mod cache;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod maintenance;
 pub mod metrics;

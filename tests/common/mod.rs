@@ -6,6 +6,7 @@
 //! - [`images`]: deterministic test images built in Rust and pushed with the
 //!   registry HTTP API;
 //! - [`token`]: the in-process token server used by `Auth::Token`;
+//! - [`hostile`]: a server whose every answer a test writes, for hostile-upstream tests;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
 //! - [`proxy`]: the proxy under test (owned by the proxy's author).
@@ -17,6 +18,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod fake;
+pub mod hostile;
 pub mod images;
 pub mod proxy;
 pub mod regclient;
