@@ -16,11 +16,13 @@ fi
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
-cargo build --release --locked --bins
+# An explicit --target keeps the flags off build scripts and proc macros, as cargo-fuzz does.
+host="$(rustc -vV | sed -n 's/^host: //p')"
+cargo build --release --locked --bins --target "$host"
 
 for target in "${targets[@]}"; do
   mkdir -p "corpus/$target" "artifacts/$target"
   echo "fuzzing $target for ${seconds}s"
-  "target/release/$target" -max_total_time="$seconds" -max_len=65536 \
+  "target/$host/release/$target" -max_total_time="$seconds" -max_len=65536 \
     -artifact_prefix="artifacts/$target/" "corpus/$target"
 done

@@ -392,3 +392,122 @@ async fn listings_typed_as_html_are_not_served_as_html() {
         );
     }
 }
+
+/// Set in the copy of this test binary that runs inside the private network namespace.
+const IN_NETNS: &str = "REGCACHE_TEST_IN_NETNS";
+
+/// Runs the named test of this binary again inside private network and mount namespaces
+/// (`unshare`, as root or in a user namespace), where it may add addresses and rewrite
+/// `/etc/hosts` without touching the machine. Returns false in that inner copy, which must
+/// then run the test body.
+fn rerun_in_private_network(test_name: &str) -> bool {
+    if std::env::var_os(IN_NETNS).is_some() {
+        return false;
+    }
+    common::require_tool("unshare");
+    common::require_tool("ip");
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut tried = Vec::new();
+    for user_namespace in [false, true] {
+        let mut command = std::process::Command::new("unshare");
+        if user_namespace {
+            command.args(["--user", "--map-root-user"]);
+        }
+        let output = command
+            .args(["--net", "--mount", "--"])
+            .arg(&exe)
+            .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(IN_NETNS, "1")
+            .output()
+            .expect("run unshare");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if output.status.success() && stdout.contains("1 passed") {
+            return true;
+        }
+        // The inner test ran and failed: that is the answer.
+        if stdout.contains("running 1 test") {
+            panic!("inside the private network namespace:\n{stdout}\n{stderr}");
+        }
+        tried.push(format!("user namespace {user_namespace}: {stderr}"));
+    }
+    panic!("cannot make a private network namespace (needs root or user namespaces): {tried:#?}");
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirect_to_link_local_metadata_is_refused_in_a_private_network() {
+    if rerun_in_private_network("redirect_to_link_local_metadata_is_refused_in_a_private_network") {
+        return;
+    }
+    // Inside: the cloud metadata address and a public (documentation) address for the
+    // upstream, both on this namespace's loopback device, and a name for the metadata address.
+    run("ip", &["link", "set", "lo", "up"]);
+    run("ip", &["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    run("ip", &["addr", "add", "198.51.100.1/32", "dev", "lo"]);
+    let hosts = tempfile::NamedTempFile::new().expect("hosts file");
+    std::fs::write(
+        hosts.path(),
+        "127.0.0.1 localhost\n169.254.169.254 metadata.test\n",
+    )
+    .expect("write hosts file");
+    let hosts_path = hosts.path().to_str().expect("utf-8 temp path");
+    run("mount", &["--bind", hosts_path, "/etc/hosts"]);
+
+    let metadata = Hostile::start("169.254.169.254:0", |_| {
+        answer(StatusCode::OK, "text/plain", &[], "secret")
+    })
+    .await;
+    let (literal, by_name) = (
+        format!("{}/latest/meta-data/", metadata.url()),
+        format!("http://metadata.test:{}/latest/meta-data/", metadata.port()),
+    );
+    let upstream = Hostile::start("198.51.100.1:0", move |request| {
+        if request.path.contains("sha256:aa") {
+            redirect(&literal)
+        } else {
+            redirect(&by_name)
+        }
+    })
+    .await;
+
+    // The upstream lives on a public address: nothing private is reachable through it.
+    let proxy = proxy_for(&upstream.url(), &[], "").await;
+    for letter in ["a", "b"] {
+        let response = get(
+            &proxy,
+            &format!("blobs/sha256:{}", letter.repeat(64)),
+            "*/*",
+        )
+        .await;
+        assert_ne!(response.status(), StatusCode::OK, "redirect {letter}");
+    }
+    assert!(upstream.requests().len() >= 2, "both blobs were asked for");
+    assert!(
+        metadata.requests().is_empty(),
+        "the metadata endpoint was reached: {:#?}\n{}",
+        metadata.requests(),
+        proxy.log()
+    );
+    assert!(proxy.log().contains("non-public"), "{}", proxy.log());
+
+    // Allowed, the same redirects reach it: the refusal above was the rule, not the network.
+    let allowed = proxy_for(&upstream.url(), &["allow_private_redirects = true"], "").await;
+    for letter in ["a", "b"] {
+        let response = get(
+            &allowed,
+            &format!("blobs/sha256:{}", letter.repeat(64)),
+            "*/*",
+        )
+        .await;
+        let _ = response.bytes().await;
+    }
+    assert_eq!(metadata.requests().len(), 2, "{}", allowed.log());
+}

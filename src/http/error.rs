@@ -221,7 +221,7 @@ impl ApiError {
             UpstreamError::TooLarge { upstream, limit } => Self::upstream(
                 StatusCode::BAD_GATEWAY,
                 "MANIFEST_INVALID",
-                format!("upstream {upstream} sent a manifest over {limit} bytes"),
+                format!("upstream {upstream} sent more than {limit} bytes"),
                 cause,
             ),
         }

@@ -21,6 +21,8 @@ const MAX_REDIRECTS: usize = 10;
 /// The egress rule of one upstream, shared by its redirect policy and its resolver.
 #[derive(Debug)]
 pub(crate) struct Egress {
+    /// The upstream's name, for the log line of a refusal.
+    upstream: String,
     /// Hosts connected to whatever they resolve to: the upstream's and its realm hosts.
     home_hosts: Vec<String>,
     /// `allow_private_redirects`: `None` means "when the upstream lives on such an address".
@@ -32,6 +34,7 @@ pub(crate) struct Egress {
 impl Egress {
     /// The rule for an upstream at `base` whose credentials may also go to `realm_hosts`.
     pub(crate) fn new(
+        upstream: &str,
         base: &url::Url,
         realm_hosts: &[String],
         allow_private: Option<bool>,
@@ -41,6 +44,7 @@ impl Egress {
         let mut home_hosts = vec![home];
         home_hosts.extend(realm_hosts.iter().map(|h| h.to_ascii_lowercase()));
         Arc::new(Self {
+            upstream: upstream.to_owned(),
             home_hosts,
             allow_private,
             home_is_private: AtomicBool::new(home_is_private),
@@ -78,7 +82,10 @@ impl Egress {
                 return attempt.error("too many redirects");
             }
             match egress.refuse_redirect(attempt.url()) {
-                Some(reason) => attempt.error(reason),
+                Some(reason) => {
+                    tracing::warn!(upstream = %egress.upstream, %reason, "upstream redirect refused");
+                    attempt.error(reason)
+                }
                 None => attempt.follow(),
             }
         })
@@ -103,9 +110,10 @@ impl Egress {
             .filter(|addr| is_public(addr.ip()))
             .collect();
         if public.is_empty() {
-            return Err(format!(
-                "{host} resolves only to non-public addresses (allow_private_redirects)"
-            ));
+            let reason =
+                format!("{host} resolves only to non-public addresses (allow_private_redirects)");
+            tracing::warn!(upstream = %self.upstream, %reason, "upstream connection refused");
+            return Err(reason);
         }
         Ok(public)
     }
@@ -222,7 +230,7 @@ mod tests {
 
     #[test]
     fn redirects_keep_to_public_http() {
-        let public = Egress::new(&url("https://registry.example"), &[], None);
+        let public = Egress::new("u", &url("https://registry.example"), &[], None);
         assert!(public.refuse_redirect(&url("ftp://x/y")).is_some());
         assert!(public.refuse_redirect(&url("file:///etc/passwd")).is_some());
         assert!(public
@@ -239,21 +247,21 @@ mod tests {
             public.filter("cdn.example", vec![sock("10.0.0.1"), sock("1.1.1.1")]),
             Ok(vec![sock("1.1.1.1")])
         );
-        let allowed = Egress::new(&url("https://registry.example"), &[], Some(true));
+        let allowed = Egress::new("u", &url("https://registry.example"), &[], Some(true));
         assert!(allowed.refuse_redirect(&url("http://10.0.0.5/")).is_none());
     }
 
     #[test]
     fn an_upstream_on_a_private_address_may_redirect_there() {
-        let literal = Egress::new(&url("http://10.0.0.2:5000"), &[], None);
+        let literal = Egress::new("u", &url("http://10.0.0.2:5000"), &[], None);
         assert!(literal.refuse_redirect(&url("http://10.0.0.3/")).is_none());
-        let named = Egress::new(&url("http://registry.internal"), &[], None);
+        let named = Egress::new("u", &url("http://registry.internal"), &[], None);
         assert!(named.refuse_redirect(&url("http://10.0.0.3/")).is_some());
         assert!(named
             .filter("registry.internal", vec![sock("10.0.0.2")])
             .is_ok());
         assert!(named.refuse_redirect(&url("http://10.0.0.3/")).is_none());
-        let strict = Egress::new(&url("http://127.0.0.1:5000"), &[], Some(false));
+        let strict = Egress::new("u", &url("http://127.0.0.1:5000"), &[], Some(false));
         assert!(strict
             .refuse_redirect(&url("http://127.0.0.1:9/"))
             .is_none());

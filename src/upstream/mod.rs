@@ -224,6 +224,7 @@ impl UpstreamClient {
             reason,
         };
         let egress = egress::Egress::new(
+            &config.name,
             &config.url,
             &config.token_realm_hosts,
             config.allow_private_redirects,
