@@ -43,6 +43,7 @@ impl Egress {
         let home_is_private = literal_ip(base).is_some_and(|ip| !is_public(ip));
         let mut home_hosts = vec![home];
         home_hosts.extend(realm_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        home_hosts.extend(proxy_hosts());
         Arc::new(Self {
             upstream: upstream.to_owned(),
             home_hosts,
@@ -135,6 +136,25 @@ impl Resolve for GuardedResolver {
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
     }
+}
+
+/// The hosts of the HTTP proxies reqwest takes from the environment: connecting to a proxy on
+/// a private address is the operator's choice, not a redirect's. (Behind a proxy, the proxy
+/// resolves the names; only literal addresses are checked here.)
+fn proxy_hosts() -> Vec<String> {
+    [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ]
+    .into_iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .filter_map(|value| url::Url::parse(&value).ok())
+    .filter_map(|proxy| proxy.host_str().map(str::to_ascii_lowercase))
+    .collect()
 }
 
 fn literal_ip(url: &url::Url) -> Option<IpAddr> {

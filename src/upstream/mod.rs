@@ -3,7 +3,9 @@
 //!
 //! `upstream` may not touch `store` or `cache`: it returns bytes and streams, and the cache
 //! decides what to keep. Redirects (blob storage on another host, as ghcr.io, quay.io and ECR
-//! do) are followed by reqwest, which drops `Authorization` when the host changes.
+//! do) are followed by reqwest, which drops `Authorization` when the host changes, and only to
+//! `http(s)` URLs on public addresses (`egress`). Credentials go only where `auth`'s
+//! `CredentialScope` allows; blob bodies are cut at `cache.max_blob_size`.
 
 pub(crate) mod auth;
 mod breaker;
