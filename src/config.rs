@@ -250,6 +250,7 @@ struct RawCache {
     max_concurrent_fills: Option<usize>,
     revalidate_timeout: Option<String>,
     stale_while_revalidate: Option<String>,
+    max_blob_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +276,9 @@ struct RawUpstream {
     offline: Option<bool>,
     breaker_threshold: Option<usize>,
     breaker_cooldown: Option<String>,
+    #[serde(default)]
+    token_realm_hosts: Vec<String>,
+    allow_private_redirects: Option<bool>,
 }
 
 /// The validated configuration.
@@ -356,6 +360,16 @@ pub struct UpstreamConfig {
     pub breaker_threshold: u32,
     /// How long an upstream marked down is not asked.
     pub breaker_cooldown: Duration,
+    /// Hosts besides the upstream's own to which its credentials may go when its token
+    /// challenge names them as the realm (the built-in entries for well-known registries are
+    /// added by the client).
+    pub token_realm_hosts: Vec<String>,
+    /// Whether redirects may lead to loopback, link-local or private addresses. `None`: only
+    /// when the upstream itself lives on such an address.
+    pub allow_private_redirects: Option<bool>,
+    /// The largest blob accepted from this upstream (`cache.max_blob_size`); a longer body is
+    /// cut and its fill fails.
+    pub max_blob_size: u64,
 }
 
 impl Config {
@@ -452,11 +466,28 @@ impl RawConfig {
                 "must be below storage.high_watermark",
             ));
         }
+        let max_blob_size = match self.cache.max_blob_size.as_deref() {
+            None => 64 << 30,
+            Some(text) => text
+                .parse::<bytesize::ByteSize>()
+                .map_err(|err| {
+                    invalid(
+                        "cache.max_blob_size",
+                        text,
+                        format!("expected a size like \"64GiB\": {err}"),
+                    )
+                })?
+                .as_u64(),
+        };
         let upstreams = self
             .upstream
             .into_iter()
-            .map(RawUpstream::validate)
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|raw| {
+                let mut upstream = raw.validate()?;
+                upstream.max_blob_size = max_blob_size;
+                Ok(upstream)
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         check_upstream_set(&upstreams)?;
         let pins = self
             .pin
@@ -609,13 +640,22 @@ impl RawUpstream {
                 "expected a registry host like \"docker.io\" or \"registry.local:5000\"",
             ));
         }
-        let url =
-            Url::parse(&self.url).map_err(|err| invalid(key("url"), &self.url, err.to_string()))?;
+        let shown_url = redact_userinfo(&self.url);
+        let mut url = Url::parse(&self.url)
+            .map_err(|err| invalid(key("url"), &shown_url, err.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid(
                 key("url"),
-                &self.url,
+                &shown_url,
                 "expected an http:// or https:// URL",
+            ));
+        }
+        let url_credentials = take_userinfo(&mut url);
+        if url_credentials.is_some() && (self.username.is_some() || self.password.is_some()) {
+            return Err(invalid(
+                key("url"),
+                &shown_url,
+                "give credentials in the url or as username/password, not both",
             ));
         }
         let password = match (&self.password, &self.password_file) {
@@ -640,7 +680,7 @@ impl RawUpstream {
         };
         let credentials = match (self.username.clone(), password) {
             (Some(user), Some(password)) => Some((user, password)),
-            (None, None) => None,
+            (None, None) => url_credentials,
             (Some(user), None) => {
                 return Err(invalid(
                     key("username"),
@@ -685,8 +725,58 @@ impl RawUpstream {
                 self.breaker_cooldown.as_deref(),
                 Duration::from_secs(10),
             )?,
+            token_realm_hosts: self
+                .token_realm_hosts
+                .iter()
+                .map(|host| {
+                    let host = host.trim().to_ascii_lowercase();
+                    if host.is_empty() || host.contains(['/', ':', '@', ' ']) {
+                        return Err(invalid(
+                            key("token_realm_hosts"),
+                            &host,
+                            "expected a host name like \"auth.example.com\"",
+                        ));
+                    }
+                    Ok(host)
+                })
+                .collect::<Result<_, _>>()?,
+            allow_private_redirects: self.allow_private_redirects,
+            // Set from `cache.max_blob_size` by `RawConfig::validate`.
+            max_blob_size: u64::MAX,
         })
     }
+}
+
+/// The URL with any `user:password@` replaced, for messages: a password written into an
+/// upstream's url is never printed.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Removes `user:password@` from the URL and returns it as credentials (percent-decoded), so
+/// that it goes only where credentials go and is never printed with the URL.
+fn take_userinfo(url: &mut Url) -> Option<(String, Secret)> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let password = Secret::new(decode(url.password().unwrap_or_default()));
+    // Both cannot fail for an http(s) URL with a host, checked before.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some((user, password))
 }
 
 #[cfg(test)]
@@ -739,6 +829,51 @@ mod tests {
         check_error(
             "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"",
             "upstream.a.io.username",
+        );
+    }
+
+    #[test]
+    fn passwords_in_urls_become_credentials() {
+        let config = Config::parse(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"https://robot:hunter%402@a.io/\"",
+        )
+        .expect("valid");
+        let upstream = &config.upstreams[0];
+        assert!(!format!("{config:?}").contains("hunter"));
+        assert_eq!(upstream.url.as_str(), "https://a.io/");
+        let (user, password) = upstream.credentials.as_ref().expect("taken from the url");
+        assert_eq!((user.as_str(), password.expose()), ("robot", "hunter@2"));
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"https://u:hunter2@a.io:x/\"",
+            "https://<redacted>@a.io:x/",
+        );
+        let message =
+            Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"https://u:hunter2@a.io:x/\"")
+                .expect_err("bad port")
+                .to_string();
+        assert!(!message.contains("hunter2"), "{message}");
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"https://u:p@a.io\"\nusername = \"v\"\npassword = \"q\"",
+            "not both",
+        );
+    }
+
+    #[test]
+    fn hostile_upstream_limits() {
+        let config = Config::parse(
+            "[cache]\nmax_blob_size = \"1MiB\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ntoken_realm_hosts = [\"Auth.A.io\"]",
+        )
+        .expect("valid");
+        let upstream = &config.upstreams[0];
+        assert_eq!(upstream.max_blob_size, 1024 * 1024);
+        assert_eq!(upstream.token_realm_hosts, ["auth.a.io"]);
+        assert_eq!(upstream.allow_private_redirects, None);
+        let default = Config::load(None).expect("the embedded default is valid");
+        assert_eq!(default.upstreams[0].max_blob_size, 64 << 30);
+        check_error("[cache]\nmax_blob_size = \"huge\"", "cache.max_blob_size");
+        check_error(
+            "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ntoken_realm_hosts = [\"http://evil\"]",
+            "upstream.a.io.token_realm_hosts",
         );
     }
 

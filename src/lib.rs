@@ -9,6 +9,8 @@
 pub mod cache;
 pub mod clock;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod http;
 pub mod maintenance;
 pub mod metrics;

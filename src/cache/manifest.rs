@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use super::revalidate::Verdict;
 use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
 use crate::oci::{
-    manifest_digest, sniff_media_type, Digest, MediaType, Reference, RepoName, Tag,
-    MAX_MANIFEST_BYTES,
+    manifest_digest, sniff_media_type, validate_manifest, Digest, MediaType, Reference, RepoName,
+    Tag, MAX_MANIFEST_BYTES,
 };
 use crate::store::{ManifestRecord, Namespace, TagRecord};
 use crate::upstream::{FetchedManifest, Need, UpstreamError};
@@ -401,6 +401,10 @@ fn verify_manifest(
     let media_type = declared
         .or_else(|| sniff_media_type(&fetched.bytes))
         .ok_or(CacheError::NotAManifest)?;
+    if let Err(err) = validate_manifest(&fetched.bytes, &media_type) {
+        tracing::warn!(%media_type, error = %err, "refusing the upstream's manifest");
+        return Err(CacheError::NotAManifest);
+    }
     let actual = manifest_digest(&fetched.bytes, &media_type);
     for claimed in [expected.copied(), fetched.digest_header]
         .into_iter()

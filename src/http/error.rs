@@ -149,7 +149,7 @@ impl ApiError {
             Answer::TooLarge => (
                 StatusCode::BAD_GATEWAY,
                 "MANIFEST_INVALID",
-                format!("upstream {upstream} sent a manifest larger than regcache accepts"),
+                format!("upstream {upstream} sent more than regcache accepts"),
             ),
             Answer::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -90,6 +90,12 @@ pub(crate) async fn handle<B>(state: &AppState, route: Route<'_>, request: &Requ
         .response
         .headers_mut()
         .insert("docker-distribution-api-version", API_VERSION);
+    // Bytes passed through from an upstream (tag lists, referrers, manifests) are never to be
+    // sniffed into HTML by a browser on the cache's origin.
+    outcome.response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     outcome
 }
 
@@ -254,6 +260,15 @@ async fn manifest<B>(
         .await
         .map_err(|e| ApiError::from_cache(&e, "MANIFEST_UNKNOWN"))?;
     let ManifestAnswer { manifest, phase } = answer;
+    // Schema1 goes only to a client that accepts it, whatever the upstream sent.
+    if manifest.media_type.is_schema1() && !manifest.media_type.accepted_by(&accept_values(request))
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "the manifest is schema1, which the client does not accept",
+        ));
+    }
     let digest = manifest.digest.to_string();
     let body = if request.method() == Method::HEAD {
         body::empty()
@@ -366,7 +381,7 @@ async fn blob<B>(
 
 /// Parses a single `bytes=` range; anything else (multiple ranges, other units) is served as
 /// the whole blob, as RFC 9110 allows.
-fn parse_range(value: &str) -> RangeRequest {
+pub(crate) fn parse_range(value: &str) -> RangeRequest {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return RangeRequest::Full;
     };
@@ -414,7 +429,12 @@ async fn pass_through<B>(
         body::full(answer.bytes)
     });
     let headers = response.headers_mut();
-    let content_type = answer.content_type.as_deref().unwrap_or("application/json");
+    // Listings are JSON; whatever else an upstream calls them (text/html) is not passed on.
+    let content_type = answer
+        .content_type
+        .as_deref()
+        .filter(|t| is_json_type(t))
+        .unwrap_or("application/json");
     headers.insert(header::CONTENT_TYPE, header_value(content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Some(link) = answer.link {
@@ -425,6 +445,18 @@ async fn pass_through<B>(
         }
     }
     Ok((response, Some(CachePhase::PassThrough)))
+}
+
+/// `application/json` or a `+json` type, with any parameters.
+fn is_json_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// Points an upstream pagination link (`</v2/<repo>/tags/list?n=2&last=b>; rel="next"`) at
@@ -514,6 +546,15 @@ mod tests {
             rewrite_link(link, "library/alpine", "library/alpine", Some("docker.io")),
             r#"</v2/library/alpine/tags/list?last=b&n=2&ns=docker.io>; rel="next""#
         );
+    }
+
+    #[test]
+    fn only_json_listings_keep_their_type() {
+        assert!(is_json_type("application/json; charset=utf-8"));
+        assert!(is_json_type("application/vnd.oci.image.index.v1+json"));
+        assert!(!is_json_type("text/html"));
+        assert!(!is_json_type("text/html; x=+json"));
+        assert!(!is_json_type("application/javascript"));
     }
 
     #[test]

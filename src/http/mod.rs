@@ -6,7 +6,7 @@
 
 mod body;
 mod error;
-mod handlers;
+pub(crate) mod handlers;
 pub(crate) mod route;
 mod status;
 

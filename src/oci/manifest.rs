@@ -152,30 +152,147 @@ struct Schema1Signature {
     protected: String,
 }
 
+/// Why manifest bytes are refused: they are not what they claim to be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid manifest: {reason}")]
+pub struct InvalidManifest {
+    reason: &'static str,
+}
+
+fn invalid(reason: &'static str) -> InvalidManifest {
+    InvalidManifest { reason }
+}
+
 /// The digest a registry gives these manifest bytes: the sha256 of the bytes, except for signed
 /// schema1, whose digest covers the payload with the signatures cut out (libtrust's
-/// `formatLength` / `formatTail`), so that re-signing does not change it.
+/// `formatLength` / `formatTail`), so that re-signing does not change it. A schema1 document
+/// whose signature header does not describe exactly that payload gets the sha256 of its bytes,
+/// so it can never pass for the document its header names; [`validate_manifest`] refuses it.
 pub fn manifest_digest(bytes: &[u8], media_type: &MediaType) -> Digest {
     if media_type.is_schema1() {
-        if let Some(payload) = schema1_payload(bytes) {
+        if let Ok(Some(payload)) = schema1_payload(bytes) {
             return Digest::of(&payload);
         }
     }
     Digest::of(bytes)
 }
 
-fn schema1_payload(bytes: &[u8]) -> Option<Vec<u8>> {
-    let signed: SignedSchema1 = serde_json::from_slice(bytes).ok()?;
-    let first = signed.signatures.first()?;
+/// Checks that manifest bytes are what they are served as: a JSON object whose `mediaType`,
+/// when present, is `media_type`, and for signed schema1, signatures that cover exactly the
+/// document without its `signatures` member.
+///
+/// # Errors
+/// [`InvalidManifest`] naming the first problem.
+pub fn validate_manifest(bytes: &[u8], media_type: &MediaType) -> Result<(), InvalidManifest> {
+    let document: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|_| invalid("not a JSON object"))?;
+    let agrees = match document.get("mediaType") {
+        None => true,
+        // Schema1 has no `mediaType` member; one that names another type is a disguise.
+        Some(serde_json::Value::String(declared)) if media_type.is_schema1() => {
+            MediaType::from_content_type(declared).is_some_and(|d| d.is_schema1())
+        }
+        Some(serde_json::Value::String(declared)) => {
+            declared.eq_ignore_ascii_case(media_type.as_str())
+        }
+        Some(_) => false,
+    };
+    if !agrees {
+        return Err(invalid("mediaType disagrees with the served type"));
+    }
+    if media_type.is_schema1() {
+        schema1_payload(bytes)?;
+    }
+    Ok(())
+}
+
+/// The signed payload of a schema1 document: its first `formatLength` bytes followed by
+/// `formatTail`. `None` for a document without signatures (unsigned schema1, whose digest is
+/// that of its bytes).
+///
+/// The header is not trusted: the payload must be exactly the document with its `signatures`
+/// member removed. The bytes between `formatLength` and the tail must be nothing but
+/// `, "signatures": [...]`, the document must end with the tail, and the payload must parse to
+/// the document minus `signatures`. Without this, `formatLength: 0` and a `formatTail` holding
+/// another document would make the bytes pass for that other document's digest.
+///
+/// # Errors
+/// [`InvalidManifest`] when the signature header does not describe this document.
+pub fn schema1_payload(bytes: &[u8]) -> Result<Option<Vec<u8>>, InvalidManifest> {
+    let mut document: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|_| invalid("not a JSON object"))?;
+    if document.remove("signatures").is_none() {
+        return Ok(None);
+    }
+    let signed: SignedSchema1 =
+        serde_json::from_slice(bytes).map_err(|_| invalid("schema1 signatures are malformed"))?;
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let header_json = engine.decode(first.protected.trim_end_matches('=')).ok()?;
-    let header: ProtectedHeader = serde_json::from_slice(&header_json).ok()?;
+    let mut header = None;
+    for signature in &signed.signatures {
+        let header_json = engine
+            .decode(signature.protected.trim_end_matches('='))
+            .map_err(|_| invalid("schema1 protected header is not base64url"))?;
+        let this: ProtectedHeader = serde_json::from_slice(&header_json)
+            .map_err(|_| invalid("schema1 protected header lacks formatLength/formatTail"))?;
+        // libtrust requires every signature to describe the same payload.
+        match &header {
+            None => header = Some(this),
+            Some(first)
+                if first.format_length == this.format_length
+                    && first.format_tail == this.format_tail => {}
+            Some(_) => return Err(invalid("schema1 signatures describe different payloads")),
+        }
+    }
+    let header = header.ok_or_else(|| invalid("schema1 signatures are empty"))?;
     let tail = engine
         .decode(header.format_tail.trim_end_matches('='))
-        .ok()?;
-    let mut payload = bytes.get(..header.format_length)?.to_vec();
+        .map_err(|_| invalid("schema1 formatTail is not base64url"))?;
+    let signed_end = bytes
+        .len()
+        .checked_sub(tail.len())
+        .filter(|end| *end >= header.format_length && bytes[*end..] == tail[..])
+        .ok_or_else(|| invalid("schema1 document does not end with formatTail"))?;
+    if !is_signatures_member(&bytes[header.format_length..signed_end]) {
+        return Err(invalid(
+            "schema1 signature does not cover the document without its signatures",
+        ));
+    }
+    let mut payload = bytes[..header.format_length].to_vec();
     payload.extend_from_slice(&tail);
-    Some(payload)
+    let payload_document: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&payload).map_err(|_| invalid("schema1 payload is not JSON"))?;
+    if payload_document != document {
+        return Err(invalid(
+            "schema1 payload differs from the document without its signatures",
+        ));
+    }
+    Ok(Some(payload))
+}
+
+/// Whether `gap` is exactly `, "signatures": [ ... ]` (with any JSON whitespace).
+fn is_signatures_member(gap: &[u8]) -> bool {
+    let trim = |bytes: &[u8]| -> usize {
+        bytes
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            .count()
+    };
+    let mut rest = &gap[trim(gap)..];
+    for expected in [&b","[..], b"\"signatures\"", b":"] {
+        let Some(after) = rest.strip_prefix(expected) else {
+            return false;
+        };
+        rest = &after[trim(after)..];
+    }
+    if rest.first() != Some(&b'[') {
+        return false;
+    }
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
+    if !matches!(values.next(), Some(Ok(serde_json::Value::Array(_)))) {
+        return false;
+    }
+    let after = &rest[values.byte_offset()..];
+    trim(after) == after.len()
 }
 
 /// The parts of a manifest that point at other content.
@@ -327,24 +444,100 @@ mod tests {
         assert!(MediaType::from_content_type("a/b\r\nX: y").is_none());
     }
 
-    #[test]
-    fn schema1_digest_ignores_signature() {
-        // A signed schema1 manifest: the payload is the bytes up to formatLength plus the tail.
-        let payload = "{\n   \"schemaVersion\": 1,\n   \"name\": \"x\"\n}";
-        let body_start = &payload[..payload.len() - 2];
-        let tail = &payload[payload.len() - 2..];
+    /// A signed schema1 document in libtrust's layout, with a protected header claiming
+    /// `format_length` and `tail`.
+    fn signed_schema1(body: &str, format_length: usize, tail: &str) -> String {
         let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let protected = engine.encode(format!(
-            r#"{{"formatLength":{},"formatTail":"{}"}}"#,
-            body_start.len(),
+            r#"{{"formatLength":{format_length},"formatTail":"{}"}}"#,
             engine.encode(tail)
         ));
-        let signed =
-            format!("{body_start},\n   \"signatures\": [{{\"protected\": \"{protected}\"}}]\n}}");
+        format!("{body},\n   \"signatures\": [{{\"protected\": \"{protected}\"}}]\n}}")
+    }
+
+    const PAYLOAD: &str = "{\n   \"schemaVersion\": 1,\n   \"name\": \"x\"\n}";
+
+    #[test]
+    fn schema1_digest_ignores_signature() {
+        // The payload is the bytes up to formatLength plus the tail.
+        let body_start = &PAYLOAD[..PAYLOAD.len() - 2];
+        let signed = signed_schema1(body_start, body_start.len(), "\n}");
         let media_type = MediaType::from_static(MediaType::DOCKER_SCHEMA1_SIGNED);
         assert_eq!(
             manifest_digest(signed.as_bytes(), &media_type),
-            Digest::of(payload.as_bytes())
+            Digest::of(PAYLOAD.as_bytes())
+        );
+        assert_eq!(validate_manifest(signed.as_bytes(), &media_type), Ok(()));
+    }
+
+    #[test]
+    fn forged_schema1_is_refused() {
+        let media_type = MediaType::from_static(MediaType::DOCKER_SCHEMA1_SIGNED);
+        let other = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let body_start = &PAYLOAD[..PAYLOAD.len() - 2];
+        let forgeries = [
+            // formatLength 0 and the tail another document: the issue's attack.
+            signed_schema1(body_start, 0, other),
+            // The tail is not where the document ends.
+            signed_schema1(body_start, body_start.len(), "\n }"),
+            // formatLength cuts the document short: the gap is more than the signatures.
+            signed_schema1(body_start, body_start.len() - 5, "\n}"),
+            // formatLength past the end.
+            signed_schema1(body_start, 10_000, "\n}"),
+        ];
+        for forged in &forgeries {
+            assert!(
+                validate_manifest(forged.as_bytes(), &media_type).is_err(),
+                "{forged}"
+            );
+            assert_eq!(
+                manifest_digest(forged.as_bytes(), &media_type),
+                Digest::of(forged.as_bytes()),
+                "a forgery is never given another document's digest: {forged}"
+            );
+        }
+        // A member after the signatures is outside the signed payload.
+        let extra = format!(
+            "{},\n   \"extra\": 1\n}}",
+            signed_schema1(body_start, body_start.len(), "\n}").trim_end_matches("\n}")
+        );
+        assert!(validate_manifest(extra.as_bytes(), &media_type).is_err());
+    }
+
+    #[track_caller]
+    fn check_valid(json: &str, served_as: &'static str, expected: bool) {
+        let media_type = MediaType::from_static(served_as);
+        let result = validate_manifest(json.as_bytes(), &media_type);
+        assert_eq!(
+            result.is_ok(),
+            expected,
+            "{json} as {served_as}: {result:?}"
+        );
+    }
+
+    #[test]
+    fn manifests_are_json_of_the_served_type() {
+        let oci_index = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        check_valid(oci_index, MediaType::OCI_INDEX, true);
+        check_valid(oci_index, MediaType::DOCKER_LIST, false);
+        check_valid(oci_index, MediaType::DOCKER_SCHEMA1, false);
+        check_valid(
+            r#"{"schemaVersion":2,"manifests":[]}"#,
+            MediaType::OCI_INDEX,
+            true,
+        );
+        check_valid(r#"{"mediaType":7}"#, MediaType::OCI_MANIFEST, false);
+        check_valid(
+            "<html><body>hi</body></html>",
+            MediaType::OCI_MANIFEST,
+            false,
+        );
+        check_valid("\u{1f}\u{8b}\u{8}\u{0}", MediaType::DOCKER_MANIFEST, false);
+        check_valid("[1,2]", MediaType::OCI_MANIFEST, false);
+        check_valid(
+            r#"{"schemaVersion":1,"fsLayers":[]}"#,
+            MediaType::DOCKER_SCHEMA1,
+            true,
         );
     }
 }

@@ -8,5 +8,8 @@
 mod manifest;
 mod name;
 
-pub use manifest::{manifest_digest, references, sniff_media_type, MediaType, MAX_MANIFEST_BYTES};
+pub use manifest::{
+    manifest_digest, references, schema1_payload, sniff_media_type, validate_manifest,
+    InvalidManifest, MediaType, MAX_MANIFEST_BYTES,
+};
 pub use name::{Digest, ParseError, Reference, RepoName, Tag};

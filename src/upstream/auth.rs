@@ -79,6 +79,59 @@ fn parse_params(input: &str) -> HashMap<String, String> {
     params
 }
 
+/// Token realm hosts of well-known registries whose token service is not on the registry's
+/// own host. ghcr.io, quay.io, gcr.io, `*.pkg.dev`, ECR and ACR answer on their own host.
+const BUILT_IN_REALM_HOSTS: &[(&str, &str)] = &[
+    ("registry-1.docker.io", "auth.docker.io"),
+    ("registry.docker.io", "auth.docker.io"),
+    ("index.docker.io", "auth.docker.io"),
+    ("docker.io", "auth.docker.io"),
+    ("registry.gitlab.com", "gitlab.com"),
+    ("nvcr.io", "authn.nvidia.com"),
+    ("docker.elastic.co", "docker-auth.elastic.co"),
+];
+
+/// Where an upstream's credentials may be sent: its own host and the token realm hosts listed
+/// for it, and never over plain HTTP when the upstream is HTTPS. A realm named by a `401`
+/// elsewhere is asked for an anonymous token instead (the vulnerability class of containerd
+/// CVE-2020-15157).
+#[derive(Debug)]
+pub(crate) struct CredentialScope {
+    home_host: String,
+    https_only: bool,
+    realm_hosts: Vec<String>,
+}
+
+impl CredentialScope {
+    /// The scope of an upstream at `base` with the configured `token_realm_hosts` (lower case).
+    pub(crate) fn new(base: &url::Url, configured: &[String]) -> Self {
+        let home_host = base.host_str().unwrap_or_default().to_ascii_lowercase();
+        let mut realm_hosts = configured.to_vec();
+        realm_hosts.extend(
+            BUILT_IN_REALM_HOSTS
+                .iter()
+                .filter(|(registry, _)| *registry == home_host)
+                .map(|(_, realm)| (*realm).to_owned()),
+        );
+        Self {
+            home_host,
+            https_only: base.scheme() == "https",
+            realm_hosts,
+        }
+    }
+
+    /// Whether credentials may be sent to `realm`.
+    pub(crate) fn allows(&self, realm: &url::Url) -> bool {
+        if self.https_only && realm.scheme() != "https" {
+            return false;
+        }
+        let Some(host) = realm.host_str().map(str::to_ascii_lowercase) else {
+            return false;
+        };
+        host == self.home_host || self.realm_hosts.contains(&host)
+    }
+}
+
 /// The token endpoint's answer (Docker uses `token`, OAuth2 `access_token`).
 #[derive(Debug, Deserialize)]
 pub(crate) struct TokenResponse {
@@ -168,6 +221,24 @@ mod tests {
         check(r#"Basic realm="registry""#, Some(Challenge::Basic));
         check("Bearer service=x", None);
         check("Negotiate abc", None);
+    }
+
+    #[test]
+    fn credentials_stay_home() {
+        let url = |text: &str| url::Url::parse(text).expect("test url");
+        let hub = CredentialScope::new(&url("https://registry-1.docker.io"), &[]);
+        assert!(hub.allows(&url("https://auth.docker.io/token")));
+        assert!(hub.allows(&url("https://registry-1.docker.io/token")));
+        assert!(!hub.allows(&url("http://auth.docker.io/token")));
+        assert!(!hub.allows(&url("https://evil.example/token")));
+        assert!(!hub.allows(&url("https://auth.docker.io.evil.example/token")));
+        let private = CredentialScope::new(
+            &url("http://registry.local:5000"),
+            &["sso.local".to_owned()],
+        );
+        assert!(private.allows(&url("http://registry.local:5001/token")));
+        assert!(private.allows(&url("https://sso.local/token")));
+        assert!(!private.allows(&url("http://auth.docker.io/token")));
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //!
 //! `upstream` may not touch `store` or `cache`: it returns bytes and streams, and the cache
 //! decides what to keep. Redirects (blob storage on another host, as ghcr.io, quay.io and ECR
-//! do) are followed by reqwest, which drops `Authorization` when the host changes.
+//! do) are followed by reqwest, which drops `Authorization` when the host changes, and only to
+//! `http(s)` URLs on public addresses (`egress`). Credentials go only where `auth`'s
+//! `CredentialScope` allows; blob bodies are cut at `cache.max_blob_size`.
 
-mod auth;
+pub(crate) mod auth;
 mod breaker;
 mod class;
+mod egress;
 
 use std::time::Duration;
 
@@ -21,7 +24,7 @@ use crate::clock::Clock;
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
-use auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+use auth::{parse_challenge, Challenge, CredentialScope, TokenCache, TokenResponse};
 pub use breaker::Need;
 use breaker::{Breaker, Transition};
 pub use class::{Answer, ErrorClass, Health, Origin};
@@ -92,8 +95,9 @@ pub enum UpstreamError {
         /// The status.
         status: StatusCode,
     },
-    /// A manifest or listing was larger than regcache buffers.
-    #[error("upstream {upstream} sent more than {limit} bytes for a manifest")]
+    /// A manifest or listing was larger than regcache buffers, or a blob larger than
+    /// `cache.max_blob_size` or its own `Content-Length`.
+    #[error("upstream {upstream} sent more than {limit} bytes")]
     TooLarge {
         /// The upstream's name.
         upstream: String,
@@ -169,6 +173,10 @@ pub struct UpstreamClient {
     base: url::Url,
     http: reqwest::Client,
     credentials: Option<(String, Secret)>,
+    /// Where `credentials` may go besides the upstream itself.
+    credential_scope: CredentialScope,
+    /// The largest blob body accepted (`cache.max_blob_size`).
+    max_blob_size: u64,
     tokens: TokenCache,
     /// Set once the upstream answered with a Basic challenge, so later requests send
     /// credentials up front instead of paying a 401 round trip each time.
@@ -205,7 +213,15 @@ impl UpstreamClient {
             upstream: config.name.clone(),
             reason,
         };
+        let egress = egress::Egress::new(
+            &config.name,
+            &config.url,
+            &config.token_realm_hosts,
+            config.allow_private_redirects,
+        );
         let mut builder = reqwest::Client::builder()
+            .redirect(egress.redirect_policy())
+            .dns_resolver(std::sync::Arc::new(egress::GuardedResolver(egress)))
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.idle_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -228,6 +244,8 @@ impl UpstreamClient {
             base: config.url.clone(),
             http,
             credentials: config.credentials.clone(),
+            credential_scope: CredentialScope::new(&config.url, &config.token_realm_hosts),
+            max_blob_size: config.max_blob_size,
             tokens: TokenCache::default(),
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
@@ -317,14 +335,26 @@ impl UpstreamClient {
     /// the caller. An upstream that ignores the range answers with the whole blob, which
     /// [`BlobResponse::offset`] reports.
     ///
+    /// The body ends in [`UpstreamError::TooLarge`] once it passes `cache.max_blob_size` or
+    /// the total size the upstream announced: exactly the allowed bytes come first, so a fill
+    /// that resumes asks from the limit and fails at once instead of downloading again.
+    ///
     /// # Errors
-    /// [`UpstreamError`] for the status; body errors come through the stream.
+    /// [`UpstreamError`] for the status, for an announced size over `cache.max_blob_size`, or
+    /// for an `offset` at or past it; body errors come through the stream.
     pub async fn get_blob(
         &self,
         repo: &RepoName,
         digest: &Digest,
         offset: u64,
     ) -> Result<BlobResponse, UpstreamError> {
+        let too_large = |limit: u64| UpstreamError::TooLarge {
+            upstream: self.name.clone(),
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        };
+        if offset >= self.max_blob_size {
+            return Err(too_large(self.max_blob_size));
+        }
         let url = self.url(repo, &format!("blobs/{digest}"));
         let range = format!("bytes={offset}-");
         let headers: &[(&str, &str)] = if offset > 0 {
@@ -346,6 +376,10 @@ impl UpstreamClient {
         } else {
             (0, response.content_length())
         };
+        if total_size.is_some_and(|total| total > self.max_blob_size) {
+            return Err(too_large(self.max_blob_size));
+        }
+        let limit = total_size.map_or(self.max_blob_size, |t| t.min(self.max_blob_size));
         let upstream = self.name.clone();
         let fetched = self
             .metrics
@@ -358,6 +392,7 @@ impl UpstreamClient {
                 upstream: upstream.clone(),
                 source,
             });
+        let body = limit_body(body, offset, limit, too_large(limit));
         Ok(BlobResponse {
             total_size,
             offset,
@@ -669,8 +704,16 @@ impl UpstreamClient {
             .with_label_values(&[self.name.as_str()])
             .inc();
         let _timer = self.metrics.upstream_timer(&self.name, "token");
+        let credentials_allowed = self.credential_scope.allows(&realm_url);
+        if !credentials_allowed && self.credentials.is_some() {
+            tracing::warn!(
+                upstream = %self.name,
+                realm_host = realm_url.host_str().unwrap_or_default(),
+                "token realm is not this upstream's host nor in its token_realm_hosts; asking it for an anonymous token"
+            );
+        }
         let mut request = self.http.get(realm_url);
-        if let Some(basic) = self.basic_authorization() {
+        if let Some(basic) = self.basic_authorization().filter(|_| credentials_allowed) {
             request = request.header("authorization", basic);
         }
         let response = request
@@ -717,6 +760,34 @@ impl UpstreamClient {
     }
 }
 
+/// Cuts a blob body at byte `limit` (counting from `offset`, the position of its first byte):
+/// the bytes up to the limit pass, then the stream ends with `too_large` if more arrive.
+fn limit_body(
+    body: impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static,
+    offset: u64,
+    limit: u64,
+    too_large: UpstreamError,
+) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
+    let state = (Box::pin(body), offset, Some(too_large));
+    futures_util::stream::unfold(state, move |(mut body, position, too_large)| async move {
+        let too_large = too_large?;
+        if position > limit {
+            // Nothing more is taken from this body.
+            return Some((Err(too_large), (body, position, None)));
+        }
+        let mut chunk = match body.next().await? {
+            Ok(chunk) => chunk,
+            Err(err) => return Some((Err(err), (body, position, Some(too_large)))),
+        };
+        let next = position + chunk.len() as u64;
+        if next > limit {
+            // The allowed part first; the next poll reports the excess.
+            chunk.truncate(usize::try_from(limit - position).unwrap_or(usize::MAX));
+        }
+        Some((Ok(chunk), (body, next, Some(too_large))))
+    })
+}
+
 /// Up to `max` of random delay, so that retries from many requests spread out.
 fn jitter(max: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -749,6 +820,44 @@ fn accept_header(client_accept: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn collect_limited(chunks: &[&'static str], offset: u64, limit: u64) -> Vec<String> {
+        let body = futures_util::stream::iter(
+            chunks
+                .iter()
+                .map(|chunk| Ok(Bytes::from_static(chunk.as_bytes())))
+                .collect::<Vec<_>>(),
+        );
+        let too_large = UpstreamError::TooLarge {
+            upstream: "u".to_owned(),
+            limit: 0,
+        };
+        limit_body(body, offset, limit, too_large)
+            .map(|item| match item {
+                Ok(chunk) => String::from_utf8_lossy(&chunk).into_owned(),
+                Err(_) => "ERR".to_owned(),
+            })
+            .collect()
+            .await
+    }
+
+    #[tokio::test]
+    async fn blob_bodies_are_cut_at_the_limit() {
+        assert_eq!(collect_limited(&["abc", "def"], 0, 6).await, ["abc", "def"]);
+        assert_eq!(
+            collect_limited(&["abc", "def", "ghi"], 0, 7).await,
+            ["abc", "def", "g", "ERR"]
+        );
+        assert_eq!(
+            collect_limited(&["abc", "def", "ghi"], 0, 6).await,
+            ["abc", "def", "", "ERR"]
+        );
+        assert_eq!(
+            collect_limited(&["abc", "def"], 4, 7).await,
+            ["abc", "", "ERR"]
+        );
+        assert_eq!(collect_limited(&["abc"], 0, 1_000).await, ["abc"]);
+    }
 
     #[test]
     fn accept_is_forwarded_only_when_it_names_manifest_types() {

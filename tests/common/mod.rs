@@ -6,6 +6,7 @@
 //! - [`images`]: deterministic test images built in Rust and pushed with the
 //!   registry HTTP API;
 //! - [`token`]: the in-process token server used by `Auth::Token`;
+//! - [`hostile`]: a server whose every answer a test writes, for hostile-upstream tests;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
 //! - [`proxy`]: the proxy under test as a child process (the real binary), and skopeo helpers;
@@ -22,6 +23,7 @@
 
 pub mod fake;
 pub mod faultproxy;
+pub mod hostile;
 pub mod images;
 pub mod inproc;
 pub mod proxy;
