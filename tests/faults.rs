@@ -512,9 +512,17 @@ async fn server_error_storm_opens_the_circuit_and_the_first_answer_closes_it() {
     // and counts once, retries included.
     fake.set_fault("/manifests/", Fault::status(503));
     for attempt in 1..=3 {
+        let asked = manifest_requests(&fake);
         let response = get(&proxy, "manifests/v1").await;
         assert_eq!(response.status(), StatusCode::OK, "stale serve {attempt}");
         assert!(response.headers().contains_key("warning"));
+        assert_eq!(manifest_requests(&fake), asked + 3, "a try and two retries");
+        let expected = if attempt < 3 { 0.0 } else { 1.0 };
+        assert_eq!(
+            transitions(&proxy, "open").await,
+            expected,
+            "after request {attempt}: its retries counted once"
+        );
     }
     assert_eq!(
         transitions(&proxy, "open").await,
