@@ -767,3 +767,31 @@ async fn circuit_recovers_after_a_probe_is_abandoned_by_its_client() {
     }
     assert_eq!(transitions(&proxy, "closed").await, 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_tag_is_served_stale_at_once_on_429_and_5xx() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    let proxy = proxy_with(&fake, &[], "[cache]\ntag_ttl = \"0s\"\n").await;
+    assert_eq!(get(&proxy, "manifests/v1").await.status(), StatusCode::OK);
+    for fault in [Fault::too_many_requests("30"), Fault::status(500)] {
+        fake.set_fault("/manifests/", fault.clone());
+        let started = Instant::now();
+        let response = get(&proxy, "manifests/v1").await;
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), StatusCode::OK, "{fault:?}");
+        assert!(
+            response.headers()["warning"]
+                .to_str()
+                .is_ok_and(|w| w.starts_with("110")),
+            "{fault:?}"
+        );
+        assert_eq!(
+            response.bytes().await.expect("body"),
+            image.manifest,
+            "{fault:?}"
+        );
+        // Neither is retried: answered at once, well inside revalidate_timeout.
+        assert!(elapsed < Duration::from_secs(1), "{fault:?}: {elapsed:?}");
+    }
+}
