@@ -512,9 +512,17 @@ async fn server_error_storm_opens_the_circuit_and_the_first_answer_closes_it() {
     // and counts once, retries included.
     fake.set_fault("/manifests/", Fault::status(503));
     for attempt in 1..=3 {
+        let asked = manifest_requests(&fake);
         let response = get(&proxy, "manifests/v1").await;
         assert_eq!(response.status(), StatusCode::OK, "stale serve {attempt}");
         assert!(response.headers().contains_key("warning"));
+        assert_eq!(manifest_requests(&fake), asked + 3, "a try and two retries");
+        let expected = if attempt < 3 { 0.0 } else { 1.0 };
+        assert_eq!(
+            transitions(&proxy, "open").await,
+            expected,
+            "after request {attempt}: its retries counted once"
+        );
     }
     assert_eq!(
         transitions(&proxy, "open").await,
@@ -758,4 +766,32 @@ async fn circuit_recovers_after_a_probe_is_abandoned_by_its_client() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(transitions(&proxy, "closed").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_tag_is_served_stale_at_once_on_429_and_5xx() {
+    let image = Image::new(4096);
+    let fake = image.fake().start().await;
+    let proxy = proxy_with(&fake, &[], "[cache]\ntag_ttl = \"0s\"\n").await;
+    assert_eq!(get(&proxy, "manifests/v1").await.status(), StatusCode::OK);
+    for fault in [Fault::too_many_requests("30"), Fault::status(500)] {
+        fake.set_fault("/manifests/", fault.clone());
+        let started = Instant::now();
+        let response = get(&proxy, "manifests/v1").await;
+        let elapsed = started.elapsed();
+        assert_eq!(response.status(), StatusCode::OK, "{fault:?}");
+        assert!(
+            response.headers()["warning"]
+                .to_str()
+                .is_ok_and(|w| w.starts_with("110")),
+            "{fault:?}"
+        );
+        assert_eq!(
+            response.bytes().await.expect("body"),
+            image.manifest,
+            "{fault:?}"
+        );
+        // Neither is retried: answered at once, well inside revalidate_timeout.
+        assert!(elapsed < Duration::from_secs(1), "{fault:?}: {elapsed:?}");
+    }
 }

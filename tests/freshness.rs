@@ -156,7 +156,8 @@ async fn an_unchanged_tag_is_revalidated_with_one_head_for_many_clients() {
 async fn upstream_down_serves_cached_tags_stale_and_fails_misses_fast() {
     let mut upstream = Upstream::start(Auth::None).await;
     let image = images::push_oci_image(&upstream, "test/outage", "v1", "outage", &[2048]).await;
-    let proxy = proxy_for(&upstream, "[cache]\ntag_ttl = \"0s\"\n").await;
+    let spec = UpstreamSpec::default_at(NAME, &upstream.url()).with("breaker_threshold = 2");
+    let proxy = InProcess::start(&[spec], "[cache]\ntag_ttl = \"0s\"\n").await;
     let dest = tempfile::tempdir().expect("temp dir");
     let (ok, stderr) = skopeo_copy(
         &format!("{}/test/outage:v1", proxy.addr()),
@@ -185,9 +186,9 @@ async fn upstream_down_serves_cached_tags_stale_and_fails_misses_fast() {
         .expect("ascii")
         .starts_with("110"));
 
-    // Misses fail with a clear error; five failed requests (retries included) open the
-    // circuit.
-    for _ in 0..5 {
+    // Misses fail with a clear error. The failed revalidations above and these misses (each
+    // request counted once, retries included) open the circuit.
+    for _ in 0..2 {
         let response = reqwest::get(format!("{}/v2/test/never/manifests/v1", proxy.url()))
             .await
             .expect("GET");
@@ -258,11 +259,23 @@ async fn a_hanging_upstream_gets_a_cached_tag_served_stale_within_3s_then_update
         1.0
     );
     assert!(proxy.metric("regcache_stale_served_total").await >= 1.0);
+    // While that revalidation is still out, later clients are not held again.
+    let started = Instant::now();
+    let (status, digest, warning) = manifest_answer(&proxy.url(), "test/brownout", "v1").await;
+    assert_eq!(
+        (status, digest.as_str(), warning),
+        (StatusCode::OK, old.digest.as_str(), true)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     // The whole cached image still pulls, digest-checked, while the upstream hangs.
     let started = Instant::now();
     proxy.pull_verified("test/brownout:v1", &old.digest).await;
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
@@ -287,15 +300,15 @@ async fn a_revalidation_past_its_deadline_updates_the_tag_in_the_background() {
     let upstream = Upstream::start(Auth::None).await;
     let old = images::push_oci_image(&upstream, "test/slow", "v1", "old", &[1024]).await;
     let (faults, proxy) =
-        behind_fault_proxy(&upstream, "[cache]\nrevalidate_timeout = \"500ms\"\n").await;
+        behind_fault_proxy(&upstream, "[cache]\nrevalidate_timeout = \"300ms\"\n").await;
     assert_eq!(
         manifest_digest(&proxy, "test/slow", "v1").await.1,
         old.digest
     );
     let new = images::push_oci_image(&upstream, "test/slow", "v1", "new", &[1024]).await;
 
-    // A slow upstream: every new connection waits 2 s before it is answered.
-    faults.set(Mode::Delay(Duration::from_secs(2)));
+    // A slow upstream: every new connection waits 1.5 s before it is answered.
+    faults.set(Mode::Delay(Duration::from_millis(1500)));
     proxy.clock().advance(Duration::from_secs(61));
     let clients: Vec<_> = (0..4)
         .map(|_| {
@@ -370,14 +383,17 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
 async fn after_a_short_outage_the_first_miss_succeeds_within_3s() {
     let upstream = Upstream::start(Auth::None).await;
     let image = images::push_oci_image(&upstream, "test/back", "v1", "back", &[4096, 512]).await;
-    let (faults, proxy) = behind_fault_proxy(&upstream, "").await;
+    let faults = FaultProxy::start(&upstream.addr()).await;
+    let spec = UpstreamSpec::default_at(NAME, &faults.url()).with("breaker_threshold = 3");
+    let proxy = InProcess::start(&[spec], "").await;
+    // The outage: every request is refused (each with its retries) until the circuit opens,
+    // and misses then fail at once.
     faults.set(Mode::Refuse);
-    for _ in 0..6 {
+    for _ in 0..4 {
         let (status, _, _) = manifest_answer(&proxy.url(), "test/back", "v1").await;
         assert!(status.is_server_error(), "{status}");
     }
     assert_eq!(breaker_transitions(&proxy, "open").await, 1.0);
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     faults.set(Mode::Pass);
     let started = Instant::now();

@@ -127,7 +127,7 @@ impl Cache {
             Some(Verdict::ServeAndRevalidate | Verdict::Fresh) => true,
             None => false,
         };
-        let flight = self.revalidation(target, tag, accept, cached.as_ref(), stale_ok);
+        let (key, work) = self.revalidation(target, tag, accept, cached.as_ref(), stale_ok);
         let stale = |manifest: Arc<Manifest>, why: &dyn std::fmt::Display| {
             tracing::warn!(
                 upstream = upstream.name(),
@@ -145,7 +145,8 @@ impl Cache {
         let result = match (cached.clone(), verdict) {
             (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
                 // RFC 5861: answer now, let the revalidation update the tag for the next client.
-                tokio::spawn(flight);
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.coalesced(key, work).await });
                 tracing::debug!(
                     repo = %target.repo,
                     %tag,
@@ -159,14 +160,11 @@ impl Cache {
             }
             (Some((manifest, _)), _) if stale_ok => {
                 // The revalidation runs in its own task (see `SingleFlight`): when the deadline
-                // passes it goes on, and its answer updates the tag for the next client.
-                match tokio::time::timeout(self.revalidate_timeout, flight).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        self.metrics
-                            .revalidation_deadlines
-                            .with_label_values(&[upstream.name()])
-                            .inc();
+                // passes it goes on, and its answer updates the tag for the next client. Until
+                // then, later clients are not made to wait for it again.
+                match self.coalesced_within(key, work, upstream.name()).await {
+                    Some(result) => result,
+                    None => {
                         let why = format!(
                             "revalidation not answered within {:?}; it goes on in the background",
                             self.revalidate_timeout
@@ -175,7 +173,7 @@ impl Cache {
                     }
                 }
             }
-            _ => flight.await,
+            _ => self.coalesced(key, work).await,
         };
         let err = match result {
             Ok(answer) => return Ok(answer),
@@ -198,8 +196,7 @@ impl Cache {
         }
     }
 
-    /// The coalesced revalidation (or first fetch) of a tag, not started until polled. Runs in
-    /// its own task once started, so dropping this future does not stop it.
+    /// The key and the work of a tag's revalidation (or first fetch), for [`Cache::coalesced`].
     fn revalidation(
         self: &Arc<Self>,
         target: &Target,
@@ -207,8 +204,10 @@ impl Cache {
         accept: &[String],
         cached: Option<&(Arc<Manifest>, SystemTime)>,
         stale_ok: bool,
-    ) -> impl std::future::Future<Output = Result<ManifestAnswer, CacheError>> + Send + 'static
-    {
+    ) -> (
+        FlightKey,
+        impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+    ) {
         let (_, namespace) = self.upstream(target);
         let key = FlightKey::Tag(
             namespace.clone(),
@@ -224,15 +223,11 @@ impl Cache {
         };
         let this = Arc::clone(self);
         let (target, tag, accept) = (target.clone(), tag.clone(), accept.to_vec());
-        async move {
-            let worker = Arc::clone(&this);
-            this.coalesced(key, async move {
-                worker
-                    .refresh_tag(&target, &tag, &accept, cached_digest, need)
-                    .await
-            })
-            .await
-        }
+        let work = async move {
+            this.refresh_tag(&target, &tag, &accept, cached_digest, need)
+                .await
+        };
+        (key, work)
     }
 
     /// Asks the upstream where a tag points: a cheap `HEAD` when a cached digest can be
@@ -283,12 +278,32 @@ impl Cache {
         key: FlightKey,
         work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
     ) -> Result<ManifestAnswer, CacheError> {
-        match self.manifest_flights.run(key, work).await {
-            (Ok((manifest, phase)), leader) => Ok(ManifestAnswer {
-                manifest,
-                phase: if leader { phase } else { CachePhase::Coalesced },
-            }),
-            (Err(err), _) => Err(CacheError::Shared(err)),
+        let (result, leader) = self.manifest_flights.run(key, work).await;
+        shared_answer(result, leader)
+    }
+
+    /// [`Cache::coalesced`] waiting at most `cache.revalidate_timeout`; `None` (counted in
+    /// `regcache_revalidation_deadline_total`) when the deadline passed or had already passed
+    /// for an earlier client of the same run, which goes on in the background.
+    async fn coalesced_within(
+        &self,
+        key: FlightKey,
+        work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+        upstream: &str,
+    ) -> Option<Result<ManifestAnswer, CacheError>> {
+        match self
+            .manifest_flights
+            .run_within(key, work, self.revalidate_timeout)
+            .await
+        {
+            Some((result, leader)) => Some(shared_answer(result, leader)),
+            None => {
+                self.metrics
+                    .revalidation_deadlines
+                    .with_label_values(&[upstream])
+                    .inc();
+                None
+            }
         }
     }
 
@@ -387,6 +402,21 @@ impl Cache {
             .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
             .await;
         Ok(manifest)
+    }
+}
+
+/// A coalesced lookup's shared result as this caller's answer; joiners see
+/// [`CachePhase::Coalesced`].
+fn shared_answer(
+    result: Result<FlightValue, Arc<CacheError>>,
+    leader: bool,
+) -> Result<ManifestAnswer, CacheError> {
+    match result {
+        Ok((manifest, phase)) => Ok(ManifestAnswer {
+            manifest,
+            phase: if leader { phase } else { CachePhase::Coalesced },
+        }),
+        Err(err) => Err(CacheError::Shared(err)),
     }
 }
 

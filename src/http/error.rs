@@ -201,3 +201,106 @@ impl ApiError {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::upstream::UpstreamError;
+
+    #[track_caller]
+    fn check(err: CacheError, status: u16, code: &str, origin: Origin, retry_after: Option<&str>) {
+        let api = ApiError::from_cache(&err, "MANIFEST_UNKNOWN");
+        assert_eq!(
+            (
+                api.status.as_u16(),
+                api.code,
+                api.origin,
+                api.retry_after.as_deref()
+            ),
+            (status, code, origin, retry_after),
+            "{err}"
+        );
+    }
+
+    fn upstream(err: UpstreamError) -> CacheError {
+        CacheError::Shared(Arc::new(CacheError::Upstream(Arc::new(err))))
+    }
+
+    #[test]
+    fn each_answer_kind_maps_to_one_status_and_code() {
+        let name = || "up.test".to_owned();
+        check(
+            upstream(UpstreamError::NotFound { upstream: name() }),
+            404,
+            "MANIFEST_UNKNOWN",
+            Origin::Client,
+            None,
+        );
+        check(
+            upstream(UpstreamError::TooManyRequests {
+                upstream: name(),
+                retry_after: Some("7".to_owned()),
+            }),
+            429,
+            "TOOMANYREQUESTS",
+            Origin::Upstream,
+            Some("7"),
+        );
+        check(
+            upstream(UpstreamError::CircuitOpen {
+                upstream: name(),
+                retry_in: Duration::from_millis(200),
+            }),
+            503,
+            "UNAVAILABLE",
+            Origin::Upstream,
+            Some("1"),
+        );
+        check(
+            upstream(UpstreamError::Status {
+                upstream: name(),
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+            }),
+            502,
+            "UNAVAILABLE",
+            Origin::Upstream,
+            None,
+        );
+        check(
+            CacheError::Busy,
+            503,
+            "TOOMANYREQUESTS",
+            Origin::Overload,
+            Some("1"),
+        );
+        check(
+            CacheError::FillAborted,
+            500,
+            "UNKNOWN",
+            Origin::Internal,
+            None,
+        );
+        check(
+            CacheError::NotCachedOffline { upstream: name() },
+            404,
+            "MANIFEST_UNKNOWN",
+            Origin::Client,
+            None,
+        );
+        let marked_down = ApiError::from_cache(
+            &upstream(UpstreamError::CircuitOpen {
+                upstream: name(),
+                retry_in: Duration::from_secs(3),
+            }),
+            "BLOB_UNKNOWN",
+        );
+        assert!(
+            marked_down.message.contains("up.test"),
+            "{}",
+            marked_down.message
+        );
+    }
+}
