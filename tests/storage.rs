@@ -389,6 +389,34 @@ async fn regcache_pin_makes_a_running_server_fetch_and_keep_an_image() {
     assert_eq!(output.status.code(), Some(64));
 }
 
+#[tokio::test]
+async fn pin_with_an_unwritable_storage_directory_fails_without_claiming_a_bad_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A storage path below a regular file: the configuration is valid, the directory cannot be
+    // created.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"").expect("write");
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = {:?}\n[[upstream]]\nname = \"{NAME}\"\n\
+             url = \"http://127.0.0.1:9\"\ndefault = true\n",
+            blocker.join("store").display().to_string()
+        ),
+    )
+    .expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["pin", "registry.test/test/app:1", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pins.toml"), "{stderr}");
+}
+
 /// A small tmpfs, unmounted on drop (after the proxy using it is gone).
 struct SmallDisk {
     dir: tempfile::TempDir,
