@@ -1,6 +1,7 @@
 //! Single-flight blob fills and the readers that stream them. This module only coordinates:
 //! the bytes go through the store's [`BlobWriter`] (which hashes, verifies and commits) and
-//! [`PartialReader`] (which reads what was written); there is no file I/O or hashing here.
+//! [`PartialReader`] (which follows what is written and holds back the final byte until the
+//! digest is verified); there is no file I/O or hashing here.
 //!
 //! One fill per (upstream, digest) runs in its own task: it outlives any client and pumps the
 //! upstream body into the writer, resuming a cut body with a `Range` request. Every client of
@@ -8,9 +9,9 @@
 //! [`FillReader`] following the written bytes at its own pace, so a slow client never slows the
 //! fill or the others.
 //!
-//! Invariant: while a fill is running, a reader holds back the final byte of its response, so
-//! no client receives a complete body before the digest is verified; on a mismatch the readers
-//! end with an error and the client's connection is aborted.
+//! Invariant (kept by the store's [`PartialReader`]): no client receives a complete body before
+//! the digest is verified; on a mismatch, or when the fill fails, the readers end with an
+//! error (the fill's reason) and the client's connection is aborted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::CacheError;
 use crate::oci::{Digest, RepoName};
-use crate::store::{BlobWriter, Namespace, Partial, PartialReader, Store, StoreError, READ_CHUNK};
+use crate::store::{BlobWriter, Namespace, Partial, PartialReader, Store, StoreError, WriteState};
 use crate::upstream::{BlobResponse, UpstreamClient, UpstreamError};
 
 /// Where a fill stands; published through a `watch` channel.
@@ -32,8 +33,6 @@ pub(crate) struct Progress {
     pub(crate) started: bool,
     /// The upstream's `Content-Length`, when it sent one.
     pub(crate) size: Option<u64>,
-    /// Bytes written so far (readable by followers).
-    pub(crate) written: u64,
     pub(crate) state: FillState,
 }
 
@@ -140,7 +139,6 @@ impl Fills {
         let (sender, progress) = watch::channel(Progress {
             started: false,
             size: None,
-            written: 0,
             state: FillState::Running,
         });
         let fill = Arc::new(Fill {
@@ -177,14 +175,6 @@ struct FillGuard {
 impl FillGuard {
     fn finish(&self, state: FillState) {
         self.sender.send_modify(|p| p.state = state);
-    }
-
-    fn written(&self, written: u64) {
-        self.sender.send_if_modified(|p| {
-            let changed = p.written != written;
-            p.written = written;
-            changed
-        });
     }
 }
 
@@ -266,12 +256,10 @@ async fn fill_body(
             let _ = chunk.split_to(skipped);
             skip -= skipped as u64;
             writer.write(&chunk).await.map_err(store_error)?;
-            guard.written(writer.written());
         }
         let Some(err) = interrupted else { break };
         // Resume from what is written: settle the batches first.
         let written = writer.settle().await.map_err(store_error)?;
-        guard.written(written);
         if resumes == MAX_RESUMES || size.is_some_and(|s| written >= s) {
             return Err(upstream_error(err));
         }
@@ -284,10 +272,7 @@ async fn fill_body(
     }
     let verified = writer.finish().await.map_err(store_error)?;
     let written = verified.len();
-    guard.sender.send_modify(|p| {
-        p.written = written;
-        p.state = FillState::Verified;
-    });
+    guard.finish(FillState::Verified);
     verified.commit().await.map_err(store_error)?;
     tracing::debug!(bytes = written, resumes, "fill committed");
     job.access_log.touch(&job.namespace, &job.digest, written);
@@ -318,34 +303,13 @@ pub(crate) async fn wait_started(fill: &Fill) -> Result<Progress, CacheError> {
 pub(crate) struct FillReader {
     progress: watch::Receiver<Progress>,
     reader: PartialReader,
-    position: u64,
-    end: Option<u64>,
 }
 
 impl FillReader {
     pub(crate) fn new(fill: &Fill, start: u64, end: Option<u64>) -> Self {
         Self {
             progress: fill.progress.clone(),
-            reader: fill.partial.reader(start),
-            position: start,
-            end,
-        }
-    }
-
-    /// How far the reader may read now, and whether that is the end.
-    fn limit(&mut self) -> Result<(u64, bool), std::io::Error> {
-        let progress = self.progress.borrow_and_update();
-        match &progress.state {
-            FillState::Failed(err) => Err(std::io::Error::other(err.to_string())),
-            FillState::Verified | FillState::Done => Ok((
-                self.end.unwrap_or(progress.written).min(progress.written),
-                true,
-            )),
-            // Hold back the final byte of the response until the digest is verified.
-            FillState::Running => Ok(match self.end {
-                Some(end) => (progress.written.min(end.saturating_sub(1)), false),
-                None => (progress.written.saturating_sub(1), false),
-            }),
+            reader: fill.partial.reader(start, end),
         }
     }
 
@@ -354,31 +318,25 @@ impl FillReader {
     /// # Cancel safety
     /// Not cancel safe across a read in progress; it is only polled by the response body.
     pub(crate) async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
-        loop {
-            let (limit, done) = match self.limit() {
-                Ok(limit) => limit,
-                Err(err) => return Some(Err(err)),
-            };
-            if self.position < limit {
-                let len = usize::try_from(limit - self.position)
-                    .unwrap_or(READ_CHUNK)
-                    .min(READ_CHUNK);
-                let chunk = self.reader.read(len).await;
-                if let Ok(bytes) = &chunk {
-                    self.position += bytes.len() as u64;
-                }
-                return Some(chunk);
+        match self.reader.next_chunk().await {
+            Some(Err(err)) if self.reader.state() == WriteState::Failed => {
+                Some(Err(self.failure().await.unwrap_or(err)))
             }
-            if done {
-                return None;
-            }
-            if self.progress.changed().await.is_err() {
-                // The sender is gone: the guard published a final state first, so look again.
-                let state = self.progress.borrow().state.clone();
-                if matches!(state, FillState::Running) {
-                    return Some(Err(std::io::Error::other("fill ended without a result")));
-                }
-            }
+            other => other,
+        }
+    }
+
+    /// Why the fill failed (the upstream's or the store's reason, which says more than the
+    /// reader's), once the fill task has said it: right after its writer failed.
+    async fn failure(&mut self) -> Option<std::io::Error> {
+        let progress = self
+            .progress
+            .wait_for(|p| !matches!(p.state, FillState::Running | FillState::Verified))
+            .await
+            .ok()?;
+        match &progress.state {
+            FillState::Failed(err) => Some(std::io::Error::other(err.to_string())),
+            _ => None,
         }
     }
 }
@@ -660,51 +618,5 @@ mod tests {
         let (received, error) = drain(&mut retry.reader).await;
         assert!(error.is_none(), "{error:?}");
         assert_eq!(received, bytes);
-    }
-
-    #[tokio::test]
-    async fn a_follower_never_gets_the_final_byte_before_the_fill_is_verified() {
-        let harness = Harness::new();
-        let bytes = blob(600 * 1024 + 7);
-        let digest = Digest::of(&bytes);
-        let mut writer = harness
-            .store
-            .writer(&harness.namespace, &digest)
-            .expect("writer");
-        writer.write(&bytes).await.expect("write");
-        let written = writer.settle().await.expect("settle");
-        assert_eq!(written, bytes.len() as u64);
-        // Every byte is written, but the fill has not verified them yet.
-        let (sender, progress) = watch::channel(Progress {
-            started: true,
-            size: Some(written),
-            written,
-            state: FillState::Running,
-        });
-        let fill = Fill {
-            partial: writer.partial(),
-            progress,
-        };
-        let mut reader = FillReader::new(&fill, 0, Some(written));
-        let mut received = 0;
-        while received < written - 1 {
-            let chunk = reader.next_chunk().await.expect("more").expect("chunk");
-            received += chunk.len() as u64;
-            assert!(received < written, "the final byte was sent unverified");
-        }
-        let waiting = tokio::spawn(async move {
-            let last = reader.next_chunk().await;
-            (last, reader.next_chunk().await)
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!waiting.is_finished(), "the final byte did not wait");
-        let verified = writer.finish().await.expect("verified");
-        sender.send_modify(|p| p.state = FillState::Verified);
-        let (last, end) = waiting.await.expect("reader");
-        assert_eq!(last.expect("the final byte").expect("read").len(), 1);
-        assert!(end.is_none());
-        verified.commit().await.expect("commit");
     }
 }

@@ -24,7 +24,7 @@ pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use index::{AccessRecord, Index, ManifestRecord, TagRecord};
 pub use local::LocalDisk;
-pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob};
+pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
 
 use crate::oci::Digest;
 

@@ -1,6 +1,10 @@
 //! Writing a blob: [`BlobWriter`] hashes while it writes, and only a [`VerifiedBlob`] (whose
 //! digest matched) can be committed. [`Partial`] lets readers follow the bytes while they are
-//! written.
+//! written ([`PartialReader`]).
+//!
+//! Invariant: a [`PartialReader`] holds back the final byte of its range until the writer has
+//! verified the digest, so no reader completes a body of unverified bytes; when the writer
+//! fails or is dropped unverified, readers end with an error, never a clean end.
 //!
 //! Writes go in 256 KiB batches, each hashed and appended on a blocking thread while the next
 //! arrives from the network, so hashing, disk and network overlap on two cores.
@@ -8,6 +12,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::backend::{StagedId, StagedWrite};
@@ -21,6 +26,17 @@ const WRITE_BATCH: usize = 256 * 1024;
 
 /// A batch hashed and appended: the staged object and hash come back with its length.
 type WrittenBatch = (Box<dyn StagedWrite>, DigestCheck, u64);
+
+/// How far a blob being written has got, as its readers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteState {
+    /// This many bytes are written and readable; the digest is not checked yet.
+    Writing(u64),
+    /// All bytes are written and the digest matched: readers may finish.
+    Verified(u64),
+    /// The writer failed or was dropped unverified.
+    Failed,
+}
 
 /// A blob being written under `(namespace, digest)`; nothing is visible until
 /// [`BlobWriter::finish`] verified it and [`VerifiedBlob::commit`] committed it. Dropped
@@ -37,6 +53,21 @@ pub struct BlobWriter {
     batch: BytesMut,
     /// Bytes appended (batches settled).
     written: u64,
+    /// Tells the [`Partial`] readers how far they may read.
+    state: watch::Sender<WriteState>,
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        // Dropped before `finish` verified it (failure, mismatch, abort): readers must fail.
+        self.state.send_if_modified(|state| {
+            let unverified = matches!(state, WriteState::Writing(_));
+            if unverified {
+                *state = WriteState::Failed;
+            }
+            unverified
+        });
+    }
 }
 
 fn aborted(err: tokio::task::JoinError) -> StoreError {
@@ -54,6 +85,7 @@ impl Store {
         digest: &Digest,
     ) -> Result<BlobWriter, StoreError> {
         let staged = self.backend.stage()?;
+        let (state, progress) = watch::channel(WriteState::Writing(0));
         Ok(BlobWriter {
             store: Arc::clone(self),
             namespace: namespace.clone(),
@@ -63,11 +95,13 @@ impl Store {
                 id: staged.id().clone(),
                 namespace: namespace.clone(),
                 digest: *digest,
+                progress,
             },
             idle: Some((staged, DigestCheck::default())),
             in_flight: None,
             batch: BytesMut::with_capacity(WRITE_BATCH),
             written: 0,
+            state,
         })
     }
 }
@@ -125,6 +159,7 @@ impl BlobWriter {
         };
         let (staged, check, len) = handle.await.map_err(aborted)??;
         self.written += len;
+        self.state.send_replace(WriteState::Writing(self.written));
         Ok((staged, check))
     }
 
@@ -147,8 +182,10 @@ impl BlobWriter {
     pub async fn finish(mut self) -> Result<VerifiedBlob, StoreError> {
         self.flush().await?;
         let (staged, check) = self.wait_idle().await?;
-        // On a mismatch, `staged` is dropped here, which discards it.
+        // On a mismatch, `staged` is dropped here, which discards it, and dropping `self`
+        // fails the readers.
         check.check(&self.digest)?;
+        self.state.send_replace(WriteState::Verified(self.written));
         Ok(VerifiedBlob {
             store: Arc::clone(&self.store),
             namespace: self.namespace.clone(),
@@ -208,40 +245,96 @@ pub struct Partial {
     id: StagedId,
     namespace: Namespace,
     digest: Digest,
+    progress: watch::Receiver<WriteState>,
 }
 
 impl Partial {
-    /// A reader from byte `start`.
-    pub fn reader(&self, start: u64) -> PartialReader {
+    /// A reader of `[start, end)`; with `end` unknown (`None`), up to where the blob ends.
+    pub fn reader(&self, start: u64, end: Option<u64>) -> PartialReader {
         PartialReader {
+            progress: self.progress.clone(),
             partial: self.clone(),
             position: start,
+            end,
             chunks: None,
         }
     }
+
+    /// How far the writer has got.
+    pub fn state(&self) -> WriteState {
+        *self.progress.borrow()
+    }
 }
 
-/// Reads a blob being written. It reads only what its caller knows to be written; the
-/// caller also holds back the final byte until the writer verified the digest (see
-/// `cache/fill.rs`).
+/// Reads a range of a blob being written, at its own pace, holding back the final byte until
+/// the writer verified the digest.
 #[derive(Debug)]
 pub struct PartialReader {
     partial: Partial,
+    progress: watch::Receiver<WriteState>,
     position: u64,
+    end: Option<u64>,
     /// Opened on the first read.
     chunks: Option<Chunks>,
 }
 
 impl PartialReader {
-    /// Reads exactly `len` bytes at the current position. The caller must know they are
-    /// written.
+    /// How far the writer has got.
+    pub fn state(&self) -> WriteState {
+        *self.progress.borrow()
+    }
+
+    /// How far the reader may read now, and whether that is the end of its range.
+    fn limit(&mut self) -> std::io::Result<(u64, bool)> {
+        match *self.progress.borrow_and_update() {
+            WriteState::Failed => Err(std::io::Error::other("the blob being written failed")),
+            WriteState::Verified(len) => Ok((self.end.map_or(len, |end| end.min(len)), true)),
+            // Hold back the final byte of the range until the digest is verified.
+            WriteState::Writing(written) => Ok((
+                match self.end {
+                    Some(end) => written.min(end.saturating_sub(1)),
+                    None => written.saturating_sub(1),
+                },
+                false,
+            )),
+        }
+    }
+
+    /// The next chunk (up to [`READ_CHUNK`](super::READ_CHUNK) bytes), `None` at the end of
+    /// the range.
     ///
     /// # Errors
-    /// The read's failure.
+    /// The read's failure; the writer's failure (never a clean end for unverified bytes).
     ///
     /// # Cancel safety
-    /// Not cancel safe; poll it to completion.
-    pub async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        loop {
+            let (limit, done) = match self.limit() {
+                Ok(limit) => limit,
+                Err(err) => return Some(Err(err)),
+            };
+            if self.position < limit {
+                let len = usize::try_from(limit - self.position)
+                    .unwrap_or(super::READ_CHUNK)
+                    .min(super::READ_CHUNK);
+                return Some(self.read(len).await);
+            }
+            if done {
+                return None;
+            }
+            if self.progress.changed().await.is_err()
+                && matches!(*self.progress.borrow(), WriteState::Writing(_))
+            {
+                // Unreachable while the writer's drop publishes `Failed`; kept so that a
+                // reader can never wait forever.
+                return Some(Err(std::io::Error::other("the blob writer is gone")));
+            }
+        }
+    }
+
+    /// Reads exactly `len` bytes at the current position, which are known to be written.
+    async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
         if self.chunks.is_none() {
             let partial = self.partial.clone();
             let position = self.position;
@@ -392,20 +485,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_partial_reader_reads_what_is_written_then_the_committed_blob() {
+    async fn a_partial_reader_holds_back_the_final_byte_until_the_digest_is_verified() {
         let (_dir, store) = open_store();
         let namespace = Namespace::new("registry.test");
-        let bytes = blob(512 * 1024 + 10);
+        let bytes = blob(600 * 1024 + 7);
+        let size = bytes.len() as u64;
         let digest = Digest::of(&bytes);
         let mut writer = store.writer(&namespace, &digest).expect("writer");
         let partial = writer.partial();
-        writer.write(&bytes[..300 * 1024]).await.expect("write");
-        let written = writer.settle().await.expect("settle");
-        assert_eq!(written, 300 * 1024);
-        let mut early = partial.reader(0);
-        let head = early.read(written as usize).await.expect("read");
-        assert_eq!(&head[..], &bytes[..head.len()]);
-        writer.write(&bytes[300 * 1024..]).await.expect("write");
+        writer.write(&bytes).await.expect("write");
+        assert_eq!(writer.settle().await.expect("settle"), size);
+        // Every byte is written, none verified yet.
+        let mut reader = partial.reader(0, Some(size));
+        let mut received = Vec::new();
+        while received.len() as u64 + 1 < size {
+            let chunk = reader.next_chunk().await.expect("more").expect("chunk");
+            received.extend_from_slice(&chunk);
+            assert!(
+                (received.len() as u64) < size,
+                "the final byte was read unverified"
+            );
+        }
+        let waiting = tokio::spawn(async move {
+            let last = reader.next_chunk().await;
+            (last, reader.next_chunk().await)
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "the final byte did not wait");
         writer
             .finish()
             .await
@@ -413,12 +521,48 @@ mod tests {
             .commit()
             .await
             .expect("commit");
-        // The reader that opened the staged bytes keeps reading them; a reader that starts
-        // after the commit reads the committed blob.
-        let tail = early.read(bytes.len() - head.len()).await.expect("read on");
-        assert_eq!(&tail[..], &bytes[head.len()..]);
-        let mut late = partial.reader(10);
-        let late_bytes = late.read(bytes.len() - 10).await.expect("read");
+        let (last, end) = waiting.await.expect("reader");
+        received.extend_from_slice(&last.expect("the final byte").expect("read"));
+        assert!(end.is_none());
+        assert_eq!(received, bytes);
+        // A reader that starts after the commit reads the committed blob.
+        let mut late = partial.reader(10, None);
+        let mut late_bytes = Vec::new();
+        while let Some(chunk) = late.next_chunk().await {
+            late_bytes.extend_from_slice(&chunk.expect("chunk"));
+        }
         assert_eq!(&late_bytes[..], &bytes[10..]);
+    }
+
+    #[tokio::test]
+    async fn partial_readers_end_with_an_error_when_the_writer_fails() {
+        let (_dir, store) = open_store();
+        let namespace = Namespace::new("registry.test");
+        let bytes = blob(300 * 1024);
+        let digest = Digest::of(&bytes);
+        let mut writer = store.writer(&namespace, &digest).expect("writer");
+        let partial = writer.partial();
+        let mut wrong = bytes.clone();
+        wrong[0] ^= 1;
+        writer.write(&wrong).await.expect("write");
+        writer.settle().await.expect("settle");
+        let mut reader = partial.reader(0, None);
+        let mut received = 0;
+        while received + 1 < wrong.len() {
+            received += reader
+                .next_chunk()
+                .await
+                .expect("a chunk")
+                .expect("read")
+                .len();
+        }
+        assert_eq!(received, wrong.len() - 1, "all but the final byte");
+        assert!(matches!(
+            writer.finish().await,
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert_eq!(partial.state(), WriteState::Failed);
+        let end = reader.next_chunk().await.expect("not a clean end");
+        assert!(end.is_err());
     }
 }
