@@ -340,4 +340,35 @@ mod tests {
         disk.list(&mut |blob| listed.push((blob.namespace, blob.digest, blob.size)));
         assert_eq!(listed, vec![(namespace, digest, 5)]);
     }
+
+    #[test]
+    fn verify_finds_a_rotten_blob_and_quarantine_takes_it_out_of_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::store::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let bytes = vec![7u8; 300 * 1024];
+        let digest = Digest::of(&bytes);
+        store
+            .put_verified(&namespace, &digest, &bytes)
+            .expect("put");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(true)
+        );
+        // Bit rot on disk, behind the store's back.
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        let mut rotten = bytes.clone();
+        rotten[200_000] ^= 0x10;
+        std::fs::write(&path, &rotten).expect("rot");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(false)
+        );
+        let moved_to = store.quarantine(&namespace, &digest).expect("quarantine");
+        assert!(!store.contains(&namespace, &digest));
+        assert_eq!(std::fs::read(&moved_to).expect("quarantined file"), rotten);
+        assert_eq!(store.usage().bytes, 0);
+        assert_eq!(store.verify(&namespace, &digest).expect("verify"), None);
+    }
 }
