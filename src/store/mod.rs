@@ -18,6 +18,8 @@ mod backend;
 mod blobs;
 mod index;
 mod local;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
