@@ -105,107 +105,15 @@ pub struct RawConfig {
     pin: Vec<RawPin>,
 }
 
-/// The pins file (`<storage>/pins.toml`) written by `regcache pin`.
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PinsFile {
-    #[serde(default)]
-    pin: Vec<RawPin>,
-}
-
+/// A pin as written in `[[pin]]` or in the pins file (`cache::PinsFile`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawPin {
-    upstream: String,
-    repository: String,
-    reference: String,
+pub(crate) struct RawPin {
+    pub(crate) upstream: String,
+    pub(crate) repository: String,
+    pub(crate) reference: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    platforms: Vec<String>,
-}
-
-impl PinsFile {
-    /// Where `regcache pin` keeps its pins.
-    pub fn path(config: &Config) -> PathBuf {
-        config.storage_path.join("pins.toml")
-    }
-
-    /// Reads the file; a missing file has no pins.
-    ///
-    /// # Errors
-    /// [`ConfigError`] when it cannot be read or parsed.
-    pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok(toml::from_str(&text)?),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
-        }
-    }
-
-    /// Writes the file atomically (temp file and rename).
-    ///
-    /// # Errors
-    /// [`ConfigError::Read`] on I/O failure.
-    pub fn write(&self, path: &Path) -> Result<(), ConfigError> {
-        let io_error = |source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let text = toml::to_string(self)
-            .map_err(|err| invalid("pins file", path.display(), err.to_string()))?;
-        let temp = path.with_extension("toml.tmp");
-        std::fs::write(&temp, text).map_err(io_error)?;
-        std::fs::rename(&temp, path).map_err(io_error)
-    }
-
-    /// Adds a pin (no duplicate); returns whether it was new.
-    pub fn add(
-        &mut self,
-        upstream: &str,
-        repository: &str,
-        reference: &str,
-        platforms: Vec<String>,
-    ) -> bool {
-        let pin = RawPin {
-            upstream: upstream.to_owned(),
-            repository: repository.to_owned(),
-            reference: reference.to_owned(),
-            platforms,
-        };
-        if self.pin.contains(&pin) {
-            return false;
-        }
-        self.pin.retain(|p| {
-            !(p.upstream == pin.upstream
-                && p.repository == pin.repository
-                && p.reference == pin.reference)
-        });
-        self.pin.push(pin);
-        true
-    }
-
-    /// Removes a pin; returns whether it was there.
-    pub fn remove(&mut self, upstream: &str, repository: &str, reference: &str) -> bool {
-        let before = self.pin.len();
-        self.pin.retain(|p| {
-            !(p.upstream == upstream && p.repository == repository && p.reference == reference)
-        });
-        self.pin.len() != before
-    }
-
-    /// Validates the pins against the configured upstreams.
-    ///
-    /// # Errors
-    /// [`ConfigError::Invalid`] naming the bad pin.
-    pub fn validate(&self, upstreams: &[UpstreamConfig]) -> Result<Vec<PinConfig>, ConfigError> {
-        self.pin
-            .iter()
-            .cloned()
-            .map(|pin| pin.validate(upstreams))
-            .collect()
-    }
+    pub(crate) platforms: Vec<String>,
 }
 
 /// An image kept cached and never evicted.
@@ -292,7 +200,8 @@ pub struct Config {
     pub status_page: bool,
     /// Connections accepted at once; further connections wait in the kernel backlog.
     pub max_connections: usize,
-    /// How long a graceful shutdown waits for in-flight requests and fills.
+    /// How long a graceful shutdown waits for in-flight requests. Fills are not waited for: one
+    /// cut by the exit leaves only staged bytes, which the next start discards.
     pub shutdown_timeout: Duration,
     /// Root of the blob store and index.
     pub storage_path: PathBuf,
@@ -583,7 +492,7 @@ fn check_upstream_set(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
 }
 
 impl RawPin {
-    fn validate(self, upstreams: &[UpstreamConfig]) -> Result<PinConfig, ConfigError> {
+    pub(crate) fn validate(self, upstreams: &[UpstreamConfig]) -> Result<PinConfig, ConfigError> {
         let upstream = upstreams
             .iter()
             .position(|u| u.name == self.upstream)

@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::routing::Resolver;
-use crate::store::{BlobStore, Index, StoreError};
+use crate::store::{Index, Store, StoreError};
 
 /// Entry points for the criterion benchmarks (`benches/`); not a stable API.
 #[doc(hidden)]
@@ -58,8 +58,8 @@ pub enum RunError {
 ///
 /// # Errors
 /// [`RunError::Store`].
-pub fn open_storage(config: &Config) -> Result<(BlobStore, Index), RunError> {
-    let store = BlobStore::open(&config.storage_path)?;
+pub fn open_storage(config: &Config) -> Result<(Store, Index), RunError> {
+    let store = Store::open_local(&config.storage_path)?;
     let index_path: PathBuf = config.storage_path.join("index");
     let (index, moved_aside) = Index::open(&index_path)?;
     if let Some(aside) = moved_aside {
@@ -104,14 +104,11 @@ pub async fn run_with_clock(
     clock: Clock,
 ) -> Result<(), RunError> {
     let (store, index) = open_storage(&config)?;
-    let removed = store.remove_temp_files()?;
+    let (removed, _) = store.discard_staged(std::time::Duration::ZERO)?;
     if removed > 0 {
         tracing::info!(removed, "removed temp files left by an earlier run");
     }
-    let resolver = Resolver::new(
-        config.upstreams.iter().map(|u| u.name.clone()).collect(),
-        config.upstreams.iter().position(|u| u.default),
-    );
+    let resolver = Resolver::for_upstreams(&config.upstreams);
     let metrics = Arc::new(metrics::Metrics::new());
     let cache = Arc::new(Cache::with_clock(
         &config,

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use regcache::cache::{PinsError, PinsFile};
 use regcache::config::{Config, LogFormat};
+use regcache::routing::Resolver;
 use tokio_util::sync::CancellationToken;
 
 /// A pull-through cache for OCI / Docker container registries.
@@ -16,6 +18,10 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
+    /// TOML configuration file (see config.toml.example for every key); without it, the
+    /// embedded default.
+    #[arg(long, short, global = true, env = "REGCACHE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,9 +35,6 @@ enum Command {
     /// Requests are routed by `?ns=<registry>`, then by a first path segment equal to an
     /// upstream name (/v2/ghcr.io/org/app/...), then to the default upstream.
     Serve {
-        /// TOML configuration file (see config.toml.example for every key).
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
         /// Override `server.listen` (e.g. 127.0.0.1:5000).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
@@ -46,9 +49,6 @@ enum Command {
     /// nowhere. Exits 1 when something was wrong. The file check runs while a server runs;
     /// the index check needs the server stopped.
     Verify {
-        /// TOML configuration file (for storage.path).
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
         /// Also rebuild the index from the store (a corrupt index is moved aside first).
         #[arg(long)]
         repair: bool,
@@ -57,16 +57,9 @@ enum Command {
         json: bool,
     },
     /// Remove temp files and index entries whose files are gone; print what was freed.
-    Gc {
-        /// TOML configuration file (for storage.path).
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Gc,
     /// List cached tags with digests, cached sizes and last access (server stopped).
     Ls {
-        /// TOML configuration file (for storage.path).
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -80,249 +73,158 @@ enum Command {
         /// Keep only these platforms of an index (`linux/amd64`, `linux/arm64/v8`); repeatable.
         #[arg(long = "platform")]
         platforms: Vec<String>,
-        /// TOML configuration file.
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
     },
     /// Remove a pin made with `regcache pin`.
     Unpin {
         /// The image, as given to `regcache pin`.
         image: String,
-        /// TOML configuration file.
-        #[arg(long, short, env = "REGCACHE_CONFIG")]
-        config: Option<PathBuf>,
     },
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
-    CheckConfig {
-        /// TOML configuration file.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    CheckConfig,
 }
 
-/// `EX_USAGE`: the configuration is invalid.
+/// `EX_USAGE`: the configuration (or an image named against it) is invalid.
 const EXIT_CONFIG: u8 = 64;
-
-fn load_or_exit(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|err| {
-        eprintln!("regcache: {err}");
-        ExitCode::from(EXIT_CONFIG)
-    })
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Verify {
-            config,
-            repair,
-            json,
-        } => {
-            let config = match load_or_exit(config.as_deref()) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            init_tracing(&config);
-            match regcache::maintenance::verify(&config, repair, !json) {
-                Ok(report) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).unwrap_or_default()
-                        );
-                    } else {
-                        println!(
-                            "checked {} files ({} bytes): {} corrupt (quarantined), {} index entries dropped, {} manifests re-indexed",
-                            report.checked,
-                            report.bytes,
-                            report.corrupt.len(),
-                            report.dropped_entries,
-                            report.rebuilt_manifests
-                        );
-                        for corrupt in &report.corrupt {
-                            println!("corrupt: {corrupt}");
-                        }
-                        if let Some(reason) = &report.index_skipped {
-                            println!("index not checked: {reason}");
-                        }
-                    }
-                    if report.is_clean() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(err) => {
-                    eprintln!("regcache: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("regcache: {err}");
+            return ExitCode::from(EXIT_CONFIG);
         }
-        Command::Pin {
-            image,
-            platforms,
-            config,
-        } => match load_or_exit(config.as_deref()) {
-            Ok(config) => edit_pins(&config, &image, Some(platforms)),
-            Err(code) => code,
-        },
-        Command::Unpin { image, config } => match load_or_exit(config.as_deref()) {
-            Ok(config) => edit_pins(&config, &image, None),
-            Err(code) => code,
-        },
-        Command::Gc { config } => {
-            let config = match load_or_exit(config.as_deref()) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            init_tracing(&config);
-            match regcache::maintenance::gc(&config) {
-                Ok(report) => {
-                    println!(
-                        "removed {} temp files ({} bytes) and {} orphan index entries",
-                        report.temp_files, report.temp_bytes, report.orphan_entries
-                    );
-                    if let Some(reason) = &report.index_skipped {
-                        println!("index not cleaned: {reason}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("regcache: {err}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Ls { config, json } => {
-            let config = match load_or_exit(config.as_deref()) {
-                Ok(config) => config,
-                Err(code) => return code,
-            };
-            match regcache::maintenance::list(&config) {
-                Ok(tags) if json => {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&tags).unwrap_or_default()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Ok(tags) => {
-                    println!(
-                        "{:<24} {:<40} {:<20} {:<73} {:>12}",
-                        "UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "CACHED"
-                    );
-                    for tag in tags {
-                        println!(
-                            "{:<24} {:<40} {:<20} {:<73} {:>12}",
-                            tag.upstream,
-                            tag.repository,
-                            tag.tag,
-                            tag.digest,
-                            bytesize::ByteSize(tag.cached_bytes).to_string()
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(err) => {
-                    eprintln!("regcache: {err}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
-            Ok(config) => {
-                println!("{config:#?}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("regcache: {err}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+    };
+    let result = match cli.command {
         Command::Serve {
-            config,
             listen,
             storage,
             offline,
-        } => {
-            let mut config = match Config::load(config.as_deref()) {
-                Ok(config) => config,
-                Err(err) => {
-                    eprintln!("regcache: {err}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            if let Some(listen) = listen {
-                config.listen = listen;
-            }
-            if let Some(storage) = storage {
-                config.storage_path = storage;
-            }
-            if offline {
-                for upstream in &mut config.upstreams {
-                    upstream.offline = true;
-                }
-            }
-            init_tracing(&config);
-            match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!("{err:#}");
-                    eprintln!("regcache: {err:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        } => serve(config, listen, storage, offline),
+        Command::Verify { repair, json } => verify(&config, repair, json),
+        Command::Gc => gc(&config),
+        Command::Ls { json } => ls(&config, json),
+        Command::Pin { image, platforms } => edit_pins(&config, &image, Some(platforms)),
+        Command::Unpin { image } => edit_pins(&config, &image, None),
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            Ok(ExitCode::SUCCESS)
         }
-    }
+    };
+    result.unwrap_or_else(|err| {
+        tracing::error!("{err:#}");
+        eprintln!("regcache: {err:#}");
+        ExitCode::FAILURE
+    })
 }
 
-/// Adds (`platforms` given) or removes a pin in the pins file.
-fn edit_pins(config: &Config, image: &str, platforms: Option<Vec<String>>) -> ExitCode {
-    let resolver = regcache::routing::Resolver::new(
-        config.upstreams.iter().map(|u| u.name.clone()).collect(),
-        config.upstreams.iter().position(|u| u.default),
+fn verify(config: &Config, repair: bool, json: bool) -> anyhow::Result<ExitCode> {
+    init_tracing(config);
+    let report = regcache::maintenance::verify(config, repair, !json)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} files ({} bytes): {} corrupt (quarantined), {} index entries dropped, {} manifests re-indexed",
+            report.checked,
+            report.bytes,
+            report.corrupt.len(),
+            report.dropped_entries,
+            report.rebuilt_manifests
+        );
+        for corrupt in &report.corrupt {
+            println!("corrupt: {corrupt}");
+        }
+        if let Some(reason) = &report.index_skipped {
+            println!("index not checked: {reason}");
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn gc(config: &Config) -> anyhow::Result<ExitCode> {
+    init_tracing(config);
+    let report = regcache::maintenance::gc(config)?;
+    println!(
+        "removed {} temp files ({} bytes) and {} orphan index entries",
+        report.temp_files, report.temp_bytes, report.orphan_entries
     );
+    if let Some(reason) = &report.index_skipped {
+        println!("index not cleaned: {reason}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let tags = regcache::maintenance::list(config).map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tags)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let row = |upstream: &str, repository: &str, tag: &str, digest: &str, cached: &str| {
+        println!("{upstream:<24} {repository:<40} {tag:<20} {digest:<73} {cached:>12}");
+    };
+    row("UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "CACHED");
+    for tag in tags {
+        let cached = bytesize::ByteSize(tag.cached_bytes).to_string();
+        row(
+            &tag.upstream,
+            &tag.repository,
+            &tag.tag,
+            &tag.digest,
+            &cached,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Adds (`platforms` given) or removes a pin in the pins file. An image that does not resolve
+/// against the configured upstreams, or a pin that does not validate, is a configuration error
+/// (exit 64); failing to write the file is not.
+fn edit_pins(
+    config: &Config,
+    image: &str,
+    platforms: Option<Vec<String>>,
+) -> anyhow::Result<ExitCode> {
+    let resolver = Resolver::for_upstreams(&config.upstreams);
     let (name, reference) = regcache::routing::split_image_ref(image);
     let resolved = match resolver.resolve(None, name) {
         Ok(resolved) => resolved,
         Err(err) => {
             eprintln!("regcache: {image}: {err}");
-            return ExitCode::from(EXIT_CONFIG);
+            return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
     let upstream = &config.upstreams[resolved.upstream].name;
-    let path = regcache::config::PinsFile::path(config);
-    let result = regcache::config::PinsFile::read(&path).and_then(|mut file| {
-        let changed = match platforms {
-            Some(platforms) => file.add(upstream, resolved.repo.as_str(), reference, platforms),
-            None => file.remove(upstream, resolved.repo.as_str(), reference),
-        };
-        // Validate before writing, so a bad reference never reaches the server.
-        file.validate(&config.upstreams)?;
-        std::fs::create_dir_all(&config.storage_path).map_err(|source| {
-            regcache::config::ConfigError::Read {
-                path: config.storage_path.clone(),
-                source,
-            }
-        })?;
-        file.write(&path)?;
-        Ok(changed)
-    });
-    match result {
-        Ok(changed) => {
-            let what = if changed { "updated" } else { "unchanged" };
-            println!(
-                "{upstream}/{}:{reference}: pins {what} ({})",
-                resolved.repo,
-                path.display()
-            );
-            ExitCode::SUCCESS
+    let path = PinsFile::path(config);
+    let mut file = match PinsFile::read(&path) {
+        Err(PinsError::Invalid(err)) => {
+            eprintln!("regcache: {}: {err}", path.display());
+            return Ok(ExitCode::from(EXIT_CONFIG));
         }
-        Err(err) => {
-            eprintln!("regcache: {err}");
-            ExitCode::from(EXIT_CONFIG)
-        }
+        other => other?,
+    };
+    let changed = match platforms {
+        Some(platforms) => file.add(upstream, resolved.repo.as_str(), reference, platforms),
+        None => file.remove(upstream, resolved.repo.as_str(), reference),
+    };
+    // Validate before writing, so a bad reference never reaches the server.
+    if let Err(err) = file.validate(&config.upstreams) {
+        eprintln!("regcache: {err}");
+        return Ok(ExitCode::from(EXIT_CONFIG));
     }
+    file.write(&path)?;
+    let what = if changed { "updated" } else { "unchanged" };
+    println!(
+        "{upstream}/{}:{reference}: pins {what} ({})",
+        resolved.repo,
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing(config: &Config) {
@@ -339,7 +241,24 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(
+    mut config: Config,
+    listen: Option<std::net::SocketAddr>,
+    storage: Option<PathBuf>,
+    offline: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(storage) = storage {
+        config.storage_path = storage;
+    }
+    if offline {
+        for upstream in &mut config.upstreams {
+            upstream.offline = true;
+        }
+    }
+    init_tracing(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -359,7 +278,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         regcache::run(config, listener, metrics_listener, shutdown).await?;
-        Ok(())
+        Ok(ExitCode::SUCCESS)
     })
 }
 

@@ -3,18 +3,15 @@
 //! `ls` (what is cached). They open the store directly; the index (sled) admits one process, so
 //! while a server runs they do the file-level part and say that the index part was skipped.
 
-use std::io::Read as _;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
 use crate::config::Config;
 use crate::oci::{manifest_digest, references, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
-use crate::store::{BlobStore, Index, ManifestRecord, Namespace, StoreError};
+use crate::store::{Index, ManifestRecord, Namespace, Store, StoreError};
 
 /// What `verify` found.
 #[derive(Debug, Default, Serialize)]
@@ -40,43 +37,14 @@ impl VerifyReport {
     }
 }
 
-fn hash_file(path: &Path) -> std::io::Result<Digest> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1024 * 1024];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(Digest::from_hasher(hasher))
-}
-
-/// Whether the file at `path` holds the content of `digest`: its sha256, or for a signed
-/// schema1 manifest the digest of its payload.
-fn content_matches(path: &Path, digest: &Digest, size: u64) -> std::io::Result<bool> {
-    if hash_file(path)? == *digest {
-        return Ok(true);
-    }
-    if size <= MAX_MANIFEST_BYTES as u64 {
-        let bytes = std::fs::read(path)?;
-        if let Some(media_type) = sniff_media_type(&bytes).filter(|m| m.is_schema1()) {
-            return Ok(manifest_digest(&bytes, &media_type) == *digest);
-        }
-    }
-    Ok(false)
-}
-
 /// Re-hashes every file in parallel (one thread per core) with a progress bar on stderr.
 ///
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyReport, StoreError> {
-    let store = BlobStore::open(&config.storage_path)?;
+    let store = Store::open_local(&config.storage_path)?;
     let mut files = Vec::new();
-    let usage = store.scan(|namespace, digest, size, _| files.push((namespace, digest, size)));
+    let usage = store.scan(|blob| files.push((blob.namespace, blob.digest, blob.size)));
     let bar = if progress {
         indicatif::ProgressBar::new(usage.bytes)
     } else {
@@ -99,9 +67,8 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
                 let Some((namespace, digest, size)) = files.get(index) else {
                     break;
                 };
-                let path = store.path(namespace, digest);
                 // A file removed meanwhile (eviction by a running server) is not corruption.
-                if let Ok(false) = content_matches(&path, digest, *size) {
+                if let Ok(Some(false)) = store.verify(namespace, digest) {
                     corrupt
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -119,7 +86,7 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
     };
     for (namespace, digest) in corrupt.into_inner().unwrap_or_else(|p| p.into_inner()) {
         match store.quarantine(&namespace, &digest) {
-            Ok(moved) => tracing::warn!(%digest, to = %moved.display(), "corrupt file quarantined"),
+            Ok(moved) => tracing::warn!(%digest, to = %moved, "corrupt file quarantined"),
             Err(err) => {
                 tracing::error!(%digest, error = %err, "could not quarantine a corrupt file")
             }
@@ -155,7 +122,7 @@ fn open_index(config: &Config, repair: bool) -> Result<Index, String> {
 }
 
 fn check_index(
-    store: &BlobStore,
+    store: &Store,
     index: &Index,
     repair: bool,
     report: &mut VerifyReport,
@@ -186,11 +153,11 @@ fn check_index(
 
 /// Recreates manifest records from the files that are manifests (tags return as clients ask
 /// for them and the upstream confirms them).
-fn rebuild_manifests(store: &BlobStore, index: &Index) -> Result<u64, StoreError> {
+fn rebuild_manifests(store: &Store, index: &Index) -> Result<u64, StoreError> {
     let mut small = Vec::new();
-    store.scan(|namespace, digest, size, _| {
-        if size <= MAX_MANIFEST_BYTES as u64 {
-            small.push((namespace, digest));
+    store.scan(|blob| {
+        if blob.size <= MAX_MANIFEST_BYTES as u64 {
+            small.push((blob.namespace, blob.digest));
         }
     });
     let mut rebuilt = 0;
@@ -198,7 +165,8 @@ fn rebuild_manifests(store: &BlobStore, index: &Index) -> Result<u64, StoreError
         if index.manifest(&namespace, &digest)?.is_some() {
             continue;
         }
-        let Ok(bytes) = std::fs::read(store.path(&namespace, &digest)) else {
+        let Ok(Some(bytes)) = store.read_small_blocking(&namespace, &digest, MAX_MANIFEST_BYTES)
+        else {
             continue;
         };
         let Some(media_type) = sniff_media_type(&bytes) else {
@@ -231,7 +199,7 @@ pub struct GcReport {
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
-    let store = BlobStore::open(&config.storage_path)?;
+    let store = Store::open_local(&config.storage_path)?;
     let mut report = GcReport::default();
     let index = open_index(config, false);
     let min_age = if index.is_ok() {
@@ -239,7 +207,7 @@ pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
     } else {
         Duration::from_secs(3600)
     };
-    (report.temp_files, report.temp_bytes) = store.remove_temp_files_older_than(min_age);
+    (report.temp_files, report.temp_bytes) = store.discard_staged(min_age)?;
     match index {
         Ok(index) => {
             let mut verify = VerifyReport::default();
@@ -276,7 +244,7 @@ pub struct ListedTag {
 /// # Errors
 /// [`StoreError`], or a message when the index is in use.
 pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
-    let store = BlobStore::open(&config.storage_path).map_err(|e| e.to_string())?;
+    let store = Store::open_local(&config.storage_path).map_err(|e| e.to_string())?;
     let index = open_index(config, false)?;
     let access: std::collections::HashMap<(Namespace, Digest), u64> = index
         .access_records()
@@ -294,21 +262,20 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
             if !seen.insert(digest) {
                 continue;
             }
-            let path = store.path(&namespace, &digest);
-            let Ok(meta) = std::fs::metadata(&path) else {
+            let Ok(Some(size)) = store.stat(&namespace, &digest) else {
                 continue;
             };
-            cached_bytes += meta.len();
+            cached_bytes += size;
             last_access = last_access.max(
                 access
                     .get(&(namespace.clone(), digest))
                     .copied()
                     .unwrap_or(0),
             );
-            if meta.len() <= MAX_MANIFEST_BYTES as u64
-                && index.manifest(&namespace, &digest).ok().flatten().is_some()
-            {
-                if let Ok(bytes) = std::fs::read(&path) {
+            if index.manifest(&namespace, &digest).ok().flatten().is_some() {
+                if let Ok(Some(bytes)) =
+                    store.read_small_blocking(&namespace, &digest, MAX_MANIFEST_BYTES)
+                {
                     let (children, blobs) = references(&bytes, &[]);
                     queue.extend(children.into_iter().chain(blobs));
                 }

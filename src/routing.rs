@@ -41,6 +41,14 @@ impl Resolver {
         Self { names, default }
     }
 
+    /// The resolver for the configured upstreams.
+    pub fn for_upstreams(upstreams: &[crate::config::UpstreamConfig]) -> Self {
+        Self::new(
+            upstreams.iter().map(|u| u.name.clone()).collect(),
+            upstreams.iter().position(|u| u.default),
+        )
+    }
+
     /// The upstream by its configured name.
     pub fn by_name(&self, name: &str) -> Option<usize> {
         self.names.iter().position(|n| n == name)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::images::{self, Pushed};
 use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::regclient::sha256_digest;
 use common::upstream::{Auth, Upstream};
 use tokio::process::Command;
 
@@ -148,6 +149,7 @@ async fn sigkill_during_concurrent_cold_pulls_leaves_only_verified_bytes() {
     let upstream = Upstream::start(Auth::None).await;
     let mut proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
     let mut all_pushed = Vec::new();
+    let mut completed_bodies = 0;
     // A different kill point each round (early, mid-fill, late), varied per run by the clock.
     let jitter = u64::from(
         std::time::SystemTime::now()
@@ -183,8 +185,16 @@ async fn sigkill_during_concurrent_cold_pulls_leaves_only_verified_bytes() {
                         "blobs"
                     };
                     let url = format!("{}/v2/{}/{kind}/{digest}", proxy.url(), image.repo);
+                    let digest = digest.clone();
+                    // Each reader really reads: a body that completes is returned with its
+                    // digest; one cut by the kill is an error, which is what it must be.
                     pulls.push(tokio::spawn(async move {
-                        let _ = reqwest::get(url).await.map(|r| r.bytes());
+                        let response = reqwest::get(url).await.ok()?;
+                        if !response.status().is_success() {
+                            return None;
+                        }
+                        let body = response.bytes().await.ok()?;
+                        Some((digest, body))
                     }));
                 }
             }
@@ -192,7 +202,15 @@ async fn sigkill_during_concurrent_cold_pulls_leaves_only_verified_bytes() {
         tokio::time::sleep(Duration::from_millis(kill_after_ms + jitter)).await;
         proxy.kill().await;
         for pull in pulls {
-            let _ = pull.await;
+            let Some((digest, body)) = pull.await.expect("pull task") else {
+                continue;
+            };
+            completed_bodies += 1;
+            assert_eq!(
+                sha256_digest(&body),
+                digest,
+                "round {round}: a completed body does not hash to its digest"
+            );
         }
         // Offline check of everything on disk, with the server down: the index opens, and
         // every file hashes to its name.
@@ -214,6 +232,10 @@ async fn sigkill_during_concurrent_cold_pulls_leaves_only_verified_bytes() {
             pull(&proxy, image).await;
         }
     }
+    assert!(
+        completed_bodies > 0,
+        "no request completed before a kill: the readers were not exercised"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,6 +389,34 @@ async fn regcache_pin_makes_a_running_server_fetch_and_keep_an_image() {
     assert_eq!(output.status.code(), Some(64));
 }
 
+#[tokio::test]
+async fn pin_with_an_unwritable_storage_directory_fails_without_claiming_a_bad_config() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A storage path below a regular file: the configuration is valid, the directory cannot be
+    // created.
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"").expect("write");
+    let config = dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\npath = {:?}\n[[upstream]]\nname = \"{NAME}\"\n\
+             url = \"http://127.0.0.1:9\"\ndefault = true\n",
+            blocker.join("store").display().to_string()
+        ),
+    )
+    .expect("write config");
+    let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["pin", "registry.test/test/app:1", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pins.toml"), "{stderr}");
+}
+
 /// A small tmpfs, unmounted on drop (after the proxy using it is gone).
 struct SmallDisk {
     dir: tempfile::TempDir,
@@ -454,11 +504,7 @@ async fn a_full_disk_fails_the_fill_cleanly_and_later_pulls_stream_uncached() {
     let retried = reqwest::get(&url).await.expect("GET");
     assert_eq!(retried.status(), reqwest::StatusCode::OK);
     let bytes = retried.bytes().await.expect("a complete body on retry");
-    let digest = format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
-    );
-    assert_eq!(digest, layer);
+    assert_eq!(sha256_digest(&bytes), layer);
     let metrics = proxy.metrics_text().await;
     let errors = metrics
         .lines()

@@ -5,12 +5,11 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::oci::Digest;
+use crate::store::DigestCheck;
+use crate::upstream::UpstreamError;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
-use sha2::{Digest as _, Sha256};
-
-use crate::oci::Digest;
-use crate::upstream::UpstreamError;
 
 /// How long after a store write failure misses bypass the store.
 const BYPASS_FOR: Duration = Duration::from_secs(30);
@@ -40,7 +39,7 @@ type UpstreamBody = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamEr
 /// The upstream body, hashed as it passes, with one chunk held back.
 pub(crate) struct DirectStream {
     body: UpstreamBody,
-    hasher: Option<Sha256>,
+    hasher: Option<DigestCheck>,
     expected: Digest,
     held: Option<Bytes>,
 }
@@ -57,7 +56,7 @@ impl DirectStream {
     pub(crate) fn new(body: UpstreamBody, expected: Digest) -> Self {
         Self {
             body,
-            hasher: Some(Sha256::new()),
+            hasher: Some(DigestCheck::default()),
             expected,
             held: None,
         }
@@ -82,12 +81,8 @@ impl DirectStream {
                     return Some(Err(std::io::Error::other(err)));
                 }
                 None => {
-                    let actual = Digest::from_hasher(self.hasher.take()?);
-                    if actual != self.expected {
-                        return Some(Err(std::io::Error::other(format!(
-                            "digest mismatch: expected {}, upstream sent {actual}",
-                            self.expected
-                        ))));
+                    if let Err(mismatch) = self.hasher.take()?.check(&self.expected) {
+                        return Some(Err(std::io::Error::other(mismatch)));
                     }
                     return self.held.take().map(Ok);
                 }

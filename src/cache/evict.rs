@@ -2,9 +2,9 @@
 //! watermarks, and pinned images that are never evicted (and are fetched when missing).
 //!
 //! Accesses are buffered in memory and written to the index in batches, so a cache hit costs a
-//! map insert, not a database write. Deleting a file that a client is still reading is safe:
-//! the reader holds the file open and keeps its bytes (POSIX unlink semantics); a fill in
-//! progress is in `tmp/`, out of eviction's reach.
+//! map insert, not a database write. Removing a blob that a client is still reading is safe:
+//! the store's readers keep their bytes (POSIX unlink semantics on the local disk); a fill in
+//! progress is staged, out of eviction's reach.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -93,15 +93,23 @@ impl Cache {
     /// the index was rebuilt). Blocking.
     pub fn register_existing_files(&self) -> Usage {
         let mut missing = Vec::new();
-        let usage = self.store.scan(|namespace, digest, size, modified| {
-            let known = self.index.has_access(&namespace, &digest).unwrap_or(true);
+        let usage = self.store.scan(|blob| {
+            let known = self
+                .index
+                .has_access(&blob.namespace, &blob.digest)
+                .unwrap_or(true);
             if !known {
-                let millis = modified
+                let millis = blob
+                    .modified
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
                     .as_millis();
                 let last_access = u64::try_from(millis).unwrap_or(u64::MAX);
-                missing.push((namespace, digest, AccessRecord { size, last_access }));
+                let record = AccessRecord {
+                    size: blob.size,
+                    last_access,
+                };
+                missing.push((blob.namespace, blob.digest, record));
             }
         });
         if let Err(err) = self.index.record_access(&missing) {
@@ -131,10 +139,10 @@ impl Cache {
                 if !pinned.insert((namespace.clone(), digest)) {
                     continue;
                 }
-                let path = self.store.path(namespace, &digest);
-                let small =
-                    std::fs::metadata(&path).is_ok_and(|m| m.len() <= MAX_MANIFEST_BYTES as u64);
-                let Some(bytes) = small.then(|| std::fs::read(&path).ok()).flatten() else {
+                let Ok(Some(bytes)) =
+                    self.store
+                        .read_small_blocking(namespace, &digest, MAX_MANIFEST_BYTES)
+                else {
                     continue;
                 };
                 let (children, blobs) = references(&bytes, &pin.platforms);
@@ -175,10 +183,9 @@ impl Cache {
             if (used as f64) <= budget.low {
                 break;
             }
-            let path = self.store.path(&namespace, &digest);
-            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
             match self.store.remove(&namespace, &digest) {
-                Ok(()) => {
+                Ok(removed) => {
+                    let size = removed.unwrap_or(0);
                     let _ = self.index.remove_access(&namespace, &digest);
                     // An evicted manifest takes its index record and the tags pointing at it.
                     if self
@@ -192,7 +199,8 @@ impl Cache {
                         evicted_manifests.insert((namespace.clone(), digest));
                     }
                     used = used.saturating_sub(size);
-                    report.files += 1;
+                    // A record whose blob was already gone frees nothing.
+                    report.files += u64::from(removed.is_some());
                     report.bytes += size;
                 }
                 Err(err) => {
@@ -220,8 +228,10 @@ impl Cache {
 
     /// Re-reads `pins.toml` (written by `regcache pin`); returns whether the pins changed.
     fn reload_pins(&self) -> bool {
-        let from_file = crate::config::PinsFile::read(&self.pins_file)
-            .and_then(|file| file.validate(&self.upstream_configs));
+        let from_file = super::PinsFile::read(&self.pins_file).and_then(|file| {
+            file.validate(&self.upstream_configs)
+                .map_err(super::PinsError::from)
+        });
         let from_file = match from_file {
             Ok(pins) => pins,
             Err(err) => {
@@ -291,9 +301,9 @@ impl Cache {
                 queue.push(answer.manifest);
             }
             for blob in blobs {
-                if let Ok(answer) = self.blob(target, &blob, RangeRequest::Full).await? {
-                    if let BlobBody::Filling(mut stream) = answer.body {
-                        while let Some(chunk) = stream.next_chunk().await {
+                if let Ok(mut answer) = self.blob(target, &blob, RangeRequest::Full).await? {
+                    if let BlobBody::Filling(_) = answer.body {
+                        while let Some(chunk) = answer.body.next_chunk().await {
                             chunk.map_err(|_| super::CacheError::FillAborted)?;
                         }
                     }
@@ -311,4 +321,72 @@ pub(crate) struct Budget {
     pub(crate) max: u64,
     pub(crate) high: f64,
     pub(crate) low: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_removes_least_recently_used_blobs_down_to_the_low_mark_and_skips_pins() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 3000]).collect();
+        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+        // 10 KiB budget: eviction above 9216 bytes, down to 7168. The oldest blob is pinned.
+        let config = crate::config::Config::parse(&format!(
+            "[storage]\npath = {:?}\nmax_size = \"10KiB\"\nhigh_watermark = 0.9\n\
+             low_watermark = 0.7\n\
+             [[upstream]]\nname = \"registry.test\"\nurl = \"http://127.0.0.1:9\"\n\
+             default = true\n\
+             [[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\n\
+             reference = \"{}\"\n",
+            dir.path().display().to_string(),
+            digests[0]
+        ))
+        .expect("config");
+        let (store, index) = crate::open_storage(&config).expect("storage");
+        let namespace = Namespace::new("registry.test");
+        let mut records = Vec::new();
+        for (age, (bytes, digest)) in blobs.iter().zip(&digests).enumerate() {
+            store.put_verified(&namespace, digest, bytes).expect("put");
+            let record = AccessRecord {
+                size: bytes.len() as u64,
+                last_access: 1000 + age as u64,
+            };
+            records.push((namespace.clone(), *digest, record));
+        }
+        index.record_access(&records).expect("records");
+        let cache = Cache::new(
+            &config,
+            store,
+            index,
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .expect("cache");
+        let report = cache.evict_if_needed();
+        assert_eq!(
+            report,
+            EvictionReport {
+                files: 2,
+                bytes: 6000
+            }
+        );
+        let kept = |digest: &Digest| cache.store().contains(&namespace, digest);
+        assert!(
+            kept(&digests[0]),
+            "the pinned (and oldest) blob was evicted"
+        );
+        assert!(!kept(&digests[1]), "the least recently used blob stayed");
+        assert!(
+            !kept(&digests[2]),
+            "the next least recently used blob stayed"
+        );
+        assert!(kept(&digests[3]), "eviction went below the low watermark");
+        assert_eq!(cache.store().usage().bytes, 6000);
+        assert_eq!(
+            cache.evict_if_needed(),
+            EvictionReport::default(),
+            "under budget"
+        );
+    }
 }

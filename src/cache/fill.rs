@@ -1,46 +1,38 @@
-//! Single-flight blob fills and the readers that stream them.
+//! Single-flight blob fills and the readers that stream them. This module only coordinates:
+//! the bytes go through the store's [`BlobWriter`] (which hashes, verifies and commits) and
+//! [`PartialReader`] (which follows what is written and holds back the final byte until the
+//! digest is verified); there is no file I/O or hashing here.
 //!
-//! One fill per (upstream, digest) runs in its own task: it outlives any client, writes the
-//! upstream body to a temp file while hashing it, and commits the file under its digest only
-//! when the digest matches. Every client of that blob — the one that started the fill and any
-//! that arrive while it runs — is a [`FillReader`] reading the growing temp file at its own pace,
-//! so a slow client never slows the fill or the others.
+//! One fill per (upstream, digest) runs in its own task: it outlives any client and pumps the
+//! upstream body into the writer, resuming a cut body with a `Range` request. Every client of
+//! that blob — the one that started the fill and any that arrive while it runs — is a
+//! [`FillReader`] following the written bytes at its own pace, so a slow client never slows the
+//! fill or the others.
 //!
-//! Invariant: while a fill is running, a reader holds back the final byte of its response, so
-//! no client receives a complete body before the digest is verified; on a mismatch the readers
-//! end with an error and the client's connection is aborted.
+//! Invariant (kept by the store's [`PartialReader`]): no client receives a complete body before
+//! the digest is verified; on a mismatch, or when the fill fails, the readers end with an
+//! error (the fill's reason) and the client's connection is aborted.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt as _;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::CacheError;
 use crate::oci::{Digest, RepoName};
-use crate::store::{BlobStore, Namespace, TempBlob};
-use crate::upstream::UpstreamClient;
-
-/// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
-/// enough that followers see progress often and memory per fill stays small.
-const WRITE_BATCH: usize = 256 * 1024;
-/// Bytes a reader reads per chunk it sends. With hyper's write queue capped near one chunk
-/// (see `server.rs`), a connection holds about two chunks: 64 clients stay within tens of MiB.
-pub(crate) const READ_CHUNK: usize = 256 * 1024;
+use crate::store::{BlobWriter, Namespace, Partial, PartialReader, Store, StoreError, WriteState};
+use crate::upstream::{BlobResponse, UpstreamClient, UpstreamError};
 
 /// Where a fill stands; published through a `watch` channel.
 #[derive(Debug, Clone)]
 pub(crate) struct Progress {
-    /// The upstream answered and the temp file exists: readers may start.
+    /// The upstream answered and the writer exists: readers may start.
     pub(crate) started: bool,
     /// The upstream's `Content-Length`, when it sent one.
     pub(crate) size: Option<u64>,
-    /// Bytes written to the temp file so far.
-    pub(crate) written: u64,
     pub(crate) state: FillState,
 }
 
@@ -48,7 +40,7 @@ pub(crate) struct Progress {
 pub(crate) enum FillState {
     Running,
     /// Every byte is written and the digest matched: readers may finish their responses
-    /// while the file is fsynced and renamed (a crash now loses the file, never correctness).
+    /// while the blob is committed (a crash now loses it, never correctness).
     Verified,
     /// Verified and committed under its digest.
     Done,
@@ -58,8 +50,7 @@ pub(crate) enum FillState {
 /// The shared state of one fill.
 #[derive(Debug)]
 pub(crate) struct Fill {
-    pub(crate) temp_path: PathBuf,
-    pub(crate) final_path: PathBuf,
+    pub(crate) partial: Partial,
     pub(crate) progress: watch::Receiver<Progress>,
 }
 
@@ -79,15 +70,45 @@ pub(crate) enum Role {
     Follower,
 }
 
+/// Where a fill gets its bytes: an upstream's blob endpoint, or a scripted body in tests.
+pub(crate) trait BlobSource: Send + Sync + 'static {
+    /// For the fill's log span.
+    fn name(&self) -> &str;
+    /// The blob from byte `offset`.
+    fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>>;
+    /// Notes that the bytes did not match the digest (a metric).
+    fn digest_mismatch(&self, _message: String) {}
+}
+
+/// A blob of a repository on an upstream.
+pub(crate) struct UpstreamBlob {
+    pub(crate) upstream: Arc<UpstreamClient>,
+    pub(crate) repo: RepoName,
+    pub(crate) digest: Digest,
+}
+
+impl BlobSource for UpstreamBlob {
+    fn name(&self) -> &str {
+        self.upstream.name()
+    }
+
+    fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
+        Box::pin(self.upstream.get_blob(&self.repo, &self.digest, offset))
+    }
+
+    fn digest_mismatch(&self, message: String) {
+        self.upstream.record_error("digest_mismatch", message);
+    }
+}
+
 /// What the leader task needs.
 pub(crate) struct FillJob {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) access_log: Arc<super::evict::AccessLog>,
     pub(crate) store_trouble: Arc<super::direct::StoreTrouble>,
-    pub(crate) store: Arc<BlobStore>,
-    pub(crate) upstream: Arc<UpstreamClient>,
+    pub(crate) store: Arc<Store>,
+    pub(crate) source: Box<dyn BlobSource>,
     pub(crate) namespace: Namespace,
-    pub(crate) repo: RepoName,
     pub(crate) digest: Digest,
     pub(crate) permit: OwnedSemaphorePermit,
 }
@@ -98,7 +119,7 @@ impl Fills {
     /// store: a fill finished between the caller's store lookup and this call.
     pub(crate) fn join_or_start(
         self: &Arc<Self>,
-        store: &BlobStore,
+        store: &Arc<Store>,
         namespace: &Namespace,
         digest: &Digest,
         start: impl FnOnce() -> Result<FillJob, CacheError>,
@@ -114,19 +135,14 @@ impl Fills {
             return Ok(None);
         }
         let job = start()?;
-        let temp = job
-            .store
-            .create_temp()
-            .map_err(|e| CacheError::Store(Arc::new(e)))?;
+        let writer = store.writer(namespace, digest)?;
         let (sender, progress) = watch::channel(Progress {
             started: false,
             size: None,
-            written: 0,
             state: FillState::Running,
         });
         let fill = Arc::new(Fill {
-            temp_path: temp.path.clone(),
-            final_path: store.path(namespace, digest),
+            partial: writer.partial(),
             progress,
         });
         running.insert(key.clone(), Arc::clone(&fill));
@@ -138,18 +154,17 @@ impl Fills {
         };
         // The span is made here, in the request that started the fill, so that the fill's log
         // lines carry that request's id.
-        let span =
-            tracing::info_span!("fill", upstream = job.upstream.name(), digest = %job.digest);
+        let span = tracing::info_span!("fill", upstream = job.source.name(), digest = %job.digest);
         tokio::spawn(tracing::Instrument::instrument(
-            run_fill(job, temp, guard),
+            run_fill(job, writer, guard),
             span,
         ));
         Ok(Some((fill, Role::Leader)))
     }
 }
 
-/// Owned by the leader task. Dropping it — on success, failure or panic — publishes a final
-/// state (failed, unless the task said otherwise) and removes the fill from the map, so
+/// Owned by the leader task. Dropping it — on success, failure, panic or abort — publishes a
+/// final state (failed, unless the task said otherwise) and removes the fill from the map, so
 /// followers never wait on a dead fill.
 struct FillGuard {
     fills: Arc<Fills>,
@@ -178,19 +193,14 @@ impl Drop for FillGuard {
     }
 }
 
-async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
+async fn run_fill(job: FillJob, writer: BlobWriter, guard: FillGuard) {
     job.metrics.fills_in_flight.inc();
-    let temp_path = temp.path.clone();
-    let result = fill_body(&job, temp, &guard).await;
-    match result {
+    match fill_body(&job, writer, &guard).await {
         Ok(()) => guard.finish(FillState::Done),
         Err(err) => {
-            let _ = tokio::fs::remove_file(&temp_path).await;
             tracing::warn!(error = %err, "fill failed");
             match &err {
-                CacheError::DigestMismatch { .. } => job
-                    .upstream
-                    .record_error("digest_mismatch", err.to_string()),
+                CacheError::DigestMismatch { .. } => job.source.digest_mismatch(err.to_string()),
                 CacheError::Store(_) => {
                     job.metrics.store_write_errors.inc();
                     job.store_trouble.mark();
@@ -207,23 +217,32 @@ async fn run_fill(job: FillJob, temp: TempBlob, guard: FillGuard) {
 /// Times an interrupted download is resumed with a `Range` request before the fill fails.
 const MAX_RESUMES: u32 = 3;
 
-async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(), CacheError> {
+/// A store error as the fill reports it: a mismatch is the upstream's fault.
+fn store_error(err: StoreError) -> CacheError {
+    match err {
+        StoreError::DigestMismatch { expected, actual } => {
+            CacheError::DigestMismatch { expected, actual }
+        }
+        other => CacheError::from(other),
+    }
+}
+
+async fn fill_body(
+    job: &FillJob,
+    mut writer: BlobWriter,
+    guard: &FillGuard,
+) -> Result<(), CacheError> {
     let upstream_error = |e| CacheError::Upstream(Arc::new(e));
-    let mut response = job
-        .upstream
-        .get_blob(&job.repo, &job.digest, 0)
-        .await
-        .map_err(upstream_error)?;
+    let mut response = job.source.get(0).await.map_err(upstream_error)?;
     let size = response.total_size;
     guard.sender.send_modify(|p| {
         p.started = true;
         p.size = size;
     });
-    let mut sink = Sink::new(temp);
     let mut resumes = 0;
     loop {
         // An upstream that ignored the range resent bytes we already have: skip them.
-        let mut skip = sink.written.saturating_sub(response.offset);
+        let mut skip = writer.written().saturating_sub(response.offset);
         let mut interrupted = None;
         while let Some(chunk) = response.body.next().await {
             let mut chunk = match chunk {
@@ -236,126 +255,29 @@ async fn fill_body(job: &FillJob, temp: TempBlob, guard: &FillGuard) -> Result<(
             let skipped = usize::try_from(skip).unwrap_or(usize::MAX).min(chunk.len());
             let _ = chunk.split_to(skipped);
             skip -= skipped as u64;
-            sink.push(&chunk, guard).await?;
+            writer.write(&chunk).await.map_err(store_error)?;
         }
         let Some(err) = interrupted else { break };
-        // Resume from what is on disk: settle the batches first.
-        sink.flush(guard).await?;
-        let idle = sink.settle(guard).await?;
-        sink.idle = Some(idle);
-        if resumes == MAX_RESUMES || size.is_some_and(|s| sink.written >= s) {
+        // Resume from what is written: settle the batches first.
+        let written = writer.settle().await.map_err(store_error)?;
+        if resumes == MAX_RESUMES || size.is_some_and(|s| written >= s) {
             return Err(upstream_error(err));
         }
         resumes += 1;
-        tracing::warn!(at = sink.written, error = %err, "upstream body interrupted; resuming with a range request");
-        response = job
-            .upstream
-            .get_blob(&job.repo, &job.digest, sink.written)
-            .await
-            .map_err(upstream_error)?;
+        tracing::warn!(at = written, error = %err, "upstream body interrupted; resuming with a range request");
+        response = job.source.get(written).await.map_err(upstream_error)?;
         if response.total_size.is_some() && size.is_some() && response.total_size != size {
             return Err(CacheError::FillAborted);
         }
     }
-    let (temp, actual, written) = sink.finish(guard).await?;
-    if actual != job.digest {
-        return Err(CacheError::DigestMismatch {
-            expected: job.digest,
-            actual,
-        });
-    }
-    guard.sender.send_modify(|p| p.state = FillState::Verified);
-    let store = Arc::clone(&job.store);
-    let (namespace, digest) = (job.namespace.clone(), job.digest);
-    tokio::task::spawn_blocking(move || store.commit(temp, &namespace, &digest))
-        .await
-        .map_err(|_| CacheError::FillAborted)?
-        .map_err(|e| CacheError::Store(Arc::new(e)))?;
+    let verified = writer.finish().await.map_err(store_error)?;
+    let written = verified.len();
+    guard.finish(FillState::Verified);
+    verified.commit().await.map_err(store_error)?;
     tracing::debug!(bytes = written, resumes, "fill committed");
     job.access_log.touch(&job.namespace, &job.digest, written);
     job.access_log.check_budget(job.store.usage().bytes);
     Ok(())
-}
-
-/// The temp file being written, its running hash, and the batch not yet written. One batch
-/// is hashed and written on a blocking thread while the next arrives from the network, so the
-/// two overlap on two cores.
-struct Sink {
-    path: PathBuf,
-    /// The file and hasher while no batch is in flight.
-    idle: Option<(std::fs::File, Sha256)>,
-    in_flight: Option<tokio::task::JoinHandle<Result<WrittenBatch, CacheError>>>,
-    batch: BytesMut,
-    written: u64,
-}
-
-/// A batch hashed and appended: the file and hasher come back with the batch's length.
-type WrittenBatch = (std::fs::File, Sha256, u64);
-
-impl Sink {
-    fn new(temp: TempBlob) -> Self {
-        Self {
-            path: temp.path,
-            idle: Some((temp.file, Sha256::new())),
-            in_flight: None,
-            batch: BytesMut::with_capacity(WRITE_BATCH),
-            written: 0,
-        }
-    }
-
-    async fn push(&mut self, chunk: &[u8], guard: &FillGuard) -> Result<(), CacheError> {
-        self.batch.extend_from_slice(chunk);
-        if self.batch.len() >= WRITE_BATCH {
-            self.flush(guard).await?;
-        }
-        Ok(())
-    }
-
-    /// Starts writing the batch (after the previous one is done).
-    async fn flush(&mut self, guard: &FillGuard) -> Result<(), CacheError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let data = self.batch.split().freeze();
-        let (mut file, mut hasher) = self.settle(guard).await?;
-        let path = self.path.clone();
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            hasher.update(&data);
-            file.write_all(&data).map_err(|source| {
-                CacheError::Store(Arc::new(crate::store::StoreError::Io {
-                    action: "write",
-                    path,
-                    source,
-                }))
-            })?;
-            Ok((file, hasher, data.len() as u64))
-        }));
-        Ok(())
-    }
-
-    /// Waits for the batch in flight, tells the readers how far the file goes, and hands back
-    /// the file and hasher.
-    async fn settle(&mut self, guard: &FillGuard) -> Result<(std::fs::File, Sha256), CacheError> {
-        let Some(handle) = self.in_flight.take() else {
-            return self.idle.take().ok_or(CacheError::FillAborted);
-        };
-        let (file, hasher, len) = handle.await.map_err(|_| CacheError::FillAborted)??;
-        self.written += len;
-        let written = self.written;
-        guard.sender.send_modify(|p| p.written = written);
-        Ok((file, hasher))
-    }
-
-    /// Writes what is left and returns the file, the digest of everything and the length.
-    async fn finish(mut self, guard: &FillGuard) -> Result<(TempBlob, Digest, u64), CacheError> {
-        self.flush(guard).await?;
-        let (file, hasher) = self.settle(guard).await?;
-        let temp = TempBlob {
-            path: self.path,
-            file,
-        };
-        Ok((temp, Digest::from_hasher(hasher), self.written))
-    }
 }
 
 /// Waits until the fill has started (or ended).
@@ -379,22 +301,15 @@ pub(crate) async fn wait_started(fill: &Fill) -> Result<Progress, CacheError> {
 /// known yet (no `Content-Length` from the upstream): then the reader ends where the fill ends.
 #[derive(Debug)]
 pub(crate) struct FillReader {
-    fill: Arc<Fill>,
     progress: watch::Receiver<Progress>,
-    position: u64,
-    end: Option<u64>,
-    file: Option<std::fs::File>,
+    reader: PartialReader,
 }
 
 impl FillReader {
-    pub(crate) fn new(fill: Arc<Fill>, start: u64, end: Option<u64>) -> Self {
-        let progress = fill.progress.clone();
+    pub(crate) fn new(fill: &Fill, start: u64, end: Option<u64>) -> Self {
         Self {
-            fill,
-            progress,
-            position: start,
-            end,
-            file: None,
+            progress: fill.progress.clone(),
+            reader: fill.partial.reader(start, end),
         }
     }
 
@@ -403,89 +318,305 @@ impl FillReader {
     /// # Cancel safety
     /// Not cancel safe across a read in progress; it is only polled by the response body.
     pub(crate) async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
-        loop {
-            let (limit, done) = {
-                let progress = self.progress.borrow_and_update();
-                match &progress.state {
-                    FillState::Failed(err) => {
-                        return Some(Err(std::io::Error::other(err.to_string())))
-                    }
-                    FillState::Verified | FillState::Done => (
-                        self.end.unwrap_or(progress.written).min(progress.written),
-                        true,
-                    ),
-                    FillState::Running => {
-                        // Hold back the final byte of the response until the digest is verified.
-                        let end = self.end.unwrap_or(u64::MAX);
-                        let limit = progress.written.min(end.saturating_sub(1));
-                        let limit = if self.end.is_none() {
-                            progress.written.saturating_sub(1)
-                        } else {
-                            limit
-                        };
-                        (limit, false)
-                    }
-                }
-            };
-            if self.position < limit {
-                let len = usize::try_from(limit - self.position)
-                    .unwrap_or(READ_CHUNK)
-                    .min(READ_CHUNK);
-                return Some(self.read(len).await);
+        match self.reader.next_chunk().await {
+            Some(Err(err)) if self.reader.state() == WriteState::Failed => {
+                Some(Err(self.failure().await.unwrap_or(err)))
             }
-            if done {
-                return None;
-            }
-            if self.progress.changed().await.is_err() {
-                // The sender is gone: the guard published a final state first, so look again.
-                let state = self.progress.borrow().state.clone();
-                if matches!(state, FillState::Running) {
-                    return Some(Err(std::io::Error::other("fill ended without a result")));
-                }
-            }
+            other => other,
         }
     }
 
-    async fn read(&mut self, len: usize) -> Result<Bytes, std::io::Error> {
-        let file = self.file.take();
-        let (temp_path, final_path) = (self.fill.temp_path.clone(), self.fill.final_path.clone());
-        let position = self.position;
-        let (file, bytes) = tokio::task::spawn_blocking(move || {
-            let mut file = match file {
-                Some(file) => file,
-                None => open_fill_file(&temp_path, &final_path, position)?,
-            };
-            // Read into spare capacity (no zero-fill); the bytes are known to be written.
-            let mut buffer = Vec::with_capacity(len);
-            (&mut file).take(len as u64).read_to_end(&mut buffer)?;
-            if buffer.len() < len {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "fill file shrank",
-                ));
-            }
-            Ok::<_, std::io::Error>((file, Bytes::from(buffer)))
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.file = Some(file);
-        self.position += bytes.len() as u64;
-        Ok(bytes)
+    /// Why the fill failed (the upstream's or the store's reason, which says more than the
+    /// reader's), once the fill task has said it: right after its writer failed.
+    async fn failure(&mut self) -> Option<std::io::Error> {
+        let progress = self
+            .progress
+            .wait_for(|p| !matches!(p.state, FillState::Running | FillState::Verified))
+            .await
+            .ok()?;
+        match &progress.state {
+            FillState::Failed(err) => Some(std::io::Error::other(err.to_string())),
+            _ => None,
+        }
     }
 }
 
-/// Opens the temp file, or the committed file if the fill already renamed it (the rename
-/// happens just before `Done` is published, so the reader may not know yet).
-fn open_fill_file(
-    temp_path: &std::path::Path,
-    final_path: &std::path::Path,
-    position: u64,
-) -> Result<std::fs::File, std::io::Error> {
-    let mut file = match std::fs::File::open(temp_path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => std::fs::File::open(final_path)?,
-        Err(err) => return Err(err),
-    };
-    file.seek(SeekFrom::Start(position))?;
-    Ok(file)
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    use futures_util::{stream, StreamExt as _};
+
+    use super::*;
+    use crate::cache::direct::StoreTrouble;
+    use crate::cache::evict::AccessLog;
+
+    /// Body faults, one per request, in order.
+    #[derive(Debug, Clone, Copy)]
+    enum Body {
+        /// The blob as asked.
+        Whole,
+        /// Cut (a body error) after this many bytes of the answer.
+        CutAfter(usize),
+        /// The blob with one byte flipped.
+        Corrupt,
+        /// After this many bytes, the body waits for [`Script::die`], then the task reading
+        /// it panics (a leader that dies).
+        PanicAfter(usize),
+    }
+
+    /// A scripted upstream blob: answers ranges honestly, with the faults queued.
+    struct Script {
+        blob: Bytes,
+        faults: Mutex<VecDeque<Body>>,
+        offsets: Mutex<Vec<u64>>,
+        die: Arc<tokio::sync::Notify>,
+    }
+
+    impl Script {
+        fn new(blob: &Bytes, faults: &[Body]) -> Arc<Self> {
+            Arc::new(Self {
+                blob: blob.clone(),
+                faults: Mutex::new(faults.iter().copied().collect()),
+                offsets: Mutex::default(),
+                die: Arc::default(),
+            })
+        }
+
+        /// Lets a `PanicAfter` body panic.
+        fn die(&self) {
+            self.die.notify_one();
+        }
+
+        fn offsets(&self) -> Vec<u64> {
+            self.offsets.lock().expect("lock").clone()
+        }
+    }
+
+    struct Source(Arc<Script>);
+
+    impl BlobSource for Source {
+        fn name(&self) -> &str {
+            "scripted"
+        }
+
+        fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
+            let script = &self.0;
+            script.offsets.lock().expect("lock").push(offset);
+            let fault = script
+                .faults
+                .lock()
+                .expect("lock")
+                .pop_front()
+                .unwrap_or(Body::Whole);
+            let mut body = script.blob.slice(usize::try_from(offset).expect("small")..);
+            let mut error = None;
+            match fault {
+                Body::Whole => {}
+                Body::CutAfter(len) => {
+                    body.truncate(len);
+                    error = Some(UpstreamError::Status {
+                        upstream: "scripted".to_owned(),
+                        status: http::StatusCode::BAD_GATEWAY,
+                    });
+                }
+                Body::Corrupt => {
+                    let mut corrupt = body.to_vec();
+                    corrupt[0] ^= 1;
+                    body = Bytes::from(corrupt);
+                }
+                Body::PanicAfter(len) => body.truncate(len),
+            }
+            let chunks: Vec<Result<Bytes, UpstreamError>> = body
+                .chunks(64 * 1024)
+                .map(|chunk| Ok(Bytes::copy_from_slice(chunk)))
+                .chain(error.map(Err))
+                .collect();
+            let panics = matches!(fault, Body::PanicAfter(_));
+            let die = Arc::clone(&script.die);
+            let tail = stream::once(async move {
+                if panics {
+                    die.notified().await;
+                    panic!("the scripted leader dies");
+                }
+                // Never reached: `filter_map` drops it.
+                None::<Result<Bytes, UpstreamError>>
+            })
+            .filter_map(|item| async move { item });
+            let response = BlobResponse {
+                total_size: Some(script.blob.len() as u64),
+                offset,
+                body: Box::pin(stream::iter(chunks).chain(tail)),
+            };
+            Box::pin(async move { Ok(response) })
+        }
+    }
+
+    struct Harness {
+        _dir: tempfile::TempDir,
+        store: Arc<Store>,
+        fills: Arc<Fills>,
+        permits: Arc<tokio::sync::Semaphore>,
+        namespace: Namespace,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Arc::new(Store::open_local(dir.path()).expect("store"));
+            Self {
+                _dir: dir,
+                store,
+                fills: Arc::default(),
+                permits: Arc::new(tokio::sync::Semaphore::new(4)),
+                namespace: Namespace::new("registry.test"),
+            }
+        }
+
+        /// Joins or starts the fill of `digest` from `script`; a reader of the whole blob.
+        async fn request(
+            &self,
+            digest: &Digest,
+            script: &Arc<Script>,
+        ) -> Result<Request, CacheError> {
+            let start = || {
+                Ok(FillJob {
+                    metrics: Arc::new(crate::metrics::Metrics::new()),
+                    access_log: Arc::new(AccessLog::new(None)),
+                    store_trouble: Arc::new(StoreTrouble::default()),
+                    store: Arc::clone(&self.store),
+                    source: Box::new(Source(Arc::clone(script))),
+                    namespace: self.namespace.clone(),
+                    digest: *digest,
+                    permit: Arc::clone(&self.permits)
+                        .try_acquire_owned()
+                        .map_err(|_| CacheError::Busy)?,
+                })
+            };
+            let (fill, role) = self
+                .fills
+                .join_or_start(&self.store, &self.namespace, digest, start)?
+                .ok_or(CacheError::FillAborted)?;
+            let progress = wait_started(&fill).await?;
+            Ok(Request {
+                reader: FillReader::new(&fill, 0, progress.size),
+                role,
+                progress: fill.progress.clone(),
+            })
+        }
+    }
+
+    /// A client's request for the blob.
+    struct Request {
+        reader: FillReader,
+        role: Role,
+        progress: watch::Receiver<Progress>,
+    }
+
+    impl Request {
+        /// Waits until the fill is over (committed or failed); readers may finish earlier.
+        async fn fill_over(mut self) {
+            let _ = self
+                .progress
+                .wait_for(|p| matches!(p.state, FillState::Done | FillState::Failed(_)))
+                .await;
+        }
+    }
+
+    /// Everything a reader yields: the bytes, and the error it ended with (if any).
+    async fn drain(reader: &mut FillReader) -> (Vec<u8>, Option<std::io::Error>) {
+        let mut bytes = Vec::new();
+        while let Some(chunk) = reader.next_chunk().await {
+            match chunk {
+                Ok(chunk) => bytes.extend_from_slice(&chunk),
+                Err(err) => return (bytes, Some(err)),
+            }
+        }
+        (bytes, None)
+    }
+
+    fn blob(len: usize) -> Bytes {
+        (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_cut_body_resumes_from_what_was_written_and_commits() {
+        let harness = Harness::new();
+        let bytes = blob(700 * 1024);
+        let digest = Digest::of(&bytes);
+        let script = Script::new(&bytes, &[Body::CutAfter(300 * 1024)]);
+        let mut request = harness.request(&digest, &script).await.expect("fill");
+        assert_eq!(request.role, Role::Leader);
+        let (received, error) = drain(&mut request.reader).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(received, bytes);
+        assert_eq!(script.offsets(), vec![0, 300 * 1024], "one ranged resume");
+        request.fill_over().await;
+        assert!(harness.store.contains(&harness.namespace, &digest));
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_stores_nothing_and_every_reader_ends_with_an_error() {
+        let harness = Harness::new();
+        let bytes = blob(600 * 1024);
+        let digest = Digest::of(&bytes);
+        // Corrupt twice: should the first fill be over before the second request, that one
+        // starts a fill of its own.
+        let script = Script::new(&bytes, &[Body::Corrupt, Body::Corrupt]);
+        let leader = harness.request(&digest, &script).await.expect("fill");
+        assert_eq!(leader.role, Role::Leader);
+        let follower = match harness.request(&digest, &script).await {
+            Ok(follower) => Some(follower),
+            // The fill may already have failed: then there is nothing to follow.
+            Err(err) => {
+                assert!(
+                    matches!(err.root(), CacheError::DigestMismatch { .. }),
+                    "{err}"
+                );
+                None
+            }
+        };
+        for mut request in std::iter::once(leader).chain(follower) {
+            let (received, error) = drain(&mut request.reader).await;
+            let error = error.expect("a reader of unverified bytes must end with an error");
+            assert!(error.to_string().contains("digest mismatch"), "{error}");
+            assert!(
+                received.len() < bytes.len(),
+                "a reader received the complete unverified body"
+            );
+            request.fill_over().await;
+        }
+        assert!(!harness.store.contains(&harness.namespace, &digest));
+        assert_eq!(
+            harness.store.discard_staged(Duration::ZERO).expect("clean"),
+            (0, 0),
+            "the staged bytes were left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn when_the_leader_dies_followers_get_an_error_and_the_next_request_leads() {
+        let harness = Harness::new();
+        let bytes = blob(400 * 1024);
+        let digest = Digest::of(&bytes);
+        let script = Script::new(&bytes, &[Body::PanicAfter(100 * 1024)]);
+        let leader = harness.request(&digest, &script).await.expect("fill");
+        let follower = harness.request(&digest, &script).await.expect("join");
+        assert_eq!((leader.role, follower.role), (Role::Leader, Role::Follower));
+        script.die();
+        for mut request in [leader, follower] {
+            let (received, error) = drain(&mut request.reader).await;
+            let error = error.expect("the reader of a dead fill must end with an error");
+            assert!(error.to_string().contains("aborted"), "{error}");
+            assert!(received.len() < bytes.len());
+        }
+        assert!(!harness.store.contains(&harness.namespace, &digest));
+        // The dead fill left the map: the next request starts a fresh one, which succeeds.
+        let mut retry = harness.request(&digest, &script).await.expect("retry");
+        assert_eq!(retry.role, Role::Leader);
+        let (received, error) = drain(&mut retry.reader).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(received, bytes);
+    }
 }

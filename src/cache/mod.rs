@@ -11,9 +11,11 @@ mod evict;
 mod fill;
 mod flight;
 mod manifest;
+mod pins;
 mod revalidate;
 
 pub use evict::EvictionReport;
+pub use pins::{PinsError, PinsFile};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,10 +27,9 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
-use crate::store::{BlobStore, Index, Namespace, StoreError};
+use crate::store::{Chunks, Index, Namespace, Store, StoreError};
 pub use crate::upstream::{Answer, ErrorClass, Origin};
 use crate::upstream::{ClientBuildError, Health, PassThrough, UpstreamClient, UpstreamError};
-pub(crate) use fill::READ_CHUNK;
 use fill::{FillReader, Fills, Role};
 
 /// Why the cache could not answer.
@@ -207,17 +208,23 @@ pub struct ByteRange {
 /// The body of a blob answer.
 #[derive(Debug)]
 pub enum BlobBody {
-    /// `len` bytes of a verified file from `offset`.
-    File {
-        /// The open file.
-        file: std::fs::File,
-        /// Where the bytes to send start.
-        offset: u64,
-        /// Bytes to send.
-        len: u64,
-    },
+    /// Verified bytes from the store (the requested range of them).
+    Stored(Chunks),
     /// A blob being filled.
     Filling(BlobStream),
+}
+
+impl BlobBody {
+    /// The next chunk, `None` at the end; an error aborts the client's connection.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        match self {
+            Self::Stored(chunks) => chunks.next_chunk().await,
+            Self::Filling(stream) => stream.next_chunk().await,
+        }
+    }
 }
 
 /// A blob streaming from the upstream: through a shared fill, or (when the store cannot be
@@ -306,12 +313,15 @@ pub struct RangeNotSatisfiable {
     pub size: u64,
 }
 
+/// A blob answer, or 416 when the requested range lies outside the blob.
+pub type RangedAnswer = Result<BlobAnswer, RangeNotSatisfiable>;
+
 /// The cache, shared by all requests.
 #[derive(Debug)]
 pub struct Cache {
     upstreams: Vec<Arc<UpstreamClient>>,
     namespaces: Vec<Namespace>,
-    store: Arc<BlobStore>,
+    store: Arc<Store>,
     index: Index,
     /// Hot manifests by (namespace, digest), weighed by size.
     manifests: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
@@ -360,7 +370,7 @@ impl Cache {
     /// [`BuildError`] when an upstream client cannot be built.
     pub fn new(
         config: &Config,
-        store: BlobStore,
+        store: Store,
         index: Index,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
@@ -373,7 +383,7 @@ impl Cache {
     /// [`BuildError`] when an upstream client cannot be built.
     pub fn with_clock(
         config: &Config,
-        store: BlobStore,
+        store: Store,
         index: Index,
         metrics: Arc<Metrics>,
         clock: Clock,
@@ -426,7 +436,7 @@ impl Cache {
             access_log: Arc::new(evict::AccessLog::new(budget)),
             config_pins: config.pins.clone(),
             pins: std::sync::RwLock::new(config.pins.clone()),
-            pins_file: crate::config::PinsFile::path(config),
+            pins_file: PinsFile::path(config),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
             budget,
@@ -439,7 +449,7 @@ impl Cache {
     }
 
     /// The blob store (usage figures, the start-up scan).
-    pub fn store(&self) -> &BlobStore {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -449,15 +459,10 @@ impl Cache {
     /// A description of the first failing part.
     pub async fn check_ready(&self) -> Result<(), String> {
         self.index.check().map_err(|e| format!("index: {e}"))?;
-        let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || {
-            let temp = store.create_temp()?;
-            std::fs::remove_file(&temp.path)
-                .map_err(crate::store::StoreError::io("remove", &temp.path))
-        })
-        .await
-        .map_err(|e| format!("store: {e}"))?
-        .map_err(|e| format!("store: {e}"))
+        self.store
+            .check_writable()
+            .await
+            .map_err(|e| format!("store: {e}"))
     }
 
     /// The upstream clients, in config order (health for the status page).
@@ -481,7 +486,7 @@ impl Cache {
         target: &Target,
         digest: &Digest,
         range: RangeRequest,
-    ) -> Result<Result<BlobAnswer, RangeNotSatisfiable>, CacheError> {
+    ) -> Result<RangedAnswer, CacheError> {
         let (upstream, namespace) = self.upstream(target);
         if let Some(answer) = self
             .blob_from_store(namespace, digest, range, CachePhase::Hit)
@@ -503,9 +508,12 @@ impl Cache {
                 access_log: Arc::clone(&self.access_log),
                 store_trouble: Arc::clone(&self.store_trouble),
                 store: Arc::clone(&self.store),
-                upstream: Arc::clone(upstream),
+                source: Box::new(fill::UpstreamBlob {
+                    upstream: Arc::clone(upstream),
+                    repo: target.repo.clone(),
+                    digest: *digest,
+                }),
                 namespace: namespace.clone(),
-                repo: target.repo.clone(),
                 digest: *digest,
                 permit,
             })
@@ -550,7 +558,7 @@ impl Cache {
             size: progress.size,
             range,
             body: BlobBody::Filling(BlobStream(StreamSource::Fill(FillReader::new(
-                fill, start, end,
+                &fill, start, end,
             )))),
             phase,
         }))
@@ -561,7 +569,7 @@ impl Cache {
         &self,
         target: &Target,
         digest: &Digest,
-    ) -> Result<Result<BlobAnswer, RangeNotSatisfiable>, CacheError> {
+    ) -> Result<RangedAnswer, CacheError> {
         let (upstream, _) = self.upstream(target);
         let response = upstream.get_blob(&target.repo, digest, 0).await?;
         Ok(Ok(BlobAnswer {
@@ -581,24 +589,21 @@ impl Cache {
         digest: &Digest,
         range: RangeRequest,
         phase: CachePhase,
-    ) -> Result<Option<Result<BlobAnswer, RangeNotSatisfiable>>, CacheError> {
-        let Some((file, size)) = self.store.open_blob(namespace, digest).await? else {
+    ) -> Result<Option<RangedAnswer>, CacheError> {
+        let Some(stored) = self.store.open(namespace, digest).await? else {
             return Ok(None);
         };
+        let size = stored.size();
         self.access_log.touch(namespace, digest, size);
         let range = match range.resolve(size) {
             Ok(range) => range,
             Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
         };
-        let (offset, len) = range.map_or((0, size), |r| (r.start, r.end - r.start));
+        let (start, end) = range.map_or((0, size), |r| (r.start, r.end));
         Ok(Some(Ok(BlobAnswer {
             size: Some(size),
             range,
-            body: BlobBody::File {
-                file: file.into_std().await,
-                offset,
-                len,
-            },
+            body: BlobBody::Stored(stored.chunks(start, end)),
             phase,
         })))
     }

@@ -1,29 +1,32 @@
-//! Content-addressed files: `<root>/blobs/<namespace>/sha256/<2 hex>/<64 hex>`.
+//! [`Store`]: the only way into blob and manifest bytes, over a [`BlobBackend`].
 //!
-//! Invariant: a file appears under its digest path only after its bytes were verified against
-//! that digest, fsynced, and atomically renamed into place (with the directory fsynced). Temp
-//! files live in `<root>/tmp/` and are removed on start, so a crash at any instant leaves only
-//! verified files under `blobs/`. Paths are built only from [`Digest`] and [`Namespace`], so
-//! path traversal is impossible by construction.
+//! Reads come out as [`Chunks`] (256 KiB `Bytes`, each read on a blocking thread straight into
+//! the buffer that is sent); writes go through [`Store::writer`] (see `writer.rs`) or, for
+//! small objects, [`Store::put_verified`]; both refuse bytes that do not match their digest.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
 
-use super::{Namespace, StoreError};
-use crate::oci::Digest;
+use super::backend::{BlobBackend, BlobRead, ListedBlob};
+use super::{LocalDisk, Namespace, StoreError};
+use crate::oci::{manifest_digest, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
 
-/// The content-addressed file store.
+/// Bytes per chunk read for a response (and per read when verifying). With hyper's write queue
+/// capped near one chunk (see `server.rs`), a connection holds about two chunks: 64 clients
+/// stay within tens of MiB.
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// The blob store. See the module documentation of [`crate::store`].
 #[derive(Debug)]
-pub struct BlobStore {
-    root: PathBuf,
-    temp_dir: PathBuf,
-    /// Makes temp names unique within this process; the pid makes them unique across restarts.
-    temp_counter: AtomicU64,
-    /// Bytes and files under `blobs/`: counted by [`BlobStore::scan_usage`] at start, then
-    /// kept up to date by commits and removals.
+pub struct Store {
+    pub(super) backend: Arc<dyn BlobBackend>,
+    /// Bytes and objects committed: counted by [`Store::scan`] at start, then kept up to date
+    /// by commits and removals.
     used_bytes: AtomicU64,
     files: AtomicU64,
 }
@@ -31,56 +34,99 @@ pub struct BlobStore {
 /// What the store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
-    /// Bytes of verified files.
+    /// Bytes of verified objects.
     pub bytes: u64,
-    /// Number of files.
+    /// Number of objects.
     pub files: u64,
 }
 
-/// A file being written; it becomes visible under its digest only through
-/// [`BlobStore::commit`].
-#[derive(Debug)]
-pub struct TempBlob {
-    /// Where the bytes are written; readers of an in-flight fill open this path.
-    pub path: PathBuf,
-    /// The open file.
-    pub file: std::fs::File,
+/// Hashes bytes as they pass and checks the result against a digest: the one sha256 loop of
+/// the crate (fills, direct streams, `verify`).
+#[derive(Debug, Clone, Default)]
+pub struct DigestCheck(Sha256);
+
+impl DigestCheck {
+    /// Hashes `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The digest of everything hashed.
+    pub fn digest(self) -> Digest {
+        Digest::from_hasher(self.0)
+    }
+
+    /// Whether everything hashed is the content of `expected`.
+    ///
+    /// # Errors
+    /// [`StoreError::DigestMismatch`].
+    pub fn check(self, expected: &Digest) -> Result<(), StoreError> {
+        let actual = self.digest();
+        if actual == *expected {
+            Ok(())
+        } else {
+            Err(StoreError::DigestMismatch {
+                expected: *expected,
+                actual,
+            })
+        }
+    }
 }
 
-impl BlobStore {
-    /// Opens (creating) the store under `root`. The server then calls
-    /// [`BlobStore::remove_temp_files`]; other commands must not, as a server may be running.
+/// Whether `bytes` are the content of `digest`: their sha256, or for a signed schema1
+/// manifest the digest of its payload.
+fn small_content_matches(bytes: &[u8], digest: &Digest) -> bool {
+    Digest::of(bytes) == *digest
+        || sniff_media_type(bytes)
+            .filter(|m| m.is_schema1())
+            .is_some_and(|media_type| manifest_digest(bytes, &media_type) == *digest)
+}
+
+/// Reads `len` bytes at `offset` on a blocking thread; the source comes back with them.
+async fn read_blocking(
+    mut source: Box<dyn BlobRead>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<(Box<dyn BlobRead>, Bytes)> {
+    tokio::task::spawn_blocking(move || {
+        let bytes = source.read_at(offset, len)?;
+        Ok((source, bytes))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|err| StoreError::io("run", "a blocking store task")(std::io::Error::other(err)))?
+}
+
+impl Store {
+    /// Opens (creating) a store on the local disk under `root`. The server then calls
+    /// [`Store::discard_staged`]; other commands must not, as a server may be running.
     ///
     /// # Errors
     /// [`StoreError::Io`] when the directories cannot be created.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
-        let blobs = root.join("blobs");
-        let temp_dir = root.join("tmp");
-        std::fs::create_dir_all(&blobs).map_err(StoreError::io("create", &blobs))?;
-        std::fs::create_dir_all(&temp_dir).map_err(StoreError::io("create", &temp_dir))?;
-        Ok(Self {
-            root: blobs,
-            temp_dir,
-            temp_counter: AtomicU64::new(0),
-            used_bytes: AtomicU64::new(0),
-            files: AtomicU64::new(0),
-        })
+    pub fn open_local(root: &Path) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(LocalDisk::open(root)?)))
     }
 
-    /// Removes temp files a crashed or killed server left behind. Returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError::Io`] when the temp directory cannot be listed.
-    pub fn remove_temp_files(&self) -> Result<usize, StoreError> {
-        let entries =
-            std::fs::read_dir(&self.temp_dir).map_err(StoreError::io("list", &self.temp_dir))?;
-        let mut removed = 0;
-        for entry in entries.flatten() {
-            if std::fs::remove_file(entry.path()).is_ok() {
-                removed += 1;
-            }
+    /// A store over `backend`.
+    pub fn new(backend: Arc<dyn BlobBackend>) -> Self {
+        Self {
+            backend,
+            used_bytes: AtomicU64::new(0),
+            files: AtomicU64::new(0),
         }
-        Ok(removed)
+    }
+
+    pub(super) fn account_added(&self, len: u64) {
+        self.used_bytes.fetch_add(len, Ordering::Relaxed);
+        self.files.fetch_add(1, Ordering::Relaxed);
     }
 
     fn account_removed(&self, len: u64) {
@@ -102,299 +148,271 @@ impl BlobStore {
         }
     }
 
-    /// Walks the store once, calls `visit` with each content file (namespace, digest, size,
-    /// modification time), and adds what it finds to the usage counters. Blocking; the server
-    /// runs it in the background after it starts listening, so start-up does not wait for it.
-    /// A file committed while the walk runs may be counted twice; the figure is for budgets and
-    /// dashboards, not accounting.
-    pub fn scan(
-        &self,
-        mut visit: impl FnMut(Namespace, Digest, u64, std::time::SystemTime),
-    ) -> Usage {
+    /// Walks the store once, calls `visit` with each object, and adds what it finds to the
+    /// usage counters. Blocking; the server runs it in the background after it starts
+    /// listening, so start-up does not wait for it. An object committed while the walk runs
+    /// may be counted twice; the figure is for budgets and dashboards, not accounting.
+    pub fn scan(&self, mut visit: impl FnMut(ListedBlob)) -> Usage {
         let mut usage = Usage::default();
-        let Ok(namespaces) = std::fs::read_dir(&self.root) else {
-            return usage;
-        };
-        for namespace_dir in namespaces.flatten() {
-            let namespace = Namespace::new(&namespace_dir.file_name().to_string_lossy());
-            let Ok(prefixes) = std::fs::read_dir(namespace_dir.path().join("sha256")) else {
-                continue;
-            };
-            for prefix in prefixes.flatten() {
-                let Ok(files) = std::fs::read_dir(prefix.path()) else {
-                    continue;
-                };
-                for file in files.flatten() {
-                    let name = file.file_name();
-                    let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy()))
-                    else {
-                        continue;
-                    };
-                    let Ok(meta) = file.metadata() else { continue };
-                    usage.files += 1;
-                    usage.bytes += meta.len();
-                    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                    visit(namespace.clone(), digest, meta.len(), modified);
-                }
-            }
-        }
+        self.backend.list(&mut |blob| {
+            usage.files += 1;
+            usage.bytes += blob.size;
+            visit(blob);
+        });
         self.used_bytes.fetch_add(usage.bytes, Ordering::Relaxed);
         self.files.fetch_add(usage.files, Ordering::Relaxed);
         usage
     }
 
-    /// Moves a corrupt file out of the store into `<root>/quarantine/` for inspection.
+    /// Discards staged objects older than `age` (all with `Duration::ZERO`: only when no
+    /// other process may be writing); returns how many and their bytes. Blocking.
     ///
     /// # Errors
-    /// [`StoreError::Io`].
-    pub fn quarantine(
-        &self,
-        namespace: &Namespace,
-        digest: &Digest,
-    ) -> Result<PathBuf, StoreError> {
-        let path = self.path(namespace, digest);
-        let dir = self
-            .root
-            .parent()
-            .map_or_else(|| self.root.join("quarantine"), |p| p.join("quarantine"));
-        std::fs::create_dir_all(&dir).map_err(StoreError::io("create", &dir))?;
-        let target = dir.join(format!("{}-{}", namespace.as_str(), digest.hex()));
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&path, &target).map_err(StoreError::io("quarantine", &path))?;
-        self.account_removed(len);
-        Ok(target)
+    /// [`StoreError::Io`] when the staging area cannot be listed.
+    pub fn discard_staged(&self, age: Duration) -> Result<(usize, u64), StoreError> {
+        self.backend.discard_staged(age)
     }
 
-    /// Removes temp files only if they are older than `age` (for `gc` while a server may run).
-    pub fn remove_temp_files_older_than(&self, age: std::time::Duration) -> (usize, u64) {
-        let mut removed = (0, 0);
-        let Ok(entries) = std::fs::read_dir(&self.temp_dir) else {
-            return removed;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|elapsed| elapsed >= age);
-            if old && std::fs::remove_file(entry.path()).is_ok() {
-                removed.0 += 1;
-                removed.1 += meta.len();
-            }
-        }
-        removed
+    /// Whether a new object can be staged (readiness). The probe is discarded.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when it cannot.
+    pub async fn check_writable(self: &Arc<Self>) -> Result<(), StoreError> {
+        let store = Arc::clone(self);
+        blocking(move || store.backend.stage().map(drop)).await
     }
 
-    /// Where the verified bytes of `digest` live (whether or not they are there).
-    pub fn path(&self, namespace: &Namespace, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root
-            .join(namespace.as_str())
-            .join("sha256")
-            .join(&hex[..2])
-            .join(hex)
-    }
-
-    /// Opens the verified file for `digest`, or `None` when it is not cached.
+    /// The size of `digest`, `None` when it is not stored. Blocking (one `stat`).
     ///
     /// # Errors
     /// [`StoreError::Io`] for failures other than "not found".
-    pub async fn open_blob(
-        &self,
-        namespace: &Namespace,
-        digest: &Digest,
-    ) -> Result<Option<(tokio::fs::File, u64)>, StoreError> {
-        let path = self.path(namespace, digest);
-        let file = match tokio::fs::File::open(&path).await {
-            Ok(file) => file,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(StoreError::io("open", path)(err)),
-        };
-        let len = file
-            .metadata()
-            .await
-            .map_err(StoreError::io("stat", &path))?
-            .len();
-        Ok(Some((file, len)))
+    pub fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.backend.stat(namespace, digest)
     }
 
-    /// Whether `digest` is cached.
+    /// Whether `digest` is stored. Blocking (one `stat`).
     pub fn contains(&self, namespace: &Namespace, digest: &Digest) -> bool {
-        self.path(namespace, digest).is_file()
+        self.stat(namespace, digest).ok().flatten().is_some()
     }
 
-    /// Reads a small cached file whole (manifests), or `None` when it is absent or larger than
-    /// `max_len`. The caller verifies the bytes.
+    /// Opens `digest` for reading, or `None` when it is not stored.
     ///
     /// # Errors
     /// [`StoreError::Io`] for failures other than "not found".
-    pub async fn read_small(
+    pub async fn open(
+        self: &Arc<Self>,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<StoredBlob>, StoreError> {
+        let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
+        blocking(move || {
+            let Some(source) = store.backend.open(&namespace, &digest)? else {
+                return Ok(None);
+            };
+            let size = source
+                .size()
+                .map_err(StoreError::io("stat", digest.hex()))?;
+            Ok(Some(StoredBlob { source, size }))
+        })
+        .await
+    }
+
+    /// Reads a small object whole (manifests), or `None` when it is absent or larger than
+    /// `max_len`. Blocking.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] for failures other than "not found".
+    pub fn read_small_blocking(
         &self,
         namespace: &Namespace,
         digest: &Digest,
         max_len: usize,
     ) -> Result<Option<Bytes>, StoreError> {
-        let path = self.path(namespace, digest);
-        match tokio::fs::metadata(&path).await {
-            Ok(meta) if meta.len() > max_len as u64 => return Ok(None),
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(StoreError::io("stat", path)(err)),
+        let Some(mut source) = self.backend.open(namespace, digest)? else {
+            return Ok(None);
+        };
+        let io_error = StoreError::io("read", digest.hex());
+        let len = source.size().map_err(&io_error)?;
+        if len > max_len as u64 {
+            return Ok(None);
         }
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(err) => Err(StoreError::io("read", path)(err)),
-        }
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        source.read_at(0, len).map(Some).map_err(io_error)
     }
 
-    /// Creates a new temp file.
+    /// [`Store::read_small_blocking`] off the async threads. The caller verifies the bytes.
     ///
     /// # Errors
-    /// [`StoreError::Io`] when it cannot be created.
-    pub fn create_temp(&self) -> Result<TempBlob, StoreError> {
-        let sequence = self.temp_counter.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .temp_dir
-            .join(format!("{}-{sequence}.part", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(StoreError::io("create", &path))?;
-        Ok(TempBlob { path, file })
-    }
-
-    /// Makes a temp file whose bytes the caller verified against `digest` visible under that
-    /// digest: fsync, rename, fsync the directory. Blocking: call from a blocking context.
-    ///
-    /// # Errors
-    /// [`StoreError::Io`]; the temp file is removed on failure.
-    pub fn commit(
-        &self,
-        temp: TempBlob,
+    /// [`StoreError::Io`] for failures other than "not found".
+    pub async fn read_small(
+        self: &Arc<Self>,
         namespace: &Namespace,
         digest: &Digest,
-    ) -> Result<(), StoreError> {
-        let TempBlob { path, file } = temp;
-        let result = self.commit_inner(&path, file, namespace, digest);
-        if result.is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
-        result
+        max_len: usize,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
+        blocking(move || store.read_small_blocking(&namespace, &digest, max_len)).await
     }
 
-    fn commit_inner(
-        &self,
-        temp_path: &Path,
-        file: std::fs::File,
-        namespace: &Namespace,
-        digest: &Digest,
-    ) -> Result<(), StoreError> {
-        file.sync_all()
-            .map_err(StoreError::io("fsync", temp_path))?;
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        drop(file);
-        let final_path = self.path(namespace, digest);
-        let dir = final_path
-            .parent()
-            .expect("a digest path always has a parent directory");
-        std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir))?;
-        std::fs::rename(temp_path, &final_path).map_err(StoreError::io("rename", &final_path))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(StoreError::io("fsync", dir))?;
-        self.used_bytes.fetch_add(len, Ordering::Relaxed);
-        self.files.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Writes small verified bytes (a manifest) under `digest`. Blocking.
+    /// Stores small bytes (a manifest) under `digest`, after checking that they are its
+    /// content (sha256, or the schema1 payload rule). Blocking.
     ///
     /// # Errors
-    /// [`StoreError::Io`].
+    /// [`StoreError::DigestMismatch`] (nothing is stored); [`StoreError::Io`].
     pub fn put_verified(
         &self,
         namespace: &Namespace,
         digest: &Digest,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
-        let mut temp = self.create_temp()?;
-        if let Err(err) = temp.file.write_all(bytes) {
-            let _ = std::fs::remove_file(&temp.path);
-            return Err(StoreError::io("write", temp.path)(err));
+        if !small_content_matches(bytes, digest) {
+            return Err(StoreError::DigestMismatch {
+                expected: *digest,
+                actual: Digest::of(bytes),
+            });
         }
-        self.commit(temp, namespace, digest)
+        let mut staged = self.backend.stage()?;
+        staged.append(bytes)?;
+        let len = staged.commit(namespace, digest)?;
+        self.account_added(len);
+        Ok(())
     }
 
-    /// Removes a cached file (eviction, or a corrupt manifest so that it is fetched again).
-    /// One `unlink`: cheap enough to call from async code on these rare paths. Readers that
-    /// have the file open keep reading.
+    /// Removes `digest` (eviction, or a corrupt manifest so that it is fetched again); returns
+    /// the bytes freed, `None` when it was not stored. One `unlink` on the local disk: cheap
+    /// enough to call from async code on these rare paths. Readers keep reading.
     ///
     /// # Errors
     /// [`StoreError::Io`] for failures other than "not found".
-    pub fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
-        let path = self.path(namespace, digest);
-        let len = std::fs::metadata(&path).map(|m| m.len()).ok();
-        match std::fs::remove_file(&path) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                Err(StoreError::io("remove", path)(err))
-            }
-            Err(_) => Ok(()),
-            Ok(()) => {
-                self.account_removed(len.unwrap_or(0));
-                Ok(())
-            }
+    pub fn remove(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        let removed = self.backend.remove(namespace, digest)?;
+        if let Some(len) = removed {
+            self.account_removed(len);
+        }
+        Ok(removed)
+    }
+
+    /// Moves a corrupt object out of the store; returns where it went, for the operator.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn quarantine(&self, namespace: &Namespace, digest: &Digest) -> Result<String, StoreError> {
+        let (len, moved_to) = self.backend.quarantine(namespace, digest)?;
+        self.account_removed(len);
+        Ok(moved_to)
+    }
+
+    /// Re-hashes `digest`: `Some(true)` when its bytes are its content (sha256, or the schema1
+    /// payload rule), `None` when it is gone (evicted meanwhile is not corruption). Blocking.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when it cannot be read.
+    pub fn verify(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<bool>, StoreError> {
+        let Some(mut source) = self.backend.open(namespace, digest)? else {
+            return Ok(None);
+        };
+        let io_error = StoreError::io("verify", digest.hex());
+        let size = source.size().map_err(&io_error)?;
+        let mut check = DigestCheck::default();
+        let mut offset = 0;
+        while offset < size {
+            let len = usize::try_from(size - offset)
+                .unwrap_or(READ_CHUNK)
+                .min(READ_CHUNK);
+            let chunk = source.read_at(offset, len).map_err(&io_error)?;
+            check.update(&chunk);
+            offset += chunk.len() as u64;
+        }
+        if check.digest() == *digest {
+            return Ok(Some(true));
+        }
+        if size > MAX_MANIFEST_BYTES as u64 {
+            return Ok(Some(false));
+        }
+        let bytes = source
+            .read_at(0, usize::try_from(size).unwrap_or(usize::MAX))
+            .map_err(&io_error)?;
+        Ok(Some(small_content_matches(&bytes, digest)))
+    }
+}
+
+/// A stored object, open for reading.
+#[derive(Debug)]
+pub struct StoredBlob {
+    source: Box<dyn BlobRead>,
+    size: u64,
+}
+
+impl StoredBlob {
+    /// Its size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Its bytes `[start, end)` as chunks.
+    pub fn chunks(self, start: u64, end: u64) -> Chunks {
+        Chunks {
+            source: Some(self.source),
+            position: start,
+            end: end.min(self.size),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A byte range of a stored object, read in [`READ_CHUNK`] pieces: the one chunked reader of
+/// the crate (responses, and readers following a fill, see `writer.rs`).
+#[derive(Debug)]
+pub struct Chunks {
+    /// `None` only while a read is in flight (or after a failed one).
+    source: Option<Box<dyn BlobRead>>,
+    position: u64,
+    end: u64,
+}
 
-    #[tokio::test]
-    async fn commit_makes_bytes_visible_only_under_their_digest() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = BlobStore::open(dir.path()).expect("open");
-        let namespace = Namespace::new("registry.test");
-        let digest = Digest::of(b"hello");
-        assert!(!store.contains(&namespace, &digest));
-        store
-            .put_verified(&namespace, &digest, b"hello")
-            .expect("put");
-        let bytes = store
-            .read_small(&namespace, &digest, 100)
-            .await
-            .expect("read");
-        assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
-        assert_eq!(
-            store
-                .read_small(&namespace, &digest, 2)
-                .await
-                .expect("read"),
-            None
-        );
-        let other = Namespace::new("other.test");
-        assert!(!store.contains(&other, &digest), "namespaces are separate");
+impl Chunks {
+    pub(super) fn new(source: Box<dyn BlobRead>, start: u64, end: u64) -> Self {
+        Self {
+            source: Some(source),
+            position: start,
+            end,
+        }
     }
 
-    #[test]
-    fn leftover_temp_files_are_removed_on_open() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = BlobStore::open(dir.path()).expect("open");
-        let temp = store.create_temp().expect("temp");
-        let path = temp.path.clone();
-        drop(temp);
-        assert!(path.exists());
-        drop(store);
-        let store = BlobStore::open(dir.path()).expect("reopen");
-        assert!(
-            path.exists(),
-            "open alone never deletes: a server may own the file"
-        );
-        assert_eq!(store.remove_temp_files().expect("clean"), 1);
-        assert!(!path.exists());
+    /// Reads exactly `len` bytes at the current position (even past `end`: the reader of a
+    /// growing object knows better).
+    pub(super) async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let source = self
+            .source
+            .take()
+            .ok_or_else(|| std::io::Error::other("a previous read failed"))?;
+        let (source, bytes) = read_blocking(source, self.position, len).await?;
+        self.source = Some(source);
+        self.position += bytes.len() as u64;
+        Ok(bytes)
+    }
+
+    /// The next chunk, `None` at the end.
+    ///
+    /// # Errors
+    /// The read's failure; a file shorter than its verified size (truncated under us).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<std::io::Result<Bytes>> {
+        if self.position >= self.end {
+            return None;
+        }
+        let len = usize::try_from(self.end - self.position)
+            .unwrap_or(READ_CHUNK)
+            .min(READ_CHUNK);
+        Some(self.read(len).await)
     }
 }

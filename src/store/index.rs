@@ -121,7 +121,8 @@ impl Index {
                     .unwrap_or_default()
                     .as_secs();
                 let aside = path.with_extension(format!("corrupt-{stamp}"));
-                std::fs::rename(path, &aside).map_err(StoreError::io("move aside", path))?;
+                std::fs::rename(path, &aside)
+                    .map_err(StoreError::io("move aside", path.display()))?;
                 Ok((Self::open_at(path)?, Some(aside)))
             }
         }

@@ -1,18 +1,34 @@
-//! The on-disk store: content-addressed files ([`BlobStore`]) and the manifest/tag index
-//! ([`Index`]).
+//! The store owns every byte: content-addressed blobs and manifests ([`Store`]) and the
+//! manifest/tag index ([`Index`]).
 //!
-//! `store` knows nothing about upstreams' protocol, the cache's policies or HTTP: it is the
-//! narrow interface that a future shared (S3-compatible) backend will implement. An upstream is
-//! only a namespace here ([`Namespace`]), so content cached from one registry is never served
-//! as another's.
+//! No other module opens, reads, writes, stats or removes a stored object or names a path
+//! inside the store; nothing public here is a path or a file handle. The store hashes while it
+//! writes and refuses to commit bytes that do not match their digest ([`BlobWriter`],
+//! [`Store::put_verified`]), so "only verified bytes are stored" holds by construction.
+//!
+//! The seam for other media is [`BlobBackend`] (see `backend.rs`): [`LocalDisk`] today, an
+//! object store (S3) and a size-bounded local tier in front of it next, behind the same
+//! concrete [`Store`] that the cache holds.
+//!
+//! `store` knows nothing about upstreams' protocol, the cache's policies or HTTP. An upstream
+//! is only a namespace here ([`Namespace`]), so content cached from one registry is never
+//! served as another's.
 
+mod backend;
 mod blobs;
 mod index;
+mod local;
+#[cfg(test)]
+mod tests;
+mod writer;
 
-pub use blobs::{BlobStore, TempBlob, Usage};
+pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use index::{AccessRecord, Index, ManifestRecord, TagRecord};
+pub use local::LocalDisk;
+pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
 
-use std::path::PathBuf;
+use crate::oci::Digest;
 
 /// A per-upstream namespace in the store: the upstream's configured name, which config
 /// validation restricts to host characters, so it is safe as a path component.
@@ -34,16 +50,24 @@ impl Namespace {
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A file operation failed.
-    #[error("{action} {path}: {source}")]
+    /// A file (or backend) operation failed.
+    #[error("{action} {object}: {source}")]
     Io {
         /// What was being done.
         action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
+        /// What it was done to, for the operator.
+        object: String,
         /// The failure.
         #[source]
         source: std::io::Error,
+    },
+    /// Bytes to be stored are not the content of their digest; nothing was stored.
+    #[error("digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The digest the bytes were to be stored under.
+        expected: Digest,
+        /// The digest of the bytes.
+        actual: Digest,
     },
     /// The index database failed.
     #[error("index database: {0}")]
@@ -62,12 +86,12 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn io(
         action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Self {
-        let path = path.into();
+        object: impl std::fmt::Display,
+    ) -> impl Fn(std::io::Error) -> Self {
+        let object = object.to_string();
         move |source| Self::Io {
             action,
-            path,
+            object: object.clone(),
             source,
         }
     }

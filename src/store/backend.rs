@@ -1,0 +1,133 @@
+//! The seam between [`Store`](super::Store) and where bytes live: [`BlobBackend`].
+//!
+//! The store keeps every policy that does not depend on the medium (hashing while writing,
+//! refusing a commit whose digest does not match, holding usage figures, chunked reads for
+//! responses); a backend only moves bytes. Today there is one backend, [`LocalDisk`]
+//! (`super::local`). An object-store backend (S3, issue 12) is a second implementation of the
+//! same trait, and a size-bounded local tier in front of it is a third that owns a `LocalDisk`
+//! and an inner `Arc<dyn BlobBackend>`: it stages and serves locally and copies commits to the
+//! inner backend.
+//!
+//! The methods are blocking: the store calls them on tokio's blocking threads, as local file
+//! I/O must be. A network backend runs its requests there with `Handle::block_on`.
+//!
+//! [`LocalDisk`]: super::LocalDisk
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::{Namespace, StoreError};
+use crate::oci::Digest;
+
+/// Names a staged (being written, not yet visible) object within its backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StagedId(pub(super) String);
+
+/// A committed object found by [`BlobBackend::list`].
+#[derive(Debug, Clone)]
+pub struct ListedBlob {
+    /// Its namespace.
+    pub namespace: Namespace,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was written (the Unix epoch when unknown).
+    pub modified: SystemTime,
+}
+
+/// Random access to the bytes of one object (committed or staged).
+pub trait BlobRead: Send + fmt::Debug {
+    /// Its length now (a staged object may still grow).
+    ///
+    /// # Errors
+    /// The backend's failure.
+    fn size(&self) -> std::io::Result<u64>;
+
+    /// Reads exactly `len` bytes at `offset`, into a fresh buffer that is sent as is.
+    ///
+    /// # Errors
+    /// [`std::io::ErrorKind::UnexpectedEof`] when the object is shorter; the backend's failure.
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes>;
+}
+
+/// An object being written. It becomes visible only through [`StagedWrite::commit`]; dropped
+/// without a commit, it is discarded.
+pub trait StagedWrite: Send + fmt::Debug {
+    /// Its id, for readers that follow it ([`BlobBackend::open_staged`]).
+    fn id(&self) -> &StagedId;
+
+    /// Appends bytes.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] (disk full, I/O error).
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Makes the bytes durable and visible under `(namespace, digest)`; returns their length.
+    /// The store calls it only after it verified the digest.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`]; the staged object is gone either way.
+    fn commit(self: Box<Self>, namespace: &Namespace, digest: &Digest) -> Result<u64, StoreError>;
+}
+
+/// Where blobs and manifests live. See the module documentation.
+pub trait BlobBackend: Send + Sync + fmt::Debug {
+    /// Starts a staged object.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when it cannot be created (disk full, read-only).
+    fn stage(&self) -> Result<Box<dyn StagedWrite>, StoreError>;
+
+    /// Opens a staged object for reading; `None` when it is gone (committed or discarded).
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn open_staged(&self, id: &StagedId) -> Result<Option<Box<dyn BlobRead>>, StoreError>;
+
+    /// Opens a committed object; `None` when it is not there.
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn open(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError>;
+
+    /// The size of a committed object; `None` when it is not there.
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// Removes a committed object; returns its size, `None` when it was not there. Readers
+    /// that have it open keep reading.
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError>;
+
+    /// Moves a committed object out of the store for inspection; returns its size and where
+    /// it went, for the operator.
+    ///
+    /// # Errors
+    /// The backend's failure.
+    fn quarantine(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(u64, String), StoreError>;
+
+    /// Calls `visit` with every committed object.
+    fn list(&self, visit: &mut dyn FnMut(ListedBlob));
+
+    /// Discards staged objects older than `age` (all of them with `Duration::ZERO`) that a
+    /// crashed or killed process left behind; returns how many and their bytes.
+    ///
+    /// # Errors
+    /// The backend's failure to list them.
+    fn discard_staged(&self, age: Duration) -> Result<(usize, u64), StoreError>;
+}

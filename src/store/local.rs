@@ -1,0 +1,374 @@
+//! [`LocalDisk`]: the [`BlobBackend`] over a directory,
+//! `<root>/blobs/<namespace>/sha256/<2 hex>/<64 hex>`.
+//!
+//! Invariant: a file appears under its digest path only through [`StagedWrite::commit`]: its
+//! bytes are fsynced, atomically renamed into place and the directory fsynced. Staged files
+//! live in `<root>/tmp/`; the server discards them at start, so a crash at any instant leaves
+//! only committed files under `blobs/`. Paths are built only from [`Digest`] and
+//! [`Namespace`], so path traversal is impossible by construction, and no path leaves this
+//! module.
+
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::{Namespace, StoreError};
+use crate::oci::Digest;
+
+/// Committed files under `blobs/`, staged ones under `tmp/`.
+#[derive(Debug)]
+pub struct LocalDisk {
+    dirs: Arc<Dirs>,
+    /// Makes staged names unique within this process; the pid makes them unique across
+    /// restarts.
+    staged_counter: AtomicU64,
+}
+
+/// The directories, shared with the staged files (which commit into `blobs`).
+#[derive(Debug)]
+struct Dirs {
+    blobs: PathBuf,
+    temp: PathBuf,
+    quarantine: PathBuf,
+}
+
+impl Dirs {
+    fn blob_path(&self, namespace: &Namespace, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs
+            .join(namespace.as_str())
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn staged_path(&self, id: &StagedId) -> PathBuf {
+        self.temp.join(&id.0)
+    }
+}
+
+impl LocalDisk {
+    /// Opens (creating) the directories under `root`. Staged files left by an earlier process
+    /// are not touched: another process (a server) may own them.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the directories cannot be created.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let dirs = Dirs {
+            blobs: root.join("blobs"),
+            temp: root.join("tmp"),
+            quarantine: root.join("quarantine"),
+        };
+        for dir in [&dirs.blobs, &dirs.temp] {
+            std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+        }
+        Ok(Self {
+            dirs: Arc::new(dirs),
+            staged_counter: AtomicU64::new(0),
+        })
+    }
+}
+
+/// `NotFound` becomes `None`.
+fn found<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+fn open_file(path: &Path) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+    let file = found(std::fs::File::open(path)).map_err(StoreError::io("open", path.display()))?;
+    Ok(file.map(|file| Box::new(FileRead(file)) as Box<dyn BlobRead>))
+}
+
+impl BlobBackend for LocalDisk {
+    fn stage(&self) -> Result<Box<dyn StagedWrite>, StoreError> {
+        let sequence = self.staged_counter.fetch_add(1, Ordering::Relaxed);
+        let id = StagedId(format!("{}-{sequence}.part", std::process::id()));
+        let path = self.dirs.staged_path(&id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StoreError::io("create", path.display()))?;
+        Ok(Box::new(StagedFile {
+            dirs: Arc::clone(&self.dirs),
+            id,
+            path,
+            file: Some(file),
+        }))
+    }
+
+    fn open_staged(&self, id: &StagedId) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        open_file(&self.dirs.staged_path(id))
+    }
+
+    fn open(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        open_file(&self.dirs.blob_path(namespace, digest))
+    }
+
+    fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let meta =
+            found(std::fs::metadata(&path)).map_err(StoreError::io("stat", path.display()))?;
+        Ok(meta.filter(std::fs::Metadata::is_file).map(|m| m.len()))
+    }
+
+    fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let removed =
+            found(std::fs::remove_file(&path)).map_err(StoreError::io("remove", path.display()))?;
+        Ok(removed.map(|()| len))
+    }
+
+    fn quarantine(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(u64, String), StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let dir = &self.dirs.quarantine;
+        std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+        let target = dir.join(format!("{}-{}", namespace.as_str(), digest.hex()));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        std::fs::rename(&path, &target).map_err(StoreError::io("quarantine", path.display()))?;
+        Ok((len, target.display().to_string()))
+    }
+
+    fn list(&self, visit: &mut dyn FnMut(ListedBlob)) {
+        let Ok(namespaces) = std::fs::read_dir(&self.dirs.blobs) else {
+            return;
+        };
+        for namespace_dir in namespaces.flatten() {
+            let namespace = Namespace::new(&namespace_dir.file_name().to_string_lossy());
+            let Ok(prefixes) = std::fs::read_dir(namespace_dir.path().join("sha256")) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name();
+                    let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy()))
+                    else {
+                        continue;
+                    };
+                    let Ok(meta) = file.metadata() else { continue };
+                    visit(ListedBlob {
+                        namespace: namespace.clone(),
+                        digest,
+                        size: meta.len(),
+                        modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+    }
+
+    fn discard_staged(&self, age: Duration) -> Result<(usize, u64), StoreError> {
+        let temp = &self.dirs.temp;
+        let entries = std::fs::read_dir(temp).map_err(StoreError::io("list", temp.display()))?;
+        let mut removed = (0, 0);
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = age.is_zero()
+                || meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .is_some_and(|elapsed| elapsed >= age);
+            if old && std::fs::remove_file(entry.path()).is_ok() {
+                removed.0 += 1;
+                removed.1 += meta.len();
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// An open file, read by position.
+#[derive(Debug)]
+struct FileRead(std::fs::File);
+
+impl BlobRead for FileRead {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        self.0.seek(SeekFrom::Start(offset))?;
+        // Read into spare capacity (no zero-fill first); the buffer is what gets sent.
+        let mut buffer = Vec::with_capacity(len);
+        (&mut self.0).take(len as u64).read_to_end(&mut buffer)?;
+        if buffer.len() < len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "stored file is shorter than expected",
+            ));
+        }
+        Ok(Bytes::from(buffer))
+    }
+}
+
+/// A file in `tmp/`; removed on drop unless committed.
+#[derive(Debug)]
+struct StagedFile {
+    dirs: Arc<Dirs>,
+    id: StagedId,
+    path: PathBuf,
+    /// `None` once committed.
+    file: Option<std::fs::File>,
+}
+
+impl StagedWrite for StagedFile {
+    fn id(&self) -> &StagedId {
+        &self.id
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let file = self
+            .file
+            .as_mut()
+            .expect("a staged file is open until it is committed, which consumes it");
+        file.write_all(bytes)
+            .map_err(StoreError::io("write", self.path.display()))
+    }
+
+    fn commit(
+        mut self: Box<Self>,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<u64, StoreError> {
+        let file = self
+            .file
+            .take()
+            .expect("a staged file is open until it is committed, which consumes it");
+        let result = commit_file(&self.path, file, &self.dirs.blob_path(namespace, digest));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        result
+    }
+}
+
+/// fsync, rename into place, fsync the directory.
+fn commit_file(temp: &Path, file: std::fs::File, target: &Path) -> Result<u64, StoreError> {
+    file.sync_all()
+        .map_err(StoreError::io("fsync", temp.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    drop(file);
+    let dir = target
+        .parent()
+        .expect("a digest path always has a parent directory");
+    std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+    std::fs::rename(temp, target).map_err(StoreError::io("rename", target.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("fsync", dir.display()))?;
+    Ok(len)
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        // Not committed: discard. One unlink, cheap enough on any thread; a reader that has the
+        // file open keeps its bytes.
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_keeps_staged_files_left_behind_and_discard_staged_removes_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        // What a killed server leaves: a staged file nobody will commit.
+        let leftover = disk.dirs.staged_path(&StagedId("1-0.part".to_owned()));
+        std::fs::write(&leftover, b"partial").expect("write");
+        drop(disk);
+        let disk = LocalDisk::open(dir.path()).expect("reopen");
+        assert!(
+            leftover.exists(),
+            "open alone never deletes: a server may own the file"
+        );
+        assert_eq!(
+            disk.discard_staged(Duration::from_secs(3600))
+                .expect("discard old"),
+            (0, 0),
+            "a fresh staged file may belong to a running server"
+        );
+        assert!(leftover.exists());
+        assert_eq!(
+            disk.discard_staged(Duration::ZERO).expect("discard"),
+            (1, 7)
+        );
+        assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn a_commit_renames_into_the_digest_path_and_leaves_no_staged_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"hello");
+        let mut staged = disk.stage().expect("stage");
+        let id = staged.id().clone();
+        staged.append(b"hello").expect("append");
+        assert!(disk.open_staged(&id).expect("open staged").is_some());
+        assert_eq!(staged.commit(&namespace, &digest).expect("commit"), 5);
+        assert!(disk.open_staged(&id).expect("open staged").is_none());
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        assert_eq!(std::fs::read(path).expect("committed file"), b"hello");
+        let mut listed = Vec::new();
+        disk.list(&mut |blob| listed.push((blob.namespace, blob.digest, blob.size)));
+        assert_eq!(listed, vec![(namespace, digest, 5)]);
+    }
+
+    #[test]
+    fn verify_finds_a_rotten_blob_and_quarantine_takes_it_out_of_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::store::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let bytes = vec![7u8; 300 * 1024];
+        let digest = Digest::of(&bytes);
+        store
+            .put_verified(&namespace, &digest, &bytes)
+            .expect("put");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(true)
+        );
+        // Bit rot on disk, behind the store's back.
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        let mut rotten = bytes.clone();
+        rotten[200_000] ^= 0x10;
+        std::fs::write(&path, &rotten).expect("rot");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(false)
+        );
+        let moved_to = store.quarantine(&namespace, &digest).expect("quarantine");
+        assert!(!store.contains(&namespace, &digest));
+        assert_eq!(std::fs::read(&moved_to).expect("quarantined file"), rotten);
+        assert_eq!(store.usage().bytes, 0);
+        assert_eq!(store.verify(&namespace, &digest).expect("verify"), None);
+    }
+}
