@@ -10,9 +10,11 @@ mod direct;
 mod evict;
 mod fill;
 mod flight;
+mod listing;
 mod manifest;
 
 pub use evict::EvictionReport;
+pub use listing::{Descriptor, ReferrerList, TagPage};
 
 use std::sync::Arc;
 use std::time::Duration;

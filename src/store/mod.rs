@@ -10,7 +10,7 @@ mod blobs;
 mod index;
 
 pub use blobs::{BlobStore, TempBlob, Usage};
-pub use index::{AccessRecord, Index, ManifestRecord, TagRecord};
+pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
 
 use std::path::PathBuf;
 
