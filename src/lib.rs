@@ -6,6 +6,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod airgap;
 pub mod cache;
 pub mod config;
 mod http;
@@ -100,6 +101,12 @@ pub async fn run(
     });
     let maintenance = tokio::spawn(Arc::clone(&cache).maintain(shutdown.clone()));
     tokio::spawn(Arc::clone(&cache).prefetch_pins());
+    tokio::spawn(airgap::admin::serve(
+        Arc::clone(&cache),
+        airgap::resolver(&config),
+        airgap::admin::socket_path(&config),
+        shutdown.clone(),
+    ));
     let state = Arc::new(AppState::new(cache, resolver, metrics, &config));
     let address = listener.local_addr().ok();
     tracing::info!(

@@ -92,6 +92,15 @@ enum Command {
         #[arg(long, short, env = "REGCACHE_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Pull images into the store ahead of any client, through the same verified path as a
+    /// pull (all platforms of an index unless --platform). Resumable; exits 1 if any failed.
+    /// Works while `regcache serve` runs on the store (through its admin socket).
+    Prefetch(regcache::airgap::prefetch::PrefetchArgs),
+    /// Write cached images as an OCI image layout tar, byte for byte (server stopped).
+    Export(regcache::airgap::archive::ExportArgs),
+    /// Load an OCI image layout tar (from `regcache export` or `skopeo copy ...
+    /// oci-archive:PATH:REF`), verifying every digest. Works while `regcache serve` runs.
+    Import(regcache::airgap::import::ImportArgs),
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
     CheckConfig {
         /// TOML configuration file.
@@ -229,6 +238,18 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Prefetch(args) => match load_or_exit(args.select.config.as_deref()) {
+            Ok(config) => regcache::airgap::prefetch::main(&config, args),
+            Err(code) => code,
+        },
+        Command::Export(args) => match load_or_exit(args.select.config.as_deref()) {
+            Ok(config) => regcache::airgap::archive::main(&config, args),
+            Err(code) => code,
+        },
+        Command::Import(args) => match load_or_exit(args.config.as_deref()) {
+            Ok(config) => regcache::airgap::import::main(&config, &args),
+            Err(code) => code,
+        },
         Command::CheckConfig { config } => match Config::load(config.as_deref()) {
             Ok(config) => {
                 println!("{config:#?}");
