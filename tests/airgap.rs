@@ -536,3 +536,75 @@ async fn a_tampered_or_truncated_archive_is_refused_naming_the_entry() {
         "a manifest whose blob failed is not served"
     );
 }
+
+/// The one fault Distribution cannot produce on demand: a blob that never arrives, so that the
+/// prefetch is interrupted with part of the image stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_prefetch_resumes_without_fetching_again_what_it_stored() {
+    use common::fake::{FakeRegistry, Fault};
+    let config = b"{\"architecture\":\"amd64\",\"os\":\"linux\"}".to_vec();
+    let fast = images::seeded_bytes("fast", 64 * 1024);
+    let slow = images::seeded_bytes("slow", 64 * 1024);
+    let digest_of = |bytes: &[u8]| common::regclient::sha256_digest(bytes);
+    let (config_digest, fast_digest, slow_digest) =
+        (digest_of(&config), digest_of(&fast), digest_of(&slow));
+    let layer = |digest: &str, size: usize| serde_json::json!({"mediaType": images::MT_OCI_LAYER_TAR, "digest": digest, "size": size});
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": images::MT_OCI_MANIFEST,
+        "config": {"mediaType": images::MT_OCI_CONFIG, "digest": config_digest, "size": config.len()},
+        "layers": [layer(&fast_digest, fast.len()), layer(&slow_digest, slow.len())],
+    });
+    let fake = FakeRegistry::builder()
+        .blob(config)
+        .blob(fast)
+        .blob(slow)
+        .manifest(
+            "test/app",
+            "v1",
+            images::MT_OCI_MANIFEST,
+            serde_json::to_vec(&manifest).expect("json"),
+        )
+        .start()
+        .await;
+    fake.set_fault(&slow_digest, Fault::Hang);
+    let spec = UpstreamSpec::default_at(UPSTREAM_NAME, fake.url());
+    let mut proxy = TestProxy::start(&[spec], "").await;
+    assert!(proxy.stop().await);
+    let config_path = proxy.config_path().to_owned();
+    let image = format!("{UPSTREAM_NAME}/test/app:v1");
+
+    let mut first = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["prefetch", "--config", path_str(&config_path), &image])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn prefetch");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fake.count(|r| r.is_get(&fast_digest)) == 0 || fake.count(|r| r.is_get(&slow_digest)) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prefetch never asked for both layers"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Generous time for the fast layer's fill to verify and commit on a loaded machine.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    first.kill().await.expect("interrupt the prefetch");
+
+    fake.clear_faults();
+    let output = regcache(&["prefetch", "--config", path_str(&config_path), &image]).await;
+    assert_success(&output, "the resumed prefetch");
+    assert_eq!(
+        fake.count(|r| r.is_get(&fast_digest)),
+        1,
+        "the stored layer was fetched again"
+    );
+    assert_eq!(fake.count(|r| r.is_get(&slow_digest)), 2);
+    go_offline(&proxy);
+    proxy.restart_after_crash().await;
+    for digest in [&config_digest, &fast_digest, &slow_digest] {
+        assert!(serves_blob(&proxy, "test/app", digest).await, "{digest}");
+    }
+}
