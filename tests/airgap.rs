@@ -301,6 +301,23 @@ async fn prefetch_into_a_running_server_is_served_with_the_upstream_gone() {
         "the CLI went through the server"
     );
 
+    let archive = tempfile::NamedTempFile::new().expect("archive path");
+    let output = regcache(&[
+        "export",
+        "--config",
+        path_str(&config),
+        "-o",
+        path_str(archive.path()),
+        &refs[0],
+    ])
+    .await;
+    assert!(
+        !output.status.success(),
+        "export cannot read a store a server holds"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stop it to export"), "{stderr}");
+
     upstream.stop().await;
     for image in wanted {
         proxy.pull_verified(&image.reference, &image.digest).await;
@@ -453,6 +470,51 @@ async fn export_then_import_serves_every_image_offline_with_the_upstream_digests
     .await;
     assert_eq!(status, StatusCode::OK, "{list}");
     assert_eq!(list["tags"], serde_json::json!(["v1"]));
+
+    // The next delivery carries only what the first lacked, and imports on top of it.
+    let connected = dir.path().join("connected.toml");
+    let list = dir.path().join("images.txt");
+    let delta = dir.path().join("delta.tar");
+    let output = regcache(&[
+        "export",
+        "--referrers",
+        "--config",
+        path_str(&connected),
+        "--file",
+        path_str(&list),
+        "--since",
+        path_str(&archive),
+        "-o",
+        path_str(&delta),
+    ])
+    .await;
+    assert_success(&output, "export --since");
+    let mut delta_entries = tar::Archive::new(std::fs::File::open(&delta).expect("open delta"));
+    let names: Vec<String> = delta_entries
+        .entries()
+        .expect("entries")
+        .map(|entry| {
+            let entry = entry.expect("entry");
+            entry.path().expect("path").to_string_lossy().into_owned()
+        })
+        .collect();
+    for blob in &images.docker_v2.blobs {
+        let name = format!("blobs/sha256/{}", blob.trim_start_matches("sha256:"));
+        assert!(!names.contains(&name), "{name} was in the first archive");
+    }
+    let manifest_entry = format!(
+        "blobs/sha256/{}",
+        images.docker_v2.digest.trim_start_matches("sha256:")
+    );
+    assert!(names.contains(&manifest_entry), "{names:?}");
+    let output = regcache(&[
+        "import",
+        "--config",
+        path_str(&site_config),
+        path_str(&delta),
+    ])
+    .await;
+    assert_success(&output, "import of the delta");
 
     let from_skopeo = tempfile::tempdir().expect("copy dir");
     let (ok, stderr) = skopeo_copy(

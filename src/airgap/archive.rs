@@ -37,6 +37,10 @@ pub struct ExportArgs {
     /// Every cached tag.
     #[arg(long)]
     pub all: bool,
+    /// Leave out the blobs (configs and layers) an earlier archive already carries; the site
+    /// must have imported that one first. Manifests are always written.
+    #[arg(long)]
+    pub since: Option<PathBuf>,
 }
 
 /// `index.json` of an OCI image layout.
@@ -106,8 +110,13 @@ pub async fn export(
     resolver: &crate::routing::Resolver,
     images: &[String],
     options: &Options,
+    since: Option<&Path>,
     output: &Path,
 ) -> Result<usize, AirgapError> {
+    let skip: HashSet<String> = match since {
+        Some(old) => super::import::list_entries(old)?.into_keys().collect(),
+        None => HashSet::new(),
+    };
     let mut walked: Vec<(ImageRef, Walked)> = Vec::new();
     for text in images {
         let image = ImageRef::parse(resolver, text)?;
@@ -155,7 +164,7 @@ pub async fn export(
     let handle = tokio::runtime::Handle::current();
     let count = walked.len();
     tokio::task::spawn_blocking(move || {
-        write_archive(&handle, &cache, &walked, &index_json, &output)
+        write_archive(&handle, &cache, &walked, &index_json, &skip, &output)
     })
     .await
     .map_err(|_| AirgapError::Cache(crate::cache::CacheError::FillAborted))??;
@@ -169,6 +178,7 @@ fn write_archive(
     cache: &Arc<Cache>,
     walked: &[(ImageRef, Walked)],
     index_json: &[u8],
+    skip: &HashSet<String>,
     output: &Path,
 ) -> Result<(), AirgapError> {
     let write_err = |source| AirgapError::Write {
@@ -178,11 +188,12 @@ fn write_archive(
     let temp = output.with_extension("partial");
     let file = std::fs::File::create(&temp).map_err(write_err)?;
     let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
-    let result = write_entries(handle, cache, walked, index_json, &mut builder).and_then(|()| {
-        let mut writer = builder.into_inner().map_err(write_err)?;
-        writer.flush().map_err(write_err)?;
-        writer.get_ref().sync_all().map_err(write_err)
-    });
+    let result =
+        write_entries(handle, cache, walked, index_json, skip, &mut builder).and_then(|()| {
+            let mut writer = builder.into_inner().map_err(write_err)?;
+            writer.flush().map_err(write_err)?;
+            writer.get_ref().sync_all().map_err(write_err)
+        });
     match result {
         Ok(()) => std::fs::rename(&temp, output).map_err(write_err),
         Err(err) => {
@@ -197,6 +208,7 @@ fn write_entries<W: std::io::Write>(
     cache: &Arc<Cache>,
     walked: &[(ImageRef, Walked)],
     index_json: &[u8],
+    skip: &HashSet<String>,
     builder: &mut tar::Builder<W>,
 ) -> Result<(), AirgapError> {
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
@@ -221,7 +233,7 @@ fn write_entries<W: std::io::Write>(
             }
         }
         for digest in &image_walk.blobs {
-            if !written.insert(*digest) {
+            if !written.insert(*digest) || skip.contains(&blob_path(digest)) {
                 continue;
             }
             let not_cached = |reason: String| AirgapError::Image {
@@ -293,6 +305,11 @@ pub fn main(config: &Config, args: ExportArgs) -> ExitCode {
         Err(code) => return code,
     };
     let result = runtime.block_on(async {
+        if super::admin::connect(config).await.is_some() {
+            // Export reads the index, which the server holds; it never needs the network, so
+            // it does not run inside the server (whose cache would fetch what is missing).
+            return Err("a server is running on this store; stop it to export".to_owned());
+        }
         let cache = super::open_cache(&offline).map_err(|e| e.to_string())?;
         let images = images_to_export(&cache, &args).map_err(|e| e.to_string())?;
         if images.is_empty() {
@@ -303,6 +320,7 @@ pub fn main(config: &Config, args: ExportArgs) -> ExitCode {
             &super::resolver(config),
             &images,
             &options,
+            args.since.as_deref(),
             &args.output,
         )
         .await

@@ -53,7 +53,7 @@ pub struct ImportReport {
 
 /// Where an entry's data lies in the archive.
 #[derive(Debug, Clone, Copy)]
-struct Span {
+pub(super) struct Span {
     offset: u64,
     size: u64,
 }
@@ -75,7 +75,7 @@ fn entry_error(entry: &str, reason: impl std::fmt::Display) -> AirgapError {
 
 /// Lists the archive's regular files, seeking past their data. A data span past the end of the
 /// file (truncation) or an unreadable header is an error naming the entry.
-fn list_entries(path: &Path) -> Result<HashMap<String, Span>, AirgapError> {
+pub(super) fn list_entries(path: &Path) -> Result<HashMap<String, Span>, AirgapError> {
     let open_err = |source| AirgapError::ReadList {
         path: path.to_owned(),
         source,
@@ -186,10 +186,22 @@ pub fn import(
             queue.extend(children.into_iter().map(|child| (child, None, false)));
             for layer in layers {
                 let layer_entry = blob_path(&layer);
-                let span = entries
-                    .get(&layer_entry)
-                    .ok_or_else(|| entry_error(&layer_entry, "missing from the archive"))?;
-                blobs.insert(span.offset, (namespace.clone(), layer));
+                match entries.get(&layer_entry) {
+                    Some(span) => {
+                        blobs.insert(span.offset, (namespace.clone(), layer));
+                    }
+                    // An archive written with `export --since` leaves out what an earlier
+                    // one carried; that must be in the store already.
+                    None if cache.store().contains(&namespace, &layer) => {
+                        report.blobs_present += 1;
+                    }
+                    None => {
+                        return Err(entry_error(
+                            &layer_entry,
+                            "missing from the archive and not in the store",
+                        ))
+                    }
+                }
             }
             pending.push(Pending {
                 namespace: namespace.clone(),

@@ -213,9 +213,10 @@ impl Cache {
         Ok(tags)
     }
 
-    /// The referrers of `subject` in a repository: the upstream's referrers API answer (where
-    /// it has one), the `sha256-<hex>` fallback tag's index, and the cached manifests naming
-    /// `subject`, merged; filtered by `artifact_type` when given.
+    /// The referrers of `subject` in a repository: the upstream's referrers API answer (or,
+    /// where it has none or cannot be asked, the `sha256-<hex>` fallback tag's index through
+    /// the cache) and the cached manifests naming `subject`, merged; filtered by
+    /// `artifact_type` when given.
     ///
     /// # Errors
     /// [`CacheError`] when the upstream refuses access; an upstream without the API, offline
@@ -246,10 +247,14 @@ impl Cache {
                 Err(err) => return Err(err.into()),
             }
         }
-        for descriptor in self.fallback_referrers(target, subject).await {
-            by_digest
-                .entry(descriptor.digest.clone())
-                .or_insert(descriptor);
+        // The tag schema is what clients use when the API is missing; an upstream that
+        // answered the API is not asked for the fallback tag as well.
+        if phase != CachePhase::PassThrough {
+            for descriptor in self.fallback_referrers(target, subject).await {
+                by_digest
+                    .entry(descriptor.digest.clone())
+                    .or_insert(descriptor);
+            }
         }
         for record in self.index.referrers(namespace, &target.repo, subject)? {
             let descriptor = Descriptor::from(&record);
