@@ -548,6 +548,34 @@ async fn a_tampered_or_truncated_archive_is_refused_naming_the_entry() {
     let truncated_path = dir.path().join("truncated.tar");
     std::fs::write(&truncated_path, &bytes[..bytes.len() * 2 / 3]).expect("write");
 
+    // `--all`: every cached tag, by its full reference.
+    let all = dir.path().join("all.tar");
+    let connected = dir.path().join("connected.toml");
+    let output = regcache(&[
+        "export",
+        "--config",
+        path_str(&connected),
+        "--all",
+        "-o",
+        path_str(&all),
+    ])
+    .await;
+    assert_success(&output, "export --all");
+    let mut all_archive = tar::Archive::new(std::fs::File::open(&all).expect("open"));
+    let mut index_json = String::new();
+    for entry in all_archive.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry.path().expect("path").to_string_lossy() == "index.json" {
+            std::io::Read::read_to_string(&mut entry, &mut index_json).expect("index.json");
+        }
+    }
+    for image in [&images.small_oci, &images.schema1, &images.multiarch_docker] {
+        assert!(
+            index_json.contains(&format!("\"{}\"", full_ref(image))),
+            "{index_json}"
+        );
+    }
+
     let mut site = site_proxy(&upstream_url).await;
     let config = site.config_path().to_owned();
     assert!(site.stop().await);

@@ -1,8 +1,9 @@
 //! The admin socket: how `regcache prefetch` and `regcache import` work on a live cache.
 //!
 //! The sled index admits one process, so while `regcache serve` runs on a store the CLI cannot
-//! open it. The server therefore listens on a Unix socket, `<storage>/admin.sock` (mode 0600:
-//! only the user the server runs as, and root, can connect; nothing listens on the network).
+//! open it. The server therefore listens on a Unix socket, `<storage>/admin/socket`, in a
+//! directory made mode 0700 before the socket is bound (only the user the server runs as, and
+//! root, can connect, with no window in between; nothing listens on the network).
 //! The CLI connects to it first; when a server answers, the work runs inside the server, on its
 //! cache, and what it loads is served at once. When nothing answers, the CLI opens the store
 //! itself.
@@ -74,7 +75,7 @@ pub enum Reply {
 
 /// Where the admin socket of a store lives.
 pub fn socket_path(config: &Config) -> PathBuf {
-    config.storage_path.join("admin.sock")
+    config.storage_path.join("admin").join("socket")
 }
 
 /// Serves the admin socket until `shutdown`. Failing to bind is logged, not fatal: the cache
@@ -85,20 +86,13 @@ pub async fn serve(
     path: PathBuf,
     shutdown: CancellationToken,
 ) {
-    // A socket file left by a server that was killed would make bind fail.
-    let _ = std::fs::remove_file(&path);
-    let listener = match UnixListener::bind(&path) {
+    let listener = match bind_private(&path) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::warn!(path = %path.display(), error = %err, "admin socket unavailable; prefetch and import need the server stopped");
             return;
         }
     };
-    if let Err(err) = restrict(&path) {
-        tracing::warn!(path = %path.display(), error = %err, "cannot restrict the admin socket; closing it");
-        let _ = std::fs::remove_file(&path);
-        return;
-    }
     let resolver = Arc::new(resolver);
     loop {
         let stream = tokio::select! {
@@ -121,9 +115,17 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-fn restrict(path: &Path) -> std::io::Result<()> {
+/// Binds `path` inside its parent directory, made owner-only first. A socket file left by a
+/// server that was killed is removed (it would make bind fail).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("socket path without a directory"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path)
 }
 
 async fn handle(cache: Arc<Cache>, resolver: &Resolver, stream: UnixStream) -> std::io::Result<()> {

@@ -49,6 +49,8 @@ pub struct ImportReport {
     pub blobs_present: usize,
     /// Bytes of newly stored blobs.
     pub bytes: u64,
+    /// Images in `index.json` without an `org.opencontainers.image.ref.name`, not imported.
+    pub unnamed: usize,
 }
 
 /// Where an entry's data lies in the archive.
@@ -152,6 +154,8 @@ pub fn import(
     let mut tags = Vec::new();
     for descriptor in &layout.manifests {
         let Some(name) = descriptor.annotations.get(REF_NAME) else {
+            // Without a name there is no upstream or repository to file it under.
+            report.unnamed += 1;
             continue;
         };
         let image = ImageRef::parse(resolver, name).map_err(|e| entry_error("index.json", e))?;
@@ -288,6 +292,12 @@ pub fn print_report(report: &ImportReport) {
     );
     for image in &report.images {
         println!("  {image}");
+    }
+    if report.unnamed > 0 {
+        println!(
+            "skipped {} images without an {REF_NAME} annotation (no upstream or repository to file them under)",
+            report.unnamed
+        );
     }
 }
 

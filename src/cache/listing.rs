@@ -257,6 +257,10 @@ impl Cache {
             }
         }
         for record in self.index.referrers(namespace, &target.repo, subject)? {
+            // An evicted referrer is not listed as if it could be served.
+            if !self.store.contains(namespace, &record.digest) {
+                continue;
+            }
             let descriptor = Descriptor::from(&record);
             by_digest
                 .entry(descriptor.digest.clone())
