@@ -60,14 +60,6 @@ pub(super) struct Span {
     size: u64,
 }
 
-/// A manifest verified from the archive, waiting to be stored.
-#[derive(Debug)]
-struct Pending {
-    namespace: Namespace,
-    target_repo: crate::oci::RepoName,
-    manifest: Manifest,
-}
-
 fn entry_error(entry: &str, reason: impl std::fmt::Display) -> AirgapError {
     AirgapError::Entry {
         entry: entry.to_owned(),
@@ -132,6 +124,170 @@ fn read_small(path: &Path, name: &str, span: Span) -> Result<Vec<u8>, AirgapErro
     Ok(bytes)
 }
 
+/// The archive's entries, by path.
+struct Archive<'a> {
+    path: &'a Path,
+    entries: HashMap<String, Span>,
+}
+
+impl Archive<'_> {
+    /// Reads a manifest entry whole and checks it against `digest` (the schema1 rule
+    /// included). `Ok(None)` when the entry is absent.
+    fn verified_manifest(
+        &self,
+        digest: Digest,
+        media_type: Option<MediaType>,
+    ) -> Result<Option<Manifest>, AirgapError> {
+        let entry = blob_path(&digest);
+        let Some(span) = self.entries.get(&entry).copied() else {
+            return Ok(None);
+        };
+        let bytes = read_small(self.path, &entry, span)?;
+        let media_type = media_type
+            .or_else(|| sniff_media_type(&bytes))
+            .ok_or_else(|| entry_error(&entry, "not a manifest regcache can identify"))?;
+        let actual = crate::oci::manifest_digest(&bytes, &media_type);
+        if actual != digest {
+            return Err(entry_error(
+                &entry,
+                format!("digest mismatch: named {digest}, contents {actual}"),
+            ));
+        }
+        Ok(Some(Manifest {
+            digest,
+            media_type,
+            bytes: bytes.into(),
+        }))
+    }
+}
+
+/// What an import will store, worked out (and the manifests verified) before anything is.
+#[derive(Default)]
+struct Plan {
+    /// Verified manifests, with the namespace and repository they go under.
+    manifests: Vec<(Namespace, crate::oci::RepoName, Manifest)>,
+    /// Blobs to load, by their data's offset in the archive.
+    blobs: BTreeMap<u64, (Namespace, Digest)>,
+    /// Tags to record: namespace, repository, tag, manifest.
+    tags: Vec<(Namespace, crate::oci::RepoName, crate::oci::Tag, Digest)>,
+    seen: HashSet<(Namespace, Digest)>,
+}
+
+impl Plan {
+    /// Adds the image `image` rooted at `root`: every manifest it reaches in the archive
+    /// (children of an index exported for some platforms may be absent), and its blobs, which
+    /// must be in the archive or already in the store (`export --since`).
+    fn add_image(
+        &mut self,
+        archive: &Archive<'_>,
+        cache: &Cache,
+        image: &ImageRef,
+        root: Digest,
+        media_type: Option<MediaType>,
+        report: &mut ImportReport,
+    ) -> Result<(), AirgapError> {
+        let namespace = Namespace::new(cache.upstreams()[image.target.upstream].name());
+        let mut queue = vec![(root, media_type)];
+        while let Some((digest, media_type)) = queue.pop() {
+            if !self.seen.insert((namespace.clone(), digest)) {
+                continue;
+            }
+            let Some(manifest) = archive.verified_manifest(digest, media_type)? else {
+                if digest == root {
+                    return Err(entry_error(&blob_path(&digest), "missing from the archive"));
+                }
+                continue;
+            };
+            let (children, layers) = references(&manifest.bytes, &[]);
+            queue.extend(children.into_iter().map(|child| (child, None)));
+            for layer in layers {
+                let entry = blob_path(&layer);
+                match archive.entries.get(&entry) {
+                    Some(span) => {
+                        self.blobs.insert(span.offset, (namespace.clone(), layer));
+                    }
+                    None if cache.store().contains(&namespace, &layer) => {
+                        report.blobs_present += 1;
+                    }
+                    None => {
+                        return Err(entry_error(
+                            &entry,
+                            "missing from the archive and not in the store",
+                        ))
+                    }
+                }
+            }
+            self.manifests
+                .push((namespace.clone(), image.target.repo.clone(), manifest));
+        }
+        if let Reference::Tag(tag) = &image.reference {
+            self.tags
+                .push((namespace, image.target.repo.clone(), tag.clone(), root));
+        }
+        Ok(())
+    }
+
+    /// Loads the blobs in archive order (so the first bad one reported is the first in the
+    /// archive), then the manifests, then tags and referrers.
+    fn load(
+        self,
+        archive: &Archive<'_>,
+        cache: &Cache,
+        report: &mut ImportReport,
+    ) -> Result<(), AirgapError> {
+        let store = cache.store();
+        let mut loaded = HashSet::new();
+        for (offset, (namespace, digest)) in self.blobs {
+            if !loaded.insert((namespace.clone(), digest)) {
+                continue;
+            }
+            if store.contains(&namespace, &digest) {
+                report.blobs_present += 1;
+                continue;
+            }
+            let entry = blob_path(&digest);
+            let span = archive
+                .entries
+                .get(&entry)
+                .copied()
+                .unwrap_or(Span { offset, size: 0 });
+            let reader = open_entry(archive.path, span).map_err(|e| entry_error(&entry, e))?;
+            let size = store_verified(store, &namespace, &digest, Content::Blob, reader)
+                .map_err(|e| entry_error(&entry, e))?;
+            report.blobs += 1;
+            report.bytes += size;
+        }
+        for (namespace, repo, manifest) in &self.manifests {
+            let content = Content::Manifest(&manifest.media_type);
+            store_verified(
+                store,
+                namespace,
+                &manifest.digest,
+                content,
+                &manifest.bytes[..],
+            )
+            .map_err(|e| entry_error(&blob_path(&manifest.digest), e))?;
+            let record = ManifestRecord {
+                media_type: manifest.media_type.clone(),
+            };
+            cache
+                .index()
+                .put_manifest(namespace, &manifest.digest, &record)?;
+            cache.note_referrer(namespace, repo, manifest);
+            report.manifests += 1;
+        }
+        for (namespace, repo, tag, digest) in self.tags {
+            let record = TagRecord {
+                digest,
+                confirmed_at: SystemTime::now(),
+            };
+            cache.index().put_tag(&namespace, &repo, &tag, &record)?;
+        }
+        cache.index().flush()?;
+        Ok(())
+    }
+}
+
 /// Imports the archive at `path` into `cache`'s store and index. Blocking.
 ///
 /// # Errors
@@ -141,17 +297,18 @@ pub fn import(
     resolver: &Resolver,
     path: &Path,
 ) -> Result<ImportReport, AirgapError> {
-    let entries = list_entries(path)?;
-    let index_span = *entries
+    let archive = Archive {
+        path,
+        entries: list_entries(path)?,
+    };
+    let index_span = *archive
+        .entries
         .get("index.json")
         .ok_or_else(|| entry_error("index.json", "missing: not an OCI image layout"))?;
     let layout: LayoutIndex = serde_json::from_slice(&read_small(path, "index.json", index_span)?)
         .map_err(|e| entry_error("index.json", e))?;
     let mut report = ImportReport::default();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut seen: HashSet<(Namespace, Digest)> = HashSet::new();
-    let mut blobs: BTreeMap<u64, (Namespace, Digest)> = BTreeMap::new();
-    let mut tags = Vec::new();
+    let mut plan = Plan::default();
     for descriptor in &layout.manifests {
         let Some(name) = descriptor.annotations.get(REF_NAME) else {
             // Without a name there is no upstream or repository to file it under.
@@ -159,124 +316,12 @@ pub fn import(
             continue;
         };
         let image = ImageRef::parse(resolver, name).map_err(|e| entry_error("index.json", e))?;
-        let namespace = Namespace::new(cache.upstreams()[image.target.upstream].name());
         let root = Digest::parse(&descriptor.digest).map_err(|e| entry_error("index.json", e))?;
         let media_type = MediaType::from_content_type(&descriptor.media_type);
-        let mut queue = vec![(root, media_type, true)];
-        while let Some((digest, media_type, required)) = queue.pop() {
-            if !seen.insert((namespace.clone(), digest)) {
-                continue;
-            }
-            let entry = blob_path(&digest);
-            let Some(span) = entries.get(&entry).copied() else {
-                // An index exported for some platforms lacks the others' manifests.
-                if required {
-                    return Err(entry_error(&entry, "missing from the archive"));
-                }
-                continue;
-            };
-            let bytes = read_small(path, &entry, span)?;
-            let media_type = media_type
-                .or_else(|| sniff_media_type(&bytes))
-                .ok_or_else(|| entry_error(&entry, "not a manifest regcache can identify"))?;
-            let actual = crate::oci::manifest_digest(&bytes, &media_type);
-            if actual != digest {
-                return Err(entry_error(
-                    &entry,
-                    format!("digest mismatch: named {digest}, contents {actual}"),
-                ));
-            }
-            let (children, layers) = references(&bytes, &[]);
-            queue.extend(children.into_iter().map(|child| (child, None, false)));
-            for layer in layers {
-                let layer_entry = blob_path(&layer);
-                match entries.get(&layer_entry) {
-                    Some(span) => {
-                        blobs.insert(span.offset, (namespace.clone(), layer));
-                    }
-                    // An archive written with `export --since` leaves out what an earlier
-                    // one carried; that must be in the store already.
-                    None if cache.store().contains(&namespace, &layer) => {
-                        report.blobs_present += 1;
-                    }
-                    None => {
-                        return Err(entry_error(
-                            &layer_entry,
-                            "missing from the archive and not in the store",
-                        ))
-                    }
-                }
-            }
-            pending.push(Pending {
-                namespace: namespace.clone(),
-                target_repo: image.target.repo.clone(),
-                manifest: Manifest {
-                    digest,
-                    media_type,
-                    bytes: bytes.into(),
-                },
-            });
-        }
-        if let Reference::Tag(tag) = &image.reference {
-            tags.push((
-                namespace.clone(),
-                image.target.repo.clone(),
-                tag.clone(),
-                root,
-            ));
-        }
+        plan.add_image(&archive, cache, &image, root, media_type, &mut report)?;
         report.images.push(name.clone());
     }
-    let store = cache.store();
-    // Blobs in archive order, so the first bad one reported is the first in the archive.
-    let mut loaded: HashSet<(Namespace, Digest)> = HashSet::new();
-    for (offset, (namespace, digest)) in blobs {
-        if !loaded.insert((namespace.clone(), digest)) {
-            continue;
-        }
-        if store.contains(&namespace, &digest) {
-            report.blobs_present += 1;
-            continue;
-        }
-        let entry = blob_path(&digest);
-        let span = entries
-            .get(&entry)
-            .copied()
-            .unwrap_or(Span { offset, size: 0 });
-        let reader = open_entry(path, span).map_err(|e| entry_error(&entry, e))?;
-        let size = store_verified(store, &namespace, &digest, Content::Blob, reader)
-            .map_err(|e| entry_error(&entry, e))?;
-        report.blobs += 1;
-        report.bytes += size;
-    }
-    for item in &pending {
-        let manifest = &item.manifest;
-        let content = Content::Manifest(&manifest.media_type);
-        store_verified(
-            store,
-            &item.namespace,
-            &manifest.digest,
-            content,
-            &manifest.bytes[..],
-        )
-        .map_err(|e| entry_error(&blob_path(&manifest.digest), e))?;
-        let record = ManifestRecord {
-            media_type: manifest.media_type.clone(),
-        };
-        cache
-            .index()
-            .put_manifest(&item.namespace, &manifest.digest, &record)?;
-        cache.note_referrer(&item.namespace, &item.target_repo, manifest);
-        report.manifests += 1;
-    }
-    for (namespace, repo, tag, digest) in tags {
-        let record = TagRecord {
-            digest,
-            confirmed_at: SystemTime::now(),
-        };
-        cache.index().put_tag(&namespace, &repo, &tag, &record)?;
-    }
-    cache.index().flush()?;
+    plan.load(&archive, cache, &mut report)?;
     Ok(report)
 }
 
