@@ -128,12 +128,32 @@ pub async fn export(
             })?;
         walked.push((image, image_walk));
     }
+    let layout = layout_index(cache, &walked);
+    let index_json = serde_json::to_vec_pretty(&layout).map_err(|e| AirgapError::Write {
+        path: output.to_owned(),
+        source: std::io::Error::other(e),
+    })?;
+    let cache = Arc::clone(cache);
+    let output = output.to_owned();
+    let handle = tokio::runtime::Handle::current();
+    let count = walked.len();
+    tokio::task::spawn_blocking(move || {
+        write_archive(&handle, &cache, &walked, &index_json, &skip, &output)
+    })
+    .await
+    .map_err(|_| AirgapError::Cache(crate::cache::CacheError::FillAborted))??;
+    Ok(count)
+}
+
+/// `index.json`: each image at its root manifest, named by its full reference, and each
+/// referrer by digest (so an import knows its repository).
+fn layout_index(cache: &Cache, walked: &[(ImageRef, Walked)]) -> LayoutIndex {
     let mut layout = LayoutIndex {
         schema_version: 2,
         media_type: Some(MediaType::OCI_INDEX.to_owned()),
         manifests: Vec::new(),
     };
-    for (image, image_walk) in &walked {
+    for (image, image_walk) in walked {
         let root = &image_walk.root;
         let name = full_reference(cache, &image.target, &image.reference);
         layout.manifests.push(descriptor(
@@ -155,20 +175,7 @@ pub async fn export(
             }
         }
     }
-    let index_json = serde_json::to_vec_pretty(&layout).map_err(|e| AirgapError::Write {
-        path: output.to_owned(),
-        source: std::io::Error::other(e),
-    })?;
-    let cache = Arc::clone(cache);
-    let output = output.to_owned();
-    let handle = tokio::runtime::Handle::current();
-    let count = walked.len();
-    tokio::task::spawn_blocking(move || {
-        write_archive(&handle, &cache, &walked, &index_json, &skip, &output)
-    })
-    .await
-    .map_err(|_| AirgapError::Cache(crate::cache::CacheError::FillAborted))??;
-    Ok(count)
+    layout
 }
 
 /// Writes the tar: `oci-layout`, `index.json`, then each manifest and blob once. Blocking (it
