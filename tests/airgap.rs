@@ -462,14 +462,34 @@ async fn export_then_import_serves_every_image_offline_with_the_upstream_digests
     .await;
     assert_eq!(status, StatusCode::OK, "{index}");
     assert_eq!(digests(&index), [referrer.digest.as_str()]);
-    let (status, _, list) = get_json(&format!(
-        "{}/v2/{}/tags/list?n=1",
-        site.url(),
-        images.small_oci.repo
-    ))
-    .await;
+    // The tag schema too: the `sha256-<hex>` fallback index, byte for byte, by tag, offline.
+    let fallback = &images.referrers_index;
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/v2/{}/manifests/{}",
+            site.url(),
+            fallback.repo,
+            fallback.tag
+        ))
+        .header("accept", images::MT_OCI_INDEX)
+        .send()
+        .await
+        .expect("GET the fallback tag");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.bytes().await.expect("body");
+    assert_eq!(common::proxy::manifest_digest(&body), fallback.digest);
+
+    // The repository's tag list, sorted and paginated, offline.
+    let tags_url = format!("{}/v2/{}/tags/list", site.url(), images.small_oci.repo);
+    let (status, _, list) = get_json(&tags_url).await;
     assert_eq!(status, StatusCode::OK, "{list}");
-    assert_eq!(list["tags"], serde_json::json!(["v1"]));
+    assert_eq!(
+        list["tags"],
+        serde_json::json!([fallback.tag.as_str(), "v1"])
+    );
+    let (_, headers, list) = get_json(&format!("{tags_url}?n=1")).await;
+    assert_eq!(list["tags"], serde_json::json!([fallback.tag.as_str()]));
+    assert!(headers.contains_key("link"), "a next page is linked");
 
     // The next delivery carries only what the first lacked, and imports on top of it.
     let connected = dir.path().join("connected.toml");

@@ -145,8 +145,9 @@ pub async fn export(
     Ok(count)
 }
 
-/// `index.json`: each image at its root manifest, named by its full reference, and each
-/// referrer by digest (so an import knows its repository).
+/// `index.json`: each image at its root manifest, named by its full reference; tag-schema
+/// tags (`sha256-<hex>`, `.sig`, …) by theirs; each referrer by digest (so an import knows
+/// its repository).
 fn layout_index(cache: &Cache, walked: &[(ImageRef, Walked)]) -> LayoutIndex {
     let mut layout = LayoutIndex {
         schema_version: 2,
@@ -162,6 +163,15 @@ fn layout_index(cache: &Cache, walked: &[(ImageRef, Walked)]) -> LayoutIndex {
             root.bytes.len(),
             name,
         ));
+        for (tag, manifest) in &image_walk.schema_tags {
+            let name = full_reference(cache, &image.target, &Reference::Tag(tag.clone()));
+            layout.manifests.push(descriptor(
+                &manifest.media_type,
+                &manifest.digest,
+                manifest.bytes.len(),
+                name,
+            ));
+        }
         for manifest in &image_walk.manifests {
             if image_walk.referrers.contains(&manifest.digest) {
                 let name =

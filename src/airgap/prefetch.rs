@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::{AirgapError, ImageRef};
 use crate::cache::{BlobBody, Cache, CacheError, Manifest, RangeRequest, Target};
 use crate::config::Config;
-use crate::oci::{references, Digest, Reference};
+use crate::oci::{references, Digest, Reference, Tag};
 use crate::routing::Resolver;
 
 /// How long to wait for a fill permit when the cache is at `cache.max_concurrent_fills`
@@ -147,6 +147,9 @@ pub(super) struct Walked {
     pub(super) manifests: Vec<Arc<Manifest>>,
     /// Those reached as referrers of another.
     pub(super) referrers: Vec<Digest>,
+    /// Tag-schema tags found for the walked manifests (`sha256-<hex>`, cosign's `.sig`, `.att`,
+    /// `.sbom`), with the manifest each points at.
+    pub(super) schema_tags: Vec<(Tag, Arc<Manifest>)>,
     /// Every blob of those manifests, each once.
     pub(super) blobs: Vec<Digest>,
 }
@@ -168,6 +171,7 @@ pub(super) async fn walk(
         root: Arc::clone(&root),
         manifests: Vec::new(),
         referrers: Vec::new(),
+        schema_tags: Vec::new(),
         blobs: Vec::new(),
     };
     let mut seen = HashSet::new();
@@ -188,6 +192,12 @@ pub(super) async fn walk(
                 .collect();
             walked.referrers.extend(&found);
             next.extend(found);
+            for (tag, tagged) in schema_tags(cache, target, &manifest.digest).await {
+                if !seen.contains(&tagged.digest) {
+                    queue.push(Arc::clone(&tagged));
+                }
+                walked.schema_tags.push((tag, tagged));
+            }
         }
         walked.manifests.push(manifest);
         for digest in next.into_iter().filter(|d| !seen.contains(d)) {
@@ -200,6 +210,32 @@ pub(super) async fn walk(
     let mut unique = HashSet::new();
     walked.blobs.retain(|digest| unique.insert(*digest));
     Ok(walked)
+}
+
+/// Suffixes of the tags that refer to `sha256-<hex>` by name: the OCI referrers fallback
+/// index, and cosign's signatures, attestations and SBOMs.
+const SCHEMA_TAG_SUFFIXES: [&str; 4] = ["", ".sig", ".att", ".sbom"];
+
+/// The tag-schema tags of `digest` that exist (through the cache; absent ones are skipped).
+async fn schema_tags(
+    cache: &Arc<Cache>,
+    target: &Target,
+    digest: &Digest,
+) -> Vec<(Tag, Arc<Manifest>)> {
+    let mut found = Vec::new();
+    for suffix in SCHEMA_TAG_SUFFIXES {
+        let Ok(tag) = Tag::parse(&format!("sha256-{}{suffix}", digest.hex())) else {
+            continue;
+        };
+        match cache
+            .manifest(target, &Reference::Tag(tag.clone()), &[])
+            .await
+        {
+            Ok(answer) => found.push((tag, answer.manifest)),
+            Err(err) => tracing::debug!(%tag, error = %err, "no tag-schema manifest"),
+        }
+    }
+    found
 }
 
 /// Fetches one image: [`walk`], then every blob (in parallel, bounded by `permits`).
