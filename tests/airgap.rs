@@ -338,6 +338,20 @@ async fn prefetch_into_a_running_server_is_served_with_the_upstream_gone() {
     assert_eq!(digests(&index), [images.referrer.digest.as_str()]);
 }
 
+/// Every standard test image but the tag-schema index (which `--referrers` brings).
+fn every_image(images: &images::Images) -> [&Pushed; 8] {
+    [
+        &images.small_oci,
+        &images.docker_v2,
+        &images.multiarch_oci,
+        &images.multiarch_docker,
+        &images.many_layers,
+        &images.artifact,
+        &images.referrer,
+        &images.schema1,
+    ]
+}
+
 /// The connected side: prefetch into a running cache, stop it, export. Returns the upstream,
 /// the images and the archive (kept in `dir`).
 async fn connected_side(dir: &Path) -> (Upstream, images::Images, std::path::PathBuf) {
@@ -348,13 +362,7 @@ async fn connected_side(dir: &Path) -> (Upstream, images::Images, std::path::Pat
     let config = dir.join("connected.toml");
     std::fs::copy(proxy.config_path(), &config).expect("keep the config");
     let list = dir.join("images.txt");
-    let wanted = [
-        &images.small_oci,
-        &images.docker_v2,
-        &images.multiarch_oci,
-        &images.multiarch_docker,
-        &images.schema1,
-    ];
+    let wanted = every_image(&images);
     let lines: Vec<String> = wanted.iter().map(|image| full_ref(image)).collect();
     std::fs::write(&list, lines.join("\n")).expect("write list");
     let output = regcache(&[
@@ -441,13 +449,7 @@ async fn export_then_import_serves_every_image_offline_with_the_upstream_digests
         assert_success(&output, "import into a running server");
     }
     assert!(site.log().contains("import requested on the admin socket"));
-    for image in [
-        &images.small_oci,
-        &images.docker_v2,
-        &images.multiarch_oci,
-        &images.multiarch_docker,
-        &images.schema1,
-    ] {
+    for image in every_image(&images) {
         site.pull_verified(&image.reference, &image.digest).await;
     }
     let referrer = &images.referrer;
@@ -483,12 +485,13 @@ async fn export_then_import_serves_every_image_offline_with_the_upstream_digests
     let tags_url = format!("{}/v2/{}/tags/list", site.url(), images.small_oci.repo);
     let (status, _, list) = get_json(&tags_url).await;
     assert_eq!(status, StatusCode::OK, "{list}");
-    assert_eq!(
-        list["tags"],
-        serde_json::json!([fallback.tag.as_str(), "v1"])
-    );
+    let expected = ["referrer-v1", fallback.tag.as_str(), "v1"];
+    assert_eq!(list["tags"], serde_json::json!(expected));
+    let (_, headers, list) = get_json(&format!("{tags_url}?n=2&last=referrer-v1")).await;
+    assert_eq!(list["tags"], serde_json::json!(expected[1..]));
+    assert!(!headers.contains_key("link"), "the last page links nowhere");
     let (_, headers, list) = get_json(&format!("{tags_url}?n=1")).await;
-    assert_eq!(list["tags"], serde_json::json!([fallback.tag.as_str()]));
+    assert_eq!(list["tags"], serde_json::json!(expected[..1]));
     assert!(headers.contains_key("link"), "a next page is linked");
 
     // The next delivery carries only what the first lacked, and imports on top of it.
