@@ -338,20 +338,6 @@ async fn prefetch_into_a_running_server_is_served_with_the_upstream_gone() {
     assert_eq!(digests(&index), [images.referrer.digest.as_str()]);
 }
 
-/// Every standard test image but the tag-schema index (which `--referrers` brings).
-fn every_image(images: &images::Images) -> [&Pushed; 8] {
-    [
-        &images.small_oci,
-        &images.docker_v2,
-        &images.multiarch_oci,
-        &images.multiarch_docker,
-        &images.many_layers,
-        &images.artifact,
-        &images.referrer,
-        &images.schema1,
-    ]
-}
-
 /// The connected side: prefetch into a running cache, stop it, export. Returns the upstream,
 /// the images and the archive (kept in `dir`).
 async fn connected_side(dir: &Path) -> (Upstream, images::Images, std::path::PathBuf) {
@@ -362,7 +348,7 @@ async fn connected_side(dir: &Path) -> (Upstream, images::Images, std::path::Pat
     let config = dir.join("connected.toml");
     std::fs::copy(proxy.config_path(), &config).expect("keep the config");
     let list = dir.join("images.txt");
-    let wanted = every_image(&images);
+    let wanted = images.pullable();
     let lines: Vec<String> = wanted.iter().map(|image| full_ref(image)).collect();
     std::fs::write(&list, lines.join("\n")).expect("write list");
     let output = regcache(&[
@@ -449,7 +435,7 @@ async fn export_then_import_serves_every_image_offline_with_the_upstream_digests
         assert_success(&output, "import into a running server");
     }
     assert!(site.log().contains("import requested on the admin socket"));
-    for image in every_image(&images) {
+    for image in images.pullable() {
         site.pull_verified(&image.reference, &image.digest).await;
     }
     let referrer = &images.referrer;

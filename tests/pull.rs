@@ -56,16 +56,7 @@ async fn error_code(response: reqwest::Response) -> (StatusCode, String, String)
 async fn every_media_type_pulls_with_identical_digests_and_warm_pulls_stay_local() {
     let (upstream, proxy) = setup(Auth::None).await;
     let images = images::push_standard(&upstream, "test").await;
-    let all = [
-        &images.small_oci,
-        &images.docker_v2,
-        &images.multiarch_oci,
-        &images.multiarch_docker,
-        &images.many_layers,
-        &images.artifact,
-        &images.referrer,
-        &images.schema1,
-    ];
+    let all = images.pullable();
     for image in all {
         let blobs = pull_and_verify(&proxy, &image.reference, image).await;
         assert!(blobs > 0, "{} copied no blobs", image.reference);
