@@ -29,6 +29,10 @@ use crate::routing::Resolver;
 /// The longest request line accepted (a prefetch list of some thousand references).
 const MAX_REQUEST_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Admin requests served at once; more are refused (each prefetch is itself bounded by
+/// `--jobs` and the cache's fill limit, so a few suffice).
+const MAX_ADMIN_REQUESTS: usize = 4;
+
 /// What the CLI asks a running server to do.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
@@ -94,6 +98,7 @@ pub async fn serve(
         }
     };
     let resolver = Arc::new(resolver);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_REQUESTS));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -105,11 +110,20 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let (_, mut write) = stream.into_split();
+                let message = format!("busy: {MAX_ADMIN_REQUESTS} admin requests are running");
+                let _ = send(&mut write, &Reply::Failed { message }).await;
+            });
+            continue;
+        };
         let (cache, resolver) = (Arc::clone(&cache), Arc::clone(&resolver));
         tokio::spawn(async move {
             if let Err(err) = handle(cache, &resolver, stream).await {
                 tracing::debug!(error = %err, "admin connection ended");
             }
+            drop(permit);
         });
     }
     let _ = std::fs::remove_file(&path);
