@@ -6,6 +6,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod airgap;
 pub mod cache;
 pub mod clock;
 pub mod config;
@@ -129,6 +130,12 @@ pub async fn run_with_clock(
     });
     let maintenance = tokio::spawn(Arc::clone(&cache).maintain(shutdown.clone()));
     tokio::spawn(Arc::clone(&cache).prefetch_pins());
+    tokio::spawn(airgap::admin::serve(
+        Arc::clone(&cache),
+        Resolver::for_upstreams(&config.upstreams),
+        airgap::admin::socket_path(&config),
+        shutdown.clone(),
+    ));
     let state = Arc::new(AppState::new(cache, resolver, metrics, &config));
     let address = listener.local_addr().ok();
     tracing::info!(

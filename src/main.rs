@@ -79,6 +79,15 @@ enum Command {
         /// The image, as given to `regcache pin`.
         image: String,
     },
+    /// Pull images into the store ahead of any client, through the same verified path as a
+    /// pull (all platforms of an index unless --platform). Resumable; exits 1 if any failed.
+    /// Works while `regcache serve` runs on the store (through its admin socket).
+    Prefetch(regcache::airgap::prefetch::PrefetchArgs),
+    /// Write cached images as an OCI image layout tar, byte for byte (server stopped).
+    Export(regcache::airgap::archive::ExportArgs),
+    /// Load an OCI image layout tar (from `regcache export` or `skopeo copy ...
+    /// oci-archive:PATH:REF`), verifying every digest. Works while `regcache serve` runs.
+    Import(regcache::airgap::import::ImportArgs),
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
     CheckConfig,
 }
@@ -106,6 +115,9 @@ fn main() -> ExitCode {
         Command::Ls { json } => ls(&config, json),
         Command::Pin { image, platforms } => edit_pins(&config, &image, Some(platforms)),
         Command::Unpin { image } => edit_pins(&config, &image, None),
+        Command::Prefetch(args) => Ok(regcache::airgap::prefetch::main(&config, args)),
+        Command::Export(args) => Ok(regcache::airgap::archive::main(&config, args)),
+        Command::Import(args) => Ok(regcache::airgap::import::main(&config, &args)),
         Command::CheckConfig => {
             println!("{config:#?}");
             Ok(ExitCode::SUCCESS)

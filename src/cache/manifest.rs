@@ -395,6 +395,7 @@ impl Cache {
                 media_type: manifest.media_type.clone(),
             },
         )?;
+        self.note_referrer(namespace, &target.repo, &manifest);
         let manifest = Arc::new(manifest);
         self.access_log
             .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);

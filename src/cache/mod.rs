@@ -10,11 +10,13 @@ mod direct;
 mod evict;
 mod fill;
 mod flight;
+mod listing;
 mod manifest;
 mod pins;
 mod revalidate;
 
 pub use evict::EvictionReport;
+pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use pins::{PinsError, PinsFile};
 
 use std::sync::Arc;

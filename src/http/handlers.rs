@@ -166,19 +166,14 @@ async fn route_request<B>(
         }
         Route::TagsList { name } => {
             let target = resolve(state, request, name)?;
-            pass_through(state, request, &target, name, "tags/list").await
+            *resolved = Some(target.clone());
+            tag_list(state, request, &target, name).await
         }
         Route::Referrers { name, digest } => {
             let target = resolve(state, request, name)?;
+            *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
-            pass_through(
-                state,
-                request,
-                &target,
-                name,
-                &format!("referrers/{digest}"),
-            )
-            .await
+            referrers(state, request, &target, &digest).await
         }
         Route::Base | Route::Health | Route::Ready | Route::Metrics => {
             Err(ApiError::unsupported("only GET and HEAD"))
@@ -407,79 +402,107 @@ pub(crate) fn parse_range(value: &str) -> RangeRequest {
     }
 }
 
-/// Tag lists and referrers: the upstream's answer, with pagination links rewritten to the name
-/// the client used.
-async fn pass_through<B>(
+/// `GET /v2/<name>/tags/list`: the cache's sorted, paginated list (`n`, `last`), with a
+/// `Link` to the next page that names the path (and `ns=`) the client used.
+async fn tag_list<B>(
     state: &AppState,
     request: &Request<B>,
     target: &Target,
     client_name: &str,
-    tail: &str,
 ) -> Handled {
-    let query = request.uri().query().map(without_ns);
-    let answer = state
+    let query = request.uri().query().unwrap_or("");
+    let n = match query_param(query, "n") {
+        Some(value) => Some(value.parse::<usize>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "PAGINATION_NUMBER_INVALID",
+                format!("n = {value:?} is not a number"),
+            )
+        })?),
+        None => None,
+    };
+    let last = query_param(query, "last");
+    let page = state
         .cache
-        .pass_through(target, tail, query.as_deref())
+        .tags(target, n, last.as_deref())
         .await
         .map_err(|e| ApiError::from_cache(&e, "NAME_UNKNOWN"))?;
-    let len = answer.bytes.len();
+    #[derive(serde::Serialize)]
+    struct TagListBody<'a> {
+        name: &'a str,
+        tags: Vec<&'a str>,
+    }
+    let json = serde_json::to_vec(&TagListBody {
+        name: client_name,
+        tags: page.tags.iter().map(crate::oci::Tag::as_str).collect(),
+    })
+    .unwrap_or_default();
+    let mut response = json_bytes_response(request, json, "application/json");
+    if let (Some(n), Some(after)) = (n, &page.next_after) {
+        let mut next = url::form_urlencoded::Serializer::new(String::new());
+        next.append_pair("n", &n.to_string());
+        next.append_pair("last", after.as_str());
+        if let Some(ns) = query_param(query, "ns") {
+            next.append_pair("ns", &ns);
+        }
+        let link = format!(
+            "</v2/{client_name}/tags/list?{}>; rel=\"next\"",
+            next.finish()
+        );
+        if let Ok(value) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok((response, Some(page.phase)))
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: an image index of the referrers the upstream and the
+/// cache know, filtered by `artifactType`.
+async fn referrers<B>(
+    state: &AppState,
+    request: &Request<B>,
+    target: &Target,
+    subject: &Digest,
+) -> Handled {
+    let query = request.uri().query().unwrap_or("");
+    let artifact_type = query_param(query, "artifactType");
+    let list = state
+        .cache
+        .referrers(target, subject, artifact_type.as_deref())
+        .await
+        .map_err(|e| ApiError::from_cache(&e, "NAME_UNKNOWN"))?;
+    let json = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::MediaType::OCI_INDEX,
+        "manifests": list.manifests,
+    }))
+    .unwrap_or_default();
+    let mut response = json_bytes_response(request, json, crate::oci::MediaType::OCI_INDEX);
+    if list.filtered {
+        response.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok((response, Some(list.phase)))
+}
+
+/// A 200 JSON response (no body for HEAD, same headers).
+fn json_bytes_response<B>(
+    request: &Request<B>,
+    json: Vec<u8>,
+    content_type: &'static str,
+) -> Response<Body> {
+    let len = json.len();
     let mut response = Response::new(if request.method() == Method::HEAD {
         body::empty()
     } else {
-        body::full(answer.bytes)
+        body::full(json)
     });
     let headers = response.headers_mut();
-    // Listings are JSON; whatever else an upstream calls them (text/html) is not passed on.
-    let content_type = answer
-        .content_type
-        .as_deref()
-        .filter(|t| is_json_type(t))
-        .unwrap_or("application/json");
-    headers.insert(header::CONTENT_TYPE, header_value(content_type));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if let Some(link) = answer.link {
-        let ns = request.uri().query().and_then(|q| query_param(q, "ns"));
-        let link = rewrite_link(&link, target.repo.as_str(), client_name, ns.as_deref());
-        if let Ok(value) = HeaderValue::from_str(&link) {
-            headers.insert(header::LINK, value);
-        }
-    }
-    Ok((response, Some(CachePhase::PassThrough)))
-}
-
-/// `application/json` or a `+json` type, with any parameters.
-fn is_json_type(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-/// Points an upstream pagination link (`</v2/<repo>/tags/list?n=2&last=b>; rel="next"`) at
-/// the name the client used, keeping its `ns=`.
-fn rewrite_link(link: &str, upstream_repo: &str, client_name: &str, ns: Option<&str>) -> String {
-    let upstream_path = format!("/v2/{upstream_repo}/");
-    let client_path = format!("/v2/{client_name}/");
-    let link = link.replacen(&upstream_path, &client_path, 1);
-    match ns {
-        Some(ns) => {
-            let ns = url::form_urlencoded::byte_serialize(ns.as_bytes()).collect::<String>();
-            let separator = if link.contains('?') { '&' } else { '?' };
-            link.replacen('>', &format!("{separator}ns={ns}>"), 1)
-        }
-        None => link,
-    }
-}
-
-/// The query without `ns=`, which is for regcache, not the upstream.
-fn without_ns(query: &str) -> String {
-    url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != "ns"))
-        .finish()
+    response
 }
 
 fn text_response(status: StatusCode, text: &'static str) -> Response<Body> {
@@ -533,32 +556,5 @@ mod tests {
         check("bytes=0-1,5-6", RangeRequest::Full);
         check("items=0-1", RangeRequest::Full);
         check("bytes=x-y", RangeRequest::Full);
-    }
-
-    #[test]
-    fn pagination_links_name_the_client_path() {
-        let link = r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#;
-        assert_eq!(
-            rewrite_link(link, "library/alpine", "docker.io/alpine", None),
-            r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#
-        );
-        assert_eq!(
-            rewrite_link(link, "library/alpine", "library/alpine", Some("docker.io")),
-            r#"</v2/library/alpine/tags/list?last=b&n=2&ns=docker.io>; rel="next""#
-        );
-    }
-
-    #[test]
-    fn only_json_listings_keep_their_type() {
-        assert!(is_json_type("application/json; charset=utf-8"));
-        assert!(is_json_type("application/vnd.oci.image.index.v1+json"));
-        assert!(!is_json_type("text/html"));
-        assert!(!is_json_type("text/html; x=+json"));
-        assert!(!is_json_type("application/javascript"));
-    }
-
-    #[test]
-    fn ns_is_not_forwarded() {
-        assert_eq!(without_ns("n=10&ns=docker.io&last=b"), "n=10&last=b");
     }
 }

@@ -278,6 +278,39 @@ impl Store {
         Ok(())
     }
 
+    /// Stores what `reader` yields under `digest`, hashing while writing; the bytes become
+    /// visible only if they are its content. For bytes that do not come through a fill
+    /// (`regcache import`). Blocking. Returns the size.
+    ///
+    /// # Errors
+    /// [`StoreError::DigestMismatch`] (nothing is stored); [`StoreError::Io`], also for a
+    /// failing `reader`.
+    pub fn put_stream_verified(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        reader: &mut dyn std::io::Read,
+    ) -> Result<u64, StoreError> {
+        let mut staged = self.backend.stage()?;
+        let mut check = DigestCheck::default();
+        let mut buffer = vec![0u8; READ_CHUNK];
+        loop {
+            let read = match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => read,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(StoreError::io("read the source of", digest.hex())(err)),
+            };
+            check.update(&buffer[..read]);
+            staged.append(&buffer[..read])?;
+        }
+        // Dropping `staged` on a mismatch discards it.
+        check.check(digest)?;
+        let len = staged.commit(namespace, digest)?;
+        self.account_added(len);
+        Ok(len)
+    }
+
     /// Removes `digest` (eviction, or a corrupt manifest so that it is fetched again); returns
     /// the bytes freed, `None` when it was not stored. One `unlink` on the local disk: cheap
     /// enough to call from async code on these rare paths. Readers keep reading.

@@ -393,6 +393,133 @@ impl Index {
     }
 }
 
+/// A cached manifest that names another as its `subject` (a signature, an SBOM, an
+/// attestation): what the referrers API lists for that subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferrerRecord {
+    /// The referring manifest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: MediaType,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its `artifactType` (or its config's media type), if any.
+    pub artifact_type: Option<String>,
+    /// Its annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// On-disk form of [`ReferrerRecord`], version 1 (the digest is in the key).
+#[derive(Serialize, Deserialize)]
+struct ReferrerRecordV1 {
+    v: u8,
+    media_type: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// `namespace\nrepository\nsubject\n`: the prefix of a subject's referrer keys.
+fn subject_prefix(namespace: &Namespace, repo: &RepoName, subject: &Digest) -> Vec<u8> {
+    format!("{}\n{}\n{subject}\n", namespace.as_str(), repo.as_str()).into_bytes()
+}
+
+impl Index {
+    /// The referrers tree, opened on first use (sled keeps opened trees; this is a map
+    /// lookup after the first call), so the struct and `open` stay as they are.
+    fn referrers_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("referrers")?)
+    }
+
+    /// Records that the cached manifest `record.digest` of `repo` names `subject`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_referrer(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        subject: &Digest,
+        record: &ReferrerRecord,
+    ) -> Result<(), StoreError> {
+        let mut key = subject_prefix(namespace, repo, subject);
+        key.extend_from_slice(record.digest.to_string().as_bytes());
+        let raw = serde_json::to_vec(&ReferrerRecordV1 {
+            v: 1,
+            media_type: record.media_type.to_string(),
+            size: record.size,
+            artifact_type: record.artifact_type.clone(),
+            annotations: record.annotations.clone(),
+        })
+        .map_err(|source| StoreError::Record {
+            key: record.digest.to_string(),
+            source,
+        })?;
+        self.referrers_tree()?.insert(key, raw)?;
+        Ok(())
+    }
+
+    /// The cached manifests of `repo` whose subject is `subject`. Undecodable records are
+    /// skipped.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn referrers(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<ReferrerRecord>, StoreError> {
+        let prefix = subject_prefix(namespace, repo, subject);
+        let mut records = Vec::new();
+        for entry in self.referrers_tree()?.scan_prefix(&prefix) {
+            let (key, raw) = entry?;
+            let digest = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|text| Digest::parse(text).ok());
+            let record = serde_json::from_slice::<ReferrerRecordV1>(&raw).ok();
+            let (Some(digest), Some(record)) = (digest, record) else {
+                continue;
+            };
+            let Some(media_type) = MediaType::from_content_type(&record.media_type) else {
+                continue;
+            };
+            records.push(ReferrerRecord {
+                digest,
+                media_type,
+                size: record.size,
+                artifact_type: record.artifact_type,
+                annotations: record.annotations,
+            });
+        }
+        Ok(records)
+    }
+
+    /// The cached tags of one repository, in lexical (byte) order.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn repository_tags(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+    ) -> Result<Vec<Tag>, StoreError> {
+        let prefix = format!("{}\n{}\n", namespace.as_str(), repo.as_str()).into_bytes();
+        let mut tags = Vec::new();
+        // sled iterates keys in byte order, which is the lexical order the API asks for.
+        for entry in self.tags.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let tag = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|text| Tag::parse(text).ok());
+            tags.extend(tag);
+        }
+        Ok(tags)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,5 +602,61 @@ mod tests {
         let (_index, aside) = Index::open(&path).expect("opens fresh");
         let aside = aside.expect("the corrupt database was moved aside");
         assert!(aside.exists());
+    }
+
+    #[test]
+    fn repository_tags_are_sorted_and_scoped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let namespace = Namespace::new("r.test");
+        let record = TagRecord {
+            digest: Digest::of(b"x"),
+            confirmed_at: UNIX_EPOCH,
+        };
+        for (repo, tag) in [
+            ("a", "v2"),
+            ("a", "v10"),
+            ("a", "latest"),
+            ("a/b", "x"),
+            ("ab", "y"),
+        ] {
+            let repo = RepoName::parse(repo).expect("valid");
+            let tag = Tag::parse(tag).expect("valid");
+            index
+                .put_tag(&namespace, &repo, &tag, &record)
+                .expect("put");
+        }
+        let repo = RepoName::parse("a").expect("valid");
+        let tags = index.repository_tags(&namespace, &repo).expect("list");
+        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        assert_eq!(tags, ["latest", "v10", "v2"]);
+    }
+
+    #[test]
+    fn referrers_are_listed_by_subject() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let namespace = Namespace::new("r.test");
+        let repo = RepoName::parse("a").expect("valid");
+        let subject = Digest::of(b"subject");
+        let record = ReferrerRecord {
+            digest: Digest::of(b"signature"),
+            media_type: MediaType::from_static(MediaType::OCI_MANIFEST),
+            size: 42,
+            artifact_type: Some("application/example".to_owned()),
+            annotations: [("k".to_owned(), "v".to_owned())].into(),
+        };
+        index
+            .put_referrer(&namespace, &repo, &subject, &record)
+            .expect("put");
+        assert_eq!(
+            index.referrers(&namespace, &repo, &subject).expect("list"),
+            [record]
+        );
+        let other = Digest::of(b"other");
+        assert!(index
+            .referrers(&namespace, &repo, &other)
+            .expect("list")
+            .is_empty());
     }
 }

@@ -24,7 +24,7 @@ mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
-pub use index::{AccessRecord, Index, ManifestRecord, TagRecord};
+pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;
 pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
 

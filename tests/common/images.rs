@@ -110,6 +110,23 @@ pub struct Images {
     pub schema1: Pushed,
 }
 
+impl Images {
+    /// Every image a client pulls by its tag: all but the tag-schema index (which skopeo
+    /// re-serialises, so it is checked raw).
+    pub fn pullable(&self) -> [&Pushed; 8] {
+        [
+            &self.small_oci,
+            &self.docker_v2,
+            &self.multiarch_oci,
+            &self.multiarch_docker,
+            &self.many_layers,
+            &self.artifact,
+            &self.referrer,
+            &self.schema1,
+        ]
+    }
+}
+
 // ---------------------------------------------------------------- PRNG --
 
 /// A fast deterministic PRNG (splitmix64) seeded by a string.
