@@ -16,9 +16,12 @@ fi
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks"
+# The same dependency versions as regcache's own build: its lock file, plus what libFuzzer
+# needs (added by cargo), so a dependency added to regcache never leaves this one stale.
+cp ../Cargo.lock Cargo.lock
 # An explicit --target keeps the flags off build scripts and proc macros, as cargo-fuzz does.
 host="$(rustc -vV | sed -n 's/^host: //p')"
-cargo build --release --locked --bins --target "$host"
+cargo build --release --bins --target "$host"
 
 for target in "${targets[@]}"; do
   mkdir -p "corpus/$target" "artifacts/$target"

@@ -9,8 +9,8 @@
 
 use crate::cache::RangeRequest;
 use crate::oci::{
-    manifest_digest, references, schema1_payload, sniff_media_type, validate_manifest, Digest,
-    MediaType, Reference, RepoName, Tag,
+    declared_sizes, manifest_digest, references, schema1_payload, sniff_media_type,
+    validate_manifest, Digest, MediaType, Reference, RepoName, Tag,
 };
 
 /// A fuzz target: takes any bytes, panics only on a bug.
@@ -106,6 +106,7 @@ pub fn manifest(data: &[u8]) {
     }
     let _ = sniff_media_type(data);
     let _ = references(data, &[]);
+    let _ = declared_sizes(data);
     let _ = references(
         data,
         &["linux/amd64".to_owned(), "linux/arm64/v8".to_owned()],

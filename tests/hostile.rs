@@ -67,7 +67,24 @@ async fn proxy_for(url: &str, upstream_lines: &[&str], extra_toml: &str) -> Test
     for line in upstream_lines {
         spec = spec.with(line);
     }
-    TestProxy::start(&[spec], extra_toml).await
+    // The harness hands the proxy a port that was free a moment ago; a listener of a test
+    // running in parallel may take it first (the proxy then exits, and the readiness probe
+    // reached that other listener). Start again on another port then.
+    for _ in 0..5 {
+        let proxy = TestProxy::start(std::slice::from_ref(&spec), extra_toml).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = proxy.log();
+            if log.contains("regcache listening") {
+                return proxy;
+            }
+            if log.contains("Address already in use") || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("regcache did not start on a free port in five tries");
 }
 
 /// Files under the store's `blobs/` and `tmp/`.
@@ -278,35 +295,60 @@ async fn a_blob_body_past_max_blob_size_is_cut_and_nothing_is_kept() {
     .await;
     let proxy = proxy_for(&upstream.url(), &[], "[cache]\nmax_blob_size = \"1MiB\"\n").await;
 
-    let endless_digest = format!("sha256:{}", "a".repeat(64));
     let started = Instant::now();
-    let response = get(&proxy, &format!("blobs/{endless_digest}"), "*/*").await;
+    assert_blob_cut(
+        &proxy,
+        &upstream,
+        &format!("sha256:{}", "a".repeat(64)),
+        1024 * 1024,
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(25));
+    let response = get(&proxy, &format!("blobs/sha256:{}", "b".repeat(64)), "*/*").await;
+    assert_eq!(
+        response.status(),
+        StatusCode::BAD_GATEWAY,
+        "announced too large"
+    );
+    assert_eq!(stored_files(&proxy.storage()), Vec::<PathBuf>::new());
+}
+
+/// Pulls `digest`, which `upstream` serves without end, and checks that the body was cut at
+/// `limit` bytes: the client never gets a complete body, the upstream is asked once (no
+/// resume), the log names the limit, and nothing of the blob stays on disk.
+async fn assert_blob_cut(proxy: &TestProxy, upstream: &Hostile, digest: &str, limit: u64) {
+    let response = get(proxy, &format!("blobs/{digest}"), "*/*").await;
     let completed = match response.status() {
         StatusCode::OK => response.bytes().await.ok().map(|b| b.len()),
         _ => None,
     };
-    assert_eq!(completed, None, "an endless body is never completed");
-    let response = get(&proxy, &format!("blobs/sha256:{}", "b".repeat(64)), "*/*").await;
-    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-
+    assert_eq!(
+        completed, None,
+        "a body cut at {limit} bytes is never completed"
+    );
+    let hex = digest.trim_start_matches("sha256:");
+    let kept = || {
+        stored_files(&proxy.storage())
+            .into_iter()
+            .filter(|p| {
+                p.starts_with(proxy.storage().join("tmp")) || p.to_string_lossy().contains(hex)
+            })
+            .collect::<Vec<_>>()
+    };
     // The fill fails and its temp file goes.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !stored_files(&proxy.storage()).is_empty() && Instant::now() < deadline {
+    while !kept().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(stored_files(&proxy.storage()), Vec::<PathBuf>::new());
-    assert!(started.elapsed() < Duration::from_secs(25));
-    let endless_gets = upstream
+    assert_eq!(kept(), Vec::<PathBuf>::new(), "nothing of the blob is kept");
+    let gets = upstream
         .requests()
         .iter()
-        .filter(|r| r.path.contains(&endless_digest))
+        .filter(|r| r.path.contains(digest))
         .count();
-    assert_eq!(endless_gets, 1, "the cut body is not resumed");
-    assert!(
-        proxy.log().contains("more than 1048576 bytes"),
-        "{}",
-        proxy.log()
-    );
+    assert_eq!(gets, 1, "the cut body is not resumed");
+    let log = proxy.log();
+    assert!(log.contains(&format!("more than {limit} bytes")), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -510,4 +552,26 @@ async fn redirect_to_link_local_metadata_is_refused_in_a_private_network() {
         let _ = response.bytes().await;
     }
     assert_eq!(metadata.requests().len(), 2, "{}", allowed.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_body_past_the_size_its_manifest_declared_is_cut() {
+    let layer = format!("sha256:{}", "c".repeat(64));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":1000}}]}}"#,
+        "0".repeat(64)
+    );
+    let upstream = Hostile::start("127.0.0.1:0", move |request| {
+        if request.path.contains("/manifests/") {
+            answer(StatusCode::OK, OCI_MANIFEST, &[], manifest.clone())
+        } else {
+            endless()
+        }
+    })
+    .await;
+    let proxy = proxy_for(&upstream.url(), &[], "").await;
+
+    let response = get(&proxy, "manifests/v1", ACCEPT_ALL).await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", proxy.log());
+    assert_blob_cut(&proxy, &upstream, &layer, 1000).await;
 }

@@ -311,6 +311,7 @@ struct Links {
 #[derive(Deserialize)]
 struct Descriptor {
     digest: String,
+    size: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -374,6 +375,20 @@ pub fn references(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Diges
     (children, blobs)
 }
 
+/// The sizes a manifest declares for the blobs it references (config and layers; schema1
+/// declares none). Descriptors with a malformed digest or no size are left out.
+pub fn declared_sizes(bytes: &[u8]) -> Vec<(Digest, u64)> {
+    let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
+        return Vec::new();
+    };
+    links
+        .config
+        .iter()
+        .chain(links.layers.iter())
+        .filter_map(|d| Some((Digest::parse(&d.digest).ok()?, d.size?)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +411,11 @@ mod tests {
         let image = br#"{"config":{"digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"},
             "layers":[{"digest":"sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd"}]}"#;
         assert_eq!(references(image, &[]).1.len(), 2);
+        assert_eq!(declared_sizes(image), []);
+        let sized = br#"{"config":{"digest":"sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc","size":7},
+            "layers":[{"digest":"sha256:dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd","size":9},{"digest":"bad","size":1}]}"#;
+        let sizes: Vec<u64> = declared_sizes(sized).into_iter().map(|(_, s)| s).collect();
+        assert_eq!(sizes, [7, 9]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod manifest;
 mod name;
 
 pub use manifest::{
-    manifest_digest, references, schema1_payload, sniff_media_type, validate_manifest,
-    InvalidManifest, MediaType, MAX_MANIFEST_BYTES,
+    declared_sizes, manifest_digest, references, schema1_payload, sniff_media_type,
+    validate_manifest, InvalidManifest, MediaType, MAX_MANIFEST_BYTES,
 };
 pub use name::{Digest, ParseError, Reference, RepoName, Tag};

@@ -23,7 +23,7 @@ use reqwest::RequestBuilder;
 use crate::clock::Clock;
 use crate::config::{Secret, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::oci::{Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
+use crate::oci::{declared_sizes, Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
 use auth::{parse_challenge, Challenge, CredentialScope, TokenCache, TokenResponse};
 pub use breaker::Need;
 use breaker::{Breaker, Transition};
@@ -36,6 +36,10 @@ const MAX_ATTEMPTS: u32 = 3;
 const RETRY_BASE: Duration = Duration::from_millis(100);
 /// Repositories remembered as answered, per upstream.
 const ANSWERED_REPOSITORIES: u64 = 10_000;
+/// Declared blob sizes remembered per upstream (about 100 bytes each).
+const DECLARED_SIZES_CAPACITY: u64 = 100_000;
+/// How long a declared size is remembered: long enough for the pull that read the manifest.
+const DECLARED_SIZES_TTL: Duration = Duration::from_secs(3600);
 
 /// What a request is for: its metric kind, its repository and whether the caller has a
 /// fallback (see [`Need`]).
@@ -177,6 +181,10 @@ pub struct UpstreamClient {
     credential_scope: CredentialScope,
     /// The largest blob body accepted (`cache.max_blob_size`).
     max_blob_size: u64,
+    /// Blob sizes declared by the manifests fetched from this upstream, per repository (so a
+    /// manifest in one repository cannot cap a blob pulled through another): a blob body is
+    /// cut at its declared size.
+    declared_sizes: moka::future::Cache<(RepoName, Digest), u64>,
     tokens: TokenCache,
     /// Set once the upstream answered with a Basic challenge, so later requests send
     /// credentials up front instead of paying a 401 round trip each time.
@@ -246,6 +254,10 @@ impl UpstreamClient {
             credentials: config.credentials.clone(),
             credential_scope: CredentialScope::new(&config.url, &config.token_realm_hosts),
             max_blob_size: config.max_blob_size,
+            declared_sizes: moka::future::Cache::builder()
+                .max_capacity(DECLARED_SIZES_CAPACITY)
+                .time_to_live(DECLARED_SIZES_TTL)
+                .build(),
             tokens: TokenCache::default(),
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
@@ -323,6 +335,11 @@ impl UpstreamClient {
         let headers = response.headers().clone();
         let bytes = self.read_limited(response, MAX_MANIFEST_BYTES).await?;
         self.count_bytes(bytes.len());
+        for (digest, size) in declared_sizes(&bytes) {
+            self.declared_sizes
+                .insert((repo.clone(), digest), size)
+                .await;
+        }
         Ok(FetchedManifest {
             bytes,
             media_type: header_str(&headers, "content-type").and_then(MediaType::from_content_type),
@@ -335,13 +352,15 @@ impl UpstreamClient {
     /// the caller. An upstream that ignores the range answers with the whole blob, which
     /// [`BlobResponse::offset`] reports.
     ///
-    /// The body ends in [`UpstreamError::TooLarge`] once it passes `cache.max_blob_size` or
-    /// the total size the upstream announced: exactly the allowed bytes come first, so a fill
-    /// that resumes asks from the limit and fails at once instead of downloading again.
+    /// The body ends in [`UpstreamError::TooLarge`] once it passes `cache.max_blob_size`, the
+    /// size a manifest of this repository declared for the blob, or the total size the upstream
+    /// announced: exactly the allowed bytes come first, so a fill that resumes asks from the
+    /// limit and fails at once instead of downloading again.
     ///
     /// # Errors
-    /// [`UpstreamError`] for the status, for an announced size over `cache.max_blob_size`, or
-    /// for an `offset` at or past it; body errors come through the stream.
+    /// [`UpstreamError`] for the status, for an announced size over `cache.max_blob_size` or
+    /// the declared size, or for an `offset` at or past either; body errors come through the
+    /// stream.
     pub async fn get_blob(
         &self,
         repo: &RepoName,
@@ -352,8 +371,10 @@ impl UpstreamClient {
             upstream: self.name.clone(),
             limit: usize::try_from(limit).unwrap_or(usize::MAX),
         };
-        if offset >= self.max_blob_size {
-            return Err(too_large(self.max_blob_size));
+        let declared = self.declared_sizes.get(&(repo.clone(), *digest)).await;
+        let allowed = declared.map_or(self.max_blob_size, |d| d.min(self.max_blob_size));
+        if offset >= allowed && offset > 0 {
+            return Err(too_large(allowed));
         }
         let url = self.url(repo, &format!("blobs/{digest}"));
         let range = format!("bytes={offset}-");
@@ -376,10 +397,10 @@ impl UpstreamClient {
         } else {
             (0, response.content_length())
         };
-        if total_size.is_some_and(|total| total > self.max_blob_size) {
-            return Err(too_large(self.max_blob_size));
+        if total_size.is_some_and(|total| total > allowed) {
+            return Err(too_large(allowed));
         }
-        let limit = total_size.map_or(self.max_blob_size, |t| t.min(self.max_blob_size));
+        let limit = total_size.map_or(allowed, |t| t.min(allowed));
         let upstream = self.name.clone();
         let fetched = self
             .metrics
