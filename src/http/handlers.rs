@@ -26,6 +26,8 @@ pub(crate) struct AppState {
     pub(crate) next_request_id: std::sync::atomic::AtomicU64,
     status_page: bool,
     budget: Option<u64>,
+    /// Client authentication and grants (`None`: off).
+    pub(crate) auth: Option<super::auth::Authenticator>,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
             next_request_id: std::sync::atomic::AtomicU64::new(1),
             status_page: config.status_page,
             budget: config.max_size,
+            auth: config.auth.as_ref().map(super::auth::Authenticator::new),
         }
     }
 }
@@ -214,7 +217,7 @@ async fn readiness(state: &AppState) -> Response<Body> {
     response
 }
 
-fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {
+pub(crate) fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)

