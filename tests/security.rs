@@ -14,6 +14,7 @@ use common::images;
 use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
@@ -286,5 +287,210 @@ async fn silent_and_idle_connections_are_closed() {
     assert!(
         kept_alive >= Duration::from_millis(3500) && kept_alive < Duration::from_secs(20),
         "{kept_alive:?}"
+    );
+}
+
+/// `user:bcrypt` lines (cost 4: the cheapest bcrypt, the same check).
+fn htpasswd(users: &[(&str, &str)]) -> String {
+    users
+        .iter()
+        .map(|(user, password)| {
+            format!(
+                "{user}:{}\n",
+                bcrypt::hash(password, 4).expect("bcrypt hash")
+            )
+        })
+        .collect()
+}
+
+/// A proxy with `[auth]`: anyone pulls `public/*`, alice pulls `team/*`, root pulls all.
+async fn auth_proxy(upstream: &Upstream, dir: &tempfile::TempDir) -> TestProxy {
+    let htpasswd_path = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd_path,
+        htpasswd(&[("alice", "alice-pw"), ("root", "root-pw")]),
+    )
+    .expect("write htpasswd");
+    let auth = format!(
+        "[auth]\nhtpasswd = \"{}\"\nanonymous = [\"{UPSTREAM_NAME}/public/*\"]\n\
+         [[auth.grant]]\nusers = [\"alice\"]\npull = [\"{UPSTREAM_NAME}/team/*\"]\n\
+         [[auth.grant]]\nusers = [\"root\"]\npull = [\"{UPSTREAM_NAME}/**\"]\n",
+        htpasswd_path.display()
+    );
+    TestProxy::start(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        &auth,
+    )
+    .await
+}
+
+/// `skopeo copy` through the proxy with `creds` (`user:password`) or none; whether it worked.
+async fn skopeo_pull(proxy: &TestProxy, image: &images::Pushed, creds: Option<&str>) -> bool {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let creds_arg = creds.map(|c| format!("--src-creds={c}"));
+    let extra: Vec<&str> = creds_arg.iter().map(String::as_str).collect();
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &extra,
+    )
+    .await;
+    if ok {
+        verify_dir(dest.path(), &image.digest);
+    } else {
+        assert!(
+            stderr.contains("unauthorized") || stderr.contains("denied"),
+            "a refusal, not some other failure: {stderr}"
+        );
+    }
+    ok
+}
+
+/// A token from the proxy's token endpoint for `user:password`.
+async fn token(proxy: &TestProxy, user: &str, password: &str) -> String {
+    let response = proxy
+        .client()
+        .get(format!("{}/auth/token?service=regcache", proxy.url()))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.expect("token body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("token JSON");
+    body["token"].as_str().expect("a token").to_owned()
+}
+
+async fn oci_error(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("error body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("an OCI JSON error body");
+    let code = body["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let public = images::push_oci_image(&upstream, "public/base", "v1", "public", &[2048]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = auth_proxy(&upstream, &dir).await;
+
+    // Granted: alice with `skopeo --creds` (the Bearer token flow), anyone for public/*.
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    assert!(skopeo_pull(&proxy, &public, None).await);
+
+    // Refused: no credentials, a wrong password, a repository alice is not granted.
+    assert!(!skopeo_pull(&proxy, &team, None).await);
+    assert!(!skopeo_pull(&proxy, &team, Some("alice:wrong")).await);
+    assert!(!skopeo_pull(&proxy, &secret, Some("alice:alice-pw")).await);
+    let client = proxy.client();
+    let manifest_url = format!("{}/v2/other/secret/manifests/v1", proxy.url());
+    let anonymous = client.get(&manifest_url).send().await.expect("GET");
+    let challenge = anonymous
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"{}/auth/token\",service=\"regcache\",scope=\"repository:other/secret:pull\"",
+            proxy.url()
+        )
+    );
+    assert_eq!(oci_error(anonymous).await, (401, "UNAUTHORIZED".to_owned()));
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    let denied = client
+        .get(&manifest_url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(oci_error(denied).await, (403, "DENIED".to_owned()));
+    let basic_denied = client
+        .get(&manifest_url)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(oci_error(basic_denied).await, (403, "DENIED".to_owned()));
+    // None of the refusals reached the upstream.
+    assert_eq!(upstream.count(|e| e.path.contains("/other/secret/")), 0);
+
+    // The status page and metrics need a signed-in user; probes stay open.
+    let status = client.get(proxy.url()).send().await.expect("GET /");
+    assert_eq!(status.status(), 401);
+    let metrics = client
+        .get(format!("{}/metrics", proxy.url()))
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(metrics.status(), 200);
+    let health = client
+        .get(format!("{}/healthz", proxy.url()))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let sibling = images::push_oci_image(&upstream, "team/sibling", "v1", "sib", &[3072]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = auth_proxy(&upstream, &dir).await;
+    // root caches the secret image; alice pulls hers.
+    assert!(skopeo_pull(&proxy, &secret, Some("root:root-pw")).await);
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    let client = proxy.client();
+    let get = |repo: &str, kind: &str, digest: &str| {
+        client
+            .get(format!("{}/v2/{repo}/{kind}/{digest}", proxy.url()))
+            .bearer_auth(&alice)
+            .send()
+    };
+
+    // The secret's cached layer and manifest, asked for under alice's repository: unknown there.
+    for blob in &secret.blobs {
+        let response = get("team/app", "blobs", blob).await.expect("GET blob");
+        assert_eq!(oci_error(response).await, (404, "BLOB_UNKNOWN".to_owned()));
+    }
+    let response = get("team/app", "manifests", &secret.digest)
+        .await
+        .expect("GET manifest");
+    assert_eq!(
+        oci_error(response).await,
+        (404, "MANIFEST_UNKNOWN".to_owned())
+    );
+
+    // Her own blobs are served; a blob of another granted repository whose manifest was never
+    // pulled here is served once the upstream confirms it (a HEAD).
+    for blob in &team.blobs {
+        let response = get("team/app", "blobs", blob).await.expect("GET blob");
+        assert_eq!(response.status(), 200, "{blob}");
+    }
+    let layer = sibling.blobs.last().expect("a layer");
+    let response = get("team/sibling", "blobs", layer).await.expect("GET blob");
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.expect("blob bytes");
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes))),
+        *layer
+    );
+    assert_eq!(
+        upstream.count(|e| e.method == "HEAD" && e.path.ends_with(&format!("/blobs/{layer}"))),
+        1
     );
 }

@@ -10,9 +10,11 @@ mod direct;
 mod evict;
 mod fill;
 mod flight;
+mod grant;
 mod manifest;
 
 pub use evict::EvictionReport;
+pub use grant::DigestKind;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,6 +290,8 @@ pub struct Cache {
     store_trouble: Arc<direct::StoreTrouble>,
     /// For validating `pins.toml` when it changes.
     upstream_configs: Vec<crate::config::UpstreamConfig>,
+    /// Which digests belong to which repository (client authentication).
+    memberships: grant::Memberships,
 }
 
 /// Memory for hot manifests.
@@ -358,6 +362,7 @@ impl Cache {
             pins_file: crate::config::PinsFile::path(config),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
+            memberships: grant::Memberships::default(),
             budget,
         })
     }

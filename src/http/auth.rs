@@ -31,7 +31,9 @@ use sha2::{Digest as _, Sha256};
 use super::error::ApiError;
 use super::route::{self, Route};
 use super::{AppState, Body, Listener};
+use crate::cache::{DigestKind, Manifest, Target};
 use crate::config::{AuthConfig, Secret};
+use crate::oci::Digest;
 
 /// The path of the token endpoint. Outside `/v2/`, so no repository name can shadow it.
 pub(crate) const TOKEN_PATH: &str = "/auth/token";
@@ -282,6 +284,45 @@ impl Authenticator {
             .unwrap_or_else(|| "localhost".to_owned());
         let scheme = if tls { "https" } else { "http" };
         format!("{scheme}://{host}{TOKEN_PATH}")
+    }
+}
+
+/// With authentication on, refuses (as unknown, like a registry does) a digest that does not
+/// belong to the repository it is asked under, so a grant for one repository cannot read
+/// another's content by digest. Without `[auth]` every client may read everything anyway.
+///
+/// # Errors
+/// `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` 404, or the upstream's failure to answer.
+pub(crate) async fn check_membership(
+    state: &AppState,
+    target: &Target,
+    digest: &Digest,
+    kind: DigestKind,
+) -> Result<(), ApiError> {
+    if state.auth.is_none() {
+        return Ok(());
+    }
+    let code = match kind {
+        DigestKind::Blob => "BLOB_UNKNOWN",
+        DigestKind::Manifest => "MANIFEST_UNKNOWN",
+    };
+    let belongs = state
+        .cache
+        .belongs_to(target, digest, kind)
+        .await
+        .map_err(|err| ApiError::from_cache(&err, code))?;
+    if belongs {
+        return Ok(());
+    }
+    let mut err = ApiError::new(StatusCode::NOT_FOUND, code, "unknown to this repository");
+    err.internal = Some(format!("{digest} does not belong to {}", target.repo));
+    Err(err)
+}
+
+/// With authentication on, remembers what a manifest served under `target` references.
+pub(crate) async fn note_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
+    if state.auth.is_some() {
+        state.cache.note_served_manifest(target, manifest).await;
     }
 }
 

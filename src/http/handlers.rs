@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
+use super::auth;
 use super::body::{self, Body};
 use super::error::{ApiError, Origin};
 use super::route::Route;
 use super::status::{self, StatusBoard};
-use crate::cache::{BlobAnswer, Cache, CachePhase, ManifestAnswer, RangeRequest, Target};
+use crate::cache::{
+    BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference};
@@ -153,12 +156,16 @@ async fn route_request<B>(
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let reference = Reference::parse(reference).map_err(|e| ApiError::from_parse(&e))?;
+            if let Reference::Digest(digest) = &reference {
+                auth::check_membership(state, &target, digest, DigestKind::Manifest).await?;
+            }
             manifest(state, request, &target, &reference).await
         }
         Route::Blob { name, digest } => {
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
+            auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
             blob(state, request, &target, &digest).await
         }
         Route::TagsList { name } => {
@@ -257,6 +264,7 @@ async fn manifest<B>(
         .await
         .map_err(|e| ApiError::from_cache(&e, "MANIFEST_UNKNOWN"))?;
     let ManifestAnswer { manifest, phase } = answer;
+    auth::note_manifest(state, target, &manifest).await;
     let digest = manifest.digest.to_string();
     let body = if request.method() == Method::HEAD {
         body::empty()
