@@ -235,6 +235,7 @@ struct RawServer {
     tls_client_ca: Option<PathBuf>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    rate_limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +329,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Client authentication and grants (`None`: anyone who reaches the port may pull).
     pub auth: Option<AuthConfig>,
+    /// Requests per second per client address on the main listener (`None`: no limit).
+    pub rate_limit: Option<std::num::NonZeroU32>,
 }
 
 /// Human-readable or JSON log lines.
@@ -534,6 +537,16 @@ impl RawConfig {
                 Duration::from_secs(90),
             )?,
             auth: self.auth.map(RawAuth::validate).transpose()?,
+            rate_limit: match self.server.rate_limit {
+                None => None,
+                Some(rate) => Some(std::num::NonZeroU32::new(rate).ok_or_else(|| {
+                    invalid(
+                        "server.rate_limit",
+                        0,
+                        "must be at least 1 (omit it for no limit)",
+                    )
+                })?),
+            },
         })
     }
 }

@@ -124,7 +124,13 @@ pub async fn run(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         tls,
+        rate_limit: config
+            .rate_limit
+            .map(|rate| Arc::new(server::RateLimit::new(rate))),
     };
+    if let Some(rate_limit) = &main_options.rate_limit {
+        tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
+    }
     if let Some(tls) = &main_options.tls {
         tokio::spawn(server::reload_on_sighup(Arc::clone(tls), shutdown.clone()));
     }
@@ -133,6 +139,7 @@ pub async fn run(
         kind: http::Listener::Admin,
         max_connections: 64,
         tls: None,
+        rate_limit: None,
         ..main_options.clone()
     };
     let admin = metrics_listener.map(|listener| {

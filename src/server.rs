@@ -7,6 +7,7 @@
 //! `header_read_timeout`; a connection with no request in flight is closed after
 //! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`).
 
+mod rate;
 mod tls;
 
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use rate::RateLimit;
 pub(crate) use tls::{Tls, TlsError};
 
 use crate::http::{self, AppState};
@@ -45,6 +47,8 @@ pub(crate) struct ListenerOptions {
     pub(crate) idle_timeout: Duration,
     /// TLS, when the listener has it.
     pub(crate) tls: Option<Arc<Tls>>,
+    /// The per-client-address request rate limit, when configured.
+    pub(crate) rate_limit: Option<Arc<RateLimit>>,
 }
 
 /// Accepts connections until `shutdown` is cancelled, then drains open connections for up to
@@ -198,6 +202,11 @@ impl Connection<'_> {
             .layer(tower::layer::layer_fn(|inner| Tracked {
                 inner,
                 activity: Arc::clone(&activity),
+            }))
+            .layer(tower::layer::layer_fn(|inner| rate::Limited {
+                inner,
+                limit: options.rate_limit.clone(),
+                address: peer.ip(),
             }))
             .layer(http::front_door(
                 Arc::clone(&state),
@@ -385,6 +394,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             tls: None,
+            rate_limit: None,
         }
     }
 

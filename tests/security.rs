@@ -494,3 +494,109 @@ async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(
+            UPSTREAM_NAME,
+            "http://127.0.0.1:9",
+        )],
+        "rate_limit = 5\n",
+        "",
+        None,
+    )
+    .await;
+    // Let the budget used by the start-up probe refill.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = proxy.client();
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..20 {
+        let response = client
+            .get(format!("{}/v2/", proxy.url()))
+            .send()
+            .await
+            .expect("GET /v2/");
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && refusal.is_none() {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            refusal = Some((retry_after, oci_error(response).await));
+        }
+    }
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    // A burst of 5, plus what refills while the loop runs on a loaded machine.
+    assert!((5..20).contains(&allowed), "{statuses:?}");
+    let (retry_after, error) = refusal.expect("some requests were refused");
+    assert_eq!(error, (429, "TOOMANYREQUESTS".to_owned()));
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let pki = Pki::new();
+    pki.issue_server_cert();
+    let client_ca = Pki::new();
+    let server_lines = format!(
+        "{}tls_client_ca = \"{}\"\n",
+        pki.server_lines(),
+        client_ca.ca_path().display()
+    );
+    // The harness's readiness probe has no client certificate: start it by hand.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::free_port();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_lines}[storage]\npath = \"{}\"\n\
+         [[upstream]]\nname = \"{UPSTREAM_NAME}\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
+        dir.path().join("data").display()
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn regcache");
+
+    let client_key = KeyPair::generate().expect("client key");
+    let client_cert = CertificateParams::new(vec!["client.test".to_owned()])
+        .expect("client params")
+        .signed_by(&client_key, &client_ca.ca)
+        .expect("client cert");
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", client_cert.pem(), client_key.serialize_pem()).as_bytes(),
+    )
+    .expect("client identity");
+    let ca = reqwest::Certificate::from_pem(pki.ca.pem().as_bytes()).expect("server CA");
+    let with_cert = reqwest::Client::builder()
+        .tls_certs_only([ca.clone()])
+        .identity(identity)
+        .build()
+        .expect("client");
+    let without_cert = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .expect("client");
+    let url = format!("https://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let response = loop {
+        match with_cert.get(&url).send().await {
+            Ok(response) => break response,
+            Err(err) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no answer with a client certificate: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(response.status(), 200);
+    assert!(without_cert.get(&url).send().await.is_err());
+}

@@ -32,6 +32,25 @@ pub(crate) enum Listener {
     Admin,
 }
 
+/// The `429 TOOMANYREQUESTS` answer of the per-client rate limit, with `Retry-After`.
+pub(crate) fn too_many_requests(
+    head_only: bool,
+    wait: std::time::Duration,
+) -> http::Response<Body> {
+    let mut err = error::ApiError::new(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+        "too many requests from this address",
+    );
+    // Rounded up, at least one second: a client honouring it is then within its rate.
+    err.retry_after = Some(
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            .max(1)
+            .to_string(),
+    );
+    err.into_response(head_only)
+}
+
 /// Handles one request: a span with a request id that its upstream calls inherit, one log
 /// line, metrics, and the status board.
 pub(crate) async fn serve(
