@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::images;
+use common::pki::Pki;
 use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{CertificateParams, KeyPair};
 use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -21,84 +20,6 @@ use tokio_rustls::rustls;
 
 /// The name regcache knows the test upstream by.
 const UPSTREAM_NAME: &str = "registry.test";
-
-/// A test CA and the files of a server certificate it signed.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("temp dir for certificates");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
-            .expect("self-signed CA");
-        std::fs::write(dir.path().join("ca.crt"), ca.pem()).expect("write CA");
-        Pki { dir, ca }
-    }
-
-    /// A directory holding only `ca.crt` (what skopeo's `--src-cert-dir` wants).
-    fn cert_dir(&self) -> PathBuf {
-        self.dir.path().to_owned()
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
-    }
-
-    fn cert_path(&self) -> PathBuf {
-        self.dir.path().join("server.pem")
-    }
-
-    fn key_path(&self) -> PathBuf {
-        self.dir.path().join("server-key.pem")
-    }
-
-    /// Issues a server certificate for 127.0.0.1 and writes it (atomically) over the files the
-    /// proxy reads; returns its DER.
-    fn issue_server_cert(&self) -> Vec<u8> {
-        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
-            .expect("server params");
-        let key = KeyPair::generate().expect("server key");
-        let cert = params
-            .signed_by(&key, &self.ca)
-            .expect("signed server cert");
-        for (path, text) in [
-            (self.key_path(), key.serialize_pem()),
-            (self.cert_path(), cert.pem()),
-        ] {
-            let temp = path.with_extension("tmp");
-            std::fs::write(&temp, text).expect("write PEM");
-            std::fs::rename(&temp, &path).expect("rename PEM");
-        }
-        cert.der().to_vec()
-    }
-
-    fn server_lines(&self) -> String {
-        format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
-            self.cert_path().display(),
-            self.key_path().display()
-        )
-    }
-
-    fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(self.ca.der().clone())
-            .expect("CA into the root store");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Arc::new(config)
-    }
-}
 
 /// Opens a TLS connection to the proxy; returns it with the certificate the server presented.
 async fn tls_connect(

@@ -8,6 +8,7 @@
 //! - [`token`]: the in-process token server used by `Auth::Token`;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
+//! - [`pki`]: a test CA and server certificates for the proxy's TLS;
 //! - [`proxy`]: the proxy under test (owned by the proxy's author).
 //!
 //! Everything listens on 127.0.0.1 only; every wait is bounded in time; child
@@ -18,6 +19,7 @@
 
 pub mod fake;
 pub mod images;
+pub mod pki;
 pub mod proxy;
 pub mod regclient;
 pub mod token;
