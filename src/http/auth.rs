@@ -1,6 +1,7 @@
-//! Client authentication and per-repository grants: the front-door tower layer
-//! ([`FrontDoor`]) that every request on the main listener passes before routing, and the
-//! cache's own token endpoint (`/auth/token`). Off unless the config has an `[auth]` table.
+//! Client authentication and per-repository grants: [`Authenticator`] checks Basic
+//! credentials and bearer tokens, issues tokens and answers whether an identity may pull a
+//! repository. The tower layer that applies it is `http/front_door.rs`. Off unless the config
+//! has an `[auth]` table.
 //!
 //! Clients prove who they are with Basic credentials (checked against bcrypt `htpasswd`
 //! entries) or with a bearer token from the token endpoint (the Docker token flow: a `401` with
@@ -9,31 +10,18 @@
 //! survive a restart; clients fetch a new one on the next `401`. A token names only the user:
 //! what that user may pull is read from the config at each request.
 //!
-//! A refusal is answered here with the OCI error body (`UNAUTHORIZED` 401 with a challenge when
-//! no or bad credentials were given, `DENIED` 403 when the user is known but not granted) and
-//! never reaches a handler, the cache or an upstream. Handlers never check a password.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
 use base64::Engine as _;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use http::header;
 use http::request::Parts;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 
-use super::error::ApiError;
-use super::route::{self, Route};
-use super::{AppState, Body, Listener};
-use crate::cache::{DigestKind, Manifest, Target};
 use crate::config::{AuthConfig, Secret};
-use crate::oci::Digest;
 
 /// The path of the token endpoint. Outside `/v2/`, so no repository name can shadow it.
 pub(crate) const TOKEN_PATH: &str = "/auth/token";
@@ -60,7 +48,9 @@ pub(crate) struct Authenticator {
     decoy_hash: Option<Secret>,
     /// sha256(user, password) of recently verified Basic credentials, to the user name.
     verified: moka::future::Cache<[u8; 32], String>,
-    key: hmac::Key,
+    /// `None` only when the system RNG failed at start: then no token is issued or accepted
+    /// (a key that could be guessed would let anyone forge one); Basic still works.
+    key: Option<hmac::Key>,
     token_ttl: Duration,
     realm: Option<String>,
     service: String,
@@ -115,7 +105,7 @@ fn unix_now() -> u64 {
 
 /// Why credentials were not accepted (the client is told only "invalid credentials").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BadCredentials {
+pub(crate) enum BadCredentials {
     Password,
     Token,
     Malformed,
@@ -125,15 +115,13 @@ impl Authenticator {
     pub(crate) fn new(config: &AuthConfig) -> Self {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         // A per-process random key: tokens die with the process, no key file to protect.
-        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng).unwrap_or_else(|_| {
-            // The system RNG failing is not something to serve through; a fixed key would
-            // let anyone forge tokens, so fall back to a key nobody can reproduce either.
-            let seed = format!("{:?}{:?}", SystemTime::now(), std::thread::current().id());
-            hmac::Key::new(
-                hmac::HMAC_SHA256,
-                Sha256::digest(seed.as_bytes()).as_slice(),
-            )
-        });
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| {
+                tracing::error!(
+                    "the system RNG failed: no tokens will be issued (Basic still works)"
+                );
+            })
+            .ok();
         Self {
             users: config.users.iter().cloned().collect(),
             decoy_hash: config.users.first().map(|(_, hash)| hash.clone()),
@@ -154,6 +142,16 @@ impl Authenticator {
         }
     }
 
+    /// How long issued tokens live.
+    pub(crate) fn token_ttl(&self) -> Duration {
+        self.token_ttl
+    }
+
+    /// The `service` named in challenges.
+    pub(crate) fn service(&self) -> &str {
+        &self.service
+    }
+
     /// Whether `identity` may pull `<upstream>/<repository>`.
     pub(crate) fn may_pull(&self, identity: &Identity, upstream: &str, repo: &str) -> bool {
         let key = format!("{upstream}/{repo}");
@@ -169,7 +167,8 @@ impl Authenticator {
     }
 
     /// A signed token for `identity`, valid for `auth.token_ttl`.
-    fn issue(&self, identity: &Identity) -> String {
+    pub(crate) fn issue(&self, identity: &Identity) -> Option<String> {
+        let key = self.key.as_ref()?;
         let claims = Claims {
             sub: match identity {
                 Identity::Anonymous => None,
@@ -178,8 +177,8 @@ impl Authenticator {
             exp: unix_now() + self.token_ttl.as_secs().max(1),
         };
         let payload = BASE64.encode(serde_json::to_vec(&claims).unwrap_or_default());
-        let signature = BASE64.encode(hmac::sign(&self.key, payload.as_bytes()).as_ref());
-        format!("{payload}.{signature}")
+        let signature = BASE64.encode(hmac::sign(key, payload.as_bytes()).as_ref());
+        Some(format!("{payload}.{signature}"))
     }
 
     fn verify_token(&self, token: &str) -> Result<Identity, BadCredentials> {
@@ -187,8 +186,8 @@ impl Authenticator {
         let signature = BASE64
             .decode(signature)
             .map_err(|_| BadCredentials::Malformed)?;
-        hmac::verify(&self.key, payload.as_bytes(), &signature)
-            .map_err(|_| BadCredentials::Token)?;
+        let key = self.key.as_ref().ok_or(BadCredentials::Token)?;
+        hmac::verify(key, payload.as_bytes(), &signature).map_err(|_| BadCredentials::Token)?;
         let claims: Claims = BASE64
             .decode(payload)
             .ok()
@@ -233,7 +232,7 @@ impl Authenticator {
     }
 
     /// Who sent `headers`: `Ok(None)` when there is no `Authorization` header.
-    async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         headers: &http::HeaderMap,
     ) -> Result<Option<Identity>, BadCredentials> {
@@ -259,7 +258,7 @@ impl Authenticator {
 
     /// The realm sent in challenges: `auth.realm`, or this server's token endpoint at the
     /// host the client addressed.
-    fn realm(&self, request: &Parts, tls: bool) -> String {
+    pub(crate) fn realm(&self, request: &Parts, tls: bool) -> String {
         if let Some(realm) = &self.realm {
             return realm.clone();
         }
@@ -284,315 +283,6 @@ impl Authenticator {
             .unwrap_or_else(|| "localhost".to_owned());
         let scheme = if tls { "https" } else { "http" };
         format!("{scheme}://{host}{TOKEN_PATH}")
-    }
-}
-
-/// With authentication on, refuses (as unknown, like a registry does) a digest that does not
-/// belong to the repository it is asked under, so a grant for one repository cannot read
-/// another's content by digest. Without `[auth]` every client may read everything anyway.
-///
-/// # Errors
-/// `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` 404, or the upstream's failure to answer.
-pub(crate) async fn check_membership(
-    state: &AppState,
-    target: &Target,
-    digest: &Digest,
-    kind: DigestKind,
-) -> Result<(), ApiError> {
-    if state.auth.is_none() {
-        return Ok(());
-    }
-    let code = match kind {
-        DigestKind::Blob => "BLOB_UNKNOWN",
-        DigestKind::Manifest => "MANIFEST_UNKNOWN",
-    };
-    let belongs = state
-        .cache
-        .belongs_to(target, digest, kind)
-        .await
-        .map_err(|err| ApiError::from_cache(&err, code))?;
-    if belongs {
-        return Ok(());
-    }
-    let mut err = ApiError::new(StatusCode::NOT_FOUND, code, "unknown to this repository");
-    err.internal = Some(format!("{digest} does not belong to {}", target.repo));
-    Err(err)
-}
-
-/// With authentication on, remembers what a manifest served under `target` references.
-pub(crate) async fn note_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
-    if state.auth.is_some() {
-        state.cache.note_served_manifest(target, manifest).await;
-    }
-}
-
-/// The tower layer in front of routing.
-#[derive(Debug, Clone)]
-pub(crate) struct FrontDoor {
-    state: Arc<AppState>,
-    listener: Listener,
-    tls: bool,
-}
-
-/// Builds the layer for one listener; `tls` says which scheme derived realms get.
-pub(crate) fn front_door(state: Arc<AppState>, listener: Listener, tls: bool) -> FrontDoor {
-    FrontDoor {
-        state,
-        listener,
-        tls,
-    }
-}
-
-impl<S> tower::Layer<S> for FrontDoor {
-    type Service = Guarded<S>;
-
-    fn layer(&self, inner: S) -> Guarded<S> {
-        Guarded {
-            inner,
-            door: self.clone(),
-        }
-    }
-}
-
-/// A service behind the front door.
-#[derive(Debug, Clone)]
-pub(crate) struct Guarded<S> {
-    inner: S,
-    door: FrontDoor,
-}
-
-/// What the front door decided.
-enum Verdict {
-    /// Let the request through.
-    Pass,
-    /// Answer here.
-    Answer(Response<Body>),
-}
-
-impl<S, B> tower::Service<Request<B>> for Guarded<S>
-where
-    S: tower::Service<Request<B>, Response = Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The ready service goes into the future; a fresh clone stays for the next call.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let door = self.door.clone();
-        Box::pin(async move {
-            // Checked on the head alone: the body stays untouched (and need not be `Sync`).
-            let (head, body) = request.into_parts();
-            match door.check(&head).await {
-                Verdict::Pass => inner.call(Request::from_parts(head, body)).await,
-                Verdict::Answer(response) => Ok(response),
-            }
-        })
-    }
-}
-
-impl FrontDoor {
-    async fn check(&self, request: &Parts) -> Verdict {
-        let Some(auth) = &self.state.auth else {
-            return Verdict::Pass;
-        };
-        if self.listener == Listener::Admin {
-            // The metrics listener serves only metrics and probes, on a private address.
-            return Verdict::Pass;
-        }
-        let path = request.uri.path();
-        if path == TOKEN_PATH {
-            return Verdict::Answer(self.token_endpoint(auth, request).await);
-        }
-        let route = route::parse(path);
-        let identity = match auth.authenticate(&request.headers).await {
-            Ok(identity) => identity,
-            Err(reason) => {
-                return self.refuse(
-                    request,
-                    auth,
-                    StatusCode::UNAUTHORIZED,
-                    &format!("invalid credentials ({reason:?})"),
-                    None,
-                )
-            }
-        };
-        match route {
-            Route::Health | Route::Ready => Verdict::Pass,
-            // The status page and metrics name repositories: any known user, nobody else.
-            Route::Status | Route::Metrics => match identity {
-                Some(Identity::User(_)) => Verdict::Pass,
-                _ => self.refuse(request, auth, StatusCode::UNAUTHORIZED, "sign in", None),
-            },
-            // The version check: any valid credential, an anonymous token included. Without
-            // one, the challenge starts the token flow.
-            Route::Base => match identity {
-                Some(_) => Verdict::Pass,
-                None => self.refuse(
-                    request,
-                    auth,
-                    StatusCode::UNAUTHORIZED,
-                    "authentication required",
-                    None,
-                ),
-            },
-            Route::Manifest { name, .. }
-            | Route::Blob { name, .. }
-            | Route::TagsList { name }
-            | Route::Referrers { name, .. } => {
-                let ns = request
-                    .uri
-                    .query()
-                    .and_then(|q| super::handlers::query_param(q, "ns"));
-                // An unknown registry or a bad name is refused by the handler, before any
-                // upstream is contacted.
-                let Ok(resolved) = self.state.resolver.resolve(ns.as_deref(), name) else {
-                    return Verdict::Pass;
-                };
-                let upstream = self.state.cache.upstreams()[resolved.upstream].name();
-                let identity = identity.unwrap_or(Identity::Anonymous);
-                if auth.may_pull(&identity, upstream, resolved.repo.as_str()) {
-                    return Verdict::Pass;
-                }
-                match identity {
-                    Identity::Anonymous => self.refuse(
-                        request,
-                        auth,
-                        StatusCode::UNAUTHORIZED,
-                        "authentication required",
-                        Some(name),
-                    ),
-                    Identity::User(_) => self.refuse(
-                        request,
-                        auth,
-                        StatusCode::FORBIDDEN,
-                        "access to this repository is not granted",
-                        Some(name),
-                    ),
-                }
-            }
-            // Refused by the handlers anyway (read-only cache), whoever asks.
-            Route::Upload | Route::Catalog | Route::NotFound => Verdict::Pass,
-        }
-    }
-
-    /// `GET /auth/token`: a token for the Basic credentials given, or an anonymous one.
-    async fn token_endpoint(&self, auth: &Authenticator, request: &Parts) -> Response<Body> {
-        if request.method != Method::GET {
-            let err = ApiError::unsupported("the token endpoint answers GET");
-            return err.into_response(request.method == Method::HEAD);
-        }
-        let identity = match auth.authenticate(&request.headers).await {
-            Ok(Some(identity)) => identity,
-            Ok(None) => Identity::Anonymous,
-            Err(_) => {
-                let mut response = ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
-                    "invalid credentials",
-                )
-                .into_response(false);
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"regcache\""),
-                );
-                self.log_refusal(request, StatusCode::UNAUTHORIZED, "invalid credentials");
-                return response;
-            }
-        };
-        let token = auth.issue(&identity);
-        let body = serde_json::json!({
-            "token": token,
-            "access_token": token,
-            "expires_in": auth.token_ttl.as_secs(),
-            "issued_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        })
-        .to_string();
-        let mut response = Response::new(super::body::full(body));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
-    }
-
-    /// A 401 (with a challenge) or 403 in the OCI error form.
-    fn refuse(
-        &self,
-        request: &Parts,
-        auth: &Authenticator,
-        status: StatusCode,
-        message: &str,
-        repository: Option<&str>,
-    ) -> Verdict {
-        let code = if status == StatusCode::FORBIDDEN {
-            "DENIED"
-        } else {
-            "UNAUTHORIZED"
-        };
-        let external = if status == StatusCode::FORBIDDEN {
-            message
-        } else {
-            "authentication required"
-        };
-        let mut response =
-            ApiError::new(status, code, external).into_response(request.method == Method::HEAD);
-        let headers = response.headers_mut();
-        headers.insert(
-            "docker-distribution-api-version",
-            HeaderValue::from_static("registry/2.0"),
-        );
-        if status == StatusCode::UNAUTHORIZED {
-            let route = route::parse(request.uri.path());
-            let challenge = if matches!(route, Route::Status | Route::Metrics) {
-                // Browsers and Prometheus speak Basic, not the token flow.
-                "Basic realm=\"regcache\"".to_owned()
-            } else {
-                let mut challenge = format!(
-                    "Bearer realm=\"{}\",service=\"{}\"",
-                    auth.realm(request, self.tls),
-                    auth.service
-                );
-                if let Some(repository) = repository {
-                    challenge.push_str(&format!(",scope=\"repository:{repository}:pull\""));
-                }
-                challenge
-            };
-            if let Ok(value) = HeaderValue::from_str(&challenge) {
-                headers.insert(header::WWW_AUTHENTICATE, value);
-            }
-        }
-        self.log_refusal(request, status, message);
-        Verdict::Answer(response)
-    }
-
-    fn log_refusal(&self, request: &Parts, status: StatusCode, reason: &str) {
-        let kind = route::parse(request.uri.path()).kind();
-        self.state
-            .metrics
-            .http_requests
-            .with_label_values(&[kind, request.method.as_str(), "4xx"])
-            .inc();
-        tracing::info!(
-            method = %request.method,
-            path = %request.uri.path(),
-            status = status.as_u16(),
-            reason,
-            "request refused"
-        );
     }
 }
 
@@ -654,10 +344,10 @@ mod tests {
     fn tokens_round_trip_and_reject_tampering() {
         let auth = authenticator();
         let alice = Identity::User("alice".to_owned());
-        let token = auth.issue(&alice);
+        let token = auth.issue(&alice).expect("a token");
         assert_eq!(auth.verify_token(&token), Ok(alice));
         assert_eq!(
-            auth.verify_token(&auth.issue(&Identity::Anonymous)),
+            auth.verify_token(&auth.issue(&Identity::Anonymous).expect("a token")),
             Ok(Identity::Anonymous)
         );
         let (_, signature) = token.split_once('.').expect("two parts");
@@ -682,7 +372,8 @@ mod tests {
             exp: unix_now() - 1,
         };
         let payload = BASE64.encode(serde_json::to_vec(&claims).expect("json"));
-        let signature = BASE64.encode(hmac::sign(&auth.key, payload.as_bytes()).as_ref());
+        let key = auth.key.as_ref().expect("a key");
+        let signature = BASE64.encode(hmac::sign(key, payload.as_bytes()).as_ref());
         assert_eq!(
             auth.verify_token(&format!("{payload}.{signature}")),
             Err(BadCredentials::Token)

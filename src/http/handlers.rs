@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
-use super::auth;
 use super::body::{self, Body};
 use super::error::{ApiError, Origin};
+use super::front_door as auth;
 use super::route::Route;
 use super::status::{self, StatusBoard};
 use crate::cache::{

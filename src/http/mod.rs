@@ -7,6 +7,7 @@
 mod auth;
 mod body;
 mod error;
+mod front_door;
 mod handlers;
 pub(crate) mod route;
 mod status;
@@ -17,8 +18,8 @@ use std::time::Instant;
 
 use tracing::Instrument as _;
 
-pub(crate) use auth::front_door;
 pub(crate) use body::Body;
+pub(crate) use front_door::front_door;
 pub(crate) use handlers::AppState;
 
 use crate::cache::CachePhase;
