@@ -521,3 +521,38 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     assert_eq!(response.status(), 200);
     assert!(without_cert.get(&url).send().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_pulls_by_digest_work_after_a_restart_and_stay_within_the_grant() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut proxy = auth_proxy(&upstream, &dir).await;
+    assert!(skopeo_pull(&proxy, &secret, Some("root:root-pw")).await);
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    // Offline, and restarted: nothing in memory says what belongs where.
+    proxy.edit_config(|text| text.replace("default = true\n", "default = true\noffline = true\n"));
+    proxy.restart().await;
+
+    let by_digest = images::Pushed {
+        reference: format!("{}@{}", team.repo, team.digest),
+        ..team.clone()
+    };
+    assert!(
+        skopeo_pull(&proxy, &by_digest, Some("alice:alice-pw")).await,
+        "{}",
+        proxy.log()
+    );
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    for blob in &secret.blobs {
+        let response = proxy
+            .client()
+            .get(format!("{}/v2/team/app/blobs/{blob}", proxy.url()))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(oci_error(response).await.0, 404);
+    }
+}

@@ -6,8 +6,12 @@
 //! (remembered in memory, bounded), or when the upstream confirms it with a `HEAD` under that
 //! repository (remembered too). Clients fetch a manifest before its blobs, so the normal pull
 //! costs one memory lookup per blob; only a blob asked for out of the blue costs a `HEAD`.
+//! When the upstream cannot answer (offline, down), the repository's cached tags are walked
+//! instead (after a restart, a pull by digest from an offline cache still works).
 
-use crate::oci::{Digest, RepoName};
+use std::sync::Arc;
+
+use crate::oci::{Digest, Reference, RepoName};
 use crate::upstream::UpstreamError;
 
 use super::{Cache, CacheError, Manifest, Target};
@@ -62,7 +66,7 @@ impl Cache {
     /// # Errors
     /// [`CacheError::Upstream`] when the upstream had to be asked and could not answer.
     pub async fn belongs_to(
-        &self,
+        self: &Arc<Self>,
         target: &Target,
         digest: &Digest,
         kind: DigestKind,
@@ -85,7 +89,43 @@ impl Cache {
                 Ok(true)
             }
             Ok(false) | Err(UpstreamError::NotFound { .. }) => Ok(false),
+            Err(err) if err.is_unavailable() => {
+                self.note_cached_tags(target).await?;
+                if self.memberships.known.contains_key(&key) {
+                    return Ok(true);
+                }
+                // An offline upstream will never confirm it: unknown here. One that is down
+                // may, later: the client is told to retry.
+                match err {
+                    UpstreamError::Offline { .. } => Ok(false),
+                    err => Err(err.into()),
+                }
+            }
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// Notes what every cached tag of the repository references, through an index to its
+    /// children. Scans the tag index, so it runs only when the upstream cannot answer.
+    async fn note_cached_tags(self: &Arc<Self>, target: &Target) -> Result<(), CacheError> {
+        let (_, namespace) = self.upstream(target);
+        let tags = self.index.tags()?;
+        for (tag_namespace, repo, tag, _) in tags {
+            if tag_namespace != *namespace || repo != target.repo {
+                continue;
+            }
+            // Served as a client would get it: from the cache, stale if need be.
+            let Ok(answer) = self.manifest(target, &Reference::Tag(tag), &[]).await else {
+                continue;
+            };
+            self.note_served_manifest(target, &answer.manifest).await;
+            let (children, _) = crate::oci::references(&answer.manifest.bytes, &[]);
+            for child in children {
+                if let Ok(child) = self.manifest(target, &Reference::Digest(child), &[]).await {
+                    self.note_served_manifest(target, &child.manifest).await;
+                }
+            }
+        }
+        Ok(())
     }
 }
