@@ -27,7 +27,19 @@ async fn docker_engine_pulls_through_regcache_as_its_tls_mirror() {
     common::require_tool("dockerd");
     common::require_tool("unshare");
     let test_binary = std::env::current_exe().expect("the test binary");
-    let output = Command::new("unshare")
+    // New network and mount namespaces need root; CI may run as a user with sudo.
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("run id");
+    let mut command = if String::from_utf8_lossy(&uid.stdout).trim() == "0" {
+        Command::new("unshare")
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", &format!("--preserve-env={INSIDE},PATH"), "unshare"]);
+        sudo
+    };
+    let output = command
         .args(["--net", "--mount", "--"])
         .arg(test_binary)
         .args([
