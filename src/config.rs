@@ -103,6 +103,7 @@ pub struct RawConfig {
     upstream: Vec<RawUpstream>,
     #[serde(default)]
     pin: Vec<RawPin>,
+    auth: Option<RawAuth>,
 }
 
 /// A pin as written in `[[pin]]` or in the pins file (`cache::PinsFile`).
@@ -137,6 +138,12 @@ struct RawServer {
     status_page: Option<bool>,
     max_connections: Option<usize>,
     shutdown_timeout: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    rate_limit: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +242,16 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Images kept cached.
     pub pins: Vec<PinConfig>,
+    /// TLS on the main listener (`None`: plain HTTP).
+    pub tls: Option<TlsConfig>,
+    /// How long a new connection may take to send its first complete request head.
+    pub header_read_timeout: Duration,
+    /// How long a connection with no request in flight is kept open.
+    pub idle_timeout: Duration,
+    /// Client authentication and grants (`None`: anyone who reaches the port may pull).
+    pub auth: Option<AuthConfig>,
+    /// Requests per second per client address on the main listener (`None`: no limit).
+    pub rate_limit: Option<std::num::NonZeroU32>,
 }
 
 /// Human-readable or JSON log lines.
@@ -466,6 +483,28 @@ impl RawConfig {
             log_level: self.log.level.unwrap_or_else(|| "info".to_owned()),
             upstreams,
             pins,
+            tls: validate_tls(&self.server)?,
+            header_read_timeout: duration(
+                "server.header_read_timeout",
+                self.server.header_read_timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            idle_timeout: duration(
+                "server.idle_timeout",
+                self.server.idle_timeout.as_deref(),
+                Duration::from_secs(90),
+            )?,
+            auth: self.auth.map(RawAuth::validate).transpose()?,
+            rate_limit: match self.server.rate_limit {
+                None => None,
+                Some(rate) => Some(std::num::NonZeroU32::new(rate).ok_or_else(|| {
+                    invalid(
+                        "server.rate_limit",
+                        0,
+                        "must be at least 1 (omit it for no limit)",
+                    )
+                })?),
+            },
         })
     }
 }
@@ -688,6 +727,213 @@ fn take_userinfo(url: &mut Url) -> Option<(String, Secret)> {
     Some((user, password))
 }
 
+/// TLS settings of the main listener; the files are read at start and again on `SIGHUP`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate signed by one.
+    pub client_ca: Option<PathBuf>,
+}
+
+fn validate_tls(server: &RawServer) -> Result<Option<TlsConfig>, ConfigError> {
+    let (cert, key) = match (&server.tls_cert, &server.tls_key) {
+        (None, None) => {
+            if let Some(ca) = &server.tls_client_ca {
+                return Err(invalid(
+                    "server.tls_client_ca",
+                    ca.display(),
+                    "needs server.tls_cert and server.tls_key",
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        (Some(cert), None) => {
+            return Err(invalid(
+                "server.tls_cert",
+                cert.display(),
+                "needs server.tls_key",
+            ))
+        }
+        (None, Some(key)) => {
+            return Err(invalid(
+                "server.tls_key",
+                key.display(),
+                "needs server.tls_cert",
+            ))
+        }
+    };
+    for (name, path) in [
+        ("server.tls_cert", Some(&cert)),
+        ("server.tls_key", Some(&key)),
+        ("server.tls_client_ca", server.tls_client_ca.as_ref()),
+    ] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(invalid(name, path.display(), "no such file"));
+            }
+        }
+    }
+    Ok(Some(TlsConfig {
+        cert,
+        key,
+        client_ca: server.tls_client_ca.clone(),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    htpasswd: Option<PathBuf>,
+    token_ttl: Option<String>,
+    realm: Option<String>,
+    service: Option<String>,
+    #[serde(default)]
+    anonymous: Vec<String>,
+    #[serde(default)]
+    grant: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    users: Vec<String>,
+    pull: Vec<String>,
+}
+
+/// Client authentication and per-repository grants (the `[auth]` table).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Users and their bcrypt hashes, from `auth.htpasswd`.
+    pub users: Vec<(String, Secret)>,
+    /// Lifetime of the tokens the cache's token endpoint issues.
+    pub token_ttl: Duration,
+    /// The token endpoint URL sent in challenges (`None`: derived from the request's host).
+    pub realm: Option<String>,
+    /// The `service` sent in challenges and expected in token requests.
+    pub service: String,
+    /// `<upstream>/<repository glob>` patterns anyone may pull without credentials.
+    pub anonymous: Vec<String>,
+    /// Who may pull what.
+    pub grants: Vec<GrantConfig>,
+}
+
+/// One `[[auth.grant]]`: these users may pull repositories matching these patterns.
+#[derive(Debug, Clone)]
+pub struct GrantConfig {
+    /// User names; `"*"` is any authenticated user.
+    pub users: Vec<String>,
+    /// `<upstream>/<repository glob>` patterns (`*` stays within a path segment, `**` does not).
+    pub pull: Vec<String>,
+}
+
+/// Checks a `<upstream>/<repository glob>` pattern.
+fn validate_pattern(key: &str, pattern: &str) -> Result<(), ConfigError> {
+    if !pattern.contains('/') {
+        return Err(invalid(
+            key,
+            pattern,
+            "expected <upstream>/<repository glob>, e.g. \"docker.io/library/*\"",
+        ));
+    }
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map(drop)
+        .map_err(|err| invalid(key, pattern, err.to_string()))
+}
+
+impl RawAuth {
+    fn validate(self) -> Result<AuthConfig, ConfigError> {
+        let users = match &self.htpasswd {
+            None => Vec::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| invalid("auth.htpasswd", path.display(), err.to_string()))?;
+                parse_htpasswd(&text)
+                    .map_err(|reason| invalid("auth.htpasswd", path.display(), reason))?
+            }
+        };
+        for pattern in &self.anonymous {
+            validate_pattern("auth.anonymous", pattern)?;
+        }
+        for grant in &self.grant {
+            for pattern in &grant.pull {
+                validate_pattern("auth.grant.pull", pattern)?;
+            }
+            if grant.users.is_empty() {
+                return Err(invalid(
+                    "auth.grant.users",
+                    "[]",
+                    "name at least one user, or \"*\"",
+                ));
+            }
+        }
+        if let Some(realm) = &self.realm {
+            let url =
+                Url::parse(realm).map_err(|err| invalid("auth.realm", realm, err.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "auth.realm",
+                    realm,
+                    "expected an http:// or https:// URL",
+                ));
+            }
+        }
+        let token_ttl = duration(
+            "auth.token_ttl",
+            self.token_ttl.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if token_ttl.is_zero() {
+            return Err(invalid("auth.token_ttl", "0s", "must be longer than 0s"));
+        }
+        Ok(AuthConfig {
+            users,
+            token_ttl,
+            realm: self.realm,
+            service: self.service.unwrap_or_else(|| "regcache".to_owned()),
+            anonymous: self.anonymous,
+            grants: self
+                .grant
+                .into_iter()
+                .map(|g| GrantConfig {
+                    users: g.users,
+                    pull: g.pull,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// Parses `user:$2y$...` lines (bcrypt only; blank lines and `#` comments skipped).
+fn parse_htpasswd(text: &str) -> Result<Vec<(String, Secret)>, String> {
+    let mut users: Vec<(String, Secret)> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((user, hash)) = line.split_once(':') else {
+            return Err(format!("line {}: expected user:hash", number + 1));
+        };
+        if !["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            return Err(format!(
+                "line {}: user {user:?} has no bcrypt hash (create entries with `htpasswd -B`)",
+                number + 1
+            ));
+        }
+        if users.iter().any(|(u, _)| u == user) {
+            return Err(format!("line {}: user {user:?} listed twice", number + 1));
+        }
+        users.push((user.to_owned(), Secret::new(hash.to_owned())));
+    }
+    Ok(users)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,6 +1030,39 @@ mod tests {
             "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ntoken_realm_hosts = [\"http://evil\"]",
             "upstream.a.io.token_realm_hosts",
         );
+    }
+
+    #[test]
+    fn front_door_keys() {
+        check_error("[server]\ntls_cert = \"/etc/hostname\"", "server.tls_cert");
+        check_error("[server]\ntls_key = \"/nonexistent\"", "server.tls_key");
+        check_error("[server]\nidle_timeout = \"long\"", "server.idle_timeout");
+        check_error("[auth]\nanonymous = [\"alpine\"]", "auth.anonymous");
+        check_error(
+            "[auth]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"docker.io/[\"]",
+            "auth.grant.pull",
+        );
+        check_error("[auth]\ntoken_ttl = \"0s\"", "auth.token_ttl");
+        check_error("[auth]\nrealm = \"ftp://x\"", "auth.realm");
+        let config = Config::parse(
+            "[auth]\nanonymous = [\"docker.io/library/*\"]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"ghcr.io/**\"]",
+        )
+        .expect("valid");
+        let auth = config.auth.expect("[auth] turns authentication on");
+        assert_eq!(auth.token_ttl, Duration::from_secs(300));
+        assert_eq!(auth.grants.len(), 1);
+        assert!(Config::load(None).expect("default").auth.is_none());
+    }
+
+    #[test]
+    fn htpasswd_takes_bcrypt_only() {
+        let users = parse_htpasswd("# comment\n\nalice:$2y$05$abcdefghijklmnopqrstuu\n")
+            .expect("bcrypt entries");
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].0, "alice");
+        let err = parse_htpasswd("bob:{SHA}abc").expect_err("SHA1 is refused");
+        assert!(err.contains("line 1") && err.contains("bob"), "{err}");
+        assert!(parse_htpasswd("a:$2y$x\na:$2y$y").is_err());
     }
 
     #[test]

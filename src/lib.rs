@@ -52,6 +52,9 @@ pub enum RunError {
     /// The cache could not be built (an upstream's TLS settings).
     #[error(transparent)]
     Cache(#[from] cache::BuildError),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] server::TlsError),
 }
 
 /// Opens the store and index under the configured path. A corrupt index is moved aside (one
@@ -104,6 +107,12 @@ pub async fn run_with_clock(
     shutdown: CancellationToken,
     clock: Clock,
 ) -> Result<(), RunError> {
+    // TLS files are checked before anything else starts.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|files| server::Tls::new(files).map(Arc::new))
+        .transpose()?;
     let (store, index) = open_storage(&config)?;
     let (removed, _) = store.discard_staged(std::time::Duration::ZERO)?;
     if removed > 0 {
@@ -144,25 +153,40 @@ pub async fn run_with_clock(
         upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "regcache listening"
     );
+    let main_options = server::ListenerOptions {
+        kind: http::Listener::Main,
+        max_connections: config.max_connections,
+        drain_timeout: config.shutdown_timeout,
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        tls,
+        rate_limit: config
+            .rate_limit
+            .map(|rate| Arc::new(server::RateLimit::new(rate))),
+    };
+    if let Some(rate_limit) = &main_options.rate_limit {
+        tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
+    }
+    if let Some(tls) = &main_options.tls {
+        tokio::spawn(server::reload_on_sighup(Arc::clone(tls), shutdown.clone()));
+    }
+    // The metrics listener stays plain HTTP: it is meant for a private address.
+    let admin_options = server::ListenerOptions {
+        kind: http::Listener::Admin,
+        max_connections: 64,
+        tls: None,
+        rate_limit: None,
+        ..main_options.clone()
+    };
     let admin = metrics_listener.map(|listener| {
         tokio::spawn(server::accept_loop(
             listener,
-            http::Listener::Admin,
             Arc::clone(&state),
-            64,
+            admin_options,
             shutdown.clone(),
-            config.shutdown_timeout,
         ))
     });
-    server::accept_loop(
-        listener,
-        http::Listener::Main,
-        Arc::clone(&state),
-        config.max_connections,
-        shutdown,
-        config.shutdown_timeout,
-    )
-    .await;
+    server::accept_loop(listener, Arc::clone(&state), main_options, shutdown).await;
     if let Some(admin) = admin {
         let _ = admin.await;
     }

@@ -1,40 +1,75 @@
-//! Listeners, the accept loop, the connection limit and per-connection graceful shutdown.
-//! No routing and no OCI knowledge: each request goes to [`crate::http::serve`].
+//! Listeners, TLS, the accept loop, the connection limit, per-connection time limits and
+//! graceful shutdown. No routing and no OCI knowledge: each request goes through the front-door
+//! layers (activity tracking, then [`crate::http::front_door`]) to [`crate::http::serve`].
+//!
+//! Time limits are per connection, never per request (a whole-request limit would cut long blob
+//! pulls): a new connection must finish its TLS handshake and send a first request head within
+//! `header_read_timeout`; a connection with no request in flight is closed after
+//! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`).
 
-use std::sync::Arc;
+mod rate;
+mod tls;
+
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub(crate) use rate::RateLimit;
+pub(crate) use tls::{Tls, TlsError};
 
 use crate::http::{self, AppState};
 
-/// How long a client may take to send request headers; bodies and responses have no overall
-/// limit (it would kill long blob pulls).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection closed for idleness may take to finish closing before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How one listener serves its connections.
+#[derive(Debug, Clone)]
+pub(crate) struct ListenerOptions {
+    /// Which routes it serves.
+    pub(crate) kind: http::Listener,
+    /// Connections served at once.
+    pub(crate) max_connections: usize,
+    /// How long open connections may finish after shutdown starts.
+    pub(crate) drain_timeout: Duration,
+    /// Time for the TLS handshake and the first request head of a connection.
+    pub(crate) header_read_timeout: Duration,
+    /// Time a connection with no request in flight is kept.
+    pub(crate) idle_timeout: Duration,
+    /// TLS, when the listener has it.
+    pub(crate) tls: Option<Arc<Tls>>,
+    /// The per-client-address request rate limit, when configured.
+    pub(crate) rate_limit: Option<Arc<RateLimit>>,
+}
 
 /// Accepts connections until `shutdown` is cancelled, then drains open connections for up to
 /// `drain_timeout`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    kind: http::Listener,
     state: Arc<AppState>,
-    max_connections: usize,
+    options: ListenerOptions,
     shutdown: CancellationToken,
-    drain_timeout: Duration,
 ) {
-    let connections = Arc::new(Semaphore::new(max_connections));
-    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let tasks = TaskTracker::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Bounds a request head that drips in slowly. hyper's timer also runs while a
+        // kept-alive connection waits for its next request, so it gets the longer of the two
+        // limits; `Activity` applies each one exactly (a connection that sends nothing at all
+        // is closed after `header_read_timeout`, an idle one after `idle_timeout`).
+        .header_read_timeout(options.header_read_timeout.max(options.idle_timeout))
         // Bounds the write queue to about one body chunk per connection (hyper's default
         // lets ~400 KiB queue up), so memory does not grow with the number of clients.
         .max_buf_size(64 * 1024)
@@ -43,6 +78,8 @@ pub(crate) async fn accept_loop(
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
+    let builder = Arc::new(builder);
+    let options = Arc::new(options);
     loop {
         // The permit is taken before accept: at the limit, new connections wait in the kernel's
         // backlog instead of consuming memory here.
@@ -66,25 +103,325 @@ pub(crate) async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
         let state = Arc::clone(&state);
-        let service = service_fn(move |request| http::serve(Arc::clone(&state), kind, request));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
+        let builder = Arc::clone(&builder);
+        let options = Arc::clone(&options);
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let connection = Connection {
+                builder: &builder,
+                state,
+                options: &options,
+                activity,
+                shutdown,
+                peer,
+            };
+            match options.tls.as_ref().map(|tls| tls.acceptor()) {
+                None => connection.serve(stream).await,
+                Some(acceptor) => {
+                    // The handshake counts against the time allowed for the first request.
+                    let deadline = connection.activity.first_request_deadline(&options);
+                    let handshake = tokio::select! {
+                        () = connection.shutdown.cancelled() => return,
+                        handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => handshake,
+                    };
+                    match handshake {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
             drop(permit);
         });
     }
     tracing::info!("shutting down: draining open connections");
-    if tokio::time::timeout(drain_timeout, graceful.shutdown())
+    tasks.close();
+    if tokio::time::timeout(options.drain_timeout, tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            ?drain_timeout,
+            drain_timeout = ?options.drain_timeout,
             "connections still open after the drain timeout"
         );
+    }
+}
+
+/// Reloads the TLS files on every `SIGHUP` until `shutdown`.
+pub(crate) async fn reload_on_sighup(tls: Arc<Tls>, shutdown: CancellationToken) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS files will not be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Err(err) => {
+                tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+            }
+        }
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    state: Arc<AppState>,
+    options: &'a ListenerOptions,
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+    peer: std::net::SocketAddr,
+}
+
+impl Connection<'_> {
+    /// Serves HTTP/1.1 or HTTP/2 on `stream` until the client closes, it idles out, or
+    /// shutdown asks it to finish.
+    async fn serve<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            builder,
+            state,
+            options,
+            activity,
+            shutdown,
+            peer,
+        } = self;
+        let kind = options.kind;
+        let service = tower::ServiceBuilder::new()
+            .layer(tower::layer::layer_fn(|inner| Tracked {
+                inner,
+                activity: Arc::clone(&activity),
+            }))
+            .layer(tower::layer::layer_fn(|inner| rate::Limited {
+                inner,
+                limit: options.rate_limit.clone(),
+                address: peer.ip(),
+            }))
+            .layer(http::front_door(
+                Arc::clone(&state),
+                kind,
+                options.tls.is_some(),
+            ))
+            .service(tower::service_fn(move |request| {
+                http::serve(Arc::clone(&state), kind, request)
+            }));
+        let connection = builder.serve_connection_with_upgrades(
+            TokioIo::new(stream),
+            TowerToHyperService::new(service),
+        );
+        tokio::pin!(connection);
+        let reason = tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            () = shutdown.cancelled() => "shutdown",
+            () = activity.idle(options) => "idle",
+        };
+        tracing::debug!(%peer, reason, "closing connection");
+        connection.as_mut().graceful_shutdown();
+        let finished = if reason == "idle" {
+            // Nothing is in flight: a client that does not close its end is not waited for.
+            tokio::time::timeout(CLOSE_GRACE, connection).await.ok()
+        } else {
+            Some(connection.await)
+        };
+        if let Some(Err(err)) = finished {
+            tracing::debug!(%peer, error = %err, "connection ended with an error");
+        }
+    }
+}
+
+/// Counts each request as in flight on its connection until its response body has been sent
+/// or dropped.
+#[derive(Debug, Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> tower::Service<hyper::Request<B>> for Tracked<S>
+where
+    S: tower::Service<hyper::Request<B>, Response = hyper::Response<http::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<http::Body>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
+        let guard = self.activity.begin();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                body.map_frame(move |frame| {
+                    // The closure owns the guard: it is released when hyper drops the body.
+                    let _in_flight = &guard;
+                    frame
+                })
+                .boxed_unsync()
+            }))
+        })
+    }
+}
+
+/// Whether a connection has requests in flight, and since when it has had none.
+#[derive(Debug)]
+struct Activity {
+    // A std mutex: held for a few field updates, never across an await.
+    state: Mutex<ActivityState>,
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    in_flight: usize,
+    idle_since: Instant,
+    served_any: bool,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: Instant::now(),
+                served_any: false,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn first_request_deadline(&self, options: &ListenerOptions) -> Instant {
+        self.lock().idle_since + options.header_read_timeout
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        {
+            let mut state = self.lock();
+            state.in_flight += 1;
+            state.served_any = true;
+        }
+        self.changed.notify_waiters();
+        InFlight(Arc::clone(self))
+    }
+
+    /// When the connection is idle and when it should be closed: `None` while a request is in
+    /// flight.
+    fn deadline(&self, options: &ListenerOptions) -> Option<Instant> {
+        let state = self.lock();
+        (state.in_flight == 0).then(|| {
+            let limit = if state.served_any {
+                options.idle_timeout
+            } else {
+                options.header_read_timeout
+            };
+            state.idle_since + limit
+        })
+    }
+
+    /// Completes once the connection has been idle for its limit.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only waits and reads.
+    async fn idle(&self, options: &ListenerOptions) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the state is read, so a change in between is not missed.
+            changed.as_mut().enable();
+            match self.deadline(options) {
+                None => changed.await,
+                Some(deadline) => tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => return,
+                    () = changed => {}
+                },
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        {
+            let mut state = self.0.lock();
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.idle_since = Instant::now();
+        }
+        self.0.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> ListenerOptions {
+        ListenerOptions {
+            kind: http::Listener::Main,
+            max_connections: 1,
+            drain_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            tls: None,
+            rate_limit: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_idles_out_after_the_header_timeout() {
+        let activity = Arc::new(Activity::new());
+        let started = Instant::now();
+        activity.idle(&options()).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_holds_the_connection_then_idle_timeout_applies() {
+        let activity = Arc::new(Activity::new());
+        let request = activity.begin();
+        let options = options();
+        let idle = activity.idle(&options);
+        tokio::pin!(idle);
+        // Far past both limits, the request still holds the connection open.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), idle.as_mut())
+                .await
+                .is_err()
+        );
+        let finished = Instant::now();
+        drop(request);
+        idle.await;
+        assert_eq!(finished.elapsed(), Duration::from_secs(60));
     }
 }

@@ -10,12 +10,14 @@ mod direct;
 mod evict;
 mod fill;
 mod flight;
+mod grant;
 mod listing;
 mod manifest;
 mod pins;
 mod revalidate;
 
 pub use evict::EvictionReport;
+pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use pins::{PinsError, PinsFile};
 
@@ -352,6 +354,8 @@ pub struct Cache {
     store_trouble: Arc<direct::StoreTrouble>,
     /// For validating `pins.toml` when it changes.
     upstream_configs: Vec<crate::config::UpstreamConfig>,
+    /// Which digests belong to which repository (client authentication).
+    memberships: grant::Memberships,
 }
 
 /// Memory for hot manifests.
@@ -441,6 +445,7 @@ impl Cache {
             pins_file: PinsFile::path(config),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
+            memberships: grant::Memberships::default(),
             budget,
         })
     }

@@ -7,9 +7,12 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::body::{self, Body};
 use super::error::{ApiError, Origin};
+use super::front_door as auth;
 use super::route::Route;
 use super::status::{self, StatusBoard};
-use crate::cache::{BlobAnswer, Cache, CachePhase, ManifestAnswer, RangeRequest, Target};
+use crate::cache::{
+    BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, Reference};
@@ -26,6 +29,8 @@ pub(crate) struct AppState {
     pub(crate) next_request_id: std::sync::atomic::AtomicU64,
     status_page: bool,
     budget: Option<u64>,
+    /// Client authentication and grants (`None`: off).
+    pub(crate) auth: Option<super::auth::Authenticator>,
 }
 
 impl AppState {
@@ -46,6 +51,7 @@ impl AppState {
             next_request_id: std::sync::atomic::AtomicU64::new(1),
             status_page: config.status_page,
             budget: config.max_size,
+            auth: config.auth.as_ref().map(super::auth::Authenticator::new),
         }
     }
 }
@@ -156,12 +162,16 @@ async fn route_request<B>(
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let reference = Reference::parse(reference).map_err(|e| ApiError::from_parse(&e))?;
+            if let Reference::Digest(digest) = &reference {
+                auth::check_membership(state, &target, digest, DigestKind::Manifest).await?;
+            }
             manifest(state, request, &target, &reference).await
         }
         Route::Blob { name, digest } => {
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
+            auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
             blob(state, request, &target, &digest).await
         }
         Route::TagsList { name } => {
@@ -215,7 +225,7 @@ async fn readiness(state: &AppState) -> Response<Body> {
     response
 }
 
-fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {
+pub(crate) fn query_param<'q>(query: &'q str, key: &str) -> Option<std::borrow::Cow<'q, str>> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)
@@ -264,6 +274,7 @@ async fn manifest<B>(
             "the manifest is schema1, which the client does not accept",
         ));
     }
+    auth::note_manifest(state, target, &manifest).await;
     let digest = manifest.digest.to_string();
     let body = if request.method() == Method::HEAD {
         body::empty()

@@ -4,8 +4,10 @@
 //! Only `server` and `http` name hyper types. Handlers are thin; [`error::ApiError`] is the one
 //! place where domain errors become statuses.
 
+mod auth;
 mod body;
 mod error;
+mod front_door;
 pub(crate) mod handlers;
 pub(crate) mod route;
 mod status;
@@ -17,6 +19,7 @@ use std::time::Instant;
 use tracing::Instrument as _;
 
 pub(crate) use body::Body;
+pub(crate) use front_door::front_door;
 pub(crate) use handlers::AppState;
 
 use crate::cache::CachePhase;
@@ -28,6 +31,25 @@ pub(crate) enum Listener {
     Main,
     /// `/metrics`, `/healthz`, `/readyz` only.
     Admin,
+}
+
+/// The `429 TOOMANYREQUESTS` answer of the per-client rate limit, with `Retry-After`.
+pub(crate) fn too_many_requests(
+    head_only: bool,
+    wait: std::time::Duration,
+) -> http::Response<Body> {
+    let mut err = error::ApiError::new(
+        http::StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+        "too many requests from this address",
+    );
+    // Rounded up, at least one second: a client honouring it is then within its rate.
+    err.retry_after = Some(
+        (wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            .max(1)
+            .to_string(),
+    );
+    err.into_response(head_only)
 }
 
 /// Handles one request: a span with a request id that its upstream calls inherit, one log

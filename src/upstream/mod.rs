@@ -451,6 +451,25 @@ impl UpstreamClient {
         Ok(digest.map(|digest| (digest, media_type)))
     }
 
+    /// Whether the repository has a blob (`HEAD`, nothing downloaded): how the cache checks
+    /// that a client granted one repository does not read another's blobs by digest.
+    ///
+    /// # Errors
+    /// [`UpstreamError`]; a 404 is `Ok(false)`.
+    pub async fn has_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, UpstreamError> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let request = Request {
+            kind: "blob",
+            repo,
+            need: Need::Miss,
+        };
+        match self.send(request, Method::HEAD, &url, &[]).await {
+            Ok(_) => Ok(true),
+            Err(UpstreamError::NotFound { .. }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Fetches `/v2/<repo>/<tail>?<query>` (tag lists, referrers) for pass-through.
     ///
     /// # Errors

@@ -40,7 +40,7 @@ impl InProcess {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = dir.path().join("data");
         let config =
-            regcache::config::Config::parse(&config_text(0, &storage, upstreams, extra_toml))
+            regcache::config::Config::parse(&config_text(0, &storage, upstreams, "", extra_toml))
                 .expect("the test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

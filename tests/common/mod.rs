@@ -9,6 +9,7 @@
 //! - [`hostile`]: a server whose every answer a test writes, for hostile-upstream tests;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
+//! - [`pki`]: a test CA and server certificates for the proxy's TLS;
 //! - [`proxy`]: the proxy under test as a child process (the real binary), and skopeo helpers;
 //! - [`inproc`]: the proxy under test in process, on a port-0 listener, with an adjustable
 //!   clock for TTLs and cooldowns;
@@ -26,6 +27,7 @@ pub mod faultproxy;
 pub mod hostile;
 pub mod images;
 pub mod inproc;
+pub mod pki;
 pub mod proxy;
 pub mod regclient;
 pub mod token;

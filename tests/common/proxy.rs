@@ -56,6 +56,8 @@ pub struct TestProxy {
     storage: PathBuf,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// The CA of the proxy's TLS certificate, when it serves TLS.
+    tls_ca: Option<PathBuf>,
 }
 
 impl TestProxy {
@@ -70,10 +72,31 @@ impl TestProxy {
         extra_toml: &str,
         storage: Option<PathBuf>,
     ) -> TestProxy {
+        Self::start_full(upstreams, "", extra_toml, storage, None).await
+    }
+
+    /// Like [`TestProxy::start`], with extra `[server]` lines; with `tls_ca` (the CA of the
+    /// certificate those lines configure) it is reached over HTTPS.
+    pub async fn start_with_server(
+        upstreams: &[UpstreamSpec],
+        server_lines: &str,
+        extra_toml: &str,
+        tls_ca: Option<PathBuf>,
+    ) -> TestProxy {
+        Self::start_full(upstreams, server_lines, extra_toml, None, tls_ca).await
+    }
+
+    async fn start_full(
+        upstreams: &[UpstreamSpec],
+        server_lines: &str,
+        extra_toml: &str,
+        storage: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
+    ) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = storage.unwrap_or_else(|| dir.path().join("data"));
         let port = free_port();
-        let config = config_text(port, &storage, upstreams, extra_toml);
+        let config = config_text(port, &storage, upstreams, server_lines, extra_toml);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write proxy config");
         let log_path = dir.path().join("regcache.log");
@@ -84,6 +107,7 @@ impl TestProxy {
             storage,
             config_path,
             log_path,
+            tls_ca,
         };
         proxy.spawn().await;
         proxy
@@ -107,7 +131,7 @@ impl TestProxy {
             .expect("spawn regcache");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        let client = reqwest::Client::new();
+        let client = self.client();
         while Instant::now() < deadline {
             if client
                 .get(format!("{}/v2/", self.url()))
@@ -127,9 +151,30 @@ impl TestProxy {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when the proxy serves TLS)
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr())
+    }
+
+    /// A client for the proxy (trusting its CA when it serves TLS).
+    pub fn client(&self) -> reqwest::Client {
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &self.tls_ca {
+            let pem = std::fs::read(ca).expect("read the proxy's CA");
+            builder =
+                builder.tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("a PEM CA")]);
+        }
+        builder.build().expect("build a client")
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// The storage directory.
@@ -227,6 +272,7 @@ pub fn config_text(
     port: u16,
     storage: &Path,
     upstreams: &[UpstreamSpec],
+    server_lines: &str,
     extra_toml: &str,
 ) -> String {
     let storage_line = format!("[storage]\npath = \"{}\"\n", storage.display());
@@ -239,7 +285,7 @@ pub fn config_text(
         (storage_line, extra_toml.to_owned())
     };
     let mut config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{storage_table}{extra}\n"
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{server_lines}\n{storage_table}{extra}\n"
     );
     for upstream in upstreams {
         config.push_str(&format!(

@@ -1,0 +1,558 @@
+//! The front door: TLS (skopeo pulls over verified TLS, HTTP/2 by ALPN, a certificate reloaded
+//! on `SIGHUP` while an old connection keeps working), time limits for silent and idle
+//! connections, and client authentication with per-repository grants (htpasswd, the token flow
+//! with `skopeo --creds`, anonymous patterns, refusals that never reach the upstream, no
+//! cross-repository blob reads).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::images;
+use common::pki::Pki;
+use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::upstream::{Auth, Upstream};
+use rcgen::{CertificateParams, KeyPair};
+use sha2::Digest as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+/// The name regcache knows the test upstream by.
+const UPSTREAM_NAME: &str = "registry.test";
+
+/// Opens a TLS connection to the proxy; returns it with the certificate the server presented.
+async fn tls_connect(
+    pki: &Pki,
+    proxy: &TestProxy,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    let tcp = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config());
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("server name");
+    let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    let presented = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .expect("a server certificate")
+        .to_vec();
+    (stream, presented)
+}
+
+/// Sends `GET path` on a kept-alive HTTP/1.1 connection; returns the status.
+async fn raw_get<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, path: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("a response within 10 s")
+            .expect("read");
+        assert!(n > 0, "connection closed before a full response");
+        received.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            return head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .expect("a status line");
+        }
+    }
+}
+
+fn send_signal(proxy: &TestProxy, signal: &str) {
+    let pid = proxy.pid().expect("the proxy runs");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "tls/app", "v1", "tls", &[4096, 1024]).await;
+    let pki = Pki::new();
+    let first_cert = pki.issue_server_cert();
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        &pki.server_lines(),
+        "",
+        Some(pki.ca_path()),
+    )
+    .await;
+
+    // skopeo, verifying the certificate against the test CA.
+    let dest = tempfile::tempdir().expect("temp dir");
+    let cert_dir = pki.cert_dir();
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &[
+            "--src-tls-verify=true",
+            "--src-cert-dir",
+            cert_dir.to_str().expect("utf-8 path"),
+        ],
+    )
+    .await;
+    assert!(ok, "skopeo over TLS: {stderr}\n{}", proxy.log());
+    verify_dir(dest.path(), &image.digest);
+
+    // HTTP/2 when the client offers it by ALPN, HTTP/1.1 otherwise.
+    let response = proxy
+        .client()
+        .get(format!("{}/v2/", proxy.url()))
+        .send()
+        .await
+        .expect("GET /v2/ over TLS");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let (mut old_connection, presented) = tls_connect(&pki, &proxy).await;
+    assert_eq!(presented, first_cert);
+    assert_eq!(raw_get(&mut old_connection, "/v2/").await, 200);
+
+    // A new certificate, a SIGHUP: new handshakes get it, the open connection keeps working.
+    let second_cert = pki.issue_server_cert();
+    assert_ne!(first_cert, second_cert);
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, presented) = tls_connect(&pki, &proxy).await;
+        if presented == second_cert {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served after SIGHUP; log:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(raw_get(&mut old_connection, "/v2/").await, 200);
+
+    // A broken file and a SIGHUP: the certificate in force stays.
+    std::fs::write(pki.cert_path(), "not a certificate").expect("break the file");
+    send_signal(&proxy, "HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, presented) = tls_connect(&pki, &proxy).await;
+    assert_eq!(presented, second_cert);
+    assert!(proxy.log().contains("TLS reload failed"), "{}", proxy.log());
+}
+
+/// Reads until the server closes the connection; returns how long that took.
+async fn time_until_closed(mut stream: TcpStream) -> Duration {
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buffer)).await {
+            Err(_) => panic!("the connection was still open after 30 s"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_idle_connections_are_closed() {
+    // The upstream is never contacted.
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(
+            UPSTREAM_NAME,
+            "http://127.0.0.1:9",
+        )],
+        "header_read_timeout = \"2s\"\nidle_timeout = \"4s\"\n",
+        "",
+        None,
+    )
+    .await;
+    // Sends nothing at all.
+    let silent = TcpStream::connect(proxy.addr()).await.expect("connect");
+    // Sends the HTTP/2 preface and SETTINGS, then no request.
+    let mut http2 = TcpStream::connect(proxy.addr()).await.expect("connect");
+    http2
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .expect("send the preface");
+    // One request, then an idle keep-alive connection.
+    let mut kept_alive = TcpStream::connect(proxy.addr()).await.expect("connect");
+    assert_eq!(raw_get(&mut kept_alive, "/healthz").await, 200);
+    let (silent, http2, kept_alive) = tokio::join!(
+        time_until_closed(silent),
+        time_until_closed(http2),
+        time_until_closed(kept_alive),
+    );
+    // Generous upper bounds: the machine is loaded. The lower bounds show which limit applied.
+    assert!(
+        silent >= Duration::from_millis(1500) && silent < Duration::from_secs(20),
+        "{silent:?}"
+    );
+    assert!(
+        http2 >= Duration::from_millis(1500) && http2 < Duration::from_secs(20),
+        "{http2:?}"
+    );
+    assert!(
+        kept_alive >= Duration::from_millis(3500) && kept_alive < Duration::from_secs(20),
+        "{kept_alive:?}"
+    );
+}
+
+/// `user:bcrypt` lines (cost 4: the cheapest bcrypt, the same check).
+fn htpasswd(users: &[(&str, &str)]) -> String {
+    users
+        .iter()
+        .map(|(user, password)| {
+            format!(
+                "{user}:{}\n",
+                bcrypt::hash(password, 4).expect("bcrypt hash")
+            )
+        })
+        .collect()
+}
+
+/// A proxy with `[auth]`: anyone pulls `public/*`, alice pulls `team/*`, root pulls all.
+async fn auth_proxy(upstream: &Upstream, dir: &tempfile::TempDir) -> TestProxy {
+    let htpasswd_path = dir.path().join("htpasswd");
+    std::fs::write(
+        &htpasswd_path,
+        htpasswd(&[("alice", "alice-pw"), ("root", "root-pw")]),
+    )
+    .expect("write htpasswd");
+    let auth = format!(
+        "[auth]\nhtpasswd = \"{}\"\nanonymous = [\"{UPSTREAM_NAME}/public/*\"]\n\
+         [[auth.grant]]\nusers = [\"alice\"]\npull = [\"{UPSTREAM_NAME}/team/*\"]\n\
+         [[auth.grant]]\nusers = [\"root\"]\npull = [\"{UPSTREAM_NAME}/**\"]\n",
+        htpasswd_path.display()
+    );
+    TestProxy::start(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        &auth,
+    )
+    .await
+}
+
+/// `skopeo copy` through the proxy with `creds` (`user:password`) or none; whether it worked.
+async fn skopeo_pull(proxy: &TestProxy, image: &images::Pushed, creds: Option<&str>) -> bool {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let creds_arg = creds.map(|c| format!("--src-creds={c}"));
+    let extra: Vec<&str> = creds_arg.iter().map(String::as_str).collect();
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &extra,
+    )
+    .await;
+    if ok {
+        verify_dir(dest.path(), &image.digest);
+    } else {
+        assert!(
+            stderr.contains("unauthorized") || stderr.contains("denied"),
+            "a refusal, not some other failure: {stderr}"
+        );
+    }
+    ok
+}
+
+/// A token from the proxy's token endpoint for `user:password`.
+async fn token(proxy: &TestProxy, user: &str, password: &str) -> String {
+    let response = proxy
+        .client()
+        .get(format!("{}/auth/token?service=regcache", proxy.url()))
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.expect("token body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("token JSON");
+    body["token"].as_str().expect("a token").to_owned()
+}
+
+async fn oci_error(response: reqwest::Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("error body");
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("an OCI JSON error body");
+    let code = body["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let public = images::push_oci_image(&upstream, "public/base", "v1", "public", &[2048]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = auth_proxy(&upstream, &dir).await;
+
+    // Granted: alice with `skopeo --creds` (the Bearer token flow), anyone for public/*.
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    assert!(skopeo_pull(&proxy, &public, None).await);
+
+    // Refused: no credentials, a wrong password, a repository alice is not granted.
+    assert!(!skopeo_pull(&proxy, &team, None).await);
+    assert!(!skopeo_pull(&proxy, &team, Some("alice:wrong")).await);
+    assert!(!skopeo_pull(&proxy, &secret, Some("alice:alice-pw")).await);
+    let client = proxy.client();
+    let manifest_url = format!("{}/v2/other/secret/manifests/v1", proxy.url());
+    let anonymous = client.get(&manifest_url).send().await.expect("GET");
+    let challenge = anonymous
+        .headers()
+        .get("www-authenticate")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        challenge,
+        format!(
+            "Bearer realm=\"{}/auth/token\",service=\"regcache\",scope=\"repository:other/secret:pull\"",
+            proxy.url()
+        )
+    );
+    assert_eq!(oci_error(anonymous).await, (401, "UNAUTHORIZED".to_owned()));
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    let denied = client
+        .get(&manifest_url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(oci_error(denied).await, (403, "DENIED".to_owned()));
+    let basic_denied = client
+        .get(&manifest_url)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(oci_error(basic_denied).await, (403, "DENIED".to_owned()));
+    // None of the refusals reached the upstream.
+    assert_eq!(upstream.count(|e| e.path.contains("/other/secret/")), 0);
+
+    // The status page and metrics need a signed-in user; probes stay open.
+    let status = client.get(proxy.url()).send().await.expect("GET /");
+    assert_eq!(status.status(), 401);
+    let metrics = client
+        .get(format!("{}/metrics", proxy.url()))
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET /metrics");
+    assert_eq!(metrics.status(), 200);
+    let health = client
+        .get(format!("{}/healthz", proxy.url()))
+        .send()
+        .await
+        .expect("GET /healthz");
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let sibling = images::push_oci_image(&upstream, "team/sibling", "v1", "sib", &[3072]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let proxy = auth_proxy(&upstream, &dir).await;
+    // root caches the secret image; alice pulls hers.
+    assert!(skopeo_pull(&proxy, &secret, Some("root:root-pw")).await);
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    let client = proxy.client();
+    let get = |repo: &str, kind: &str, digest: &str| {
+        client
+            .get(format!("{}/v2/{repo}/{kind}/{digest}", proxy.url()))
+            .bearer_auth(&alice)
+            .send()
+    };
+
+    // The secret's cached layer and manifest, asked for under alice's repository: unknown there.
+    for blob in &secret.blobs {
+        let response = get("team/app", "blobs", blob).await.expect("GET blob");
+        assert_eq!(oci_error(response).await, (404, "BLOB_UNKNOWN".to_owned()));
+    }
+    let response = get("team/app", "manifests", &secret.digest)
+        .await
+        .expect("GET manifest");
+    assert_eq!(
+        oci_error(response).await,
+        (404, "MANIFEST_UNKNOWN".to_owned())
+    );
+
+    // Her own blobs are served; a blob of another granted repository whose manifest was never
+    // pulled here is served once the upstream confirms it (a HEAD).
+    for blob in &team.blobs {
+        let response = get("team/app", "blobs", blob).await.expect("GET blob");
+        assert_eq!(response.status(), 200, "{blob}");
+    }
+    let layer = sibling.blobs.last().expect("a layer");
+    let response = get("team/sibling", "blobs", layer).await.expect("GET blob");
+    assert_eq!(response.status(), 200);
+    let bytes = response.bytes().await.expect("blob bytes");
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes))),
+        *layer
+    );
+    assert_eq!(
+        upstream.count(|e| e.method == "HEAD" && e.path.ends_with(&format!("/blobs/{layer}"))),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_its_rate_gets_429_with_retry_after() {
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(
+            UPSTREAM_NAME,
+            "http://127.0.0.1:9",
+        )],
+        "rate_limit = 5\n",
+        "",
+        None,
+    )
+    .await;
+    // Let the budget used by the start-up probe refill.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = proxy.client();
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..20 {
+        let response = client
+            .get(format!("{}/v2/", proxy.url()))
+            .send()
+            .await
+            .expect("GET /v2/");
+        statuses.push(response.status().as_u16());
+        if response.status() == 429 && refusal.is_none() {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            refusal = Some((retry_after, oci_error(response).await));
+        }
+    }
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    // A burst of 5, plus what refills while the loop runs on a loaded machine.
+    assert!((5..20).contains(&allowed), "{statuses:?}");
+    let (retry_after, error) = refusal.expect("some requests were refused");
+    assert_eq!(error, (429, "TOOMANYREQUESTS".to_owned()));
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_certificates_are_required_when_a_client_ca_is_set() {
+    let pki = Pki::new();
+    pki.issue_server_cert();
+    let client_ca = Pki::new();
+    let server_lines = format!(
+        "{}tls_client_ca = \"{}\"\n",
+        pki.server_lines(),
+        client_ca.ca_path().display()
+    );
+    // The harness's readiness probe has no client certificate: start it by hand.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = common::free_port();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_lines}[storage]\npath = \"{}\"\n\
+         [[upstream]]\nname = \"{UPSTREAM_NAME}\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
+        dir.path().join("data").display()
+    );
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).expect("write config");
+    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn regcache");
+
+    let client_key = KeyPair::generate().expect("client key");
+    let client_cert = CertificateParams::new(vec!["client.test".to_owned()])
+        .expect("client params")
+        .signed_by(&client_key, &client_ca.ca)
+        .expect("client cert");
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", client_cert.pem(), client_key.serialize_pem()).as_bytes(),
+    )
+    .expect("client identity");
+    let ca = reqwest::Certificate::from_pem(pki.ca.pem().as_bytes()).expect("server CA");
+    let with_cert = reqwest::Client::builder()
+        .tls_certs_only([ca.clone()])
+        .identity(identity)
+        .build()
+        .expect("client");
+    let without_cert = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .expect("client");
+    let url = format!("https://127.0.0.1:{port}/v2/");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let response = loop {
+        match with_cert.get(&url).send().await {
+            Ok(response) => break response,
+            Err(err) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no answer with a client certificate: {err}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(response.status(), 200);
+    assert!(without_cert.get(&url).send().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_pulls_by_digest_work_after_a_restart_and_stay_within_the_grant() {
+    let upstream = Upstream::start(Auth::None).await;
+    let team = images::push_oci_image(&upstream, "team/app", "v1", "team", &[2048]).await;
+    let secret = images::push_oci_image(&upstream, "other/secret", "v1", "secret", &[2048]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut proxy = auth_proxy(&upstream, &dir).await;
+    assert!(skopeo_pull(&proxy, &secret, Some("root:root-pw")).await);
+    assert!(skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    // Offline, and restarted: nothing in memory says what belongs where.
+    proxy.edit_config(|text| text.replace("default = true\n", "default = true\noffline = true\n"));
+    proxy.restart().await;
+
+    let by_digest = images::Pushed {
+        reference: format!("{}@{}", team.repo, team.digest),
+        ..team.clone()
+    };
+    assert!(
+        skopeo_pull(&proxy, &by_digest, Some("alice:alice-pw")).await,
+        "{}",
+        proxy.log()
+    );
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    for blob in &secret.blobs {
+        let response = proxy
+            .client()
+            .get(format!("{}/v2/team/app/blobs/{blob}", proxy.url()))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(oci_error(response).await.0, 404);
+    }
+}
