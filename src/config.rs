@@ -153,6 +153,21 @@ struct RawStorage {
     max_size: Option<String>,
     high_watermark: Option<f64>,
     low_watermark: Option<f64>,
+    backend: Option<String>,
+    s3: Option<RawS3>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    prefix: Option<String>,
+    path_style: Option<bool>,
+    redirect: Option<bool>,
+    redirect_ttl: Option<String>,
+    credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -212,6 +227,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Root of the blob store and index.
     pub storage_path: PathBuf,
+    /// Where blobs live besides `storage_path`: nowhere (local), or an object store bucket
+    /// behind a local tier under `storage_path`.
+    pub storage_backend: StorageBackend,
     /// The disk budget in bytes (`None`: unlimited).
     pub max_size: Option<u64>,
     /// Eviction starts above this fraction of `max_size`.
@@ -252,6 +270,38 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// Requests per second per client address on the main listener (`None`: no limit).
     pub rate_limit: Option<std::num::NonZeroU32>,
+}
+
+/// `[storage] backend`.
+#[derive(Debug, Clone, Default)]
+pub enum StorageBackend {
+    /// Blobs on the local disk only.
+    #[default]
+    Local,
+    /// Blobs in an S3-compatible bucket, with a size-bounded local tier in front.
+    S3(Box<S3Config>),
+}
+
+/// `[storage.s3]`: an S3-compatible bucket shared by replicas.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// The bucket.
+    pub bucket: String,
+    /// The endpoint (`None`: AWS for `region`).
+    pub endpoint: Option<Url>,
+    /// The region (signing; also picks the AWS endpoint).
+    pub region: String,
+    /// Object names start with this (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// `https://endpoint/bucket/key` instead of `https://bucket.endpoint/key`.
+    pub path_style: bool,
+    /// Whether blob GETs are answered `307` to a presigned URL of the bucket.
+    pub redirect: bool,
+    /// How long a presigned URL is valid.
+    pub redirect_ttl: Duration,
+    /// Access key id and secret (`None`: the environment's instance or web identity
+    /// credentials, as the AWS SDKs find them).
+    pub credentials: Option<(String, Secret)>,
 }
 
 /// Human-readable or JSON log lines.
@@ -392,6 +442,10 @@ impl RawConfig {
                 "must be below storage.high_watermark",
             ));
         }
+        let storage_backend =
+            validate_storage_backend(self.storage.backend.as_deref(), self.storage.s3, |name| {
+                std::env::var(name).ok()
+            })?;
         let max_blob_size = match self.cache.max_blob_size.as_deref() {
             None => 64 << 30,
             Some(text) => text
@@ -448,6 +502,7 @@ impl RawConfig {
                 .storage
                 .path
                 .unwrap_or_else(|| PathBuf::from("./regcache-data")),
+            storage_backend,
             tag_ttl: duration(
                 "cache.tag_ttl",
                 self.cache.tag_ttl.as_deref(),
@@ -506,6 +561,162 @@ impl RawConfig {
                 })?),
             },
         })
+    }
+}
+
+/// `[storage] backend` and `[storage.s3]`; `env` reads the credential variables.
+fn validate_storage_backend(
+    backend: Option<&str>,
+    s3: Option<RawS3>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<StorageBackend, ConfigError> {
+    match (backend.unwrap_or("local"), s3) {
+        ("local", None) => Ok(StorageBackend::Local),
+        ("local", Some(_)) => Err(invalid(
+            "storage.backend",
+            "local",
+            "set backend = \"s3\" to use [storage.s3]",
+        )),
+        ("s3", None) => Err(invalid(
+            "storage.backend",
+            "s3",
+            "needs a [storage.s3] table with at least bucket",
+        )),
+        ("s3", Some(raw)) => raw.validate(env).map(|s3| StorageBackend::S3(Box::new(s3))),
+        (other, _) => Err(invalid(
+            "storage.backend",
+            other,
+            "expected \"local\" or \"s3\"",
+        )),
+    }
+}
+
+impl RawS3 {
+    fn validate(self, env: impl Fn(&str) -> Option<String>) -> Result<S3Config, ConfigError> {
+        let bucket = self
+            .bucket
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| invalid("storage.s3.bucket", "", "required with backend = \"s3\""))?;
+        if !bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+        {
+            return Err(invalid(
+                "storage.s3.bucket",
+                &bucket,
+                "expected a bucket name (lower-case letters, digits, '-' and '.')",
+            ));
+        }
+        let endpoint = match self.endpoint.as_deref() {
+            None => None,
+            Some(text) => {
+                let url = Url::parse(text).map_err(|err| {
+                    invalid("storage.s3.endpoint", text, format!("not a URL: {err}"))
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(invalid(
+                        "storage.s3.endpoint",
+                        text,
+                        "expected an http(s) URL like \"https://s3.example.com\"",
+                    ));
+                }
+                Some(url)
+            }
+        };
+        let prefix = self.prefix.unwrap_or_default();
+        let prefix = prefix.trim_matches('/').to_owned();
+        if !prefix.is_empty()
+            && prefix
+                .split('/')
+                .any(|part| matches!(part, "" | "." | ".."))
+        {
+            return Err(invalid(
+                "storage.s3.prefix",
+                &prefix,
+                "expected names separated by '/' (no empty, '.' or '..' parts)",
+            ));
+        }
+        let credentials = match &self.credentials_file {
+            Some(path) => Some(read_credentials_file(path)?),
+            None => match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
+                (Some(id), Some(secret)) => Some((id, Secret::new(secret))),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(invalid(
+                        "AWS_SECRET_ACCESS_KEY",
+                        "",
+                        "must be set with AWS_ACCESS_KEY_ID",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "AWS_ACCESS_KEY_ID",
+                        "",
+                        "must be set with AWS_SECRET_ACCESS_KEY",
+                    ))
+                }
+            },
+        };
+        let redirect_ttl = duration(
+            "storage.s3.redirect_ttl",
+            self.redirect_ttl.as_deref(),
+            Duration::from_secs(600),
+        )?;
+        if redirect_ttl < Duration::from_secs(1)
+            || redirect_ttl > Duration::from_secs(7 * 24 * 3600)
+        {
+            return Err(invalid(
+                "storage.s3.redirect_ttl",
+                self.redirect_ttl.unwrap_or_default(),
+                "expected between 1s and 7d (the S3 limit for presigned URLs)",
+            ));
+        }
+        Ok(S3Config {
+            bucket,
+            endpoint,
+            region: self.region.unwrap_or_else(|| "us-east-1".to_owned()),
+            prefix,
+            path_style: self.path_style.unwrap_or(false),
+            redirect: self.redirect.unwrap_or(false),
+            redirect_ttl,
+            credentials,
+        })
+    }
+}
+
+/// `storage.s3.credentials_file`: `aws_access_key_id` and `aws_secret_access_key` as
+/// `key = value` lines (an AWS shared credentials file with one profile, or an env file with
+/// the `AWS_…` names); `#` comments and `[section]` lines are skipped.
+fn read_credentials_file(path: &Path) -> Result<(String, Secret), ConfigError> {
+    let key = "storage.s3.credentials_file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| invalid(key, path.display(), err.to_string()))?;
+    let (mut id, mut secret) = (None, None);
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(invalid(
+                key,
+                path.display(),
+                "expected `name = value` lines",
+            ));
+        };
+        let value = value.trim().trim_matches('"').to_owned();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "aws_access_key_id" => id = Some(value),
+            "aws_secret_access_key" => secret = Some(Secret::new(value)),
+            _ => {}
+        }
+    }
+    match (id, secret) {
+        (Some(id), Some(secret)) => Ok((id, secret)),
+        _ => Err(invalid(
+            key,
+            path.display(),
+            "needs both aws_access_key_id and aws_secret_access_key",
+        )),
     }
 }
 
@@ -985,6 +1196,85 @@ mod tests {
             "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"",
             "upstream.a.io.username",
         );
+    }
+
+    #[test]
+    fn the_s3_backend_is_checked_and_its_secret_never_printed() {
+        check_error("[storage]\nbackend = \"s3\"", "storage.backend");
+        check_error("[storage]\nbackend = \"nfs\"", "storage.backend");
+        check_error("[storage.s3]\nbucket = \"b\"", "storage.backend");
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nregion = \"x\"",
+            "storage.s3.bucket",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"B_b\"",
+            "storage.s3.bucket",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"ftp://x\"",
+            "storage.s3.endpoint",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nprefix = \"a/../b\"",
+            "storage.s3.prefix",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nredirect_ttl = \"30d\"",
+            "storage.s3.redirect_ttl",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ncredentials_file = \"/nonexistent/creds\"",
+            "storage.s3.credentials_file",
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("credentials");
+        std::fs::write(
+            &file,
+            "[default]\naws_access_key_id = AKID\naws_secret_access_key = s3cr3t-value\n",
+        )
+        .expect("write");
+        let config = Config::parse(&format!(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:8333\"\nprefix = \"/cache/\"\npath_style = true\ncredentials_file = \"{}\"",
+            file.display()
+        ))
+        .expect("valid");
+        let StorageBackend::S3(s3) = &config.storage_backend else {
+            panic!("expected the s3 backend");
+        };
+        assert_eq!(s3.prefix, "cache");
+        assert_eq!(s3.region, "us-east-1");
+        assert!(s3.path_style && !s3.redirect);
+        let (id, secret) = s3.credentials.as_ref().expect("credentials");
+        assert_eq!((id.as_str(), secret.expose()), ("AKID", "s3cr3t-value"));
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        std::fs::write(&file, "AWS_ACCESS_KEY_ID=AKID\n").expect("write");
+        check_error(
+            &format!(
+                "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ncredentials_file = \"{}\"",
+                file.display()
+            ),
+            "needs both",
+        );
+        // The environment: both variables or neither.
+        let raw = || RawS3 {
+            bucket: Some("b".to_owned()),
+            ..RawS3::default()
+        };
+        let only_id = |name: &str| (name == "AWS_ACCESS_KEY_ID").then(|| "AKID".to_owned());
+        let message = raw().validate(only_id).expect_err("half").to_string();
+        assert!(message.contains("AWS_SECRET_ACCESS_KEY"), "{message}");
+        let both = |name: &str| Some(format!("{name}-value"));
+        let s3 = raw().validate(both).expect("valid");
+        assert_eq!(
+            s3.credentials.map(|(id, _)| id).as_deref(),
+            Some("AWS_ACCESS_KEY_ID-value")
+        );
+        assert!(raw()
+            .validate(|_| None)
+            .expect("valid")
+            .credentials
+            .is_none());
     }
 
     #[test]

@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StorageBackend};
 use crate::http::AppState;
 use crate::routing::Resolver;
-use crate::store::{Index, Store, StoreError};
+use crate::store::{Index, LocalDisk, S3Backend, Store, StoreError, Tier};
 
 /// Entry points for the criterion benchmarks (`benches/`); not a stable API.
 #[doc(hidden)]
@@ -57,13 +57,22 @@ pub enum RunError {
     Tls(#[from] server::TlsError),
 }
 
-/// Opens the store and index under the configured path. A corrupt index is moved aside (one
+/// Opens the store and index under the configured path (with `backend = "s3"`, the path
+/// holds the index and the local tier in front of the bucket). A corrupt index is moved aside (one
 /// log line) and the server starts with an empty one; manifests are rebuilt from the store.
 ///
 /// # Errors
 /// [`RunError::Store`].
 pub fn open_storage(config: &Config) -> Result<(Store, Index), RunError> {
-    let store = Store::open_local(&config.storage_path)?;
+    let store = match &config.storage_backend {
+        StorageBackend::Local => Store::open_local(&config.storage_path)?,
+        StorageBackend::S3(s3) => {
+            let bucket = S3Backend::new(s3)?;
+            tracing::debug!(bucket = bucket.name(), "blobs go to the object store");
+            let local = LocalDisk::open(&config.storage_path)?;
+            Store::new(Arc::new(Tier::new(local, Arc::new(bucket))))
+        }
+    };
     let index_path: PathBuf = config.storage_path.join("index");
     let (index, moved_aside) = Index::open(&index_path)?;
     if let Some(aside) = moved_aside {

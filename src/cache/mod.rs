@@ -102,6 +102,9 @@ impl CacheError {
             }
             Self::NotCachedOffline { .. } => ours(Origin::Client, Answer::Unknown),
             Self::Busy => ours(Origin::Overload, Answer::Busy),
+            Self::Store(err) if err.unavailable_store().is_some() => {
+                ours(Origin::Internal, Answer::StoreUnavailable)
+            }
             Self::Store(_) | Self::FillAborted | Self::Shared(_) => {
                 ours(Origin::Internal, Answer::Internal)
             }
@@ -117,11 +120,20 @@ impl CacheError {
         }
     }
 
+    /// The object store that could not be reached, if that is the error.
+    pub fn object_store(&self) -> Option<&str> {
+        match self.root() {
+            Self::Store(err) => err.unavailable_store(),
+            _ => None,
+        }
+    }
+
     /// The `Retry-After` to send, if any.
     pub fn retry_after(&self) -> Option<String> {
         match self.root() {
             Self::Upstream(err) => err.retry_after(),
             Self::Busy => Some("1".to_owned()),
+            Self::Store(err) if err.unavailable_store().is_some() => Some("5".to_owned()),
             _ => None,
         }
     }
@@ -569,6 +581,20 @@ impl Cache {
             )))),
             phase,
         }))
+    }
+
+    /// Where a client may fetch a cached blob directly (a short-lived presigned URL of the
+    /// object store), `None` when the blob is not in the bucket or the bucket cannot say: the
+    /// request is then answered as usual (from the local tier when it has the blob).
+    pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+        let (_, namespace) = self.upstream(target);
+        match self.store.presigned_get(namespace, digest).await {
+            Ok(location) => location,
+            Err(err) => {
+                tracing::warn!(error = %err, %digest, "cannot redirect to the object store; serving the blob");
+                None
+            }
+        }
     }
 
     /// Streams a blob from the upstream without caching it (the store cannot be written).

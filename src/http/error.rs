@@ -156,6 +156,14 @@ impl ApiError {
                 "TOOMANYREQUESTS",
                 "too many upstream fills in progress".to_owned(),
             ),
+            Answer::StoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!(
+                    "object store {} is unavailable",
+                    err.object_store().unwrap_or("(unknown)")
+                ),
+            ),
             Answer::Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "UNKNOWN",

@@ -31,6 +31,8 @@ pub(crate) struct AppState {
     budget: Option<u64>,
     /// Client authentication and grants (`None`: off).
     pub(crate) auth: Option<super::auth::Authenticator>,
+    /// `storage.s3.redirect`: blob GETs answered `307` to the object store.
+    blob_redirects: bool,
 }
 
 impl AppState {
@@ -52,6 +54,10 @@ impl AppState {
             status_page: config.status_page,
             budget: config.max_size,
             auth: config.auth.as_ref().map(super::auth::Authenticator::new),
+            blob_redirects: matches!(
+                &config.storage_backend,
+                crate::config::StorageBackend::S3(s3) if s3.redirect
+            ),
         }
     }
 }
@@ -319,6 +325,11 @@ async fn blob<B>(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map_or(RangeRequest::Full, parse_range);
+    if state.blob_redirects && request.method() == Method::GET {
+        if let Some(location) = state.cache.blob_redirect(target, digest).await {
+            return Ok((redirect(&location, digest), Some(CachePhase::Hit)));
+        }
+    }
     let answer = state
         .cache
         .blob(target, digest, range)
@@ -383,6 +394,18 @@ async fn blob<B>(
         _ => {}
     }
     Ok((response, Some(phase)))
+}
+
+/// `307` to where the client fetches a blob itself (a presigned object store URL). The
+/// client's `Range`, if any, goes with it.
+fn redirect(location: &str, digest: &Digest) -> Response<Body> {
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    let headers = response.headers_mut();
+    headers.insert(header::LOCATION, header_value(location));
+    headers.insert("docker-content-digest", header_value(&digest.to_string()));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    response
 }
 
 /// Parses a single `bytes=` range; anything else (multiple ranges, other units) is served as

@@ -2,16 +2,19 @@
 //!
 //! The store keeps every policy that does not depend on the medium (hashing while writing,
 //! refusing a commit whose digest does not match, holding usage figures, chunked reads for
-//! responses); a backend only moves bytes. Today there is one backend, [`LocalDisk`]
-//! (`super::local`). An object-store backend (S3, issue 12) is a second implementation of the
-//! same trait, and a size-bounded local tier in front of it is a third that owns a `LocalDisk`
-//! and an inner `Arc<dyn BlobBackend>`: it stages and serves locally and copies commits to the
-//! inner backend.
+//! responses); a backend only moves bytes. [`LocalDisk`] (`super::local`) keeps them in a
+//! directory; [`S3Backend`] (`super::s3`) in an object store bucket; [`Tier`] (`super::tier`)
+//! owns a `LocalDisk` and an inner `Arc<dyn BlobBackend>` (the bucket): it stages and serves
+//! locally, writes commits through to the bucket and promotes what only the bucket has.
 //!
 //! The methods are blocking: the store calls them on tokio's blocking threads, as local file
-//! I/O must be. A network backend runs its requests there with `Handle::block_on`.
+//! I/O must be. A network backend runs its requests there with `Handle::block_on`, so the
+//! methods the store calls from async code (`stage`, `stat`, `remove`) must not touch the
+//! network: the tier answers them from its local disk.
 //!
 //! [`LocalDisk`]: super::LocalDisk
+//! [`S3Backend`]: super::S3Backend
+//! [`Tier`]: super::Tier
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -75,11 +78,17 @@ pub trait StagedWrite: Send + fmt::Debug {
 
 /// Where blobs and manifests live. See the module documentation.
 pub trait BlobBackend: Send + Sync + fmt::Debug {
-    /// Starts a staged object.
+    /// Starts a staged object that is meant to become `(namespace, digest)` (an object
+    /// store uploads straight to that name, visible only when completed). Called from async
+    /// code: no network.
     ///
     /// # Errors
     /// [`StoreError::Io`] when it cannot be created (disk full, read-only).
-    fn stage(&self) -> Result<Box<dyn StagedWrite>, StoreError>;
+    fn stage(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Box<dyn StagedWrite>, StoreError>;
 
     /// Opens a staged object for reading; `None` when it is gone (committed or discarded).
     ///
@@ -123,6 +132,39 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
 
     /// Calls `visit` with every committed object.
     fn list(&self, visit: &mut dyn FnMut(ListedBlob));
+
+    /// Copies a committed object that only a slower tier holds (the bucket) into the fast one,
+    /// verified; returns its length, `None` when no tier has it (or its bytes did not match).
+    /// Backends without tiers have nothing to promote.
+    ///
+    /// # Errors
+    /// The slower tier's failure other than "not found" ([`StoreError::Unavailable`]).
+    fn promote(&self, _namespace: &Namespace, _digest: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
+    /// A short-lived URL from which a client may GET a committed object directly (a presigned
+    /// object store URL); `None` when the backend has none or the object is not there.
+    ///
+    /// # Errors
+    /// The backend's failure.
+    fn presigned_get(
+        &self,
+        _namespace: &Namespace,
+        _digest: &Digest,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Whether the backend can take new objects now (readiness); the default stages a probe
+    /// and discards it.
+    ///
+    /// # Errors
+    /// Why it cannot.
+    fn check_ready(&self) -> Result<(), StoreError> {
+        let probe = Digest::of(b"");
+        self.stage(&Namespace::new("readyz"), &probe).map(drop)
+    }
 
     /// Discards staged objects older than `age` (all of them with `Duration::ZERO`) that a
     /// crashed or killed process left behind; returns how many and their bytes.

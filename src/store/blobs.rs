@@ -75,7 +75,7 @@ impl DigestCheck {
 
 /// Whether `bytes` are the content of `digest`: their sha256, or for a signed schema1
 /// manifest the digest of its payload.
-fn small_content_matches(bytes: &[u8], digest: &Digest) -> bool {
+pub(super) fn small_content_matches(bytes: &[u8], digest: &Digest) -> bool {
     Digest::of(bytes) == *digest
         || sniff_media_type(bytes)
             .filter(|m| m.is_schema1())
@@ -173,13 +173,14 @@ impl Store {
         self.backend.discard_staged(age)
     }
 
-    /// Whether a new object can be staged (readiness). The probe is discarded.
+    /// Whether new objects can be stored (readiness): a probe staged and discarded, and with an
+    /// object store, the bucket answering.
     ///
     /// # Errors
     /// [`StoreError::Io`] when it cannot.
     pub async fn check_writable(self: &Arc<Self>) -> Result<(), StoreError> {
         let store = Arc::clone(self);
-        blocking(move || store.backend.stage().map(drop)).await
+        blocking(move || store.backend.check_ready()).await
     }
 
     /// The size of `digest`, `None` when it is not stored. Blocking (one `stat`).
@@ -195,6 +196,37 @@ impl Store {
         self.stat(namespace, digest).ok().flatten().is_some()
     }
 
+    /// Opens a committed object, promoting it from a slower tier (the bucket) when only that
+    /// has it. Blocking.
+    fn open_object(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        if let Some(source) = self.backend.open(namespace, digest)? {
+            return Ok(Some(source));
+        }
+        let Some(len) = self.backend.promote(namespace, digest)? else {
+            return Ok(None);
+        };
+        self.account_added(len);
+        self.backend.open(namespace, digest)
+    }
+
+    /// A short-lived URL from which a client may fetch `digest` directly (`redirect = true`
+    /// with an object store); `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn presigned_get(
+        self: &Arc<Self>,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<String>, StoreError> {
+        let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
+        blocking(move || store.backend.presigned_get(&namespace, &digest)).await
+    }
+
     /// Opens `digest` for reading, or `None` when it is not stored.
     ///
     /// # Errors
@@ -206,7 +238,7 @@ impl Store {
     ) -> Result<Option<StoredBlob>, StoreError> {
         let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
         blocking(move || {
-            let Some(source) = store.backend.open(&namespace, &digest)? else {
+            let Some(source) = store.open_object(&namespace, &digest)? else {
                 return Ok(None);
             };
             let size = source
@@ -228,7 +260,7 @@ impl Store {
         digest: &Digest,
         max_len: usize,
     ) -> Result<Option<Bytes>, StoreError> {
-        let Some(mut source) = self.backend.open(namespace, digest)? else {
+        let Some(mut source) = self.open_object(namespace, digest)? else {
             return Ok(None);
         };
         let io_error = StoreError::io("read", digest.hex());
@@ -271,7 +303,7 @@ impl Store {
                 actual: Digest::of(bytes),
             });
         }
-        let mut staged = self.backend.stage()?;
+        let mut staged = self.backend.stage(namespace, digest)?;
         staged.append(bytes)?;
         let len = staged.commit(namespace, digest)?;
         self.account_added(len);
@@ -291,7 +323,7 @@ impl Store {
         digest: &Digest,
         reader: &mut dyn std::io::Read,
     ) -> Result<u64, StoreError> {
-        let mut staged = self.backend.stage()?;
+        let mut staged = self.backend.stage(namespace, digest)?;
         let mut check = DigestCheck::default();
         let mut buffer = vec![0u8; READ_CHUNK];
         loop {
@@ -349,7 +381,7 @@ impl Store {
         namespace: &Namespace,
         digest: &Digest,
     ) -> Result<Option<bool>, StoreError> {
-        let Some(mut source) = self.backend.open(namespace, digest)? else {
+        let Some(mut source) = self.open_object(namespace, digest)? else {
             return Ok(None);
         };
         let io_error = StoreError::io("verify", digest.hex());

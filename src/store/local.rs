@@ -89,7 +89,11 @@ fn open_file(path: &Path) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
 }
 
 impl BlobBackend for LocalDisk {
-    fn stage(&self) -> Result<Box<dyn StagedWrite>, StoreError> {
+    fn stage(
+        &self,
+        _namespace: &Namespace,
+        _digest: &Digest,
+    ) -> Result<Box<dyn StagedWrite>, StoreError> {
         let sequence = self.staged_counter.fetch_add(1, Ordering::Relaxed);
         let id = StagedId(format!("{}-{sequence}.part", std::process::id()));
         let path = self.dirs.staged_path(&id);
@@ -328,7 +332,7 @@ mod tests {
         let disk = LocalDisk::open(dir.path()).expect("open");
         let namespace = Namespace::new("registry.test");
         let digest = Digest::of(b"hello");
-        let mut staged = disk.stage().expect("stage");
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
         let id = staged.id().clone();
         staged.append(b"hello").expect("append");
         assert!(disk.open_staged(&id).expect("open staged").is_some());

@@ -6,8 +6,8 @@
 //! writes and refuses to commit bytes that do not match their digest ([`BlobWriter`],
 //! [`Store::put_verified`]), so "only verified bytes are stored" holds by construction.
 //!
-//! The seam for other media is [`BlobBackend`] (see `backend.rs`): [`LocalDisk`] today, an
-//! object store (S3) and a size-bounded local tier in front of it next, behind the same
+//! The seam for other media is [`BlobBackend`] (see `backend.rs`): [`LocalDisk`], or an
+//! object store ([`S3Backend`]) behind a size-bounded local tier ([`Tier`]), behind the same
 //! concrete [`Store`] that the cache holds.
 //!
 //! `store` knows nothing about upstreams' protocol, the cache's policies or HTTP. An upstream
@@ -18,14 +18,18 @@ mod backend;
 mod blobs;
 mod index;
 mod local;
+mod s3;
 #[cfg(test)]
 mod tests;
+mod tier;
 mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;
+pub use s3::S3Backend;
+pub use tier::Tier;
 pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
 
 use crate::oci::Digest;
@@ -69,6 +73,19 @@ pub enum StoreError {
         /// The digest of the bytes.
         actual: Digest,
     },
+    /// The object store (S3) could not be reached or refused the request; nothing was stored.
+    #[error("object store {store}: {action} {object}: {source}")]
+    Unavailable {
+        /// The bucket, as `s3://bucket/prefix`.
+        store: String,
+        /// What was being done.
+        action: &'static str,
+        /// What it was done to.
+        object: String,
+        /// The failure.
+        #[source]
+        source: Box<object_store::Error>,
+    },
     /// The index database failed.
     #[error("index database: {0}")]
     Index(#[from] sled::Error),
@@ -84,6 +101,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The object store that could not be reached, for [`StoreError::Unavailable`].
+    pub fn unavailable_store(&self) -> Option<&str> {
+        match self {
+            Self::Unavailable { store, .. } => Some(store),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(
         action: &'static str,
         object: impl std::fmt::Display,

@@ -84,7 +84,7 @@ impl Store {
         namespace: &Namespace,
         digest: &Digest,
     ) -> Result<BlobWriter, StoreError> {
-        let staged = self.backend.stage()?;
+        let staged = self.backend.stage(namespace, digest)?;
         let (state, progress) = watch::channel(WriteState::Writing(0));
         Ok(BlobWriter {
             store: Arc::clone(self),

@@ -59,6 +59,9 @@ pub enum Answer {
     TooLarge,
     /// 503 `TOOMANYREQUESTS` with `Retry-After`: our fill limit.
     Busy,
+    /// 503 `UNAVAILABLE` with `Retry-After`: the object store (`[storage.s3]`) cannot be
+    /// reached.
+    StoreUnavailable,
     /// 500 `UNKNOWN`.
     Internal,
 }

@@ -1,0 +1,157 @@
+//! [`Tier`]: a local disk in front of a shared bucket (`[storage] backend = "s3"`).
+//!
+//! - Writes go to both: the local staged file (which readers of a fill follow, as with the
+//!   local backend) and the bucket's upload, part by part while the fill runs. A commit
+//!   completes the bucket upload first, then the local file: a blob is never visible locally
+//!   without being in the bucket, and in neither before the store verified its digest.
+//! - Reads are local. A blob only the bucket has (another replica fetched it) is promoted:
+//!   copied into the local tier while hashing, committed there only when it matches its
+//!   digest, then served from the local file.
+//! - Eviction (`storage.max_size`) removes local copies only; the bucket keeps every object
+//!   (its size is the bucket's business: a lifecycle rule, or `regcache gc` on a replica).
+//! - `stage`, `stat` and `remove` touch only the local disk, so the store may call them from
+//!   async code; everything that talks to the bucket runs on the store's blocking threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::blobs::{small_content_matches, DigestCheck, READ_CHUNK};
+use super::{LocalDisk, Namespace, StoreError};
+use crate::oci::{Digest, MAX_MANIFEST_BYTES};
+
+/// A local disk in front of a bucket. See the module documentation.
+#[derive(Debug)]
+pub struct Tier {
+    local: LocalDisk,
+    bucket: Arc<dyn BlobBackend>,
+}
+
+impl Tier {
+    /// `local` in front of `bucket`.
+    pub fn new(local: LocalDisk, bucket: Arc<dyn BlobBackend>) -> Self {
+        Self { local, bucket }
+    }
+}
+
+impl BlobBackend for Tier {
+    fn stage(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Box<dyn StagedWrite>, StoreError> {
+        Ok(Box::new(TierWrite {
+            local: self.local.stage(namespace, digest)?,
+            bucket: self.bucket.stage(namespace, digest)?,
+        }))
+    }
+
+    fn open_staged(&self, id: &StagedId) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        self.local.open_staged(id)
+    }
+
+    fn open(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        self.local.open(namespace, digest)
+    }
+
+    fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.local.stat(namespace, digest)
+    }
+
+    fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        self.local.remove(namespace, digest)
+    }
+
+    fn quarantine(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(u64, String), StoreError> {
+        self.local.quarantine(namespace, digest)
+    }
+
+    fn list(&self, visit: &mut dyn FnMut(ListedBlob)) {
+        self.local.list(visit);
+    }
+
+    fn discard_staged(&self, age: Duration) -> Result<(usize, u64), StoreError> {
+        self.local.discard_staged(age)
+    }
+
+    fn promote(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let Some(mut source) = self.bucket.open(namespace, digest)? else {
+            return Ok(None);
+        };
+        let read_error = StoreError::io("read from the bucket", digest);
+        let size = source.size().map_err(&read_error)?;
+        let mut staged = self.local.stage(namespace, digest)?;
+        let mut check = DigestCheck::default();
+        // A manifest may be schema1, whose digest covers its payload only: keep it whole.
+        let mut small = (size <= MAX_MANIFEST_BYTES as u64).then(Vec::new);
+        let mut offset = 0;
+        while offset < size {
+            let len = usize::try_from(size - offset)
+                .unwrap_or(READ_CHUNK)
+                .min(READ_CHUNK);
+            let chunk = source.read_at(offset, len).map_err(&read_error)?;
+            check.update(&chunk);
+            if let Some(small) = &mut small {
+                small.extend_from_slice(&chunk);
+            }
+            staged.append(&chunk)?;
+            offset += chunk.len() as u64;
+        }
+        let matches = check.digest() == *digest
+            || small.is_some_and(|bytes| small_content_matches(&bytes, digest));
+        if !matches {
+            // Dropping `staged` discards it; the client's request goes on as a miss.
+            tracing::error!(%digest, namespace = namespace.as_str(), "the bucket's object does not match its digest; not served");
+            return Ok(None);
+        }
+        staged.commit(namespace, digest).map(Some)
+    }
+
+    fn presigned_get(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<String>, StoreError> {
+        self.bucket.presigned_get(namespace, digest)
+    }
+
+    fn check_ready(&self) -> Result<(), StoreError> {
+        self.local.check_ready()?;
+        self.bucket.check_ready()
+    }
+}
+
+/// A blob staged on both tiers.
+#[derive(Debug)]
+struct TierWrite {
+    local: Box<dyn StagedWrite>,
+    bucket: Box<dyn StagedWrite>,
+}
+
+impl StagedWrite for TierWrite {
+    /// The local staged file, which readers follow.
+    fn id(&self) -> &StagedId {
+        self.local.id()
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        // Local first: readers following the fill see the bytes while a part uploads.
+        self.local.append(bytes)?;
+        self.bucket.append(bytes)
+    }
+
+    fn commit(self: Box<Self>, namespace: &Namespace, digest: &Digest) -> Result<u64, StoreError> {
+        let Self { local, bucket } = *self;
+        // On failure `local` is dropped, which discards it: never local without the bucket.
+        bucket.commit(namespace, digest)?;
+        local.commit(namespace, digest)
+    }
+}
