@@ -201,9 +201,13 @@ async fn run_fill(job: FillJob, writer: BlobWriter, guard: FillGuard) {
             tracing::warn!(error = %err, "fill failed");
             match &err {
                 CacheError::DigestMismatch { .. } => job.source.digest_mismatch(err.to_string()),
-                CacheError::Store(_) => {
+                CacheError::Store(store_err) => {
                     job.metrics.store_write_errors.inc();
-                    job.store_trouble.mark();
+                    // An object store outage already fails misses at lookup (503) until it is
+                    // back; streaming around the store is for a local disk that cannot write.
+                    if store_err.unavailable_store().is_none() {
+                        job.store_trouble.mark();
+                    }
                 }
                 _ => {}
             }

@@ -14,7 +14,8 @@
 //! - [`inproc`]: the proxy under test in process, on a port-0 listener, with an adjustable
 //!   clock for TTLs and cooldowns;
 //! - [`faultproxy`]: a switchable TCP proxy (pass, hang, refuse, delay) in front of the real
-//!   upstream.
+//!   upstream;
+//! - [`seaweed`]: a real S3-compatible object store (SeaweedFS) for `[storage] backend = "s3"`.
 //!
 //! Everything listens on 127.0.0.1 only; every wait is bounded in time; child
 //! processes are killed on drop.
@@ -30,6 +31,7 @@ pub mod inproc;
 pub mod pki;
 pub mod proxy;
 pub mod regclient;
+pub mod seaweed;
 pub mod token;
 pub mod upstream;
 
