@@ -155,3 +155,81 @@ impl StagedWrite for TierWrite {
         local.commit(namespace, digest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A tier whose "bucket" is a second local disk, so that a test can look into it.
+    fn tier() -> (tempfile::TempDir, Arc<LocalDisk>, Arc<Store>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bucket = Arc::new(LocalDisk::open(&dir.path().join("bucket")).expect("bucket"));
+        let local = LocalDisk::open(&dir.path().join("local")).expect("local");
+        let tier = Tier::new(local, Arc::clone(&bucket) as Arc<dyn BlobBackend>);
+        (dir, bucket, Arc::new(Store::new(Arc::new(tier))))
+    }
+
+    #[tokio::test]
+    async fn commits_reach_the_bucket_eviction_keeps_them_and_reads_promote_them_verified() {
+        let (_dir, bucket, store) = tier();
+        let namespace = Namespace::new("registry.test");
+        let bytes = vec![3u8; 600 * 1024];
+        let digest = Digest::of(&bytes);
+        let mut writer = store.writer(&namespace, &digest).expect("writer");
+        writer.write(&bytes).await.expect("write");
+        writer
+            .finish()
+            .await
+            .expect("verified")
+            .commit()
+            .await
+            .expect("commit");
+        assert_eq!(
+            bucket.stat(&namespace, &digest).expect("stat"),
+            Some(600 * 1024)
+        );
+        assert_eq!(
+            store.stat(&namespace, &digest).expect("stat"),
+            Some(600 * 1024)
+        );
+
+        // Evicted locally: the bucket keeps it, and the next read brings it back.
+        store.remove(&namespace, &digest).expect("remove");
+        assert!(!store.contains(&namespace, &digest));
+        assert!(bucket.stat(&namespace, &digest).expect("stat").is_some());
+        let usage = store.usage().bytes;
+        let opened = store.open(&namespace, &digest).await.expect("open");
+        assert_eq!(opened.map(|blob| blob.size()), Some(600 * 1024));
+        assert!(store.contains(&namespace, &digest));
+        assert_eq!(store.usage().bytes, usage + 600 * 1024);
+
+        // A bucket object that does not match its digest is never promoted.
+        let rotten = Digest::of(b"what the name promises");
+        let mut staged = bucket.stage(&namespace, &rotten).expect("stage");
+        staged.append(b"something else").expect("append");
+        staged.commit(&namespace, &rotten).expect("commit");
+        assert!(store
+            .open(&namespace, &rotten)
+            .await
+            .expect("open")
+            .is_none());
+        assert!(!store.contains(&namespace, &rotten));
+    }
+
+    #[tokio::test]
+    async fn a_mismatch_reaches_neither_tier() {
+        let (_dir, bucket, store) = tier();
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"expected");
+        let mut writer = store.writer(&namespace, &digest).expect("writer");
+        writer.write(b"unexpected").await.expect("write");
+        assert!(writer.finish().await.is_err());
+        assert!(!store.contains(&namespace, &digest));
+        assert!(bucket.stat(&namespace, &digest).expect("stat").is_none());
+        assert_eq!(
+            store.discard_staged(Duration::ZERO).expect("discard"),
+            (0, 0)
+        );
+    }
+}
