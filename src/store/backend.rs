@@ -134,8 +134,9 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     fn list(&self, visit: &mut dyn FnMut(ListedBlob));
 
     /// Copies a committed object that only a slower tier holds (the bucket) into the fast one,
-    /// verified; returns its length, `None` when no tier has it (or its bytes did not match).
-    /// Backends without tiers have nothing to promote.
+    /// verified; returns the bytes it added (`Some(0)` when a concurrent caller promoted it),
+    /// `None` when no tier has it (or its bytes did not match). Backends without tiers have
+    /// nothing to promote.
     ///
     /// # Errors
     /// The slower tier's failure other than "not found" ([`StoreError::Unavailable`]).

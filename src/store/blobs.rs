@@ -206,10 +206,12 @@ impl Store {
         if let Some(source) = self.backend.open(namespace, digest)? {
             return Ok(Some(source));
         }
-        let Some(len) = self.backend.promote(namespace, digest)? else {
+        let Some(added) = self.backend.promote(namespace, digest)? else {
             return Ok(None);
         };
-        self.account_added(len);
+        if added > 0 {
+            self.account_added(added);
+        }
         self.backend.open(namespace, digest)
     }
 

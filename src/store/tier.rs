@@ -12,7 +12,8 @@
 //! - `stage`, `stat` and `remove` touch only the local disk, so the store may call them from
 //!   async code; everything that talks to the bucket runs on the store's blocking threads.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
@@ -25,12 +26,60 @@ use crate::oci::{Digest, MAX_MANIFEST_BYTES};
 pub struct Tier {
     local: LocalDisk,
     bucket: Arc<dyn BlobBackend>,
+    /// One promotion per object at a time: concurrent readers of a bucket-only blob wait for
+    /// the first one's copy instead of each downloading it.
+    promoting: Mutex<Gates>,
 }
+
+/// A lock per object being promoted.
+type Gates = HashMap<(Namespace, Digest), Arc<Mutex<()>>>;
 
 impl Tier {
     /// `local` in front of `bucket`.
     pub fn new(local: LocalDisk, bucket: Arc<dyn BlobBackend>) -> Self {
-        Self { local, bucket }
+        Self {
+            local,
+            bucket,
+            promoting: Mutex::default(),
+        }
+    }
+
+    /// Copies `(namespace, digest)` from the bucket into the local tier, verified.
+    fn copy_from_bucket(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(mut source) = self.bucket.open(namespace, digest)? else {
+            return Ok(None);
+        };
+        let read_error = StoreError::io("read from the bucket", digest);
+        let size = source.size().map_err(&read_error)?;
+        let mut staged = self.local.stage(namespace, digest)?;
+        let mut check = DigestCheck::default();
+        // A manifest may be schema1, whose digest covers its payload only: keep it whole.
+        let mut small = (size <= MAX_MANIFEST_BYTES as u64).then(Vec::new);
+        let mut offset = 0;
+        while offset < size {
+            let len = usize::try_from(size - offset)
+                .unwrap_or(READ_CHUNK)
+                .min(READ_CHUNK);
+            let chunk = source.read_at(offset, len).map_err(&read_error)?;
+            check.update(&chunk);
+            if let Some(small) = &mut small {
+                small.extend_from_slice(&chunk);
+            }
+            staged.append(&chunk)?;
+            offset += chunk.len() as u64;
+        }
+        let matches = check.digest() == *digest
+            || small.is_some_and(|bytes| small_content_matches(&bytes, digest));
+        if !matches {
+            // Dropping `staged` discards it; the client's request goes on as a miss.
+            tracing::error!(%digest, namespace = namespace.as_str(), "the bucket's object does not match its digest; not served");
+            return Ok(None);
+        }
+        staged.commit(namespace, digest).map(Some)
     }
 }
 
@@ -83,36 +132,28 @@ impl BlobBackend for Tier {
     }
 
     fn promote(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let Some(mut source) = self.bucket.open(namespace, digest)? else {
-            return Ok(None);
-        };
-        let read_error = StoreError::io("read from the bucket", digest);
-        let size = source.size().map_err(&read_error)?;
-        let mut staged = self.local.stage(namespace, digest)?;
-        let mut check = DigestCheck::default();
-        // A manifest may be schema1, whose digest covers its payload only: keep it whole.
-        let mut small = (size <= MAX_MANIFEST_BYTES as u64).then(Vec::new);
-        let mut offset = 0;
-        while offset < size {
-            let len = usize::try_from(size - offset)
-                .unwrap_or(READ_CHUNK)
-                .min(READ_CHUNK);
-            let chunk = source.read_at(offset, len).map_err(&read_error)?;
-            check.update(&chunk);
-            if let Some(small) = &mut small {
-                small.extend_from_slice(&chunk);
+        let key = (namespace.clone(), *digest);
+        let gate = Arc::clone(
+            self.promoting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default(),
+        );
+        let result = {
+            let _one_at_a_time = gate.lock().unwrap_or_else(|p| p.into_inner());
+            if self.local.stat(namespace, digest)?.is_some() {
+                // Promoted by the caller we waited for.
+                Ok(Some(0))
+            } else {
+                self.copy_from_bucket(namespace, digest)
             }
-            staged.append(&chunk)?;
-            offset += chunk.len() as u64;
-        }
-        let matches = check.digest() == *digest
-            || small.is_some_and(|bytes| small_content_matches(&bytes, digest));
-        if !matches {
-            // Dropping `staged` discards it; the client's request goes on as a miss.
-            tracing::error!(%digest, namespace = namespace.as_str(), "the bucket's object does not match its digest; not served");
-            return Ok(None);
-        }
-        staged.commit(namespace, digest).map(Some)
+        };
+        self.promoting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        result
     }
 
     fn presigned_get(
@@ -215,6 +256,35 @@ mod tests {
             .expect("open")
             .is_none());
         assert!(!store.contains(&namespace, &rotten));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_readers_of_a_bucket_only_blob_promote_it_once() {
+        let (_dir, _bucket, store) = tier();
+        let namespace = Namespace::new("registry.test");
+        let bytes = vec![9u8; 2 << 20];
+        let digest = Digest::of(&bytes);
+        store
+            .put_verified(&namespace, &digest, &bytes)
+            .expect("put");
+        store.remove(&namespace, &digest).expect("evict locally");
+        let before = store.usage();
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, namespace) = (Arc::clone(&store), namespace.clone());
+                tokio::spawn(async move { store.open(&namespace, &digest).await })
+            })
+            .collect();
+        for reader in readers {
+            let opened = reader.await.expect("reader task").expect("open");
+            assert_eq!(opened.map(|blob| blob.size()), Some(2 << 20));
+        }
+        let after = store.usage();
+        assert_eq!(
+            (after.bytes - before.bytes, after.files - before.files),
+            (2 << 20, 1),
+            "promoted more than once"
+        );
     }
 
     #[tokio::test]
