@@ -82,6 +82,26 @@ pub(super) fn small_content_matches(bytes: &[u8], digest: &Digest) -> bool {
             .is_some_and(|media_type| manifest_digest(bytes, &media_type) == *digest)
 }
 
+/// Reads `size` bytes of `source` front to back in [`READ_CHUNK`] pieces, handing each to
+/// `each`. Blocking.
+pub(super) fn for_each_chunk(
+    source: &mut dyn BlobRead,
+    size: u64,
+    read_error: &dyn Fn(std::io::Error) -> StoreError,
+    mut each: impl FnMut(&Bytes) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut offset = 0;
+    while offset < size {
+        let len = usize::try_from(size - offset)
+            .unwrap_or(READ_CHUNK)
+            .min(READ_CHUNK);
+        let chunk = source.read_at(offset, len).map_err(read_error)?;
+        each(&chunk)?;
+        offset += chunk.len() as u64;
+    }
+    Ok(())
+}
+
 /// Reads `len` bytes at `offset` on a blocking thread; the source comes back with them.
 async fn read_blocking(
     mut source: Box<dyn BlobRead>,
@@ -389,15 +409,10 @@ impl Store {
         let io_error = StoreError::io("verify", digest.hex());
         let size = source.size().map_err(&io_error)?;
         let mut check = DigestCheck::default();
-        let mut offset = 0;
-        while offset < size {
-            let len = usize::try_from(size - offset)
-                .unwrap_or(READ_CHUNK)
-                .min(READ_CHUNK);
-            let chunk = source.read_at(offset, len).map_err(&io_error)?;
-            check.update(&chunk);
-            offset += chunk.len() as u64;
-        }
+        for_each_chunk(source.as_mut(), size, &io_error, |chunk| {
+            check.update(chunk);
+            Ok(())
+        })?;
         if check.digest() == *digest {
             return Ok(Some(true));
         }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
-use super::blobs::{small_content_matches, DigestCheck, READ_CHUNK};
+use super::blobs::{for_each_chunk, small_content_matches, DigestCheck};
 use super::{LocalDisk, Namespace, StoreError};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES};
 
@@ -59,19 +59,13 @@ impl Tier {
         let mut check = DigestCheck::default();
         // A manifest may be schema1, whose digest covers its payload only: keep it whole.
         let mut small = (size <= MAX_MANIFEST_BYTES as u64).then(Vec::new);
-        let mut offset = 0;
-        while offset < size {
-            let len = usize::try_from(size - offset)
-                .unwrap_or(READ_CHUNK)
-                .min(READ_CHUNK);
-            let chunk = source.read_at(offset, len).map_err(&read_error)?;
-            check.update(&chunk);
+        for_each_chunk(source.as_mut(), size, &read_error, |chunk| {
+            check.update(chunk);
             if let Some(small) = &mut small {
-                small.extend_from_slice(&chunk);
+                small.extend_from_slice(chunk);
             }
-            staged.append(&chunk)?;
-            offset += chunk.len() as u64;
-        }
+            staged.append(chunk)
+        })?;
         let matches = check.digest() == *digest
             || small.is_some_and(|bytes| small_content_matches(&bytes, digest));
         if !matches {
