@@ -167,6 +167,7 @@ struct RawS3 {
     path_style: Option<bool>,
     redirect: Option<bool>,
     redirect_ttl: Option<String>,
+    timeout: Option<String>,
     credentials_file: Option<PathBuf>,
 }
 
@@ -299,6 +300,9 @@ pub struct S3Config {
     pub redirect: bool,
     /// How long a presigned URL is valid.
     pub redirect_ttl: Duration,
+    /// How long a request to the bucket may wait for its answer (connect included), or a
+    /// download for its next bytes; a part upload gets 12 times as long.
+    pub timeout: Duration,
     /// Access key id and secret (`None`: the environment's instance or web identity
     /// credentials, as the AWS SDKs find them).
     pub credentials: Option<(String, Secret)>,
@@ -671,7 +675,16 @@ impl RawS3 {
                 "expected between 1s and 7d (the S3 limit for presigned URLs)",
             ));
         }
+        let timeout = duration(
+            "storage.s3.timeout",
+            self.timeout.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        if timeout.is_zero() {
+            return Err(invalid("storage.s3.timeout", "0s", "must be positive"));
+        }
         Ok(S3Config {
+            timeout,
             bucket,
             endpoint,
             region: self.region.unwrap_or_else(|| "us-east-1".to_owned()),
@@ -1222,6 +1235,10 @@ mod tests {
         check_error(
             "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nredirect_ttl = \"30d\"",
             "storage.s3.redirect_ttl",
+        );
+        check_error(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ntimeout = \"0s\"",
+            "storage.s3.timeout",
         );
         check_error(
             "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ncredentials_file = \"/nonexistent/creds\"",

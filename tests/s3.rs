@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::fake::{FakeRegistry, Fault};
+use common::faultproxy::{FaultProxy, Mode};
 use common::images::{self, seeded_bytes};
 use common::proxy::{TestProxy, UpstreamSpec};
 use common::regclient::sha256_digest;
@@ -55,6 +56,23 @@ async fn readiness(proxy: &TestProxy) -> (StatusCode, String) {
     let ready: serde_json::Value = serde_json::from_slice(&body).expect("readyz JSON");
     let problem = ready["problem"].as_str().unwrap_or_default().to_owned();
     (status, problem)
+}
+
+/// Waits (at most 10 s) until the bucket holds `digest`, verified.
+async fn wait_in_bucket(store: &Seaweed, digest: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store
+        .assert_all_verified(PREFIX)
+        .await
+        .iter()
+        .any(|d| d == digest)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{digest} never reached the bucket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Names of the files under a replica's local tier.
@@ -210,6 +228,7 @@ async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objec
         fetch(&blob_url(&small_digest)).await,
         (StatusCode::OK, small.clone().into())
     );
+    wait_in_bucket(&store, &small_digest).await;
 
     let response = client()
         .get(blob_url(&big_digest))
@@ -279,22 +298,12 @@ async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objec
         (StatusCode::OK, big.clone().into())
     );
     // The body completes once verified; the upload completes right after.
+    wait_in_bucket(&store, &big_digest).await;
+    let mut in_bucket = store.assert_all_verified(PREFIX).await;
+    in_bucket.sort();
     let mut expected = vec![small_digest, big_digest];
     expected.sort();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut in_bucket = store.assert_all_verified(PREFIX).await;
-        in_bucket.sort();
-        if in_bucket == expected {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refilled blob never reached the bucket: {in_bucket:?}\n{}",
-            proxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_eq!(in_bucket, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,4 +333,54 @@ async fn a_wrong_secret_keeps_the_replica_unready_and_misses_answer_503() {
     let (status, _) = fetch(&format!("{}/v2/test/app/blobs/{digest}", proxy.url())).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(store.objects(PREFIX).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_fails_misses_within_its_timeout() {
+    let store = Seaweed::start("hang").await;
+    let front = FaultProxy::start(store.endpoint().trim_start_matches("http://")).await;
+    let cached = seeded_bytes("s3-hang-cached", 4096);
+    let missing = seeded_bytes("s3-hang-missing", 4096);
+    let fake = FakeRegistry::builder()
+        .blob(cached.clone())
+        .blob(missing.clone())
+        .start()
+        .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let toml = store
+        .storage_toml(dir.path(), PREFIX, "timeout = \"1s\"")
+        .replace(&store.endpoint(), &front.url());
+    let proxy = TestProxy::start(
+        &[UpstreamSpec::default_at("registry.test", fake.url())],
+        &toml,
+    )
+    .await;
+    let blob_url =
+        |bytes: &[u8]| format!("{}/v2/test/app/blobs/{}", proxy.url(), sha256_digest(bytes));
+    assert_eq!(
+        fetch(&blob_url(&cached)).await,
+        (StatusCode::OK, cached.clone().into())
+    );
+    // The body ends once verified; the blob is in the local tier once the bucket has it.
+    wait_in_bucket(&store, &sha256_digest(&cached)).await;
+
+    // Connections are accepted and never answered: the miss still gets its 503 (the client
+    // would give up after 30 s), the local tier still serves, /readyz says why.
+    front.set(Mode::Hang);
+    let (status, body) = fetch(&blob_url(&missing)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+    assert_eq!(
+        fetch(&blob_url(&cached)).await,
+        (StatusCode::OK, cached.clone().into())
+    );
+    let (status, problem) = readiness(&proxy).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(problem.contains("no answer within 1s"), "{problem}");
+
+    front.set(Mode::Pass);
+    assert_eq!(readiness(&proxy).await.0, StatusCode::OK);
+    assert_eq!(
+        fetch(&blob_url(&missing)).await,
+        (StatusCode::OK, missing.clone().into())
+    );
 }

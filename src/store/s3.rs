@@ -33,6 +33,9 @@ use crate::oci::Digest;
 /// This is the memory a blob being written holds besides the store's batch.
 const PART_SIZE: usize = 8 * 1024 * 1024;
 
+/// A part upload (or a single `PUT` of up to a part) may take this many `storage.s3.timeout`s.
+const PART_TIMEOUTS: u32 = 12;
+
 /// What every request shares: the client, the runtime it runs on, the bucket's name.
 #[derive(Debug)]
 struct Shared {
@@ -41,6 +44,9 @@ struct Shared {
     name: String,
     prefix: Path,
     redirect_ttl: Duration,
+    /// How long a request may wait for an answer, or a body for its next bytes
+    /// (`storage.s3.timeout`); a part upload gets [`PART_TIMEOUTS`] of them.
+    timeout: Duration,
     /// `Some` until dropped; shut down in the background (dropping a runtime may happen on an
     /// async thread, where a blocking shutdown panics).
     runtime: Option<tokio::runtime::Runtime>,
@@ -60,6 +66,27 @@ impl Shared {
     /// store's `spawn_blocking`, or a CLI command without a runtime).
     fn run<T>(&self, request: impl std::future::Future<Output = T>) -> T {
         self.handle.block_on(request)
+    }
+
+    /// [`Shared::run`] for at most `timeouts` × `storage.s3.timeout` (retries included): a
+    /// store that accepts connections but never answers fails as fast as one that is down.
+    fn call<T>(
+        &self,
+        timeouts: u32,
+        request: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> object_store::Result<T> {
+        let limit = self.timeout * timeouts;
+        self.run(async {
+            tokio::time::timeout(limit, request)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: format!("no answer within {}", humantime::format_duration(limit))
+                            .into(),
+                    })
+                })
+        })
     }
 
     fn key(&self, namespace: &Namespace, digest: &Digest) -> Path {
@@ -114,9 +141,10 @@ impl S3Backend {
             .with_virtual_hosted_style_request(!config.path_style)
             .with_client_options(
                 ClientOptions::new()
-                    .with_connect_timeout(Duration::from_secs(5))
-                    // A whole request, body included: a part, or a blob promoted to the tier.
-                    .with_timeout(Duration::from_secs(300))
+                    .with_connect_timeout(config.timeout)
+                    // Requests are bounded by `storage.s3.timeout` (`Shared::call`); a body
+                    // may take as long as it keeps arriving.
+                    .with_timeout_disabled()
                     .with_allow_http(
                         config
                             .endpoint
@@ -152,6 +180,7 @@ impl S3Backend {
                 name,
                 prefix,
                 redirect_ttl: config.redirect_ttl,
+                timeout: config.timeout,
                 handle: runtime.handle().clone(),
                 runtime: Some(runtime),
             }),
@@ -205,7 +234,7 @@ impl BlobBackend for S3Backend {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
         let got = shared
-            .run(async { found(shared.client.get(&key).await) })
+            .call(1, async { found(shared.client.get(&key).await) })
             .map_err(shared.unavailable("get", &key))?;
         Ok(got.map(|got| {
             Box::new(ObjectRead {
@@ -223,7 +252,7 @@ impl BlobBackend for S3Backend {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
         let meta = shared
-            .run(async { found(shared.client.head(&key).await) })
+            .call(1, async { found(shared.client.head(&key).await) })
             .map_err(shared.unavailable("head", &key))?;
         Ok(meta.map(|meta| meta.size))
     }
@@ -235,7 +264,7 @@ impl BlobBackend for S3Backend {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
         shared
-            .run(async { found(shared.client.delete(&key).await) })
+            .call(1, async { found(shared.client.delete(&key).await) })
             .map_err(shared.unavailable("delete", &key))?;
         Ok(Some(size))
     }
@@ -254,7 +283,7 @@ impl BlobBackend for S3Backend {
         ));
         let size = self.stat(namespace, digest)?.unwrap_or(0);
         shared
-            .run(async { shared.client.rename(&key, &target).await })
+            .call(1, async { shared.client.rename(&key, &target).await })
             .map_err(shared.unavailable("quarantine", &key))?;
         Ok((size, format!("{}/{target}", shared.name)))
     }
@@ -305,7 +334,7 @@ impl BlobBackend for S3Backend {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
         shared
-            .run(async {
+            .call(1, async {
                 if found(shared.client.head(&key).await)?.is_none() {
                     return Ok(None);
                 }
@@ -324,7 +353,7 @@ impl BlobBackend for S3Backend {
         let shared = &self.shared;
         let probe = shared.prefix.child("readyz");
         shared
-            .run(async { found(shared.client.head(&probe).await) })
+            .call(1, async { found(shared.client.head(&probe).await) })
             .map(drop)
             .map_err(shared.unavailable("probe", &probe))
     }
@@ -372,7 +401,7 @@ impl BlobRead for ObjectRead {
                 ..GetOptions::default()
             };
             let got = shared
-                .run(shared.client.get_opts(&self.key, options))
+                .call(1, shared.client.get_opts(&self.key, options))
                 .map_err(std::io::Error::other)?;
             self.body = Some(got.into_stream());
             self.position = offset;
@@ -385,13 +414,14 @@ impl BlobRead for ObjectRead {
                     .body
                     .as_mut()
                     .expect("a body was opened above when there was none");
-                match self.shared.run(body.next()) {
-                    Some(Ok(bytes)) => self.pending = bytes,
-                    Some(Err(err)) => {
+                let next = self.shared.call(1, async { body.next().await.transpose() });
+                match next {
+                    Ok(Some(bytes)) => self.pending = bytes,
+                    Err(err) => {
                         self.body = None;
                         return Err(std::io::Error::other(err));
                     }
-                    None => {
+                    Ok(None) => {
                         self.body = None;
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::UnexpectedEof,
@@ -431,7 +461,7 @@ impl Upload {
             Some(id) => id.clone(),
             None => {
                 let id = shared
-                    .run(shared.client.create_multipart(&self.key))
+                    .call(1, shared.client.create_multipart(&self.key))
                     .map_err(shared.unavailable("start upload of", &self.key))?;
                 self.multipart = Some(id.clone());
                 id
@@ -439,7 +469,8 @@ impl Upload {
         };
         let index = self.parts.len();
         let part = shared
-            .run(
+            .call(
+                PART_TIMEOUTS,
                 shared
                     .client
                     .put_part(&self.key, &upload, index, part.into()),
@@ -482,7 +513,7 @@ impl StagedWrite for Upload {
             // Smaller than one part: one PUT, visible whole or not at all.
             let bytes = self.buffer.split().freeze();
             shared
-                .run(shared.client.put(&self.key, bytes.into()))
+                .call(PART_TIMEOUTS, shared.client.put(&self.key, bytes.into()))
                 .map_err(shared.unavailable("put", &self.key))?;
             return Ok(len);
         }
@@ -495,7 +526,10 @@ impl StagedWrite for Upload {
             .take()
             .expect("a multipart upload was started: checked above");
         let parts = std::mem::take(&mut self.parts);
-        let completed = shared.run(shared.client.complete_multipart(&self.key, &upload, parts));
+        let completed = shared.call(
+            1,
+            shared.client.complete_multipart(&self.key, &upload, parts),
+        );
         if let Err(err) = completed {
             // Not completed: nothing is visible; free the parts.
             self.multipart = Some(upload);

@@ -184,13 +184,17 @@ impl Seaweed {
             .collect();
         let mut objects = Vec::new();
         for meta in metas {
-            let bytes = client
-                .get(&meta.location)
-                .await
-                .expect("get an object")
-                .bytes()
-                .await
-                .expect("read an object");
+            // Just after a restart the volume server may not serve data yet (500s).
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let bytes = loop {
+                match client.get(&meta.location).await {
+                    Ok(got) => break got.bytes().await.expect("read an object"),
+                    Err(err) if Instant::now() > deadline => {
+                        panic!("get {}: {err}\nlog:\n{}", meta.location, self.log_tail())
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
             objects.push((
                 meta.location.to_string(),
                 format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
