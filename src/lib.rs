@@ -146,6 +146,17 @@ pub async fn run_with_clock(
             "store usage counted"
         );
     });
+    // One readiness probe at start: says in the log whether the object store answers, and
+    // lets a later outage be told from a store that was never reachable (see `store::Tier`).
+    let probing = Arc::clone(&cache);
+    tokio::spawn(async move {
+        match probing.check_ready().await {
+            Ok(None) => {}
+            Ok(Some(problem)) | Err(problem) => {
+                tracing::warn!(%problem, "not ready at start");
+            }
+        }
+    });
     let maintenance = tokio::spawn(Arc::clone(&cache).maintain(shutdown.clone()));
     tokio::spawn(Arc::clone(&cache).prefetch_pins());
     tokio::spawn(airgap::admin::serve(

@@ -473,10 +473,11 @@ impl Cache {
     }
 
     /// Whether the store is writable and the index readable; `Err` says which is not.
+    /// `Ok(Some(problem))`: ready, but the object store is unreachable (reported only).
     ///
     /// # Errors
     /// A description of the first failing part.
-    pub async fn check_ready(&self) -> Result<(), String> {
+    pub async fn check_ready(&self) -> Result<Option<String>, String> {
         self.index.check().map_err(|e| format!("index: {e}"))?;
         self.store
             .check_writable()

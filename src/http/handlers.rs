@@ -199,7 +199,8 @@ async fn route_request<B>(
 
 /// `/readyz`: 200 when the store is writable and the index readable. Upstream health is
 /// reported but does not fail readiness: an uplink outage must not take a cache that can still
-/// serve out of its load balancer.
+/// serve out of its load balancer. The same holds for an object store that answered once
+/// (`degraded` names it); one never reached since start fails readiness.
 async fn readiness(state: &AppState) -> Response<Body> {
     let ready = state.cache.check_ready().await;
     let upstreams: Vec<serde_json::Value> = state
@@ -218,6 +219,7 @@ async fn readiness(state: &AppState) -> Response<Body> {
     let body = serde_json::json!({
         "ready": ready.is_ok(),
         "problem": ready.as_ref().err(),
+        "degraded": ready.as_ref().ok().cloned().flatten(),
         "upstreams": upstreams,
     });
     let mut response = Response::new(body::full(body.to_string()));

@@ -157,14 +157,16 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
-    /// Whether the backend can take new objects now (readiness); the default stages a probe
+    /// Whether the backend can serve and take new objects now (readiness): `Ok(None)`, or
+    /// `Ok(Some(problem))` when it serves what it holds while a shared part (the bucket) is
+    /// unreachable, which is reported without failing readiness. The default stages a probe
     /// and discards it.
     ///
     /// # Errors
     /// Why it cannot.
-    fn check_ready(&self) -> Result<(), StoreError> {
+    fn check_ready(&self) -> Result<Option<String>, StoreError> {
         let probe = Digest::of(b"");
-        self.stage(&Namespace::new("readyz"), &probe).map(drop)
+        self.stage(&Namespace::new("readyz"), &probe).map(|_| None)
     }
 
     /// Discards staged objects older than `age` (all of them with `Duration::ZERO`) that a

@@ -194,11 +194,12 @@ impl Store {
     }
 
     /// Whether new objects can be stored (readiness): a probe staged and discarded, and with an
-    /// object store, the bucket answering.
+    /// object store, the bucket answering (see [`BlobBackend::check_ready`]: `Ok(Some(_))`
+    /// names a problem that does not fail readiness).
     ///
     /// # Errors
     /// [`StoreError::Io`] when it cannot.
-    pub async fn check_writable(self: &Arc<Self>) -> Result<(), StoreError> {
+    pub async fn check_writable(self: &Arc<Self>) -> Result<Option<String>, StoreError> {
         let store = Arc::clone(self);
         blocking(move || store.backend.check_ready()).await
     }

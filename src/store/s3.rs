@@ -347,14 +347,14 @@ impl BlobBackend for S3Backend {
             .map_err(shared.unavailable("sign", &key))
     }
 
-    fn check_ready(&self) -> Result<(), StoreError> {
+    fn check_ready(&self) -> Result<Option<String>, StoreError> {
         // Any answer about a name that need not exist proves the bucket reachable and our
         // credentials accepted.
         let shared = &self.shared;
         let probe = shared.prefix.child("readyz");
         shared
             .call(1, async { found(shared.client.head(&probe).await) })
-            .map(drop)
+            .map(|_| None)
             .map_err(shared.unavailable("probe", &probe))
     }
 }

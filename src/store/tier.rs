@@ -9,10 +9,14 @@
 //!   digest, then served from the local file.
 //! - Eviction (`storage.max_size`) removes local copies only; the bucket keeps every object
 //!   (its size is the bucket's business: a lifecycle rule, or `regcache gc` on a replica).
+//! - Readiness fails while the bucket has never answered since start (a misconfigured
+//!   replica), but an outage after that is reported without failing it: every replica shares
+//!   the bucket, and their local tiers still serve.
 //! - `stage`, `stat` and `remove` touch only the local disk, so the store may call them from
 //!   async code; everything that talks to the bucket runs on the store's blocking threads.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +33,8 @@ pub struct Tier {
     /// One promotion per object at a time: concurrent readers of a bucket-only blob wait for
     /// the first one's copy instead of each downloading it.
     promoting: Mutex<Gates>,
+    /// Whether the bucket has answered a readiness probe since start.
+    reached: AtomicBool,
 }
 
 /// A lock per object being promoted.
@@ -41,6 +47,7 @@ impl Tier {
             local,
             bucket,
             promoting: Mutex::default(),
+            reached: AtomicBool::new(false),
         }
     }
 
@@ -158,9 +165,20 @@ impl BlobBackend for Tier {
         self.bucket.presigned_get(namespace, digest)
     }
 
-    fn check_ready(&self) -> Result<(), StoreError> {
+    fn check_ready(&self) -> Result<Option<String>, StoreError> {
         self.local.check_ready()?;
-        self.bucket.check_ready()
+        match self.bucket.check_ready() {
+            Ok(problem) => {
+                self.reached.store(true, Ordering::Relaxed);
+                Ok(problem)
+            }
+            // Every replica shares the bucket: failing readiness on an outage would take all
+            // of them out of the load balancer, local tiers included. Reported instead.
+            Err(err) if self.reached.load(Ordering::Relaxed) => Ok(Some(err.to_string())),
+            // Never reached since start (wrong endpoint or credentials): not ready, so that a
+            // rollout of a misconfigured replica stops.
+            Err(err) => Err(err),
+        }
     }
 }
 
