@@ -390,3 +390,32 @@ async fn a_store_that_stops_answering_fails_misses_within_its_timeout() {
         (StatusCode::OK, missing.clone().into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_filling_one_digest_at_once_leave_one_correct_object() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image =
+        images::push_oci_image(&upstream, "s3/race", "v1", "s3-race", &[4096, 10 << 20]).await;
+    let store = Seaweed::start("race").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = replica(&upstream.url(), &store, dir.path(), "").await;
+    let b = replica(&upstream.url(), &store, dir.path(), "").await;
+    // Both cold at once: each may fill and upload (no compare-and-swap is needed).
+    tokio::join!(
+        a.pull_verified(&image.reference, &image.digest),
+        b.pull_verified(&image.reference, &image.digest),
+    );
+    for blob in &image.blobs {
+        wait_in_bucket(&store, blob).await;
+    }
+    store.assert_all_verified(PREFIX).await;
+    // A third replica serves it from the bucket alone.
+    let before: Vec<usize> = image.blobs.iter().map(|b| upstream.blob_gets(b)).collect();
+    let c = replica(&upstream.url(), &store, dir.path(), "").await;
+    c.pull_verified(&image.reference, &image.digest).await;
+    let after: Vec<usize> = image.blobs.iter().map(|b| upstream.blob_gets(b)).collect();
+    assert_eq!(
+        before, after,
+        "the third replica asked the upstream for blobs"
+    );
+}

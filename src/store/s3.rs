@@ -37,7 +37,6 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 const PART_TIMEOUTS: u32 = 12;
 
 /// What every request shares: the client, the runtime it runs on, the bucket's name.
-#[derive(Debug)]
 struct Shared {
     client: AmazonS3,
     /// `s3://bucket/prefix`, for messages.
@@ -51,6 +50,15 @@ struct Shared {
     /// async thread, where a blocking shutdown panics).
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client's configuration is long; the name says which bucket.
+        f.debug_struct("S3")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for Shared {
