@@ -282,15 +282,10 @@ async fn token(proxy: &TestProxy, user: &str, password: &str) -> String {
     body["token"].as_str().expect("a token").to_owned()
 }
 
-async fn oci_error(response: reqwest::Response) -> (u16, String) {
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await.expect("error body");
-    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("an OCI JSON error body");
-    let code = body["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    (status, code)
+/// Status and OCI error code of an error response.
+async fn status_and_code(response: reqwest::Response) -> (u16, String) {
+    let (status, code, _) = common::http::oci_error(response).await;
+    (status.as_u16(), code)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,7 +321,10 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
             proxy.url()
         )
     );
-    assert_eq!(oci_error(anonymous).await, (401, "UNAUTHORIZED".to_owned()));
+    assert_eq!(
+        status_and_code(anonymous).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
     let alice = token(&proxy, "alice", "alice-pw").await;
     let denied = client
         .get(&manifest_url)
@@ -334,14 +332,17 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
         .send()
         .await
         .expect("GET");
-    assert_eq!(oci_error(denied).await, (403, "DENIED".to_owned()));
+    assert_eq!(status_and_code(denied).await, (403, "DENIED".to_owned()));
     let basic_denied = client
         .get(&manifest_url)
         .basic_auth("alice", Some("alice-pw"))
         .send()
         .await
         .expect("GET");
-    assert_eq!(oci_error(basic_denied).await, (403, "DENIED".to_owned()));
+    assert_eq!(
+        status_and_code(basic_denied).await,
+        (403, "DENIED".to_owned())
+    );
     // None of the refusals reached the upstream.
     assert_eq!(upstream.count(|e| e.path.contains("/other/secret/")), 0);
 
@@ -386,13 +387,16 @@ async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
     // The secret's cached layer and manifest, asked for under alice's repository: unknown there.
     for blob in &secret.blobs {
         let response = get("team/app", "blobs", blob).await.expect("GET blob");
-        assert_eq!(oci_error(response).await, (404, "BLOB_UNKNOWN".to_owned()));
+        assert_eq!(
+            status_and_code(response).await,
+            (404, "BLOB_UNKNOWN".to_owned())
+        );
     }
     let response = get("team/app", "manifests", &secret.digest)
         .await
         .expect("GET manifest");
     assert_eq!(
-        oci_error(response).await,
+        status_and_code(response).await,
         (404, "MANIFEST_UNKNOWN".to_owned())
     );
 
@@ -446,7 +450,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            refusal = Some((retry_after, oci_error(response).await));
+            refusal = Some((retry_after, status_and_code(response).await));
         }
     }
     let allowed = statuses.iter().filter(|s| **s == 200).count();
@@ -553,6 +557,6 @@ async fn offline_pulls_by_digest_work_after_a_restart_and_stay_within_the_grant(
             .send()
             .await
             .expect("GET blob");
-        assert_eq!(oci_error(response).await.0, 404);
+        assert_eq!(status_and_code(response).await.0, 404);
     }
 }

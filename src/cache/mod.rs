@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
 use crate::store::{Chunks, Index, Namespace, Store, StoreError};
 pub use crate::upstream::{Answer, ErrorClass, Origin};
-use crate::upstream::{ClientBuildError, Health, PassThrough, UpstreamClient, UpstreamError};
+use crate::upstream::{ClientBuildError, Health, UpstreamClient, UpstreamError};
 use fill::{FillReader, Fills, Role};
 
 /// Why the cache could not answer.
@@ -613,19 +613,5 @@ impl Cache {
             body: BlobBody::Stored(stored.chunks(start, end)),
             phase,
         })))
-    }
-
-    /// A tag list or referrers listing, passed through from the upstream.
-    ///
-    /// # Errors
-    /// [`CacheError::Upstream`].
-    pub async fn pass_through(
-        &self,
-        target: &Target,
-        tail: &str,
-        query: Option<&str>,
-    ) -> Result<PassThrough, CacheError> {
-        let (upstream, _) = self.upstream(target);
-        Ok(upstream.get_pass_through(&target.repo, tail, query).await?)
     }
 }

@@ -13,6 +13,7 @@
 //! - [`proxy`]: the proxy under test as a child process (the real binary), and skopeo helpers;
 //! - [`inproc`]: the proxy under test in process, on a port-0 listener, with an adjustable
 //!   clock for TTLs and cooldowns;
+//! - [`http`]: a plain client for the proxy and its OCI JSON errors;
 //! - [`faultproxy`]: a switchable TCP proxy (pass, hang, refuse, delay) in front of the real
 //!   upstream.
 //!
@@ -25,6 +26,7 @@
 pub mod fake;
 pub mod faultproxy;
 pub mod hostile;
+pub mod http;
 pub mod images;
 pub mod inproc;
 pub mod pki;
