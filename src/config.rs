@@ -143,6 +143,7 @@ struct RawServer {
     tls_client_ca: Option<PathBuf>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     rate_limit: Option<u32>,
 }
 
@@ -248,6 +249,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a connection with no request in flight is kept open.
     pub idle_timeout: Duration,
+    /// How long a response may wait for its client to take the next bytes before the
+    /// connection is dropped (zero: no limit).
+    pub send_timeout: Duration,
     /// Client authentication and grants (`None`: anyone who reaches the port may pull).
     pub auth: Option<AuthConfig>,
     /// Requests per second per client address on the main listener (`None`: no limit).
@@ -493,6 +497,11 @@ impl RawConfig {
                 "server.idle_timeout",
                 self.server.idle_timeout.as_deref(),
                 Duration::from_secs(90),
+            )?,
+            send_timeout: duration(
+                "server.send_timeout",
+                self.server.send_timeout.as_deref(),
+                Duration::from_secs(60),
             )?,
             auth: self.auth.map(RawAuth::validate).transpose()?,
             rate_limit: match self.server.rate_limit {
@@ -1037,6 +1046,7 @@ mod tests {
         check_error("[server]\ntls_cert = \"/etc/hostname\"", "server.tls_cert");
         check_error("[server]\ntls_key = \"/nonexistent\"", "server.tls_key");
         check_error("[server]\nidle_timeout = \"long\"", "server.idle_timeout");
+        check_error("[server]\nsend_timeout = \"-1s\"", "server.send_timeout");
         check_error("[auth]\nanonymous = [\"alpine\"]", "auth.anonymous");
         check_error(
             "[auth]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"docker.io/[\"]",

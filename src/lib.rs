@@ -159,6 +159,7 @@ pub async fn run_with_clock(
         drain_timeout: config.shutdown_timeout,
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
+        send_timeout: config.send_timeout,
         tls,
         rate_limit: config
             .rate_limit

@@ -211,6 +211,81 @@ async fn silent_and_idle_connections_are_closed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_dropped_and_readers_are_not() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "test/big", "v1", "stall", &[24 << 20]).await;
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        "send_timeout = \"2s\"\n",
+        "",
+        None,
+    )
+    .await;
+    // The layer: the largest blob, as the upstream reports it.
+    let mut layer = (0, String::new());
+    for blob in &image.blobs {
+        let response = common::http::client()
+            .head(format!("{}/v2/test/big/blobs/{blob}", upstream.url()))
+            .send()
+            .await
+            .expect("HEAD upstream");
+        // A HEAD's body is empty: its size is in the header.
+        let size: u64 = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        if size > layer.0 {
+            layer = (size, blob.clone());
+        }
+    }
+    let (size, layer) = layer;
+
+    // Asks for 24 MiB and reads nothing: more than loopback's socket buffers hold.
+    let mut stalled = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let request = format!("GET /v2/test/big/blobs/{layer} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    stalled
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What was buffered arrives, then the connection ends: it was dropped, not held.
+    let mut received = 0u64;
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buffer)).await {
+            Err(_) => panic!(
+                "the stalled connection was still open after 30 s ({received} bytes):\n{}",
+                proxy.log()
+            ),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => received += n as u64,
+        }
+    }
+    assert!(received < size, "received {received} of {size} bytes");
+    assert!(
+        proxy.log().contains("stopped taking its response"),
+        "{}",
+        proxy.log()
+    );
+
+    // A client that reads gets the whole layer, verified, from the same proxy.
+    let body = common::http::client()
+        .get(format!("{}/v2/test/big/blobs/{layer}", proxy.url()))
+        .send()
+        .await
+        .expect("GET layer")
+        .bytes()
+        .await
+        .expect("the whole layer");
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+        layer
+    );
+}
+
 /// `user:bcrypt` lines (cost 4: the cheapest bcrypt, the same check).
 fn htpasswd(users: &[(&str, &str)]) -> String {
     users
