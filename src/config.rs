@@ -816,6 +816,8 @@ struct RawGrant {
 /// Client authentication and per-repository grants (the `[auth]` table).
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
+    /// `auth.htpasswd`, read again on `SIGHUP` ([`load_htpasswd`]).
+    pub htpasswd: Option<PathBuf>,
     /// Users and their bcrypt hashes, from `auth.htpasswd`.
     pub users: Vec<(String, Secret)>,
     /// Lifetime of the tokens the cache's token endpoint issues.
@@ -859,12 +861,7 @@ impl RawAuth {
     fn validate(self) -> Result<AuthConfig, ConfigError> {
         let users = match &self.htpasswd {
             None => Vec::new(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|err| invalid("auth.htpasswd", path.display(), err.to_string()))?;
-                parse_htpasswd(&text)
-                    .map_err(|reason| invalid("auth.htpasswd", path.display(), reason))?
-            }
+            Some(path) => load_htpasswd(path)?,
         };
         for pattern in &self.anonymous {
             validate_pattern("auth.anonymous", pattern)?;
@@ -901,6 +898,7 @@ impl RawAuth {
             return Err(invalid("auth.token_ttl", "0s", "must be longer than 0s"));
         }
         Ok(AuthConfig {
+            htpasswd: self.htpasswd,
             users,
             token_ttl,
             realm: self.realm,
@@ -916,6 +914,17 @@ impl RawAuth {
                 .collect(),
         })
     }
+}
+
+/// Reads an htpasswd file: its users and their bcrypt hashes.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `auth.htpasswd` when it cannot be read or has a line that
+/// is not `user:<bcrypt hash>`.
+pub fn load_htpasswd(path: &Path) -> Result<Vec<(String, Secret)>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| invalid("auth.htpasswd", path.display(), err.to_string()))?;
+    parse_htpasswd(&text).map_err(|reason| invalid("auth.htpasswd", path.display(), reason))
 }
 
 /// Parses `user:$2y$...` lines (bcrypt only; blank lines and `#` comments skipped).

@@ -168,8 +168,12 @@ pub async fn run_with_clock(
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
     }
-    if let Some(tls) = &main_options.tls {
-        tokio::spawn(server::reload_on_sighup(Arc::clone(tls), shutdown.clone()));
+    if main_options.tls.is_some() || state.auth.is_some() {
+        tokio::spawn(server::reload_on_sighup(
+            main_options.tls.clone(),
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
     }
     // The metrics listener stays plain HTTP: it is meant for a private address.
     let admin_options = server::ListenerOptions {

@@ -152,12 +152,17 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Reloads the TLS files on every `SIGHUP` until `shutdown`.
-pub(crate) async fn reload_on_sighup(tls: Arc<Tls>, shutdown: CancellationToken) {
+/// Reloads the TLS files and the htpasswd users on every `SIGHUP` until `shutdown`. A file that
+/// does not load is logged and what is in force stays.
+pub(crate) async fn reload_on_sighup(
+    tls: Option<Arc<Tls>>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => signal,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS files will not be reloaded");
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS and htpasswd files will not be reloaded");
             return;
         }
     };
@@ -166,10 +171,20 @@ pub(crate) async fn reload_on_sighup(tls: Arc<Tls>, shutdown: CancellationToken)
             () = shutdown.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
         }
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-            Err(err) => {
-                tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+                }
+            }
+        }
+        if let Some(auth) = &state.auth {
+            match auth.reload_users() {
+                Ok(users) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: htpasswd reload failed; keeping the users in force");
+                }
             }
         }
     }

@@ -437,6 +437,61 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
         .await
         .expect("GET /healthz");
     assert_eq!(health.status(), 200);
+
+    // SIGHUP re-reads htpasswd: alice is removed (her Basic credentials, remembered until now,
+    // and her token stop working at once), bob is added.
+    let team_url = format!("{}/v2/team/app/manifests/v1", proxy.url());
+    std::fs::write(
+        dir.path().join("htpasswd"),
+        htpasswd(&[("bob", "bob-pw"), ("root", "root-pw")]),
+    )
+    .expect("rewrite htpasswd");
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("htpasswd reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let basic = client
+        .get(&team_url)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        status_and_code(basic).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
+    let old_token = client
+        .get(&team_url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        status_and_code(old_token).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
+    assert!(!skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    let bob_signs_in = || async {
+        client
+            .get(format!("{}/metrics", proxy.url()))
+            .basic_auth("bob", Some("bob-pw"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .status()
+    };
+    assert_eq!(bob_signs_in().await, 200);
+    // A file that does not parse keeps the users in force.
+    std::fs::write(dir.path().join("htpasswd"), "bob:plaintext\n").expect("break htpasswd");
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("htpasswd reload failed") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(bob_signs_in().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
