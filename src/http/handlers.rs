@@ -11,7 +11,7 @@ use super::front_door as auth;
 use super::route::Route;
 use super::status::{self, StatusBoard};
 use crate::cache::{
-    BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
+    Asker, BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -171,8 +171,15 @@ async fn route_request<B>(
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
-            auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
-            blob(state, request, &target, &digest).await
+            // A peer replica (proven by the cluster secret) checked its client's grant itself.
+            let asker = match state.cache.cluster() {
+                Some(cluster) if cluster.is_peer_request(request.headers()) => Asker::Peer,
+                _ => Asker::Client,
+            };
+            if asker == Asker::Client {
+                auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
+            }
+            blob(state, request, &target, &digest, asker).await
         }
         Route::TagsList { name } => {
             let target = resolve(state, request, name)?;
@@ -313,6 +320,7 @@ async fn blob<B>(
     request: &Request<B>,
     target: &Target,
     digest: &Digest,
+    asker: Asker,
 ) -> Handled {
     let range = request
         .headers()
@@ -321,7 +329,7 @@ async fn blob<B>(
         .map_or(RangeRequest::Full, parse_range);
     let answer = state
         .cache
-        .blob(target, digest, range)
+        .blob_for(target, digest, range, asker)
         .await
         .map_err(|e| ApiError::from_cache(&e, "BLOB_UNKNOWN"))?;
     let answer = match answer {
