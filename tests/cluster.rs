@@ -11,9 +11,7 @@ use common::images::{self, Pushed};
 use common::inproc::InProcess;
 use common::proxy::UpstreamSpec;
 use common::upstream::{Auth, Upstream};
-use futures_util::StreamExt as _;
 use reqwest::StatusCode;
-use sha2::{Digest as _, Sha256};
 
 const NAME: &str = "registry.test";
 const SECRET: &str = "cluster-test-secret-0123456789";
@@ -55,15 +53,7 @@ fn owner<'a>(ids: &'a [String; 2], digest: &str) -> &'a str {
 async fn get_blob(client: &reqwest::Client, url: &str) -> (String, u64) {
     let response = client.get(url).send().await.expect("GET blob");
     assert_eq!(response.status(), StatusCode::OK, "{url}");
-    let mut hasher = Sha256::new();
-    let mut len = 0u64;
-    let mut stream = response.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("body chunk");
-        len += chunk.len() as u64;
-        hasher.update(&chunk);
-    }
-    (format!("sha256:{}", hex::encode(hasher.finalize())), len)
+    common::body_digest(response).await
 }
 
 /// Pulls `image` through both replicas with skopeo (digests checked), then checks that the
