@@ -3,10 +3,11 @@
 //! store hashes what arrives and commits only a match, as for the upstream.
 //!
 //! The owner is asked first; when it is unreachable, times out, answers 5xx or anything but the
-//! blob, 404 or 429, or its body breaks, the fill falls back to the upstream for good (resuming
-//! with a `Range` from what was written), logs it and counts it in
-//! `regcache_cluster_peer_fallbacks_total`. A 404 or 429 from the owner is its upstream's answer
-//! and is passed on.
+//! blob or 404, or its body breaks, the fill falls back to the upstream for good (resuming with
+//! a `Range` from what was written), logs it and counts it in
+//! `regcache_cluster_peer_fallbacks_total`. A 404 from the owner is its upstream's answer and is
+//! passed on. A 429 is not: it may be the owner's own `server.rate_limit`, and the upstream may
+//! limit each replica's address on its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -58,17 +59,6 @@ impl PeerSource {
                 fetches.with_label_values(&["not_found"]).inc();
                 return Err(UpstreamError::NotFound {
                     upstream: name.to_owned(),
-                });
-            }
-            Err(PeerError::Status {
-                status,
-                retry_after,
-                ..
-            }) if status == StatusCode::TOO_MANY_REQUESTS => {
-                fetches.with_label_values(&["rate_limited"]).inc();
-                return Err(UpstreamError::TooManyRequests {
-                    upstream: name.to_owned(),
-                    retry_after,
                 });
             }
             Err(err) => {

@@ -42,7 +42,7 @@ pub struct ClusterBuildError(#[source] reqwest::Error);
 pub struct ClusterMetrics {
     /// Members known (this replica included).
     pub members: IntGauge,
-    /// `result` (ok, not_found, rate_limited, fallback): blob fetches from an owner.
+    /// `result` (ok, not_found, fallback): blob fetches from an owner.
     pub peer_fetches: IntCounterVec,
     /// `reason` (connect, timeout, broken, 5xx, status, body, cooldown): misses filled from the
     /// upstream because the owner could not serve them.
@@ -84,7 +84,7 @@ impl ClusterMetrics {
             "Blob misses filled from the upstream because the owner replica could not serve them",
             "reason",
         );
-        for result in ["ok", "not_found", "rate_limited", "fallback"] {
+        for result in ["ok", "not_found", "fallback"] {
             peer_fetches.with_label_values(&[result]);
         }
         Self {

@@ -34,8 +34,6 @@ pub enum PeerError {
         peer: String,
         /// Its status.
         status: StatusCode,
-        /// Its `Retry-After`, if any.
-        retry_after: Option<String>,
     },
 }
 
@@ -120,7 +118,6 @@ impl PeerClient {
             .map_err(|_| PeerError::Status {
                 peer: peer.to_owned(),
                 status: StatusCode::BAD_REQUEST,
-                retry_after: None,
             })?;
         url.query_pairs_mut().append_pair("ns", upstream);
         let mut request = self.http.get(url).header(PEER_HEADER, self.marker.expose());
@@ -141,16 +138,10 @@ impl PeerClient {
                 (offset, total)
             }
             _ => {
-                let retry_after = response
-                    .headers()
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
                 return Err(PeerError::Status {
                     peer: peer.to_owned(),
                     status,
-                    retry_after,
-                });
+                })
             }
         };
         Ok(PeerBlob {
