@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::faultproxy::{FaultProxy, Mode};
 use common::images::{self, Pushed};
 use common::inproc::InProcess;
 use common::proxy::UpstreamSpec;
@@ -16,31 +17,51 @@ use reqwest::StatusCode;
 const NAME: &str = "registry.test";
 const SECRET: &str = "cluster-test-secret-0123456789";
 
+async fn bind() -> tokio::net::TcpListener {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0")
+}
+
+/// `http://ADDRESS` of a listener: the member id of a replica reached there.
+fn url_of(listener: &tokio::net::TcpListener) -> String {
+    format!("http://{}", listener.local_addr().expect("local address"))
+}
+
+/// A replica on `listener` whose upstream is at `upstream_url`, known to the others as
+/// `self_id`, with these members and `extra_toml`.
+async fn replica(
+    listener: tokio::net::TcpListener,
+    upstream_url: &str,
+    self_id: &str,
+    members: &[String; 2],
+    extra_toml: &str,
+) -> InProcess {
+    let config = format!(
+        "[cluster]\nself = \"{self_id}\"\npeers = [\"{}\", \"{}\"]\nsecret = \"{SECRET}\"\n{extra_toml}",
+        members[0], members[1]
+    );
+    let spec = [UpstreamSpec::default_at(NAME, upstream_url)];
+    InProcess::start_on(listener, &spec, &config).await
+}
+
 /// Two replicas that know each other, with `extra_toml` added to both configs. Returns them
 /// with their member ids (`http://127.0.0.1:PORT`).
 async fn pair(upstream: &Upstream, extra_toml: &str) -> ([InProcess; 2], [String; 2]) {
-    let bind = || async {
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0")
-    };
-    let listeners = [bind().await, bind().await];
-    let ids = listeners
-        .each_ref()
-        .map(|l| format!("http://{}", l.local_addr().expect("local address")));
-    let spec = [UpstreamSpec::default_at(NAME, &upstream.url())];
-    let [first, second] = listeners;
-    let config = |me: usize| {
-        format!(
-            "[cluster]\nself = \"{}\"\npeers = [\"{}\", \"{}\"]\nsecret = \"{SECRET}\"\n{extra_toml}",
-            ids[me], ids[0], ids[1]
-        )
-    };
+    let [first, second] = [bind().await, bind().await];
+    let ids = [url_of(&first), url_of(&second)];
+    let url = upstream.url();
     let replicas = [
-        InProcess::start_on(first, &spec, &config(0)).await,
-        InProcess::start_on(second, &spec, &config(1)).await,
+        replica(first, &url, &ids[0], &ids, extra_toml).await,
+        replica(second, &url, &ids[1], &ids, extra_toml).await,
     ];
     (replicas, ids)
+}
+
+/// A fallback counter of a replica.
+async fn fallbacks(replica: &InProcess, reason: &str) -> usize {
+    let series = format!("regcache_cluster_peer_fallbacks_total{{reason=\"{reason}\"}}");
+    replica.metric(&series).await as usize
 }
 
 /// The member that owns a blob of the test upstream, as every replica computes it.
@@ -156,14 +177,7 @@ async fn sixteen_cold_clients_over_two_replicas_make_the_upstream_serve_each_blo
 #[tokio::test(flavor = "multi_thread")]
 async fn with_the_owner_down_the_other_replica_fills_from_the_upstream() {
     let upstream = Upstream::start(Auth::None).await;
-    let image = images::push_oci_image(
-        &upstream,
-        "test/fallback",
-        "v1",
-        "cluster-fallback",
-        &[2048, 4096, 8192, 16384, 32768, 3000, 5000, 7000],
-    )
-    .await;
+    let image = eight_layers(&upstream, "test/fallback").await;
     let ([mut first, second], ids) = pair(&upstream, "").await;
     first.stop().await;
     let owned_by_stopped = image
@@ -177,13 +191,67 @@ async fn with_the_owner_down_the_other_replica_fills_from_the_upstream() {
     }
     // Each blob the stopped replica owns fell back: after a refused connection, or while
     // that replica cools down after one.
-    let fallbacks = second
-        .metric("regcache_cluster_peer_fallbacks_total{reason=\"connect\"}")
-        .await
-        + second
-            .metric("regcache_cluster_peer_fallbacks_total{reason=\"cooldown\"}")
-            .await;
-    assert_eq!(fallbacks as usize, owned_by_stopped);
+    assert_eq!(
+        fallbacks(&second, "connect").await + fallbacks(&second, "cooldown").await,
+        owned_by_stopped
+    );
+}
+
+/// Pushes an image of eight small layers to `repo`.
+async fn eight_layers(upstream: &Upstream, repo: &str) -> Pushed {
+    let sizes = [2048, 4096, 8192, 16384, 32768, 3000, 5000, 7000];
+    images::push_oci_image(upstream, repo, "v1", repo, &sizes).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_owner_that_hangs_or_answers_5xx_is_passed_over() {
+    let upstream = Upstream::start(Auth::None).await;
+    let (hung_image, failing_image) = (
+        eight_layers(&upstream, "test/hung").await,
+        eight_layers(&upstream, "test/failing").await,
+    );
+
+    // The first replica is reached through a fault proxy that accepts and never answers.
+    let (first, second) = (bind().await, bind().await);
+    let fault = FaultProxy::start(&first.local_addr().expect("address").to_string()).await;
+    let ids = [fault.url(), url_of(&second)];
+    let url = upstream.url();
+    let quick = "idle_timeout = \"1s\"\n";
+    let _hung = replica(first, &url, &ids[0], &ids, quick).await;
+    let asking = replica(second, &url, &ids[1], &ids, quick).await;
+    fault.set(Mode::Hang);
+    asking
+        .pull_verified(&hung_image.reference, &hung_image.digest)
+        .await;
+    let owned = |image: &Pushed, ids: &[String; 2]| {
+        image
+            .blobs
+            .iter()
+            .filter(|blob| owner(ids, blob) == ids[0])
+            .count()
+    };
+    assert_eq!(
+        fallbacks(&asking, "timeout").await + fallbacks(&asking, "cooldown").await,
+        owned(&hung_image, &ids)
+    );
+
+    // The first replica's own upstream is unreachable: it answers 502, and the other fills
+    // from the upstream itself.
+    let (first, second) = (bind().await, bind().await);
+    let ids = [url_of(&first), url_of(&second)];
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let _failing = replica(first, &dead, &ids[0], &ids, "").await;
+    let asking = replica(second, &url, &ids[1], &ids, "").await;
+    asking
+        .pull_verified(&failing_image.reference, &failing_image.digest)
+        .await;
+    assert_eq!(
+        fallbacks(&asking, "5xx").await + fallbacks(&asking, "cooldown").await,
+        owned(&failing_image, &ids)
+    );
+    for blob in hung_image.blobs.iter().chain(&failing_image.blobs) {
+        assert_eq!(upstream.blob_gets(blob), 1, "{blob}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
