@@ -116,6 +116,7 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(2),
             idle_timeout: std::time::Duration::from_secs(30),
             max_blob_size: 1 << 30,
+            ca_file: None,
         }
     }
 

@@ -35,7 +35,7 @@ const PEER_COOLDOWN: Duration = Duration::from_secs(10);
 /// Why the cluster could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("cluster peer client: {0}")]
-pub struct ClusterBuildError(#[source] reqwest::Error);
+pub struct ClusterBuildError(String);
 
 /// The cluster metrics (registered in the server's registry).
 #[derive(Debug, Clone)]
@@ -121,7 +121,7 @@ impl Cluster {
     /// Sets up membership and the peer client; registers the metrics in `registry`.
     ///
     /// # Errors
-    /// [`ClusterBuildError`] when the HTTP client cannot be built (TLS set-up).
+    /// [`ClusterBuildError`] when the HTTP client cannot be built (`cluster.ca_file`, TLS).
     pub fn new(
         config: &ClusterConfig,
         registry: &prometheus::Registry,
@@ -136,6 +136,7 @@ impl Cluster {
                 config.connect_timeout,
                 config.idle_timeout,
                 config.secret.as_ref(),
+                config.ca_file.as_deref(),
             )
             .map_err(ClusterBuildError)?,
             membership,

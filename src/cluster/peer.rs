@@ -77,21 +77,32 @@ pub(crate) struct PeerClient {
 }
 
 impl PeerClient {
+    /// # Errors
+    /// A description when `ca_file` cannot be read or parsed, or the client cannot be built.
     pub(crate) fn new(
         connect_timeout: Duration,
         idle_timeout: Duration,
         secret: Option<&Secret>,
-    ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
             // Peers are on the cluster network: never through an HTTP proxy of the environment.
             .no_proxy()
             .connect_timeout(connect_timeout)
             .read_timeout(idle_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION"), " (peer)"))
-            .build()?;
+            .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION"), " (peer)"));
+        if let Some(path) = ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|err| format!("cluster.ca_file {}: {err}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|err| format!("cluster.ca_file {}: {err}", path.display()))?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
         Ok(Self {
-            http,
+            http: builder.build().map_err(|err| err.to_string())?,
             marker: secret
                 .cloned()
                 .unwrap_or_else(|| Secret::new("1".to_owned())),

@@ -21,6 +21,7 @@ pub(super) struct RawCluster {
     resolve_interval: Option<String>,
     connect_timeout: Option<String>,
     idle_timeout: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 /// One `cluster.peers` entry.
@@ -57,6 +58,8 @@ pub struct ClusterConfig {
     pub idle_timeout: Duration,
     /// The largest blob accepted from a peer (`cache.max_blob_size`).
     pub max_blob_size: u64,
+    /// Extra PEM CA certificates trusted for `https://` peers.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// `scheme://host:port` of a URL (the port written out): how replicas name each other.
@@ -192,6 +195,12 @@ impl RawCluster {
                 Duration::from_secs(30),
             )?,
             max_blob_size,
+            ca_file: match self.ca_file {
+                Some(path) if !path.is_file() => {
+                    return Err(invalid("cluster.ca_file", path.display(), "no such file"))
+                }
+                other => other,
+            },
         })
     }
 }
@@ -292,5 +301,9 @@ mod tests {
             "cluster.resolve_interval",
         );
         check_error("self = \"http://x:1\"\nbogus = 1", "bogus");
+        check_error(
+            "self = \"http://x:1\"\nca_file = \"/nonexistent\"",
+            "cluster.ca_file",
+        );
     }
 }
