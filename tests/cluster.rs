@@ -109,6 +109,22 @@ async fn sixteen_cold_clients_over_two_replicas_make_the_upstream_serve_each_blo
         .no_proxy()
         .build()
         .expect("client");
+    // Each replica lists both members in /readyz.
+    let mut members = ids.to_vec();
+    members.sort();
+    for (replica, id) in replicas.iter().zip(&ids) {
+        let body = client
+            .get(format!("{}/readyz", replica.url()))
+            .send()
+            .await
+            .expect("GET /readyz")
+            .bytes()
+            .await
+            .expect("body");
+        let ready: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(ready["cluster"]["self"], id.as_str());
+        assert_eq!(ready["cluster"]["members"], serde_json::json!(members));
+    }
     // The layer is the largest blob of the image.
     let mut sized = Vec::new();
     for digest in &large.blobs {

@@ -161,6 +161,16 @@ impl Cluster {
         }
     }
 
+    /// This replica's member id.
+    pub fn self_id(&self) -> &str {
+        self.membership.self_id()
+    }
+
+    /// The members now (sorted; this replica included).
+    pub fn members(&self) -> Arc<Vec<String>> {
+        self.membership.members()
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &ClusterMetrics {
         &self.metrics

@@ -216,11 +216,19 @@ async fn readiness(state: &AppState) -> Response<Body> {
             })
         })
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "ready": ready.is_ok(),
         "problem": ready.as_ref().err(),
         "upstreams": upstreams,
     });
+    // The members this replica routes blob misses over; peers never fail readiness (a replica
+    // whose owner is down fills from the upstream itself).
+    if let Some(cluster) = state.cache.cluster() {
+        body["cluster"] = serde_json::json!({
+            "self": cluster.self_id(),
+            "members": *cluster.members(),
+        });
+    }
     let mut response = Response::new(body::full(body.to_string()));
     if ready.is_err() {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
