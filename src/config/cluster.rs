@@ -301,6 +301,11 @@ mod tests {
             "cluster.resolve_interval",
         );
         check_error("self = \"http://x:1\"\nbogus = 1", "bogus");
+        // Peers are never admitted unauthenticated.
+        let message = crate::config::Config::parse("[auth]\n[cluster]\nself = \"http://x:1\"")
+            .expect_err("[auth] without cluster.secret")
+            .to_string();
+        assert!(message.contains("cluster.secret"), "{message}");
         check_error(
             "self = \"http://x:1\"\nca_file = \"/nonexistent\"",
             "cluster.ca_file",
