@@ -285,6 +285,30 @@ mod tests {
     }
 
     #[test]
+    fn metric_names_follow_conventions() {
+        let metrics = crate::metrics::Metrics::new();
+        let config = crate::config::Config::parse("[cluster]\nself = \"http://127.0.0.1:5000\"")
+            .expect("valid")
+            .cluster
+            .expect("[cluster]");
+        let _cluster = Cluster::new(&config, metrics.registry()).expect("client");
+        let text = String::from_utf8(metrics.encode()).expect("utf-8");
+        assert!(text.contains("regcache_cluster_members 1"), "{text}");
+        assert!(text.contains("regcache_cluster_peer_fetches_total{result=\"ok\"} 0"));
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE regcache_cluster_"))
+        {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap_or_default(), parts.next());
+            assert!(
+                kind != Some("counter") || name.ends_with("_total"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn a_failed_peer_cools_down() {
         let cluster = cluster(None);
         let digest = (0u32..)
