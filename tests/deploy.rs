@@ -260,3 +260,38 @@ fn config_maps_pass_check_config() {
     assert!(ok, "compose regcache.toml: {output}");
     assert!(output.contains("\"http://regcache-b:5000\""), "{output}");
 }
+
+#[test]
+fn the_compose_pair_names_each_other_and_its_files_exist() {
+    let compose = repo().join("deploy/compose");
+    let file = documents(&compose.join("docker-compose.yml")).remove(0);
+    let config: toml::Table = std::fs::read_to_string(compose.join("regcache.toml"))
+        .expect("regcache.toml")
+        .parse()
+        .expect("TOML");
+    let peers = config["cluster"]["peers"].as_array().expect("peers");
+    let services = file["services"].as_object().expect("services");
+    let mut replicas = 0;
+    for (name, service) in services.iter().filter(|(n, _)| n.starts_with("regcache")) {
+        let hostname = service["hostname"].as_str().expect("hostname");
+        let id = format!("http://{hostname}:5000");
+        assert!(
+            peers.iter().any(|p| p.as_str() == Some(&id)),
+            "{name}: {id} not in peers"
+        );
+        for volume in service["volumes"].as_array().expect("volumes") {
+            let source = volume
+                .as_str()
+                .and_then(|v| v.split(':').next())
+                .unwrap_or("");
+            if let Some(path) = source.strip_prefix("./") {
+                assert!(compose.join(path).is_file(), "{name}: {source}");
+            }
+        }
+        replicas += 1;
+    }
+    assert_eq!(replicas, 2);
+    let bucket = config["storage"]["s3"]["bucket"].as_str().expect("bucket");
+    let command = services["seaweedfs"]["command"].to_string();
+    assert!(command.contains(&format!("-bucket={bucket}")), "{command}");
+}
