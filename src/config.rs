@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod cluster;
+pub use cluster::{member_id, ClusterConfig, PeerSpec};
+
 /// The configuration used when no file is given: a Docker Hub mirror on port 5000.
 pub const DEFAULT_CONFIG: &str = r#"
 [server]
@@ -104,6 +107,7 @@ pub struct RawConfig {
     #[serde(default)]
     pin: Vec<RawPin>,
     auth: Option<RawAuth>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 /// A pin as written in `[[pin]]` or in the pins file (`cache::PinsFile`).
@@ -256,6 +260,8 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// Requests per second per client address on the main listener (`None`: no limit).
     pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Replicas that ask each other for blobs (`None`: this replica is on its own).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Human-readable or JSON log lines.
@@ -419,6 +425,17 @@ impl RawConfig {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         check_upstream_set(&upstreams)?;
+        let cluster = self
+            .cluster
+            .map(|raw| raw.validate(|name| std::env::var(name).ok(), max_blob_size))
+            .transpose()?;
+        if self.auth.is_some() && cluster.as_ref().is_some_and(|c| c.secret.is_none()) {
+            return Err(invalid(
+                "cluster.secret",
+                "",
+                "required with [auth]: peers present it instead of a client's credentials",
+            ));
+        }
         let pins = self
             .pin
             .into_iter()
@@ -504,6 +521,7 @@ impl RawConfig {
                 Duration::from_secs(60),
             )?,
             auth: self.auth.map(RawAuth::validate).transpose()?,
+            cluster,
             rate_limit: match self.server.rate_limit {
                 None => None,
                 Some(rate) => Some(std::num::NonZeroU32::new(rate).ok_or_else(|| {

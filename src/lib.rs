@@ -9,6 +9,7 @@
 pub mod airgap;
 pub mod cache;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -55,6 +56,9 @@ pub enum RunError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error(transparent)]
     Tls(#[from] server::TlsError),
+    /// The cluster's peer client cannot be built.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterBuildError),
 }
 
 /// Opens the store and index under the configured path. A corrupt index is moved aside (one
@@ -120,13 +124,18 @@ pub async fn run_with_clock(
     }
     let resolver = Resolver::for_upstreams(&config.upstreams);
     let metrics = Arc::new(metrics::Metrics::new());
-    let cache = Arc::new(Cache::with_clock(
-        &config,
-        store,
-        index,
-        Arc::clone(&metrics),
-        clock,
-    )?);
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(|c| cluster::Cluster::new(c, metrics.registry()).map(Arc::new))
+        .transpose()?;
+    if let Some(cluster) = &cluster {
+        tokio::spawn(Arc::clone(cluster).maintain(shutdown.clone()));
+    }
+    let cache = Arc::new(
+        Cache::with_clock(&config, store, index, Arc::clone(&metrics), clock)?
+            .with_cluster(cluster),
+    );
     // Usage figures come from a walk of the store; the server does not wait for it.
     let scanning = Arc::clone(&cache);
     tokio::task::spawn_blocking(move || {

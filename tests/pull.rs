@@ -168,16 +168,7 @@ async fn sixteen_concurrent_cold_pulls_fetch_a_large_blob_once_and_ranges_work()
             barrier.wait().await;
             let response = client.get(&url).send().await.expect("GET blob");
             assert_eq!(response.status(), StatusCode::OK);
-            let mut hasher = Sha256::new();
-            let mut len = 0u64;
-            let mut stream = response.bytes_stream();
-            use futures_util::StreamExt as _;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.expect("body chunk");
-                len += chunk.len() as u64;
-                hasher.update(&chunk);
-            }
-            (format!("sha256:{}", hex::encode(hasher.finalize())), len)
+            common::body_digest(response).await
         }));
     }
     for pull in pulls {

@@ -71,3 +71,19 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Reads a response body chunk by chunk (never whole in memory) and returns its
+/// `sha256:<hex>` digest and length.
+pub async fn body_digest(response: reqwest::Response) -> (String, u64) {
+    use futures_util::StreamExt as _;
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("body chunk");
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (format!("sha256:{}", hex::encode(hasher.finalize())), len)
+}
