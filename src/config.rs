@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+mod cluster;
+pub use cluster::{member_id, ClusterConfig, PeerSpec};
+
 /// The configuration used when no file is given: a Docker Hub mirror on port 5000.
 pub const DEFAULT_CONFIG: &str = r#"
 [server]
@@ -104,6 +107,7 @@ pub struct RawConfig {
     #[serde(default)]
     pin: Vec<RawPin>,
     auth: Option<RawAuth>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 /// A pin as written in `[[pin]]` or in the pins file (`cache::PinsFile`).
@@ -143,6 +147,7 @@ struct RawServer {
     tls_client_ca: Option<PathBuf>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    send_timeout: Option<String>,
     rate_limit: Option<u32>,
 }
 
@@ -267,10 +272,15 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a connection with no request in flight is kept open.
     pub idle_timeout: Duration,
+    /// How long a response may wait for its client to take the next bytes before the
+    /// connection is dropped (zero: no limit).
+    pub send_timeout: Duration,
     /// Client authentication and grants (`None`: anyone who reaches the port may pull).
     pub auth: Option<AuthConfig>,
     /// Requests per second per client address on the main listener (`None`: no limit).
     pub rate_limit: Option<std::num::NonZeroU32>,
+    /// Replicas that ask each other for blobs (`None`: this replica is on its own).
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[storage] backend`.
@@ -473,6 +483,17 @@ impl RawConfig {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         check_upstream_set(&upstreams)?;
+        let cluster = self
+            .cluster
+            .map(|raw| raw.validate(|name| std::env::var(name).ok(), max_blob_size))
+            .transpose()?;
+        if self.auth.is_some() && cluster.as_ref().is_some_and(|c| c.secret.is_none()) {
+            return Err(invalid(
+                "cluster.secret",
+                "",
+                "required with [auth]: peers present it instead of a client's credentials",
+            ));
+        }
         let pins = self
             .pin
             .into_iter()
@@ -553,7 +574,13 @@ impl RawConfig {
                 self.server.idle_timeout.as_deref(),
                 Duration::from_secs(90),
             )?,
+            send_timeout: duration(
+                "server.send_timeout",
+                self.server.send_timeout.as_deref(),
+                Duration::from_secs(60),
+            )?,
             auth: self.auth.map(RawAuth::validate).transpose()?,
+            cluster,
             rate_limit: match self.server.rate_limit {
                 None => None,
                 Some(rate) => Some(std::num::NonZeroU32::new(rate).ok_or_else(|| {
@@ -1031,6 +1058,8 @@ struct RawGrant {
 /// Client authentication and per-repository grants (the `[auth]` table).
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
+    /// `auth.htpasswd`, read again on `SIGHUP` ([`load_htpasswd`]).
+    pub htpasswd: Option<PathBuf>,
     /// Users and their bcrypt hashes, from `auth.htpasswd`.
     pub users: Vec<(String, Secret)>,
     /// Lifetime of the tokens the cache's token endpoint issues.
@@ -1074,12 +1103,7 @@ impl RawAuth {
     fn validate(self) -> Result<AuthConfig, ConfigError> {
         let users = match &self.htpasswd {
             None => Vec::new(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|err| invalid("auth.htpasswd", path.display(), err.to_string()))?;
-                parse_htpasswd(&text)
-                    .map_err(|reason| invalid("auth.htpasswd", path.display(), reason))?
-            }
+            Some(path) => load_htpasswd(path)?,
         };
         for pattern in &self.anonymous {
             validate_pattern("auth.anonymous", pattern)?;
@@ -1116,6 +1140,7 @@ impl RawAuth {
             return Err(invalid("auth.token_ttl", "0s", "must be longer than 0s"));
         }
         Ok(AuthConfig {
+            htpasswd: self.htpasswd,
             users,
             token_ttl,
             realm: self.realm,
@@ -1131,6 +1156,17 @@ impl RawAuth {
                 .collect(),
         })
     }
+}
+
+/// Reads an htpasswd file: its users and their bcrypt hashes.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `auth.htpasswd` when it cannot be read or has a line that
+/// is not `user:<bcrypt hash>`.
+pub fn load_htpasswd(path: &Path) -> Result<Vec<(String, Secret)>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| invalid("auth.htpasswd", path.display(), err.to_string()))?;
+    parse_htpasswd(&text).map_err(|reason| invalid("auth.htpasswd", path.display(), reason))
 }
 
 /// Parses `user:$2y$...` lines (bcrypt only; blank lines and `#` comments skipped).
@@ -1344,6 +1380,7 @@ mod tests {
         check_error("[server]\ntls_cert = \"/etc/hostname\"", "server.tls_cert");
         check_error("[server]\ntls_key = \"/nonexistent\"", "server.tls_key");
         check_error("[server]\nidle_timeout = \"long\"", "server.idle_timeout");
+        check_error("[server]\nsend_timeout = \"-1s\"", "server.send_timeout");
         check_error("[auth]\nanonymous = [\"alpine\"]", "auth.anonymous");
         check_error(
             "[auth]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"docker.io/[\"]",

@@ -9,6 +9,7 @@
 pub mod airgap;
 pub mod cache;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -55,6 +56,9 @@ pub enum RunError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error(transparent)]
     Tls(#[from] server::TlsError),
+    /// The cluster's peer client cannot be built.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterBuildError),
 }
 
 /// Opens the store and index under the configured path (with `backend = "s3"`, the path
@@ -129,13 +133,18 @@ pub async fn run_with_clock(
     }
     let resolver = Resolver::for_upstreams(&config.upstreams);
     let metrics = Arc::new(metrics::Metrics::new());
-    let cache = Arc::new(Cache::with_clock(
-        &config,
-        store,
-        index,
-        Arc::clone(&metrics),
-        clock,
-    )?);
+    let cluster = config
+        .cluster
+        .as_ref()
+        .map(|c| cluster::Cluster::new(c, metrics.registry()).map(Arc::new))
+        .transpose()?;
+    if let Some(cluster) = &cluster {
+        tokio::spawn(Arc::clone(cluster).maintain(shutdown.clone()));
+    }
+    let cache = Arc::new(
+        Cache::with_clock(&config, store, index, Arc::clone(&metrics), clock)?
+            .with_cluster(cluster),
+    );
     // Usage figures come from a walk of the store; the server does not wait for it.
     let scanning = Arc::clone(&cache);
     tokio::task::spawn_blocking(move || {
@@ -179,6 +188,7 @@ pub async fn run_with_clock(
         drain_timeout: config.shutdown_timeout,
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
+        send_timeout: config.send_timeout,
         tls,
         rate_limit: config
             .rate_limit
@@ -187,8 +197,12 @@ pub async fn run_with_clock(
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
     }
-    if let Some(tls) = &main_options.tls {
-        tokio::spawn(server::reload_on_sighup(Arc::clone(tls), shutdown.clone()));
+    if main_options.tls.is_some() || state.auth.is_some() {
+        tokio::spawn(server::reload_on_sighup(
+            main_options.tls.clone(),
+            Arc::clone(&state),
+            shutdown.clone(),
+        ));
     }
     // The metrics listener stays plain HTTP: it is meant for a private address.
     let admin_options = server::ListenerOptions {

@@ -250,6 +250,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for metrics that parts of the server register themselves (`cluster`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut buffer = Vec::new();

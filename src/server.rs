@@ -5,25 +5,26 @@
 //! Time limits are per connection, never per request (a whole-request limit would cut long blob
 //! pulls): a new connection must finish its TLS handshake and send a first request head within
 //! `header_read_timeout`; a connection with no request in flight is closed after
-//! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`).
+//! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`); a connection
+//! whose client stops taking a response for `send_timeout` is dropped (`activity`).
 
+mod activity;
 mod rate;
 mod tls;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use activity::{Activity, Closing, Tracked};
 pub(crate) use rate::RateLimit;
 pub(crate) use tls::{Tls, TlsError};
 
@@ -45,6 +46,8 @@ pub(crate) struct ListenerOptions {
     pub(crate) header_read_timeout: Duration,
     /// Time a connection with no request in flight is kept.
     pub(crate) idle_timeout: Duration,
+    /// Time a response may wait for its client to take the next bytes (zero: no limit).
+    pub(crate) send_timeout: Duration,
     /// TLS, when the listener has it.
     pub(crate) tls: Option<Arc<Tls>>,
     /// The per-client-address request rate limit, when configured.
@@ -149,12 +152,17 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Reloads the TLS files on every `SIGHUP` until `shutdown`.
-pub(crate) async fn reload_on_sighup(tls: Arc<Tls>, shutdown: CancellationToken) {
+/// Reloads the TLS files and the htpasswd users on every `SIGHUP` until `shutdown`. A file that
+/// does not load is logged and what is in force stays.
+pub(crate) async fn reload_on_sighup(
+    tls: Option<Arc<Tls>>,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => signal,
         Err(err) => {
-            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS files will not be reloaded");
+            tracing::warn!(error = %err, "cannot listen for SIGHUP; TLS and htpasswd files will not be reloaded");
             return;
         }
     };
@@ -163,10 +171,20 @@ pub(crate) async fn reload_on_sighup(tls: Arc<Tls>, shutdown: CancellationToken)
             () = shutdown.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
         }
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
-            Err(err) => {
-                tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+                }
+            }
+        }
+        if let Some(auth) = &state.auth {
+            match auth.reload_users() {
+                Ok(users) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: htpasswd reload failed; keeping the users in force");
+                }
             }
         }
     }
@@ -221,19 +239,28 @@ impl Connection<'_> {
             TowerToHyperService::new(service),
         );
         tokio::pin!(connection);
-        let reason = tokio::select! {
+        let closing = tokio::select! {
             result = connection.as_mut() => {
                 if let Err(err) = result {
                     tracing::debug!(%peer, error = %err, "connection ended with an error");
                 }
                 return;
             }
-            () = shutdown.cancelled() => "shutdown",
-            () = activity.idle(options) => "idle",
+            () = shutdown.cancelled() => None,
+            why = activity.closing(options) => Some(why),
         };
-        tracing::debug!(%peer, reason, "closing connection");
+        if closing == Some(Closing::Stalled) {
+            // Its responses would never finish: dropping the connection frees what they hold.
+            tracing::info!(
+                %peer,
+                send_timeout = ?options.send_timeout,
+                "dropping a connection whose client stopped taking its response"
+            );
+            return;
+        }
+        tracing::debug!(%peer, ?closing, "closing connection");
         connection.as_mut().graceful_shutdown();
-        let finished = if reason == "idle" {
+        let finished = if closing == Some(Closing::Idle) {
             // Nothing is in flight: a client that does not close its end is not waited for.
             tokio::time::timeout(CLOSE_GRACE, connection).await.ok()
         } else {
@@ -242,186 +269,5 @@ impl Connection<'_> {
         if let Some(Err(err)) = finished {
             tracing::debug!(%peer, error = %err, "connection ended with an error");
         }
-    }
-}
-
-/// Counts each request as in flight on its connection until its response body has been sent
-/// or dropped.
-#[derive(Debug, Clone)]
-struct Tracked<S> {
-    inner: S,
-    activity: Arc<Activity>,
-}
-
-impl<S, B> tower::Service<hyper::Request<B>> for Tracked<S>
-where
-    S: tower::Service<hyper::Request<B>, Response = hyper::Response<http::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = hyper::Response<http::Body>;
-    type Error = S::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
-        let guard = self.activity.begin();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| {
-                body.map_frame(move |frame| {
-                    // The closure owns the guard: it is released when hyper drops the body.
-                    let _in_flight = &guard;
-                    frame
-                })
-                .boxed_unsync()
-            }))
-        })
-    }
-}
-
-/// Whether a connection has requests in flight, and since when it has had none.
-#[derive(Debug)]
-struct Activity {
-    // A std mutex: held for a few field updates, never across an await.
-    state: Mutex<ActivityState>,
-    changed: Notify,
-}
-
-#[derive(Debug)]
-struct ActivityState {
-    in_flight: usize,
-    idle_since: Instant,
-    served_any: bool,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            state: Mutex::new(ActivityState {
-                in_flight: 0,
-                idle_since: Instant::now(),
-                served_any: false,
-            }),
-            changed: Notify::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn first_request_deadline(&self, options: &ListenerOptions) -> Instant {
-        self.lock().idle_since + options.header_read_timeout
-    }
-
-    fn begin(self: &Arc<Self>) -> InFlight {
-        {
-            let mut state = self.lock();
-            state.in_flight += 1;
-            state.served_any = true;
-        }
-        self.changed.notify_waiters();
-        InFlight(Arc::clone(self))
-    }
-
-    /// When the connection is idle and when it should be closed: `None` while a request is in
-    /// flight.
-    fn deadline(&self, options: &ListenerOptions) -> Option<Instant> {
-        let state = self.lock();
-        (state.in_flight == 0).then(|| {
-            let limit = if state.served_any {
-                options.idle_timeout
-            } else {
-                options.header_read_timeout
-            };
-            state.idle_since + limit
-        })
-    }
-
-    /// Completes once the connection has been idle for its limit.
-    ///
-    /// # Cancel safety
-    /// Cancel-safe: it only waits and reads.
-    async fn idle(&self, options: &ListenerOptions) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the state is read, so a change in between is not missed.
-            changed.as_mut().enable();
-            match self.deadline(options) {
-                None => changed.await,
-                Some(deadline) => tokio::select! {
-                    () = tokio::time::sleep_until(deadline) => return,
-                    () = changed => {}
-                },
-            }
-        }
-    }
-}
-
-/// One request in flight on a connection.
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        {
-            let mut state = self.0.lock();
-            state.in_flight = state.in_flight.saturating_sub(1);
-            state.idle_since = Instant::now();
-        }
-        self.0.changed.notify_waiters();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn options() -> ListenerOptions {
-        ListenerOptions {
-            kind: http::Listener::Main,
-            max_connections: 1,
-            drain_timeout: Duration::from_secs(1),
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            tls: None,
-            rate_limit: None,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_connection_idles_out_after_the_header_timeout() {
-        let activity = Arc::new(Activity::new());
-        let started = Instant::now();
-        activity.idle(&options()).await;
-        assert_eq!(started.elapsed(), Duration::from_secs(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_request_in_flight_holds_the_connection_then_idle_timeout_applies() {
-        let activity = Arc::new(Activity::new());
-        let request = activity.begin();
-        let options = options();
-        let idle = activity.idle(&options);
-        tokio::pin!(idle);
-        // Far past both limits, the request still holds the connection open.
-        assert!(
-            tokio::time::timeout(Duration::from_secs(600), idle.as_mut())
-                .await
-                .is_err()
-        );
-        let finished = Instant::now();
-        drop(request);
-        idle.await;
-        assert_eq!(finished.elapsed(), Duration::from_secs(60));
     }
 }

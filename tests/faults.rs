@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::fake::{FakeRegistry, Fault, Listener};
+use common::http::{client, oci_error};
 use common::images::{seeded_bytes, MT_OCI_CONFIG, MT_OCI_LAYER_GZIP, MT_OCI_MANIFEST};
 use common::inproc::InProcess;
 use common::proxy::UpstreamSpec;
@@ -85,15 +86,6 @@ async fn proxy_with(fake: &FakeRegistry, extra: &[&str], toml: &str) -> InProces
     InProcess::start(&[spec], toml).await
 }
 
-/// A client for talking to regcache: no proxy, every request bounded in time.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("reqwest client")
-}
-
 async fn get(proxy: &InProcess, tail: &str) -> reqwest::Response {
     client()
         .get(format!("{}/v2/{REPO}/{tail}", proxy.url()))
@@ -101,25 +93,6 @@ async fn get(proxy: &InProcess, tail: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {tail}: {e}\nproxy log:\n{}", proxy.log()))
-}
-
-/// Status, OCI error code and message of an error response.
-async fn oci_error(response: reqwest::Response) -> (StatusCode, String, String) {
-    let status = response.status();
-    let bytes = response.bytes().await.expect("error body");
-    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "{status}: not an OCI JSON error ({e}): {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    let field = |name: &str| {
-        body["errors"][0][name]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    (status, field("code"), field("message"))
 }
 
 /// How many GETs whose path ends with `suffix` the fake registry (not storage) received.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::fake::Recorded;
 use common::hostile::{answer, endless, redirect, Body, Hostile};
+use common::http::client;
 use common::proxy::{TestProxy, UpstreamSpec};
 use common::regclient::sha256_digest;
 use http::Response;
@@ -43,14 +44,6 @@ fn schema1(body: &str, format_length: usize, tail: &str) -> String {
 
 const SCHEMA1_BODY: &str =
     "{\n   \"schemaVersion\": 1,\n   \"name\": \"app\",\n   \"tag\": \"v1\",\n   \"fsLayers\": []";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("reqwest client")
-}
 
 async fn get(proxy: &TestProxy, tail: &str, accept: &str) -> reqwest::Response {
     client()

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::http::client;
 use common::images::{self, Pushed};
 use common::proxy::{TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
@@ -49,14 +50,6 @@ async fn pull(proxy: &TestProxy, image: &Pushed) {
         "blobs copied for {}",
         image.reference
     );
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("HTTP client")
 }
 
 async fn get(url: &str) -> reqwest::Response {

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::http::oci_error;
 use common::images::{self, Pushed};
 use common::proxy::{verify_dir, TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
@@ -35,21 +36,6 @@ async fn pull_and_verify(proxy: &TestProxy, reference: &str, expected: &Pushed) 
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-async fn error_code(response: reqwest::Response) -> (StatusCode, String, String) {
-    let status = response.status();
-    let bytes = response.bytes().await.expect("error body");
-    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("an OCI JSON error body");
-    let code = body["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    let message = body["errors"][0]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    (status, code, message)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -182,16 +168,7 @@ async fn sixteen_concurrent_cold_pulls_fetch_a_large_blob_once_and_ranges_work()
             barrier.wait().await;
             let response = client.get(&url).send().await.expect("GET blob");
             assert_eq!(response.status(), StatusCode::OK);
-            let mut hasher = Sha256::new();
-            let mut len = 0u64;
-            let mut stream = response.bytes_stream();
-            use futures_util::StreamExt as _;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.expect("body chunk");
-                len += chunk.len() as u64;
-                hasher.update(&chunk);
-            }
-            (format!("sha256:{}", hex::encode(hasher.finalize())), len)
+            common::body_digest(response).await
         }));
     }
     for pull in pulls {
@@ -278,7 +255,7 @@ async fn warm_pulls_work_with_the_upstream_stopped_and_survive_a_restart() {
         .send()
         .await
         .expect("GET");
-    let (status, code, message) = error_code(response).await;
+    let (status, code, message) = oci_error(response).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(code, "UNAVAILABLE");
     assert!(message.contains(UPSTREAM_NAME), "{message}");
@@ -344,7 +321,7 @@ async fn basic_auth_upstream_with_and_without_credentials() {
         .send()
         .await
         .expect("GET");
-    let (status, code, _) = error_code(response).await;
+    let (status, code, _) = oci_error(response).await;
     assert_eq!(
         (status, code.as_str()),
         (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
@@ -441,7 +418,7 @@ async fn routing_by_ns_prefix_and_default_and_refusal_of_unknown_registries() {
         "/v2/quay.io/team/app/manifests/v1",
         "/v2/evil.example:8080/x/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000",
     ] {
-        let (status, code, message) = error_code(get(path.into()).await.expect("GET")).await;
+        let (status, code, message) = oci_error(get(path.into()).await.expect("GET")).await;
         assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "DENIED"), "{path}");
         assert!(message.contains("not configured"), "{message}");
     }
@@ -519,13 +496,13 @@ async fn bad_input_and_writes_are_refused_before_reaching_the_upstream() {
             .send()
             .await
             .expect("request");
-        assert_eq!(error_code(response).await.0, status, "{method} {path}");
+        assert_eq!(oci_error(response).await.0, status, "{method} {path}");
         let response = client
             .request(method.clone(), format!("{}{path}", proxy.url()))
             .send()
             .await
             .expect("request");
-        assert_eq!(error_code(response).await.1, code, "{method} {path}");
+        assert_eq!(oci_error(response).await.1, code, "{method} {path}");
     }
     assert_eq!(
         upstream.request_count(),
@@ -534,7 +511,7 @@ async fn bad_input_and_writes_are_refused_before_reaching_the_upstream() {
     );
 
     // Unknown content: the upstream's 404 becomes the matching OCI code.
-    let (status, code, _) = error_code(
+    let (status, code, _) = oci_error(
         client
             .get(format!("{}/v2/test/missing/manifests/v1", proxy.url()))
             .send()
@@ -547,7 +524,7 @@ async fn bad_input_and_writes_are_refused_before_reaching_the_upstream() {
         (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
     );
     let missing_blob = format!("sha256:{}", "0".repeat(64));
-    let (status, code, _) = error_code(
+    let (status, code, _) = oci_error(
         client
             .get(format!(
                 "{}/v2/test/missing/blobs/{missing_blob}",

@@ -211,6 +211,81 @@ async fn silent_and_idle_connections_are_closed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_dropped_and_readers_are_not() {
+    let upstream = Upstream::start(Auth::None).await;
+    let image = images::push_oci_image(&upstream, "test/big", "v1", "stall", &[24 << 20]).await;
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())],
+        "send_timeout = \"2s\"\n",
+        "",
+        None,
+    )
+    .await;
+    // The layer: the largest blob, as the upstream reports it.
+    let mut layer = (0, String::new());
+    for blob in &image.blobs {
+        let response = common::http::client()
+            .head(format!("{}/v2/test/big/blobs/{blob}", upstream.url()))
+            .send()
+            .await
+            .expect("HEAD upstream");
+        // A HEAD's body is empty: its size is in the header.
+        let size: u64 = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        if size > layer.0 {
+            layer = (size, blob.clone());
+        }
+    }
+    let (size, layer) = layer;
+
+    // Asks for 24 MiB and reads nothing: more than loopback's socket buffers hold.
+    let mut stalled = TcpStream::connect(proxy.addr()).await.expect("connect");
+    let request = format!("GET /v2/test/big/blobs/{layer} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+    stalled
+        .write_all(request.as_bytes())
+        .await
+        .expect("send the request");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What was buffered arrives, then the connection ends: it was dropped, not held.
+    let mut received = 0u64;
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), stalled.read(&mut buffer)).await {
+            Err(_) => panic!(
+                "the stalled connection was still open after 30 s ({received} bytes):\n{}",
+                proxy.log()
+            ),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => received += n as u64,
+        }
+    }
+    assert!(received < size, "received {received} of {size} bytes");
+    assert!(
+        proxy.log().contains("stopped taking its response"),
+        "{}",
+        proxy.log()
+    );
+
+    // A client that reads gets the whole layer, verified, from the same proxy.
+    let body = common::http::client()
+        .get(format!("{}/v2/test/big/blobs/{layer}", proxy.url()))
+        .send()
+        .await
+        .expect("GET layer")
+        .bytes()
+        .await
+        .expect("the whole layer");
+    assert_eq!(
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+        layer
+    );
+}
+
 /// `user:bcrypt` lines (cost 4: the cheapest bcrypt, the same check).
 fn htpasswd(users: &[(&str, &str)]) -> String {
     users
@@ -282,15 +357,10 @@ async fn token(proxy: &TestProxy, user: &str, password: &str) -> String {
     body["token"].as_str().expect("a token").to_owned()
 }
 
-async fn oci_error(response: reqwest::Response) -> (u16, String) {
-    let status = response.status().as_u16();
-    let bytes = response.bytes().await.expect("error body");
-    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("an OCI JSON error body");
-    let code = body["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    (status, code)
+/// Status and OCI error code of an error response.
+async fn status_and_code(response: reqwest::Response) -> (u16, String) {
+    let (status, code, _) = common::http::oci_error(response).await;
+    (status.as_u16(), code)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -326,7 +396,10 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
             proxy.url()
         )
     );
-    assert_eq!(oci_error(anonymous).await, (401, "UNAUTHORIZED".to_owned()));
+    assert_eq!(
+        status_and_code(anonymous).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
     let alice = token(&proxy, "alice", "alice-pw").await;
     let denied = client
         .get(&manifest_url)
@@ -334,14 +407,17 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
         .send()
         .await
         .expect("GET");
-    assert_eq!(oci_error(denied).await, (403, "DENIED".to_owned()));
+    assert_eq!(status_and_code(denied).await, (403, "DENIED".to_owned()));
     let basic_denied = client
         .get(&manifest_url)
         .basic_auth("alice", Some("alice-pw"))
         .send()
         .await
         .expect("GET");
-    assert_eq!(oci_error(basic_denied).await, (403, "DENIED".to_owned()));
+    assert_eq!(
+        status_and_code(basic_denied).await,
+        (403, "DENIED".to_owned())
+    );
     // None of the refusals reached the upstream.
     assert_eq!(upstream.count(|e| e.path.contains("/other/secret/")), 0);
 
@@ -361,6 +437,61 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
         .await
         .expect("GET /healthz");
     assert_eq!(health.status(), 200);
+
+    // SIGHUP re-reads htpasswd: alice is removed (her Basic credentials, remembered until now,
+    // and her token stop working at once), bob is added.
+    let team_url = format!("{}/v2/team/app/manifests/v1", proxy.url());
+    std::fs::write(
+        dir.path().join("htpasswd"),
+        htpasswd(&[("bob", "bob-pw"), ("root", "root-pw")]),
+    )
+    .expect("rewrite htpasswd");
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("htpasswd reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let basic = client
+        .get(&team_url)
+        .basic_auth("alice", Some("alice-pw"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        status_and_code(basic).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
+    let old_token = client
+        .get(&team_url)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(
+        status_and_code(old_token).await,
+        (401, "UNAUTHORIZED".to_owned())
+    );
+    assert!(!skopeo_pull(&proxy, &team, Some("alice:alice-pw")).await);
+    let bob_signs_in = || async {
+        client
+            .get(format!("{}/metrics", proxy.url()))
+            .basic_auth("bob", Some("bob-pw"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .status()
+    };
+    assert_eq!(bob_signs_in().await, 200);
+    // A file that does not parse keeps the users in force.
+    std::fs::write(dir.path().join("htpasswd"), "bob:plaintext\n").expect("break htpasswd");
+    send_signal(&proxy, "HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("htpasswd reload failed") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(bob_signs_in().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -386,13 +517,16 @@ async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
     // The secret's cached layer and manifest, asked for under alice's repository: unknown there.
     for blob in &secret.blobs {
         let response = get("team/app", "blobs", blob).await.expect("GET blob");
-        assert_eq!(oci_error(response).await, (404, "BLOB_UNKNOWN".to_owned()));
+        assert_eq!(
+            status_and_code(response).await,
+            (404, "BLOB_UNKNOWN".to_owned())
+        );
     }
     let response = get("team/app", "manifests", &secret.digest)
         .await
         .expect("GET manifest");
     assert_eq!(
-        oci_error(response).await,
+        status_and_code(response).await,
         (404, "MANIFEST_UNKNOWN".to_owned())
     );
 
@@ -446,7 +580,7 @@ async fn a_client_over_its_rate_gets_429_with_retry_after() {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            refusal = Some((retry_after, oci_error(response).await));
+            refusal = Some((retry_after, status_and_code(response).await));
         }
     }
     let allowed = statuses.iter().filter(|s| **s == 200).count();
@@ -553,6 +687,6 @@ async fn offline_pulls_by_digest_work_after_a_restart_and_stay_within_the_grant(
             .send()
             .await
             .expect("GET blob");
-        assert_eq!(oci_error(response).await.0, 404);
+        assert_eq!(status_and_code(response).await.0, 404);
     }
 }

@@ -13,6 +13,7 @@ mod flight;
 mod grant;
 mod listing;
 mod manifest;
+mod peer;
 mod pins;
 mod revalidate;
 
@@ -33,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
 use crate::store::{Chunks, Index, Namespace, Store, StoreError};
 pub use crate::upstream::{Answer, ErrorClass, Origin};
-use crate::upstream::{ClientBuildError, Health, PassThrough, UpstreamClient, UpstreamError};
+use crate::upstream::{ClientBuildError, Health, UpstreamClient, UpstreamError};
 use fill::{FillReader, Fills, Role};
 
 /// Why the cache could not answer.
@@ -368,6 +369,19 @@ pub struct Cache {
     upstream_configs: Vec<crate::config::UpstreamConfig>,
     /// Which digests belong to which repository (client authentication).
     memberships: grant::Memberships,
+    /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// Who asks for a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// A client (or regcache's own prefetch): a miss of a blob another replica owns is asked of
+    /// that replica.
+    Client,
+    /// A peer replica that found this one the blob's owner: a miss is filled from the upstream
+    /// here, never forwarded again (no loops).
+    Peer,
 }
 
 /// Memory for hot manifests.
@@ -459,7 +473,20 @@ impl Cache {
             store_trouble: Arc::default(),
             memberships: grant::Memberships::default(),
             budget,
+            cluster: None,
         })
+    }
+
+    /// Makes blob misses go through `cluster`: the replica that owns a blob fills it.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The cluster, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The index, for flushing at shutdown.
@@ -507,7 +534,25 @@ impl Cache {
         digest: &Digest,
         range: RangeRequest,
     ) -> Result<RangedAnswer, CacheError> {
+        self.blob_for(target, digest, range, Asker::Client).await
+    }
+
+    /// [`Cache::blob`] for `asker`: with `[cluster]`, a client's miss of a blob another replica
+    /// owns is filled from that replica (which falls back to the upstream when it cannot).
+    ///
+    /// # Errors
+    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    pub async fn blob_for(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: RangeRequest,
+        asker: Asker,
+    ) -> Result<RangedAnswer, CacheError> {
         let (upstream, namespace) = self.upstream(target);
+        if let (Some(cluster), Asker::Peer) = (&self.cluster, asker) {
+            cluster.metrics().served_to_peers.inc();
+        }
         if let Some(answer) = self
             .blob_from_store(namespace, digest, range, CachePhase::Hit)
             .await?
@@ -528,11 +573,7 @@ impl Cache {
                 access_log: Arc::clone(&self.access_log),
                 store_trouble: Arc::clone(&self.store_trouble),
                 store: Arc::clone(&self.store),
-                source: Box::new(fill::UpstreamBlob {
-                    upstream: Arc::clone(upstream),
-                    repo: target.repo.clone(),
-                    digest: *digest,
-                }),
+                source: self.blob_source(target, digest, asker),
                 namespace: namespace.clone(),
                 digest: *digest,
                 permit,
@@ -598,6 +639,37 @@ impl Cache {
         }
     }
 
+    /// Where a fill gets the blob: the owner replica when it is another one (and the asker is
+    /// not a peer), else the upstream.
+    fn blob_source(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        asker: Asker,
+    ) -> Box<dyn fill::BlobSource> {
+        let (upstream, _) = self.upstream(target);
+        let blob = fill::UpstreamBlob {
+            upstream: Arc::clone(upstream),
+            repo: target.repo.clone(),
+            digest: *digest,
+        };
+        let owner = match (&self.cluster, asker) {
+            (Some(cluster), Asker::Client) => cluster
+                .remote_owner(upstream.name(), digest)
+                .map(|owner| (cluster, owner)),
+            _ => None,
+        };
+        match owner {
+            Some((cluster, owner)) => Box::new(peer::PeerSource {
+                cluster: Arc::clone(cluster),
+                owner,
+                upstream: blob,
+                fell_back: Arc::default(),
+            }),
+            None => Box::new(blob),
+        }
+    }
+
     /// Streams a blob from the upstream without caching it (the store cannot be written).
     async fn blob_direct(
         &self,
@@ -640,19 +712,5 @@ impl Cache {
             body: BlobBody::Stored(stored.chunks(start, end)),
             phase,
         })))
-    }
-
-    /// A tag list or referrers listing, passed through from the upstream.
-    ///
-    /// # Errors
-    /// [`CacheError::Upstream`].
-    pub async fn pass_through(
-        &self,
-        target: &Target,
-        tail: &str,
-        query: Option<&str>,
-    ) -> Result<PassThrough, CacheError> {
-        let (upstream, _) = self.upstream(target);
-        Ok(upstream.get_pass_through(&target.repo, tail, query).await?)
     }
 }

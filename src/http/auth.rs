@@ -8,10 +8,13 @@
 //! `WWW-Authenticate: Bearer realm=…`, a `GET` of the realm with Basic credentials or none, a
 //! short-lived token). Tokens are HMAC-SHA256 signed with a key made at start, so they do not
 //! survive a restart; clients fetch a new one on the next `401`. A token names only the user:
-//! what that user may pull is read from the config at each request.
+//! what that user may pull is read from the config at each request, and a token of a user no
+//! longer in `htpasswd` (re-read on `SIGHUP`) is refused.
 //!
 
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
@@ -21,7 +24,7 @@ use http::header;
 use http::request::Parts;
 use sha2::{Digest as _, Sha256};
 
-use crate::config::{AuthConfig, Secret};
+use crate::config::{load_htpasswd, AuthConfig, ConfigError, Secret};
 
 /// The path of the token endpoint. Outside `/v2/`, so no repository name can shadow it.
 pub(crate) const TOKEN_PATH: &str = "/auth/token";
@@ -41,11 +44,30 @@ pub(crate) enum Identity {
     User(String),
 }
 
-/// Users, token keys and grants, built once from `[auth]`.
-pub(crate) struct Authenticator {
-    users: HashMap<String, Secret>,
+/// The users of `auth.htpasswd`.
+struct Users {
+    /// Counts reloads, so a verification that raced one is not remembered.
+    generation: u64,
+    hashes: HashMap<String, Secret>,
     /// Compared against when the user is unknown, so unknown and known users cost the same.
     decoy_hash: Option<Secret>,
+}
+
+impl Users {
+    fn new(generation: u64, entries: &[(String, Secret)]) -> Self {
+        Self {
+            generation,
+            hashes: entries.iter().cloned().collect(),
+            decoy_hash: entries.first().map(|(_, hash)| hash.clone()),
+        }
+    }
+}
+
+/// Users, token keys and grants, built from `[auth]`; the users are read again on `SIGHUP`.
+pub(crate) struct Authenticator {
+    htpasswd: Option<PathBuf>,
+    // A std lock: read for a map lookup, written on reload; never held across an await.
+    users: RwLock<Users>,
     /// sha256(user, password) of recently verified Basic credentials, to the user name.
     verified: moka::future::Cache<[u8; 32], String>,
     /// `None` only when the system RNG failed at start: then no token is issued or accepted
@@ -61,7 +83,7 @@ pub(crate) struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("users", &self.users.len())
+            .field("users", &self.read_users().hashes.len())
             .field("token_ttl", &self.token_ttl)
             .field("realm", &self.realm)
             .field("service", &self.service)
@@ -123,8 +145,8 @@ impl Authenticator {
             })
             .ok();
         Self {
-            users: config.users.iter().cloned().collect(),
-            decoy_hash: config.users.first().map(|(_, hash)| hash.clone()),
+            htpasswd: config.htpasswd.clone(),
+            users: RwLock::new(Users::new(0, &config.users)),
             verified: moka::future::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(VERIFIED_TTL)
@@ -140,6 +162,28 @@ impl Authenticator {
                 .map(|grant| (grant.users.clone(), glob_set(&grant.pull)))
                 .collect(),
         }
+    }
+
+    fn read_users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
+        self.users.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads `auth.htpasswd` again; returns how many users it has. Remembered Basic
+    /// verifications are forgotten, and tokens of users no longer listed stop working at once.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when the file cannot be read or parsed: the users in force stay.
+    pub(crate) fn reload_users(&self) -> Result<usize, ConfigError> {
+        let Some(path) = &self.htpasswd else {
+            return Ok(0);
+        };
+        let entries = load_htpasswd(path)?;
+        {
+            let mut users = self.users.write().unwrap_or_else(|p| p.into_inner());
+            *users = Users::new(users.generation + 1, &entries);
+        }
+        self.verified.invalidate_all();
+        Ok(entries.len())
     }
 
     /// How long issued tokens live.
@@ -196,7 +240,12 @@ impl Authenticator {
         if claims.exp <= unix_now() {
             return Err(BadCredentials::Token);
         }
-        Ok(claims.sub.map_or(Identity::Anonymous, Identity::User))
+        match claims.sub {
+            None => Ok(Identity::Anonymous),
+            // A user removed from htpasswd since the token was issued is refused.
+            Some(user) if self.read_users().hashes.contains_key(&user) => Ok(Identity::User(user)),
+            Some(_) => Err(BadCredentials::Token),
+        }
     }
 
     async fn verify_password(
@@ -213,8 +262,17 @@ impl Authenticator {
         if let Some(user) = self.verified.get(&fingerprint).await {
             return Ok(Identity::User(user));
         }
-        let known = self.users.get(user);
-        let Some(hash) = known.or(self.decoy_hash.as_ref()).cloned() else {
+        let (generation, known, hash) = {
+            let users = self.read_users();
+            let known = users.hashes.get(user).cloned();
+            let generation = users.generation;
+            (
+                generation,
+                known.is_some(),
+                known.or_else(|| users.decoy_hash.clone()),
+            )
+        };
+        let Some(hash) = hash else {
             return Err(BadCredentials::Password);
         };
         let password = password.to_owned();
@@ -224,10 +282,12 @@ impl Authenticator {
         })
         .await
         .unwrap_or(false);
-        if !(matched && known.is_some()) {
+        if !(matched && known) {
             return Err(BadCredentials::Password);
         }
-        self.verified.insert(fingerprint, user.to_owned()).await;
+        if self.read_users().generation == generation {
+            self.verified.insert(fingerprint, user.to_owned()).await;
+        }
         Ok(Identity::User(user.to_owned()))
     }
 
@@ -294,6 +354,7 @@ mod tests {
     fn authenticator() -> Authenticator {
         let hash = bcrypt::hash("s3cret", 4).expect("bcrypt hashes");
         Authenticator::new(&AuthConfig {
+            htpasswd: None,
             users: vec![("alice".to_owned(), Secret::new(hash))],
             token_ttl: Duration::from_secs(60),
             realm: None,

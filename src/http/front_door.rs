@@ -156,6 +156,16 @@ impl FrontDoor {
             // Probes carry no credentials and reveal nothing.
             return Verdict::Pass;
         }
+        if matches!(route, Route::Blob { .. }) {
+            // A peer replica asking the owner of a blob: admitted by the cluster secret alone
+            // (its client was admitted by that replica's front door).
+            let cluster = self.state.cache.cluster();
+            if cluster
+                .is_some_and(|c| c.authenticates_peers() && c.is_peer_request(&request.headers))
+            {
+                return Verdict::Pass;
+            }
+        }
         let identity = match auth.authenticate(&request.headers).await {
             Ok(identity) => identity,
             Err(reason) => {

@@ -11,7 +11,7 @@ use super::front_door as auth;
 use super::route::Route;
 use super::status::{self, StatusBoard};
 use crate::cache::{
-    BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
+    Asker, BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -177,8 +177,15 @@ async fn route_request<B>(
             let target = resolve(state, request, name)?;
             *resolved = Some(target.clone());
             let digest = Digest::parse(digest).map_err(|e| ApiError::from_parse(&e))?;
-            auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
-            blob(state, request, &target, &digest).await
+            // A peer replica (proven by the cluster secret) checked its client's grant itself.
+            let asker = match state.cache.cluster() {
+                Some(cluster) if cluster.is_peer_request(request.headers()) => Asker::Peer,
+                _ => Asker::Client,
+            };
+            if asker == Asker::Client {
+                auth::check_membership(state, &target, &digest, DigestKind::Blob).await?;
+            }
+            blob(state, request, &target, &digest, asker).await
         }
         Route::TagsList { name } => {
             let target = resolve(state, request, name)?;
@@ -216,12 +223,20 @@ async fn readiness(state: &AppState) -> Response<Body> {
             })
         })
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "ready": ready.is_ok(),
         "problem": ready.as_ref().err(),
         "degraded": ready.as_ref().ok().cloned().flatten(),
         "upstreams": upstreams,
     });
+    // The members this replica routes blob misses over; peers never fail readiness (a replica
+    // whose owner is down fills from the upstream itself).
+    if let Some(cluster) = state.cache.cluster() {
+        body["cluster"] = serde_json::json!({
+            "self": cluster.self_id(),
+            "members": *cluster.members(),
+        });
+    }
     let mut response = Response::new(body::full(body.to_string()));
     if ready.is_err() {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
@@ -321,6 +336,7 @@ async fn blob<B>(
     request: &Request<B>,
     target: &Target,
     digest: &Digest,
+    asker: Asker,
 ) -> Handled {
     let range = request
         .headers()
@@ -334,7 +350,7 @@ async fn blob<B>(
     }
     let answer = state
         .cache
-        .blob(target, digest, range)
+        .blob_for(target, digest, range, asker)
         .await
         .map_err(|e| ApiError::from_cache(&e, "BLOB_UNKNOWN"))?;
     let answer = match answer {

@@ -106,7 +106,8 @@ impl BlobBackend for LocalDisk {
             dirs: Arc::clone(&self.dirs),
             id,
             path,
-            file: Some(file),
+            file,
+            committed: false,
         }))
     }
 
@@ -233,8 +234,9 @@ struct StagedFile {
     dirs: Arc<Dirs>,
     id: StagedId,
     path: PathBuf,
-    /// `None` once committed.
-    file: Option<std::fs::File>,
+    file: std::fs::File,
+    /// Set once renamed into place: then dropping it leaves the file.
+    committed: bool,
 }
 
 impl StagedWrite for StagedFile {
@@ -243,11 +245,8 @@ impl StagedWrite for StagedFile {
     }
 
     fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        let file = self
-            .file
-            .as_mut()
-            .expect("a staged file is open until it is committed, which consumes it");
-        file.write_all(bytes)
+        self.file
+            .write_all(bytes)
             .map_err(StoreError::io("write", self.path.display()))
     }
 
@@ -256,27 +255,26 @@ impl StagedWrite for StagedFile {
         namespace: &Namespace,
         digest: &Digest,
     ) -> Result<u64, StoreError> {
-        let file = self
-            .file
-            .take()
-            .expect("a staged file is open until it is committed, which consumes it");
-        let result = commit_file(&self.path, file, &self.dirs.blob_path(namespace, digest));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&self.path);
-        }
-        result
+        let len = commit_file(
+            &self.path,
+            &self.file,
+            &self.dirs.blob_path(namespace, digest),
+        )?;
+        self.committed = true;
+        Ok(len)
     }
 }
 
 /// fsync, rename into place, fsync the directory.
-fn commit_file(temp: &Path, file: std::fs::File, target: &Path) -> Result<u64, StoreError> {
+fn commit_file(temp: &Path, file: &std::fs::File, target: &Path) -> Result<u64, StoreError> {
     file.sync_all()
         .map_err(StoreError::io("fsync", temp.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    drop(file);
-    let dir = target
-        .parent()
-        .expect("a digest path always has a parent directory");
+    let dir = target.parent().ok_or_else(|| StoreError::Io {
+        action: "rename",
+        object: target.display().to_string(),
+        source: std::io::Error::other("a blob path has no parent directory"),
+    })?;
     std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
     std::fs::rename(temp, target).map_err(StoreError::io("rename", target.display()))?;
     std::fs::File::open(dir)
@@ -289,7 +287,7 @@ impl Drop for StagedFile {
     fn drop(&mut self) {
         // Not committed: discard. One unlink, cheap enough on any thread; a reader that has the
         // file open keeps its bytes.
-        if self.file.is_some() {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.path);
         }
     }

@@ -36,15 +36,25 @@ impl InProcess {
     /// Starts regcache with these upstreams and extra top-level TOML (e.g. a `[cache]` table),
     /// its store in a temp directory. Returns once it listens.
     pub async fn start(upstreams: &[UpstreamSpec], extra_toml: &str) -> InProcess {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        Self::start_on(listener, upstreams, extra_toml).await
+    }
+
+    /// [`InProcess::start`] on a listener the caller bound (so that its address can go into the
+    /// config of this and other instances first, as `[cluster]` needs).
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        upstreams: &[UpstreamSpec],
+        extra_toml: &str,
+    ) -> InProcess {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = dir.path().join("data");
         let config =
             regcache::config::Config::parse(&config_text(0, &storage, upstreams, "", extra_toml))
                 .expect("the test config is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address");
         let clock = Clock::adjustable();
         let shutdown = CancellationToken::new();

@@ -13,6 +13,7 @@
 //! - [`proxy`]: the proxy under test as a child process (the real binary), and skopeo helpers;
 //! - [`inproc`]: the proxy under test in process, on a port-0 listener, with an adjustable
 //!   clock for TTLs and cooldowns;
+//! - [`http`]: a plain client for the proxy and its OCI JSON errors;
 //! - [`faultproxy`]: a switchable TCP proxy (pass, hang, refuse, delay) in front of the real
 //!   upstream;
 //! - [`seaweed`]: a real S3-compatible object store (SeaweedFS) for `[storage] backend = "s3"`.
@@ -26,6 +27,7 @@
 pub mod fake;
 pub mod faultproxy;
 pub mod hostile;
+pub mod http;
 pub mod images;
 pub mod inproc;
 pub mod pki;
@@ -70,4 +72,20 @@ fn is_executable(path: &Path) -> bool {
     path.metadata()
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
+}
+
+/// Reads a response body chunk by chunk (never whole in memory) and returns its
+/// `sha256:<hex>` digest and length.
+pub async fn body_digest(response: reqwest::Response) -> (String, u64) {
+    use futures_util::StreamExt as _;
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut len = 0u64;
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("body chunk");
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (format!("sha256:{}", hex::encode(hasher.finalize())), len)
 }

@@ -1,0 +1,333 @@
+//! What a connection is doing, for its time limits: requests in flight, how long it has been
+//! idle, and responses whose client stopped taking them.
+//!
+//! A response is *offered* from the moment its head is ready and again after each frame of its
+//! body has been handed to hyper; it is *taken* when hyper asks for the next frame, which it
+//! does only once the client has made room (TCP window, HTTP/2 flow control). A response
+//! offered and not taken for `send_timeout` means a client that stopped reading: the
+//! connection is dropped. Time the cache itself spends producing a frame (a fill waiting on its
+//! upstream) is never counted against the client.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::{Frame, SizeHint};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::ListenerOptions;
+use crate::http;
+
+/// Why a connection is to be closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Closing {
+    /// No request in flight for its limit (or no first request at all).
+    Idle,
+    /// A response offered to the client and not taken for `send_timeout`.
+    Stalled,
+}
+
+/// Counts each request as in flight on its connection until its response body has been sent
+/// or dropped, and watches whether the client takes the body.
+#[derive(Debug, Clone)]
+pub(super) struct Tracked<S> {
+    pub(super) inner: S,
+    pub(super) activity: Arc<Activity>,
+}
+
+impl<S, B> tower::Service<hyper::Request<B>> for Tracked<S>
+where
+    S: tower::Service<hyper::Request<B>, Response = hyper::Response<http::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = hyper::Response<http::Body>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: hyper::Request<B>) -> Self::Future {
+        let request_guard = self.activity.begin();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // The head is ready: from now on, waiting is the client's.
+            request_guard.offered();
+            Ok(response.map(|inner| {
+                Watched {
+                    inner,
+                    request: request_guard,
+                }
+                .boxed_unsync()
+            }))
+        })
+    }
+}
+
+/// A response body that reports when hyper takes its frames. Owns the request's [`InFlight`],
+/// released when hyper drops the body.
+struct Watched {
+    inner: http::Body,
+    request: InFlight,
+}
+
+impl hyper::body::Body for Watched {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.request.taken();
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !self.inner.is_end_stream() {
+            self.request.offered();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a connection has requests in flight, since when it has had none, and which of its
+/// responses wait for the client.
+#[derive(Debug)]
+pub(super) struct Activity {
+    // A std mutex: held for a few field updates, never across an await.
+    state: Mutex<ActivityState>,
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    in_flight: usize,
+    idle_since: Instant,
+    served_any: bool,
+    next_request: u64,
+    /// Requests whose response waits for the client, and since when.
+    offered: HashMap<u64, Instant>,
+}
+
+impl Activity {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new(ActivityState {
+                in_flight: 0,
+                idle_since: Instant::now(),
+                served_any: false,
+                next_request: 0,
+                offered: HashMap::new(),
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn first_request_deadline(&self, options: &ListenerOptions) -> Instant {
+        self.lock().idle_since + options.header_read_timeout
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        let id = {
+            let mut state = self.lock();
+            state.in_flight += 1;
+            state.served_any = true;
+            state.next_request += 1;
+            state.next_request
+        };
+        self.changed.notify_waiters();
+        InFlight {
+            activity: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// When the connection should be closed, and why: `None` while requests are in flight and
+    /// none of their responses waits for the client.
+    fn deadline(&self, options: &ListenerOptions) -> Option<(Instant, Closing)> {
+        let state = self.lock();
+        if state.in_flight == 0 {
+            let limit = if state.served_any {
+                options.idle_timeout
+            } else {
+                options.header_read_timeout
+            };
+            return Some((state.idle_since + limit, Closing::Idle));
+        }
+        if options.send_timeout.is_zero() {
+            return None;
+        }
+        let oldest = state.offered.values().min()?;
+        Some((*oldest + options.send_timeout, Closing::Stalled))
+    }
+
+    /// Completes once the connection should be closed, and says why.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: it only waits and reads.
+    pub(super) async fn closing(&self, options: &ListenerOptions) -> Closing {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the state is read, so a change in between is not missed.
+            changed.as_mut().enable();
+            match self.deadline(options) {
+                None => changed.await,
+                // Checked again after each wait: a response taken meanwhile moved it.
+                Some((deadline, why)) if deadline <= Instant::now() => return why,
+                Some((deadline, _)) => tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = changed => {}
+                },
+            }
+        }
+    }
+}
+
+/// One request in flight on a connection.
+#[derive(Debug)]
+struct InFlight {
+    activity: Arc<Activity>,
+    id: u64,
+}
+
+impl InFlight {
+    /// Its response waits for the client (kept from the first offer until taken).
+    fn offered(&self) {
+        let first = {
+            let mut state = self.activity.lock();
+            let first = state.offered.is_empty();
+            state.offered.entry(self.id).or_insert_with(Instant::now);
+            first
+        };
+        // Only the first offer can bring the deadline forward from "none".
+        if first {
+            self.activity.changed.notify_waiters();
+        }
+    }
+
+    /// The client took what was offered.
+    fn taken(&self) {
+        self.activity.lock().offered.remove(&self.id);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        {
+            let mut state = self.activity.lock();
+            state.offered.remove(&self.id);
+            state.in_flight = state.in_flight.saturating_sub(1);
+            state.idle_since = Instant::now();
+        }
+        self.activity.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn options() -> ListenerOptions {
+        ListenerOptions {
+            kind: http::Listener::Main,
+            max_connections: 1,
+            drain_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(20),
+            tls: None,
+            rate_limit: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_idles_out_after_the_header_timeout() {
+        let activity = Arc::new(Activity::new());
+        let started = Instant::now();
+        assert_eq!(activity.closing(&options()).await, Closing::Idle);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_holds_the_connection_then_idle_timeout_applies() {
+        let activity = Arc::new(Activity::new());
+        let request = activity.begin();
+        let options = options();
+        let closing = activity.closing(&options);
+        tokio::pin!(closing);
+        // Far past every limit, a request still being produced holds the connection open.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), closing.as_mut())
+                .await
+                .is_err()
+        );
+        let finished = Instant::now();
+        drop(request);
+        assert_eq!(closing.await, Closing::Idle);
+        assert_eq!(finished.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_closes_the_connection() {
+        let activity = Arc::new(Activity::new());
+        let options = options();
+        let slow = activity.begin();
+        let stuck = activity.begin();
+        let closing = activity.closing(&options);
+        tokio::pin!(closing);
+        // A client taking a frame every 15 s (under the 20 s limit) keeps its connection.
+        for _ in 0..4 {
+            slow.offered();
+            assert!(
+                tokio::time::timeout(Duration::from_secs(15), closing.as_mut())
+                    .await
+                    .is_err()
+            );
+            slow.taken();
+        }
+        // One response offered and never taken: closed 20 s after the offer, although the
+        // other request is still in flight.
+        let offered = Instant::now();
+        stuck.offered();
+        slow.offered();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        slow.taken();
+        assert_eq!(closing.await, Closing::Stalled);
+        assert_eq!(offered.elapsed(), Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn send_timeout_zero_never_closes_a_connection_in_flight() {
+        let activity = Arc::new(Activity::new());
+        let options = ListenerOptions {
+            send_timeout: Duration::ZERO,
+            ..options()
+        };
+        let request = activity.begin();
+        request.offered();
+        let closing = activity.closing(&options);
+        assert!(tokio::time::timeout(Duration::from_secs(3600), closing)
+            .await
+            .is_err());
+    }
+}
