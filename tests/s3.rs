@@ -202,7 +202,9 @@ async fn redirect_answers_307_to_a_presigned_url_and_skopeo_pulls_through_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objects() {
     let small = seeded_bytes("s3-outage-small", 4096);
-    let big = seeded_bytes("s3-outage-big", 20 << 20);
+    // Parts go out in the background, one at a time: a failed part surfaces when the next one
+    // waits for it, so the blob spans several parts past the moment the store goes down.
+    let big = seeded_bytes("s3-outage-big", 40 << 20);
     let never = seeded_bytes("s3-outage-never", 4096);
     let (small_digest, big_digest, never_digest) = (
         sha256_digest(&small),
@@ -220,7 +222,7 @@ async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objec
     fake.set_fault(
         &format!("/blobs/{big_digest}"),
         Fault::Trickle {
-            bytes: 256 << 10,
+            bytes: 512 << 10,
             every: Duration::from_millis(25),
         },
     );

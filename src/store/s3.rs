@@ -12,6 +12,7 @@
 //! meant to sit behind a [`Tier`](super::Tier), which never calls the network from `stage`,
 //! `stat` or `remove` (the store calls those from async code).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +24,7 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::Signer as _;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore as _, RetryConfig};
+use tokio::task::JoinHandle;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
 use super::{Namespace, StoreError};
@@ -30,8 +32,12 @@ use crate::config::S3Config;
 use crate::oci::Digest;
 
 /// Bytes buffered per multipart part: above S3's 5 MiB minimum for all parts but the last.
-/// This is the memory a blob being written holds besides the store's batch.
 const PART_SIZE: usize = 8 * 1024 * 1024;
+
+/// Parts uploading at once per blob, while the fill goes on writing the local tier and
+/// filling the next part: a blob being written holds up to this many parts plus the one it is
+/// filling (16 MiB). The fill runs ahead of the store by at most that much.
+const PARTS_IN_FLIGHT: usize = 1;
 
 /// A part upload (or a single `PUT` of up to a part) may take this many `storage.s3.timeout`s.
 const PART_TIMEOUTS: u32 = 12;
@@ -87,13 +93,7 @@ impl Shared {
         self.run(async {
             tokio::time::timeout(limit, request)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(object_store::Error::Generic {
-                        store: "S3",
-                        source: format!("no answer within {}", humantime::format_duration(limit))
-                            .into(),
-                    })
-                })
+                .unwrap_or_else(|_| Err(no_answer(limit)))
         })
     }
 
@@ -201,6 +201,14 @@ impl S3Backend {
     }
 }
 
+/// The error of a request that took longer than `limit`.
+fn no_answer(limit: Duration) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "S3",
+        source: format!("no answer within {}", humantime::format_duration(limit)).into(),
+    }
+}
+
 /// `NotFound` becomes `None`.
 fn found<T>(result: object_store::Result<T>) -> object_store::Result<Option<T>> {
     match result {
@@ -225,6 +233,7 @@ impl BlobBackend for S3Backend {
             buffer: BytesMut::new(),
             multipart: None,
             parts: Vec::new(),
+            in_flight: VecDeque::new(),
             sent: 0,
         }))
     }
@@ -456,12 +465,17 @@ struct Upload {
     buffer: BytesMut,
     /// The upload id, once the first part went out.
     multipart: Option<object_store::MultipartId>,
+    /// Parts uploaded, in order.
     parts: Vec<PartId>,
-    /// Bytes in `parts`.
+    /// Parts being uploaded, oldest first (at most [`PARTS_IN_FLIGHT`]).
+    in_flight: VecDeque<JoinHandle<object_store::Result<PartId>>>,
+    /// Bytes handed to parts (uploaded or in flight).
     sent: u64,
 }
 
 impl Upload {
+    /// Starts uploading `part` in the background; waits first for the oldest part when
+    /// [`PARTS_IN_FLIGHT`] are out, so the fill runs ahead of the store by that much at most.
     fn send_part(&mut self, part: Bytes) -> Result<(), StoreError> {
         let shared = Arc::clone(&self.shared);
         let len = part.len() as u64;
@@ -475,17 +489,34 @@ impl Upload {
                 id
             }
         };
-        let index = self.parts.len();
+        if self.in_flight.len() >= PARTS_IN_FLIGHT {
+            self.wait_oldest()?;
+        }
+        let index = self.parts.len() + self.in_flight.len();
+        let key = self.key.clone();
+        let limit = shared.timeout * PART_TIMEOUTS;
+        let uploading = Arc::clone(&shared);
+        self.in_flight.push_back(shared.handle.spawn(async move {
+            let request = uploading.client.put_part(&key, &upload, index, part.into());
+            tokio::time::timeout(limit, request)
+                .await
+                .unwrap_or_else(|_| Err(no_answer(limit)))
+        }));
+        self.sent += len;
+        Ok(())
+    }
+
+    /// Waits for the oldest part in flight.
+    fn wait_oldest(&mut self) -> Result<(), StoreError> {
+        let Some(uploading) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
         let part = shared
-            .call(
-                PART_TIMEOUTS,
-                shared
-                    .client
-                    .put_part(&self.key, &upload, index, part.into()),
-            )
+            .run(uploading)
+            .unwrap_or_else(|err| Err(object_store::Error::JoinError { source: err }))
             .map_err(shared.unavailable("upload a part of", &self.key))?;
         self.parts.push(part);
-        self.sent += len;
         Ok(())
     }
 }
@@ -529,6 +560,9 @@ impl StagedWrite for Upload {
             let part = self.buffer.split().freeze();
             self.send_part(part)?;
         }
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
         let upload = self
             .multipart
             .take()
@@ -554,7 +588,12 @@ impl Drop for Upload {
         // stays invisible and the bucket's lifecycle rule reclaims its parts.
         if let Some(upload) = self.multipart.take() {
             let (shared, key) = (Arc::clone(&self.shared), self.key.clone());
+            let in_flight = std::mem::take(&mut self.in_flight);
             self.shared.handle.spawn(async move {
+                // Parts still uploading would outlive an abort sent now.
+                for part in in_flight {
+                    let _ = part.await;
+                }
                 if let Err(err) = shared.client.abort_multipart(&key, &upload).await {
                     tracing::debug!(error = %err, %key, "aborting an upload failed");
                 }
