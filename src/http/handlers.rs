@@ -343,7 +343,8 @@ async fn blob<B>(
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map_or(RangeRequest::Full, parse_range);
-    if state.blob_redirects && request.method() == Method::GET {
+    // A peer replica asking the owner wants the bytes (it stores them): never redirected.
+    if state.blob_redirects && asker == Asker::Client && request.method() == Method::GET {
         if let Some(location) = state.cache.blob_redirect(target, digest).await {
             return Ok((redirect(&location, digest), Some(CachePhase::Hit)));
         }
