@@ -107,6 +107,8 @@ impl Seaweed {
             .arg("mini")
             .arg(format!("-dir={}", data.display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"])
+            // No reports to the project's telemetry server from tests.
+            .arg("-master.telemetry=false")
             .arg(format!("-bucket={}", self.bucket))
             .arg(format!("-s3.port={}", p[0]))
             .arg(format!("-s3.port.grpc={}", p[1]))
