@@ -191,6 +191,19 @@ async fn redirect_answers_307_to_a_presigned_url_and_skopeo_pulls_through_it() {
     // A fresh replica sends skopeo to the bucket for every blob: none lands on its disk and
     // the upstream is not asked again.
     let second = replica(&upstream.url(), &store, dir.path(), "redirect = true").await;
+    // A HEAD is answered from what the bucket says.
+    let head = client()
+        .head(format!("{}/v2/s3/redirect/blobs/{blob}", second.url()))
+        .send()
+        .await
+        .expect("HEAD a blob");
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(bytes.len().to_string().as_str())
+    );
     second.pull_verified(&image.reference, &image.digest).await;
     let local = local_files(&second.storage());
     for blob in &image.blobs {

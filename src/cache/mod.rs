@@ -32,7 +32,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::oci::{Digest, MediaType, RepoName};
-use crate::store::{Chunks, Index, Namespace, Store, StoreError};
+use crate::store::{Chunks, Index, Namespace, Presigned, Store, StoreError};
 pub use crate::upstream::{Answer, ErrorClass, Origin};
 use crate::upstream::{ClientBuildError, Health, UpstreamClient, UpstreamError};
 use fill::{FillReader, Fills, Role};
@@ -626,9 +626,10 @@ impl Cache {
     }
 
     /// Where a client may fetch a cached blob directly (a short-lived presigned URL of the
-    /// object store), `None` when the blob is not in the bucket or the bucket cannot say: the
-    /// request is then answered as usual (from the local tier when it has the blob).
-    pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+    /// object store) and its size, `None` when the blob is not in the bucket or the bucket
+    /// cannot say: the request is then answered as usual (from the local tier when it has the
+    /// blob).
+    pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<Presigned> {
         let (_, namespace) = self.upstream(target);
         match self.store.presigned_get(namespace, digest).await {
             Ok(location) => location,

@@ -344,9 +344,20 @@ async fn blob<B>(
         .and_then(|v| v.to_str().ok())
         .map_or(RangeRequest::Full, parse_range);
     // A peer replica asking the owner wants the bytes (it stores them): never redirected.
-    if state.blob_redirects && asker == Asker::Client && request.method() == Method::GET {
-        if let Some(location) = state.cache.blob_redirect(target, digest).await {
-            return Ok((redirect(&location, digest), Some(CachePhase::Hit)));
+    if state.blob_redirects && asker == Asker::Client {
+        if let Some(presigned) = state.cache.blob_redirect(target, digest).await {
+            let response = if request.method() == Method::HEAD {
+                // What the bucket says, without copying the blob into the local tier.
+                let mut response = Response::new(body::empty());
+                insert_blob_headers(response.headers_mut(), digest);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(presigned.size));
+                response
+            } else {
+                redirect(&presigned.url, digest)
+            };
+            return Ok((response, Some(CachePhase::Hit)));
         }
     }
     let answer = state
@@ -377,24 +388,12 @@ async fn blob<B>(
         body,
         phase,
     } = answer;
-    let digest_text = digest.to_string();
     let mut response = Response::new(if request.method() == Method::HEAD {
         body::empty()
     } else {
         body::blob(body)
     });
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert("docker-content-digest", header_value(&digest_text));
-    headers.insert(header::ETAG, header_value(&format!("\"{digest_text}\"")));
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("max-age=31536000, immutable"),
-    );
+    insert_blob_headers(response.headers_mut(), digest);
     match (range, size) {
         (Some(r), Some(size)) => {
             *response.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -413,6 +412,22 @@ async fn blob<B>(
         _ => {}
     }
     Ok((response, Some(phase)))
+}
+
+/// The headers of every blob answer but its length and range.
+fn insert_blob_headers(headers: &mut http::HeaderMap, digest: &Digest) {
+    let digest_text = digest.to_string();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("docker-content-digest", header_value(&digest_text));
+    headers.insert(header::ETAG, header_value(&format!("\"{digest_text}\"")));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=31536000, immutable"),
+    );
 }
 
 /// `307` to where the client fetches a blob itself (a presigned object store URL). The

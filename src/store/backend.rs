@@ -28,6 +28,15 @@ use crate::oci::Digest;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StagedId(pub(super) String);
 
+/// Where a client may fetch a committed object itself ([`BlobBackend::presigned_get`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presigned {
+    /// A short-lived URL for `GET`.
+    pub url: String,
+    /// The object's size.
+    pub size: u64,
+}
+
 /// A committed object found by [`BlobBackend::list`].
 #[derive(Debug, Clone)]
 pub struct ListedBlob {
@@ -145,7 +154,8 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     }
 
     /// A short-lived URL from which a client may GET a committed object directly (a presigned
-    /// object store URL); `None` when the backend has none or the object is not there.
+    /// object store URL), with the object's size; `None` when the backend has none or the
+    /// object is not there.
     ///
     /// # Errors
     /// The backend's failure.
@@ -153,7 +163,7 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
         &self,
         _namespace: &Namespace,
         _digest: &Digest,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Presigned>, StoreError> {
         Ok(None)
     }
 

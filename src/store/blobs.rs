@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use super::backend::{BlobBackend, BlobRead, ListedBlob};
+use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned};
 use super::{LocalDisk, Namespace, StoreError};
 use crate::oci::{manifest_digest, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
 
@@ -245,7 +245,7 @@ impl Store {
         self: &Arc<Self>,
         namespace: &Namespace,
         digest: &Digest,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Presigned>, StoreError> {
         let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
         blocking(move || store.backend.presigned_get(&namespace, &digest)).await
     }

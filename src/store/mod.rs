@@ -24,7 +24,7 @@ mod tests;
 mod tier;
 mod writer;
 
-pub use backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;

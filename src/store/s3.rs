@@ -26,7 +26,7 @@ use object_store::signer::Signer as _;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore as _, RetryConfig};
 use tokio::task::JoinHandle;
 
-use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 use super::{Namespace, StoreError};
 use crate::config::S3Config;
 use crate::oci::Digest;
@@ -347,19 +347,22 @@ impl BlobBackend for S3Backend {
         &self,
         namespace: &Namespace,
         digest: &Digest,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Presigned>, StoreError> {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
         shared
             .call(1, async {
-                if found(shared.client.head(&key).await)?.is_none() {
+                let Some(meta) = found(shared.client.head(&key).await)? else {
                     return Ok(None);
-                }
+                };
                 let url = shared
                     .client
                     .signed_url(http::Method::GET, &key, shared.redirect_ttl)
                     .await?;
-                Ok(Some(url.to_string()))
+                Ok(Some(Presigned {
+                    url: url.to_string(),
+                    size: meta.size,
+                }))
             })
             .map_err(shared.unavailable("sign", &key))
     }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 use super::blobs::{for_each_chunk, small_content_matches, DigestCheck};
 use super::{LocalDisk, Namespace, StoreError};
 use crate::oci::{Digest, MAX_MANIFEST_BYTES};
@@ -161,7 +161,7 @@ impl BlobBackend for Tier {
         &self,
         namespace: &Namespace,
         digest: &Digest,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Presigned>, StoreError> {
         self.bucket.presigned_get(namespace, digest)
     }
 
