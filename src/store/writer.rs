@@ -6,7 +6,7 @@
 //! verified the digest, so no reader completes a body of unverified bytes; when the writer
 //! fails or is dropped unverified, readers end with an error, never a clean end.
 //!
-//! Writes go in 512 KiB batches. A batch is handed to the readers the moment it is complete
+//! Writes go in 256 KiB batches. A batch is handed to the readers the moment it is complete
 //! (the [`Window`] of recent batches: a reader that keeps up never reads back from the staged
 //! object), then hashed and appended on two blocking threads at once while the next batch
 //! arrives from the network, so network, hashing, disk and the readers all overlap.
@@ -24,15 +24,22 @@ use super::{Namespace, Store, StoreError};
 use crate::oci::Digest;
 
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
-/// enough that followers see progress often and memory per writer stays small.
-const WRITE_BATCH: usize = 512 * 1024;
+/// enough that followers see progress often and memory per writer stays small. Readers are
+/// handed slices of these batches, so a batch is also what one slow reader can keep alive:
+/// no larger than a read chunk ([`READ_CHUNK`](super::READ_CHUNK)), or memory per client
+/// would grow (measured: 512 KiB batches took 64 clients from 60 to 75 MiB).
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Batches hashed and appended per blocking call: each call wakes two blocking threads, so
+/// four batches (1 MiB) go together, while the readers still get every batch as it arrives.
+const BATCHES_PER_CALL: usize = 4;
 
 /// Batches kept in the [`Window`] once they are appended: enough for a reader a little behind
 /// the network to keep reading from memory, small enough to bound memory per fill (with the
-/// batch in flight and the one filling up, about 3 MiB).
+/// batches in flight and those waiting for the next call, about 3 MiB).
 const WINDOW_BATCHES: usize = 4;
 
-/// A batch being hashed and appended, on two blocking threads at once.
+/// Batches being hashed and appended, on two blocking threads at once.
 #[derive(Debug)]
 struct InFlight {
     hash: JoinHandle<DigestCheck>,
@@ -64,25 +71,30 @@ impl Window {
         None
     }
 
-    /// Lets go of the oldest batches that are appended, beyond [`WINDOW_BATCHES`]; returns the
-    /// buffer of one that no reader holds any more, for the next batch (a fresh buffer costs
-    /// a page fault per 4 KiB).
-    fn trim(&mut self, appended: u64) -> Option<BytesMut> {
-        let mut spare = None;
-        while self.batches.len() > WINDOW_BATCHES {
-            let Some(front) = self.batches.front() else {
+    /// Lets go of the oldest batches that are appended, beyond [`WINDOW_BATCHES`]; adds the
+    /// buffers that no reader holds any more to `spare`, for the next batches (a fresh buffer
+    /// costs a page fault per 4 KiB).
+    fn trim(&mut self, appended: u64, spare: &mut Vec<BytesMut>) {
+        let mut end = self.start;
+        let appended_batches = self
+            .batches
+            .iter()
+            .take_while(|batch| {
+                end += batch.len() as u64;
+                end <= appended
+            })
+            .count();
+        for _ in WINDOW_BATCHES..appended_batches {
+            let Some(front) = self.batches.pop_front() else {
                 break;
             };
-            let front_end = self.start + front.len() as u64;
-            if front_end > appended {
-                break;
-            }
-            self.start = front_end;
-            if let Some(Ok(buffer)) = self.batches.pop_front().map(Bytes::try_into_mut) {
-                spare = Some(buffer);
+            self.start += front.len() as u64;
+            if let Ok(buffer) = front.try_into_mut() {
+                if spare.len() < BATCHES_PER_CALL {
+                    spare.push(buffer);
+                }
             }
         }
-        spare
     }
 }
 
@@ -124,8 +136,10 @@ pub struct BlobWriter {
     received: u64,
     /// Shared with the readers.
     window: Arc<Mutex<Window>>,
-    /// A batch buffer back from the window, for the next batch.
-    spare: Option<BytesMut>,
+    /// Batches handed to the readers, not yet hashed and appended.
+    pending: Vec<Bytes>,
+    /// Batch buffers back from the window, for the next batches.
+    spare: Vec<BytesMut>,
     /// Tells the [`Partial`] readers how far they may read.
     state: watch::Sender<WriteState>,
 }
@@ -178,7 +192,8 @@ impl Store {
             written: 0,
             received: 0,
             window,
-            spare: None,
+            pending: Vec::with_capacity(BATCHES_PER_CALL),
+            spare: Vec::with_capacity(BATCHES_PER_CALL),
             state,
         })
     }
@@ -203,45 +218,60 @@ impl BlobWriter {
     ///
     /// # Cancel safety
     /// Not cancel safe; the fill task polls it to completion.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.batch.extend_from_slice(bytes);
-        if self.batch.len() >= WRITE_BATCH {
-            self.flush().await?;
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        // Batches of exactly WRITE_BATCH: a batch that outgrew its buffer would reallocate
+        // it at twice the size, and readers keep whole buffers alive.
+        while !bytes.is_empty() {
+            let room = WRITE_BATCH.saturating_sub(self.batch.len()).max(1);
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.batch.extend_from_slice(now);
+            bytes = rest;
+            if self.batch.len() >= WRITE_BATCH {
+                self.flush(false).await?;
+            }
         }
         Ok(())
     }
 
-    /// Hands the batch to the readers, then starts hashing and appending it (after the
-    /// previous one is done).
-    async fn flush(&mut self) -> Result<(), StoreError> {
-        if self.batch.is_empty() {
+    /// Hands the batch to the readers; once [`BATCHES_PER_CALL`] are waiting, starts hashing
+    /// and appending them (after the previous call is done).
+    /// With `all`, also the last, partial batch and fewer than [`BATCHES_PER_CALL`].
+    async fn flush(&mut self, all: bool) -> Result<(), StoreError> {
+        if !self.batch.is_empty() {
+            let next = match self.spare.pop() {
+                Some(mut buffer) => {
+                    buffer.clear();
+                    buffer
+                }
+                None => BytesMut::with_capacity(WRITE_BATCH),
+            };
+            // The whole buffer moves to the readers (who share `data`), unshared with the next.
+            let data: Bytes = std::mem::replace(&mut self.batch, next).freeze();
+            lock(&self.window).batches.push_back(data.clone());
+            self.received += data.len() as u64;
+            self.state.send_replace(WriteState::Writing(self.received));
+            self.pending.push(data);
+        }
+        if self.pending.is_empty() || (!all && self.pending.len() < BATCHES_PER_CALL) {
             return Ok(());
         }
-        let next = match self.spare.take() {
-            Some(mut buffer) => {
-                buffer.clear();
-                buffer
-            }
-            None => BytesMut::with_capacity(WRITE_BATCH),
-        };
-        // The whole buffer moves to the readers (who share `data`), unshared with the next.
-        let data: Bytes = std::mem::replace(&mut self.batch, next).freeze();
-        let len = data.len() as u64;
-        lock(&self.window).batches.push_back(data.clone());
-        self.received += len;
-        self.state.send_replace(WriteState::Writing(self.received));
         let (mut staged, mut check) = self.wait_idle().await?;
-        let hashed = data.clone();
+        let batches = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCHES_PER_CALL));
+        let hashed = batches.clone();
         self.in_flight = Some(InFlight {
             hash: tokio::task::spawn_blocking(move || {
-                check.update(&hashed);
+                for batch in &hashed {
+                    check.update(batch);
+                }
                 check
             }),
+            len: batches.iter().map(|batch| batch.len() as u64).sum(),
             append: tokio::task::spawn_blocking(move || {
-                staged.append(&data)?;
+                for batch in &batches {
+                    staged.append(batch)?;
+                }
                 Ok(staged)
             }),
-            len,
         });
         Ok(())
     }
@@ -258,9 +288,7 @@ impl BlobWriter {
         let (check, staged) = tokio::join!(hash, append);
         let (check, staged) = (check.map_err(aborted)?, staged.map_err(aborted)??);
         self.written += len;
-        if let Some(buffer) = lock(&self.window).trim(self.written) {
-            self.spare = Some(buffer);
-        }
+        lock(&self.window).trim(self.written, &mut self.spare);
         Ok((staged, check))
     }
 
@@ -269,7 +297,7 @@ impl BlobWriter {
     /// # Errors
     /// [`StoreError::Io`].
     pub async fn settle(&mut self) -> Result<u64, StoreError> {
-        self.flush().await?;
+        self.flush(true).await?;
         let idle = self.wait_idle().await?;
         self.idle = Some(idle);
         Ok(self.written)
@@ -281,7 +309,7 @@ impl BlobWriter {
     /// [`StoreError::DigestMismatch`] (the staged bytes are discarded: nothing becomes
     /// visible); [`StoreError::Io`].
     pub async fn finish(mut self) -> Result<VerifiedBlob, StoreError> {
-        self.flush().await?;
+        self.flush(true).await?;
         let (staged, check) = self.wait_idle().await?;
         // On a mismatch, `staged` is dropped here, which discards it, and dropping `self`
         // fails the readers.
