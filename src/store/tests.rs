@@ -225,8 +225,9 @@ async fn a_reader_that_falls_behind_the_bytes_in_hand_reads_them_back_in_order()
         writer.write(piece).await.expect("write");
     }
     writer.settle().await.expect("settle");
-    // Only the last MiB is still in memory: this reads the file, then memory.
-    let mut received = read_up_to(&mut reader, 5 * 512 * 1024).await;
+    // Only the last two batches (512 KiB) are still in memory: this reads the file, then
+    // memory.
+    let mut received = read_up_to(&mut reader, 11 * 256 * 1024).await;
     // The writer runs far ahead of this reader: back to the staged file.
     for piece in second.chunks(64 * 1024) {
         writer.write(piece).await.expect("write");

@@ -31,13 +31,14 @@ use crate::oci::Digest;
 const WRITE_BATCH: usize = 256 * 1024;
 
 /// Batches hashed and appended per blocking call: each call wakes two blocking threads, so
-/// four batches (1 MiB) go together, while the readers still get every batch as it arrives.
-const BATCHES_PER_CALL: usize = 4;
+/// two batches (512 KiB) go together, while the readers still get every batch as it arrives.
+const BATCHES_PER_CALL: usize = 2;
 
 /// Batches kept in the [`Window`] once they are appended: enough for a reader a little behind
 /// the network to keep reading from memory, small enough to bound memory per fill (with the
-/// batches in flight and those waiting for the next call, about 3 MiB).
-const WINDOW_BATCHES: usize = 4;
+/// batches in flight and those waiting for the next call, about 1.5 MiB; with four of each,
+/// 64 clients of one cold blob peaked some 5 MiB higher).
+const WINDOW_BATCHES: usize = 2;
 
 /// Batches being hashed and appended, on two blocking threads at once.
 #[derive(Debug)]
