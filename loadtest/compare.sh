@@ -4,7 +4,11 @@
 # performance issue with the measured ratio and PASS/FAIL.
 #
 # Usage (from the repository root, after `cargo build --release`):
-#   loadtest/compare.sh
+#   loadtest/compare.sh            the full comparison (minutes)
+#   loadtest/compare.sh --smoke    a short run (small blobs, one round of everything) that
+#                                  checks the script and the correctness rows (every body
+#                                  verified, one upstream fetch per blob); CI runs it. Exit 1
+#                                  when a correctness row fails. Settings below still apply.
 #
 # What it starts, all on 127.0.0.1 (free ports from $BASE_PORT on), all stopped on exit:
 #   upstream      Debian's docker-registry (CNCF Distribution 2.8), holding the test images
@@ -22,12 +26,19 @@
 #   NGINX_LISTEN_OPTS=   extra options of nginx's listen directive (e.g. "reuseport")
 #   COLD_RUNS=2          cold pulls through regcache and straight from the upstream
 #   CONC_LIST="8 16 64"  concurrent cold clients of a fresh blob (coalescing)
+#   LAYERS=30            many-layer image: LAYERS layers of LAYERS_MIN_MIB=1 to
+#                        LAYERS_MAX_MIB=20 MiB, pulled LAYER_CONN=3 layers at a time
+#                        (0 skips)
+#   WAN_MIB=64           WAN-like upstream: an image with a WAN_MIB layer pulled through a
+#                        throttling proxy adding WAN_RTT_MS=20 ms of round trip and a
+#                        WAN_MBIT=200 Mbit/s cap (0 skips)
 #   STORM_SECS=10        manifest storm duration per target; STORM_CONN=16 connections
 #   STARTUP_BLOBS=100000 blobs seeded into the store for the start-up time (0 skips)
 #   BASE_PORT=15500      first port tried
 #   WORK=DIR             work directory (default: a new one under $TMPDIR or /tmp)
 #   KEEP_WORK=1          keep storage and blob files (default: only logs and results are kept)
-#   REGCACHE_BIN=PATH    default: <repo>/target/release/regcache
+#   REGCACHE_BIN=PATH    default: <repo>/target/release/regcache (built when missing)
+#   LOADTEST_BIN=PATH    default: <repo>/loadtest/target/release/loadtest (built when unset)
 #   NO_INSTALL=1         never run apt-get (fail if a tool is missing)
 #
 # Output: a one-line summary of every measurement on stderr as it happens; the targets table
@@ -38,6 +49,23 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'compare.sh: error: %s\n' "$*" >&2; exit 1; }
+
+SMOKE=0
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  --smoke) SMOKE=1 ;;
+  "") ;;
+  *) die "unknown argument $1 (see --help)" ;;
+esac
+if [ "$SMOKE" = 1 ]; then
+  # Small and short: about a minute on 2 cores, most of it start-up and pushes.
+  : "${LAYER_MIB:=16}" "${WARM_SECS:=1}" "${WARM_ROUNDS:=1}" "${WRK_SECS:=1}" "${COLD_RUNS:=1}"
+  : "${CONC_LIST:=4}" "${STORM_SECS:=1}" "${STORM_CONN:=4}" "${STARTUP_BLOBS:=1000}"
+  : "${LAYERS:=6}" "${LAYERS_MAX_MIB:=2}" "${WAN_MIB:=2}"
+fi
 
 LAYER_MIB="${LAYER_MIB:-256}"
 WARM_SECS="${WARM_SECS:-5}"
@@ -50,20 +78,18 @@ CONC_LIST="${CONC_LIST:-8 16 64}"
 STORM_SECS="${STORM_SECS:-10}"
 STORM_CONN="${STORM_CONN:-16}"
 STARTUP_BLOBS="${STARTUP_BLOBS:-100000}"
+LAYERS="${LAYERS:-30}"
+LAYERS_MIN_MIB="${LAYERS_MIN_MIB:-1}"
+LAYERS_MAX_MIB="${LAYERS_MAX_MIB:-20}"
+LAYER_CONN="${LAYER_CONN:-3}"
+WAN_MIB="${WAN_MIB:-64}"
+WAN_RTT_MS="${WAN_RTT_MS:-20}"
+WAN_MBIT="${WAN_MBIT:-200}"
 BASE_PORT="${BASE_PORT:-15500}"
 KEEP_WORK="${KEEP_WORK:-0}"
 REGCACHE_BIN="${REGCACHE_BIN:-$ROOT/target/release/regcache}"
-LOADTEST_BIN="$HERE/target/release/loadtest"
+LOADTEST_BIN="${LOADTEST_BIN:-}"
 UPSTREAM_NAME="upstream.local"
-
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf 'compare.sh: error: %s\n' "$*" >&2; exit 1; }
-
-case "${1:-}" in
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
-  "") ;;
-  *) die "unknown argument $1 (see --help)" ;;
-esac
 
 int_in() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -ge "$2" ] && [ "$1" -le "$3" ]; }
 int_in "$LAYER_MIB" 1 4096 || die "LAYER_MIB must be 1..4096"
@@ -77,6 +103,13 @@ int_in "$STORM_SECS" 1 120 || die "STORM_SECS must be 1..120"
 int_in "$STORM_CONN" 1 256 || die "STORM_CONN must be 1..256"
 int_in "$STARTUP_BLOBS" 0 1000000 || die "STARTUP_BLOBS must be 0..1000000"
 for n in $CONC_LIST; do int_in "$n" 1 256 || die "CONC_LIST entries must be 1..256"; done
+int_in "$LAYERS" 0 200 || die "LAYERS must be 0..200"
+int_in "$LAYERS_MIN_MIB" 1 1024 || die "LAYERS_MIN_MIB must be 1..1024"
+int_in "$LAYERS_MAX_MIB" "$LAYERS_MIN_MIB" 1024 || die "LAYERS_MAX_MIB must be LAYERS_MIN_MIB..1024"
+int_in "$LAYER_CONN" 1 16 || die "LAYER_CONN must be 1..16"
+int_in "$WAN_MIB" 0 4096 || die "WAN_MIB must be 0..4096"
+int_in "$WAN_RTT_MS" 0 1000 || die "WAN_RTT_MS must be 0..1000"
+int_in "$WAN_MBIT" 1 100000 || die "WAN_MBIT must be 1..100000"
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 # CPU seconds of the whole machine (all cores; user, nice, system, irq and softirq time) from
@@ -138,8 +171,12 @@ if [ ! -x "$REGCACHE_BIN" ]; then
   log "building regcache (cargo build --release in $ROOT)"
   (cd "$ROOT" && cargo build --release) >&2 || die "cargo build --release failed"
 fi
-log "building the load generator (cargo build --release in $HERE)"
-(cd "$HERE" && cargo build --release --quiet) >&2 || die "building loadtest failed"
+if [ -z "$LOADTEST_BIN" ]; then
+  log "building the load generator (cargo build --release in $HERE)"
+  (cd "$HERE" && cargo build --release --quiet) >&2 || die "building loadtest failed"
+  LOADTEST_BIN="$HERE/target/release/loadtest"
+fi
+[ -x "$LOADTEST_BIN" ] || die "LOADTEST_BIN=$LOADTEST_BIN is not an executable"
 
 # --- work directory and daemons ------------------------------------------------------------
 if [ -n "${WORK:-}" ]; then
@@ -246,10 +283,14 @@ free_port UP_PORT
 free_port RC_PORT
 free_port DIST_PORT
 free_port NGINX_PORT
+free_port WAN_PORT
+free_port DISTWAN_PORT
 UP="http://127.0.0.1:$UP_PORT"
 RC="http://127.0.0.1:$RC_PORT"
 DIST="http://127.0.0.1:$DIST_PORT"
 NGINX="http://127.0.0.1:$NGINX_PORT"
+WAN="http://127.0.0.1:$WAN_PORT"
+DISTWAN="http://127.0.0.1:$DISTWAN_PORT"
 UPLOG="$W/up/registry.log"
 
 cat >"$W/up/config.yml" <<EOF
@@ -293,6 +334,11 @@ level = "info"
 name = "$UPSTREAM_NAME"
 url = "$UP"
 default = true
+
+# The same upstream behind the WAN-like throttle (repositories named wan.local/...).
+[[upstream]]
+name = "wan.local"
+url = "$WAN"
 EOF
 start_regcache() {
   start_daemon regcache "$W/regcache/regcache.log" "$REGCACHE_BIN" serve --config "$W/regcache/regcache.toml"
@@ -324,6 +370,22 @@ start_daemon distribution "$W/dist/registry.log" docker-registry serve "$W/dist/
 DIST_PID=$DAEMON_PID
 wait_ready distribution "$DIST_PID" "$DIST/v2/" "$W/dist/registry.log"
 log "distribution proxy on $DIST, PID $DIST_PID"
+
+if [ "$WAN_MIB" != 0 ]; then
+  # The WAN-like upstream: the same registry behind a throttling proxy, for regcache (upstream
+  # wan.local), a second Distribution proxy and the direct pull alike.
+  start_daemon throttle "$W/up/throttle.log" "$LOADTEST_BIN" throttle --listen "127.0.0.1:$WAN_PORT" \
+    --to "127.0.0.1:$UP_PORT" --rtt-ms "$WAN_RTT_MS" --mbit "$WAN_MBIT"
+  WAN_PID=$DAEMON_PID
+  wait_ready throttle "$WAN_PID" "$WAN/v2/" "$W/up/throttle.log"
+  mkdir -p "$W/distwan"
+  sed -e "s|$W/dist/storage|$W/distwan/storage|" -e "s|127.0.0.1:$DIST_PORT|127.0.0.1:$DISTWAN_PORT|" \
+    -e "s|remoteurl: $UP|remoteurl: $WAN|" "$W/dist/config.yml" >"$W/distwan/config.yml"
+  start_daemon distribution-wan "$W/distwan/registry.log" docker-registry serve "$W/distwan/config.yml"
+  DISTWAN_PID=$DAEMON_PID
+  wait_ready distribution-wan "$DISTWAN_PID" "$DISTWAN/v2/" "$W/distwan/registry.log"
+  log "WAN-like upstream on $WAN (+$WAN_RTT_MS ms RTT, $WAN_MBIT Mbit/s), distribution proxy of it on $DISTWAN"
+fi
 
 LT() { # loadtest with a hard time bound
   timeout 900 "$LOADTEST_BIN" "$@"
@@ -374,6 +436,18 @@ for n in $CONC_LIST; do
   push "push-coalesce-$n" bench/coalesce "n$n" "coalesce-$n-$STAMP" --small-layers 0
 done
 push push-dist-coalesce bench/distcoalesce n8 "distcoalesce-$STAMP" --small-layers 0
+if [ "$LAYERS" != 0 ]; then
+  # Two images of the same shape: one for the direct pull and regcache, one for Distribution.
+  for side in a b; do
+    run_json "push-layers-$side" push --registry "$UP" --repo bench/layers --tag "$side" --seed "layers-$side-$STAMP" \
+      --layers "$LAYERS" --layer-min-mib "$LAYERS_MIN_MIB" --layer-mib "$LAYERS_MAX_MIB" --small-layers 0
+  done
+fi
+if [ "$WAN_MIB" != 0 ]; then
+  for side in a b; do
+    run_json "push-wan-$side" push --registry "$UP" --repo bench/wan --tag "$side" --seed "wan-$side-$STAMP" --layer-mib "$WAN_MIB"
+  done
+fi
 [ "$(sha256sum "$W/www/blob" | awk '{print "sha256:" $1}')" = "$WARM_LAYER" ] || die "layer file does not match its digest"
 
 # --- nginx ---------------------------------------------------------------------------------
@@ -496,6 +570,40 @@ min_of() { # PREFIX FIELD -> minimum over the cold runs
 COLD_UP="$(f3 "$(min_of pull-upstream .wall_s)")"
 COLD_RC="$(f3 "$(min_of pull-regcache .wall_s)")"
 
+# --- 8. many layers, LAYER_CONN at a time ----------------------------------------------------
+# pull_pair NAME REGISTRY REPO REF: a pull as registry clients do it (layers LAYER_CONN at a time)
+pull_pair() { run_json "$1" pull --registry "$2" --repo "$3" --reference "$4" --layer-connections "$LAYER_CONN"; }
+blob_gets() { # MARK REPO -> GETs of blobs of REPO the upstream answered 200/206 after MARK
+  tail -n "+$(($1 + 1))" "$UPLOG" | grep -F "/v2/$2/blobs/" | grep -c -E '"GET [^"]*" (200|206) ' || true
+}
+if [ "$LAYERS" != 0 ]; then
+  log "many layers: $LAYERS layers of $LAYERS_MIN_MIB-$LAYERS_MAX_MIB MiB, $LAYER_CONN at a time: direct, regcache and distribution cold, then both warm"
+  pull_pair layers-upstream "$UP" bench/layers a
+  mark="$(log_mark)"
+  pull_pair layers-regcache-cold "$RC" bench/layers a
+  sleep 0.5 # let the upstream flush its access log
+  LAYERS_GETS="$(blob_gets "$mark" bench/layers)"
+  pull_pair layers-dist-cold "$DIST" bench/layers b
+  sleep 2 # Distribution may still be writing what it just streamed
+  pull_pair layers-regcache-warm "$RC" bench/layers a
+  pull_pair layers-dist-warm "$DIST" bench/layers b
+  for name in layers-upstream layers-regcache-cold layers-dist-cold layers-regcache-warm layers-dist-warm; do
+    log "  $name: $(f3 "$(j "$name" .wall_s)") s; other work $(j "$name" .machine.foreign_cpu_s) CPU s"
+  done
+  log "  upstream blob GETs during regcache's cold pull: $LAYERS_GETS (blobs: $((LAYERS + 1)))"
+fi
+
+# --- 9. WAN-like upstream -------------------------------------------------------------------
+if [ "$WAN_MIB" != 0 ]; then
+  log "WAN-like upstream: a ${WAN_MIB} MiB layer image through +$WAN_RTT_MS ms RTT, $WAN_MBIT Mbit/s: direct, regcache, distribution (all cold)"
+  pull_pair wan-upstream "$WAN" bench/wan a
+  pull_pair wan-regcache "$RC" wan.local/bench/wan a
+  pull_pair wan-dist "$DISTWAN" bench/wan b
+  for name in wan-upstream wan-regcache wan-dist; do
+    log "  $name: $(f3 "$(j "$name" .wall_s)") s; other work $(j "$name" .machine.foreign_cpu_s) CPU s"
+  done
+fi
+
 # --- 3. coalescing --------------------------------------------------------------------------
 coalesce() { # NAME REGISTRY PUSHNAME N [pid args]
   local name="$1" reg="$2" pushname="$3" n="$4" digest mark gets bytes
@@ -597,6 +705,27 @@ for n in $CONC_LIST; do
   r="$(ratio "$wall" "$T1")"
   row "3 coalescing: $n cold clients' wall time" "vs 1 cold client; warm $n: $(printf '%.3f' "$(j "warm-$n" .wall_s)") s" "$(printf '%.3f s' "$wall")" "$(printf '%.3f s' "$T1")" "$r" "<= 1.20" "$(pass_le "$r" 1.20)"
 done
+if [ "$LAYERS" != 0 ]; then
+  what="$LAYERS layers of $LAYERS_MIN_MIB-$LAYERS_MAX_MIB MiB, $LAYER_CONN at a time"
+  lc="$(j layers-regcache-cold .wall_s)"; lu="$(j layers-upstream .wall_s)"; ld="$(j layers-dist-cold .wall_s)"
+  r="$(ratio "$lc" "$lu")"
+  row "8 layers cold vs upstream direct" "$what" "$(f3 "$lc") s" "$(f3 "$lu") s" "$r" "<= 1.20" "$(pass_le "$r" 1.2)"
+  r="$(ratio "$lc" "$ld")"
+  row "8 layers cold vs distribution cold" "$what" "$(f3 "$lc") s" "$(f3 "$ld") s" "$r" "report" "INFO"
+  lw="$(j layers-regcache-warm .wall_s)"; ldw="$(j layers-dist-warm .wall_s)"
+  r="$(ratio "$lw" "$ldw")"
+  row "8 layers warm vs distribution warm" "$what (time ratio)" "$(f3 "$lw") s" "$(f3 "$ldw") s" "$r" "<= 1.00" "$(pass_le "$r" 1)"
+  res=FAIL; [ "$LAYERS_GETS" = "$((LAYERS + 1))" ] && res=PASS
+  row "8 layers: upstream fetches per blob" "blob GETs upstream / blobs, regcache cold" "$LAYERS_GETS" "$((LAYERS + 1))" "$(ratio "$LAYERS_GETS" "$((LAYERS + 1))")" "== 1" "$res"
+fi
+if [ "$WAN_MIB" != 0 ]; then
+  what="${WAN_MIB} MiB layer, +$WAN_RTT_MS ms RTT, $WAN_MBIT Mbit/s"
+  wr="$(j wan-regcache .wall_s)"; wu="$(j wan-upstream .wall_s)"; wd="$(j wan-dist .wall_s)"
+  r="$(ratio "$wr" "$wu")"
+  row "9 WAN cold vs upstream direct" "$what" "$(f3 "$wr") s" "$(f3 "$wu") s" "$r" "<= 1.05" "$(pass_le "$r" 1.05)"
+  r="$(ratio "$wr" "$wd")"
+  row "9 WAN cold vs distribution" "$what" "$(f3 "$wr") s" "$(f3 "$wd") s" "$r" "report" "INFO"
+fi
 rc_rps="$(j storm-regcache .req_per_s)"; di_rps="$(j storm-dist .req_per_s)"
 r="$(ratio "$rc_rps" "$di_rps")"
 row "4 manifests req/s vs distribution" "$STORM_CONN conns; p99 $(j storm-regcache .latency.p99_ms) vs $(j storm-dist .latency.p99_ms) ms; errors $(j storm-regcache .errors)/$(j storm-dist .errors)" "$(printf '%.0f req/s' "$rc_rps")" "$(printf '%.0f req/s' "$di_rps")" "$r" ">= 3.00" "$(pass_ge "$r" 3)"
@@ -637,3 +766,12 @@ FOREIGN="$(awk -v b0="$BUSY_START" -v b1="$(machine_busy_s)" -v o0="$OURS_START"
   printf '# CPU used by other processes on this machine during the run: %s\n' "$FOREIGN"
   printf '# every run: %s/*.json\n' "$R"
 } | tee "$R/targets.txt"
+
+# The smoke run is a check, not a benchmark: speed rows are only reported, but a correctness
+# row (one upstream fetch per blob, every body verified) must pass.
+if [ "$SMOKE" = 1 ]; then
+  bad="$(awk -F'\t' 'NR > 1 && $6 == "== 1" && $7 != "PASS" { print "  " $1 }' "$TSV")"
+  [ -z "$bad" ] || die "smoke run: correctness rows failed:
+$bad"
+  log "smoke run: every correctness row passed"
+fi

@@ -2,7 +2,8 @@
 //! a file, CNCF Distribution in proxy mode, the upstream registry itself).
 //!
 //! Scenarios: `warm-blob`, `cold-blob`, `manifest-storm`, `pull`; `push` builds and pushes a
-//! test image; `seed-store` fills a stopped regcache's store with many small blobs. Every run
+//! test image; `seed-store` fills a stopped regcache's store with many small blobs; `throttle`
+//! is a latency and bandwidth limiting TCP proxy (a WAN-like upstream). Every run
 //! prints a table, or one JSON object with `--json`. `--pid PID` (repeatable) watches server
 //! processes during the run: peak RSS and CPU seconds.
 //! Every loop is bounded in time: scenarios run for `--duration` or until `--timeout`.
@@ -15,6 +16,7 @@ mod push;
 mod seed;
 mod stats;
 mod storm;
+mod throttle;
 mod warm;
 
 use std::time::Duration;
@@ -78,6 +80,9 @@ enum Command {
     Push(push::PushArgs),
     /// Write N small verified blobs in regcache's store layout (start-up time with a big cache).
     SeedStore(seed::SeedArgs),
+    /// A TCP proxy adding latency and a shared bandwidth cap (a WAN-like upstream); runs
+    /// until killed.
+    Throttle(throttle::ThrottleArgs),
 }
 
 /// What a scenario produced: the JSON object and the rows of the human table.
@@ -142,6 +147,7 @@ fn main() -> std::process::ExitCode {
             Command::Pull(a) => ("pull", pull::run(a, &cli.pids).await),
             Command::Push(a) => ("push", push::run(a).await),
             Command::SeedStore(a) => ("seed-store", seed::run(a)),
+            Command::Throttle(a) => ("throttle", throttle::run(a).await),
         }
     });
     // Connection tasks may still be parked on sockets; do not wait for them.

@@ -37,6 +37,13 @@ pub struct PushArgs {
     /// Size of each small layer in KiB.
     #[arg(long, default_value_t = 64)]
     pub small_layer_kib: u64,
+    /// Instead of one large layer and small ones: this many layers of sizes spread evenly
+    /// (the same sizes for every seed) from --layer-min-mib to --layer-mib.
+    #[arg(long, default_value_t = 0)]
+    pub layers: u64,
+    /// The smallest layer in MiB with --layers.
+    #[arg(long, default_value_t = 1)]
+    pub layer_min_mib: u64,
     /// Also write the large layer's bytes to this file.
     #[arg(long)]
     pub layer_out: Option<std::path::PathBuf>,
@@ -142,12 +149,26 @@ pub async fn run(args: PushArgs) -> Result<Report> {
     }
     let t0 = Instant::now();
     let mut layers: Vec<(Bytes, String)> = Vec::new();
-    let large = random_bytes(&args.seed, 0, (args.layer_mib * 1024 * 1024) as usize);
-    if let Some(path) = &args.layer_out {
-        std::fs::write(path, &large).with_context(|| format!("writing {}", path.display()))?;
+    if args.layers > 1000 || (args.layers > 0 && args.layer_min_mib > args.layer_mib) {
+        bail!("--layers must be at most 1000, --layer-min-mib at most --layer-mib");
     }
-    let d = sha256_digest(&large);
-    layers.push((Bytes::from(large), d));
+    // Sizes from a fixed sequence (7 is prime to any span here but multiples of 7), so that
+    // two images of different seeds have the same shape.
+    let span = args.layer_mib - args.layer_min_mib + 1;
+    for i in 0..args.layers {
+        let mib = args.layer_min_mib + (i * 7) % span;
+        let b = random_bytes(&args.seed, 10_000 + i, (mib * 1024 * 1024) as usize);
+        let d = sha256_digest(&b);
+        layers.push((Bytes::from(b), d));
+    }
+    if args.layers == 0 {
+        let large = random_bytes(&args.seed, 0, (args.layer_mib * 1024 * 1024) as usize);
+        if let Some(path) = &args.layer_out {
+            std::fs::write(path, &large).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let d = sha256_digest(&large);
+        layers.push((Bytes::from(large), d));
+    }
     for i in 0..args.small_layers {
         let b = random_bytes(
             &args.seed,

@@ -469,6 +469,11 @@ impl Chunks {
         }
     }
 
+    /// Moves the position (a reader of a growing object that got bytes elsewhere).
+    pub(super) fn seek(&mut self, position: u64) {
+        self.position = position;
+    }
+
     /// Reads exactly `len` bytes at the current position (even past `end`: the reader of a
     /// growing object knows better).
     pub(super) async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {

@@ -6,10 +6,13 @@
 //! verified the digest, so no reader completes a body of unverified bytes; when the writer
 //! fails or is dropped unverified, readers end with an error, never a clean end.
 //!
-//! Writes go in 256 KiB batches, each hashed and appended on a blocking thread while the next
-//! arrives from the network, so hashing, disk and network overlap on two cores.
+//! Writes go in 256 KiB batches. A batch is handed to the readers the moment it is complete
+//! (the [`Window`] of recent batches: a reader that keeps up never reads back from the staged
+//! object), then hashed and appended on two blocking threads at once while the next batch
+//! arrives from the network, so network, hashing, disk and the readers all overlap.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -21,16 +24,93 @@ use super::{Namespace, Store, StoreError};
 use crate::oci::Digest;
 
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
-/// enough that followers see progress often and memory per writer stays small.
+/// enough that followers see progress often and memory per writer stays small. Readers are
+/// handed slices of these batches, so a batch is also what one slow reader can keep alive:
+/// no larger than a read chunk ([`READ_CHUNK`](super::READ_CHUNK)), or memory per client
+/// would grow (measured: 512 KiB batches took 64 clients from 60 to 75 MiB).
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// A batch hashed and appended: the staged object and hash come back with its length.
-type WrittenBatch = (Box<dyn StagedWrite>, DigestCheck, u64);
+/// Batches hashed and appended per blocking call: each call wakes two blocking threads, so
+/// two batches (512 KiB) go together, while the readers still get every batch as it arrives.
+const BATCHES_PER_CALL: usize = 2;
+
+/// Batches kept in the [`Window`] once they are appended: enough for a reader a little behind
+/// the network to keep reading from memory, small enough to bound memory per fill (with the
+/// batches in flight and those waiting for the next call, about 1.5 MiB; with four of each,
+/// 64 clients of one cold blob peaked some 5 MiB higher).
+const WINDOW_BATCHES: usize = 2;
+
+/// Batches being hashed and appended, on two blocking threads at once.
+#[derive(Debug)]
+struct InFlight {
+    hash: JoinHandle<DigestCheck>,
+    append: JoinHandle<Result<Box<dyn StagedWrite>, StoreError>>,
+    len: u64,
+}
+
+/// The most recent batches, in order: the bytes in hand, shared with the readers. Every byte
+/// before `start` is appended to the staged object; a batch leaves only once appended.
+#[derive(Debug, Default)]
+struct Window {
+    /// The offset of the first byte of `batches[0]`.
+    start: u64,
+    batches: VecDeque<Bytes>,
+}
+
+impl Window {
+    /// Up to `len` bytes at `position`, when the window holds that byte.
+    fn slice(&self, position: u64, len: usize) -> Option<Bytes> {
+        let mut batch_start = self.start;
+        for batch in &self.batches {
+            let batch_end = batch_start + batch.len() as u64;
+            if position >= batch_start && position < batch_end {
+                let from = usize::try_from(position - batch_start).ok()?;
+                return Some(batch.slice(from..batch.len().min(from + len)));
+            }
+            batch_start = batch_end;
+        }
+        None
+    }
+
+    /// Lets go of the oldest batches that are appended, beyond [`WINDOW_BATCHES`]; adds the
+    /// buffers that no reader holds any more to `spare`, for the next batches (a fresh buffer
+    /// costs a page fault per 4 KiB).
+    fn trim(&mut self, appended: u64, spare: &mut Vec<BytesMut>) {
+        let mut end = self.start;
+        let appended_batches = self
+            .batches
+            .iter()
+            .take_while(|batch| {
+                end += batch.len() as u64;
+                end <= appended
+            })
+            .count();
+        for _ in WINDOW_BATCHES..appended_batches {
+            let Some(front) = self.batches.pop_front() else {
+                break;
+            };
+            self.start += front.len() as u64;
+            if let Ok(buffer) = front.try_into_mut() {
+                if spare.len() < BATCHES_PER_CALL {
+                    spare.push(buffer);
+                }
+            }
+        }
+    }
+}
+
+/// Locks the window; a panic while it was held cannot leave it inconsistent (every change is a
+/// single push or pop), so a poisoned lock is taken as is.
+fn lock(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
+    window
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// How far a blob being written has got, as its readers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteState {
-    /// This many bytes are written and readable; the digest is not checked yet.
+    /// This many bytes are in hand and readable; the digest is not checked yet.
     Writing(u64),
     /// All bytes are written and the digest matched: readers may finish.
     Verified(u64),
@@ -49,10 +129,18 @@ pub struct BlobWriter {
     partial: Partial,
     /// The staged object and hash while no batch is in flight.
     idle: Option<(Box<dyn StagedWrite>, DigestCheck)>,
-    in_flight: Option<JoinHandle<Result<WrittenBatch, StoreError>>>,
+    in_flight: Option<InFlight>,
     batch: BytesMut,
     /// Bytes appended (batches settled).
     written: u64,
+    /// Bytes handed to the readers (in the window or appended).
+    received: u64,
+    /// Shared with the readers.
+    window: Arc<Mutex<Window>>,
+    /// Batches handed to the readers, not yet hashed and appended.
+    pending: Vec<Bytes>,
+    /// Batch buffers back from the window, for the next batches.
+    spare: Vec<BytesMut>,
     /// Tells the [`Partial`] readers how far they may read.
     state: watch::Sender<WriteState>,
 }
@@ -86,6 +174,7 @@ impl Store {
     ) -> Result<BlobWriter, StoreError> {
         let staged = self.backend.stage(namespace, digest)?;
         let (state, progress) = watch::channel(WriteState::Writing(0));
+        let window = Arc::new(Mutex::new(Window::default()));
         Ok(BlobWriter {
             store: Arc::clone(self),
             namespace: namespace.clone(),
@@ -96,11 +185,16 @@ impl Store {
                 namespace: namespace.clone(),
                 digest: *digest,
                 progress,
+                window: Arc::clone(&window),
             },
             idle: Some((staged, DigestCheck::default())),
             in_flight: None,
             batch: BytesMut::with_capacity(WRITE_BATCH),
             written: 0,
+            received: 0,
+            window,
+            pending: Vec::with_capacity(BATCHES_PER_CALL),
+            spare: Vec::with_capacity(BATCHES_PER_CALL),
             state,
         })
     }
@@ -112,8 +206,8 @@ impl BlobWriter {
         self.partial.clone()
     }
 
-    /// Bytes appended so far (readable by followers; what a resumed download starts from
-    /// after [`BlobWriter::settle`]).
+    /// Bytes appended so far (what a resumed download starts from after
+    /// [`BlobWriter::settle`]; followers may read further, from the bytes in hand).
     pub fn written(&self) -> u64 {
         self.written
     }
@@ -125,41 +219,77 @@ impl BlobWriter {
     ///
     /// # Cancel safety
     /// Not cancel safe; the fill task polls it to completion.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.batch.extend_from_slice(bytes);
-        if self.batch.len() >= WRITE_BATCH {
-            self.flush().await?;
+    pub async fn write(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        // Batches of exactly WRITE_BATCH: a batch that outgrew its buffer would reallocate
+        // it at twice the size, and readers keep whole buffers alive.
+        while !bytes.is_empty() {
+            let room = WRITE_BATCH.saturating_sub(self.batch.len()).max(1);
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.batch.extend_from_slice(now);
+            bytes = rest;
+            if self.batch.len() >= WRITE_BATCH {
+                self.flush(false).await?;
+            }
         }
         Ok(())
     }
 
-    /// Starts writing the batch (after the previous one is done).
-    async fn flush(&mut self) -> Result<(), StoreError> {
-        if self.batch.is_empty() {
+    /// Hands the batch to the readers; once [`BATCHES_PER_CALL`] are waiting, starts hashing
+    /// and appending them (after the previous call is done).
+    /// With `all`, also the last, partial batch and fewer than [`BATCHES_PER_CALL`].
+    async fn flush(&mut self, all: bool) -> Result<(), StoreError> {
+        if !self.batch.is_empty() {
+            let next = match self.spare.pop() {
+                Some(mut buffer) => {
+                    buffer.clear();
+                    buffer
+                }
+                None => BytesMut::with_capacity(WRITE_BATCH),
+            };
+            // The whole buffer moves to the readers (who share `data`), unshared with the next.
+            let data: Bytes = std::mem::replace(&mut self.batch, next).freeze();
+            lock(&self.window).batches.push_back(data.clone());
+            self.received += data.len() as u64;
+            self.state.send_replace(WriteState::Writing(self.received));
+            self.pending.push(data);
+        }
+        if self.pending.is_empty() || (!all && self.pending.len() < BATCHES_PER_CALL) {
             return Ok(());
         }
-        let data: Bytes = self.batch.split().freeze();
         let (mut staged, mut check) = self.wait_idle().await?;
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            check.update(&data);
-            staged.append(&data)?;
-            Ok((staged, check, data.len() as u64))
-        }));
+        let batches = std::mem::replace(&mut self.pending, Vec::with_capacity(BATCHES_PER_CALL));
+        let hashed = batches.clone();
+        self.in_flight = Some(InFlight {
+            hash: tokio::task::spawn_blocking(move || {
+                for batch in &hashed {
+                    check.update(batch);
+                }
+                check
+            }),
+            len: batches.iter().map(|batch| batch.len() as u64).sum(),
+            append: tokio::task::spawn_blocking(move || {
+                for batch in &batches {
+                    staged.append(batch)?;
+                }
+                Ok(staged)
+            }),
+        });
         Ok(())
     }
 
     /// Waits for the batch in flight and takes the staged object and hash back.
     async fn wait_idle(&mut self) -> Result<(Box<dyn StagedWrite>, DigestCheck), StoreError> {
-        let Some(handle) = self.in_flight.take() else {
+        let Some(InFlight { hash, append, len }) = self.in_flight.take() else {
             return self.idle.take().ok_or_else(|| {
                 StoreError::io("write", "a staged blob")(std::io::Error::other(
                     "an earlier write failed",
                 ))
             });
         };
-        let (staged, check, len) = handle.await.map_err(aborted)??;
+        let (check, staged) = tokio::join!(hash, append);
+        let (check, staged) = (check.map_err(aborted)?, staged.map_err(aborted)??);
         self.written += len;
-        self.state.send_replace(WriteState::Writing(self.written));
+        lock(&self.window).trim(self.written, &mut self.spare);
         Ok((staged, check))
     }
 
@@ -168,7 +298,7 @@ impl BlobWriter {
     /// # Errors
     /// [`StoreError::Io`].
     pub async fn settle(&mut self) -> Result<u64, StoreError> {
-        self.flush().await?;
+        self.flush(true).await?;
         let idle = self.wait_idle().await?;
         self.idle = Some(idle);
         Ok(self.written)
@@ -180,7 +310,7 @@ impl BlobWriter {
     /// [`StoreError::DigestMismatch`] (the staged bytes are discarded: nothing becomes
     /// visible); [`StoreError::Io`].
     pub async fn finish(mut self) -> Result<VerifiedBlob, StoreError> {
-        self.flush().await?;
+        self.flush(true).await?;
         let (staged, check) = self.wait_idle().await?;
         // On a mismatch, `staged` is dropped here, which discards it, and dropping `self`
         // fails the readers.
@@ -246,6 +376,8 @@ pub struct Partial {
     namespace: Namespace,
     digest: Digest,
     progress: watch::Receiver<WriteState>,
+    /// The writer's bytes in hand.
+    window: Arc<Mutex<Window>>,
 }
 
 impl Partial {
@@ -333,8 +465,28 @@ impl PartialReader {
         }
     }
 
-    /// Reads exactly `len` bytes at the current position, which are known to be written.
+    /// Reads up to `len` bytes at the current position, which are known to be in hand: from
+    /// the writer's window when it still holds them, else from the staged (or committed)
+    /// object, where everything before the window is.
     async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let len = {
+            let window = lock(&self.partial.window);
+            if let Some(bytes) = window.slice(self.position, len) {
+                self.position += bytes.len() as u64;
+                return Ok(bytes);
+            }
+            // Before the window (a reader behind): read no further than its start, the bytes
+            // after it may not be appended yet. Past it cannot happen: the window ends where
+            // the bytes in hand end.
+            usize::try_from(window.start.saturating_sub(self.position))
+                .unwrap_or(len)
+                .min(len)
+        };
+        if len == 0 {
+            return Err(std::io::Error::other(
+                "a blob being written: read past the bytes in hand",
+            ));
+        }
         if self.chunks.is_none() {
             let partial = self.partial.clone();
             let position = self.position;
@@ -356,6 +508,8 @@ impl PartialReader {
             .chunks
             .as_mut()
             .expect("opened just above when it was not open");
+        // Reads from the window moved this reader on without the file reader.
+        chunks.seek(self.position);
         let bytes = chunks.read(len).await?;
         self.position += bytes.len() as u64;
         Ok(bytes)
