@@ -93,13 +93,8 @@ impl PeerClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION"), " (peer)"));
         if let Some(path) = ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|err| format!("cluster.ca_file {}: {err}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|err| format!("cluster.ca_file {}: {err}", path.display()))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder = crate::upstream::trust_pem_file(builder, path)
+                .map_err(|err| format!("cluster.ca_file {err}"))?;
         }
         Ok(Self {
             http: builder.build().map_err(|err| err.to_string())?,

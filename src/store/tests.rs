@@ -244,7 +244,7 @@ async fn a_reader_that_falls_behind_the_bytes_in_hand_reads_them_back_in_order()
 }
 
 /// Verifies and commits what `writer` wrote.
-async fn commit(writer: BlobWriter) {
+pub(super) async fn commit(writer: BlobWriter) {
     writer
         .finish()
         .await

@@ -231,13 +231,7 @@ mod tests {
         let digest = Digest::of(&bytes);
         let mut writer = store.writer(&namespace, &digest).expect("writer");
         writer.write(&bytes).await.expect("write");
-        writer
-            .finish()
-            .await
-            .expect("verified")
-            .commit()
-            .await
-            .expect("commit");
+        crate::store::tests::commit(writer).await;
         assert_eq!(
             bucket.stat(&namespace, &digest).expect("stat"),
             Some(600 * 1024)

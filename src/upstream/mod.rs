@@ -207,6 +207,21 @@ pub struct ClientBuildError {
     reason: String,
 }
 
+/// Adds every certificate of the PEM bundle at `path` to a client's trusted roots (an
+/// upstream's or a peer replica's private CA). The error names the file.
+pub(crate) fn trust_pem_file(
+    mut builder: reqwest::ClientBuilder,
+    path: &std::path::Path,
+) -> Result<reqwest::ClientBuilder, String> {
+    let pem = std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|err| format!("{}: {err}", path.display()))?;
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    Ok(builder)
+}
+
 impl UpstreamClient {
     /// Builds the client for one configured upstream.
     ///
@@ -236,13 +251,8 @@ impl UpstreamClient {
             .pool_max_idle_per_host(64)
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|err| build_error(format!("ca_file {}: {err}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|err| build_error(format!("ca_file {}: {err}", path.display())))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder = trust_pem_file(builder, path)
+                .map_err(|err| build_error(format!("ca_file {err}")))?;
         }
         let http = builder
             .build()
