@@ -8,7 +8,8 @@
 //! [`Namespace`], so path traversal is impossible by construction, and no path leaves this
 //! module.
 
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::buffers::{self, ReadBuffers};
 use super::{Namespace, StoreError};
 use crate::oci::Digest;
 
@@ -27,6 +29,8 @@ pub struct LocalDisk {
     /// Makes staged names unique within this process; the pid makes them unique across
     /// restarts.
     staged_counter: AtomicU64,
+    /// What stored bytes are read into, shared by every open file.
+    buffers: Arc<ReadBuffers>,
 }
 
 /// The directories, shared with the staged files (which commit into `blobs`).
@@ -70,6 +74,7 @@ impl LocalDisk {
         Ok(Self {
             dirs: Arc::new(dirs),
             staged_counter: AtomicU64::new(0),
+            buffers: ReadBuffers::new(buffers::KEEP),
         })
     }
 }
@@ -83,9 +88,17 @@ fn found<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
     }
 }
 
-fn open_file(path: &Path) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
-    let file = found(std::fs::File::open(path)).map_err(StoreError::io("open", path.display()))?;
-    Ok(file.map(|file| Box::new(FileRead(file)) as Box<dyn BlobRead>))
+impl LocalDisk {
+    fn open_file(&self, path: &Path) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        let file =
+            found(std::fs::File::open(path)).map_err(StoreError::io("open", path.display()))?;
+        Ok(file.map(|file| {
+            Box::new(FileRead {
+                file,
+                buffers: Arc::clone(&self.buffers),
+            }) as Box<dyn BlobRead>
+        }))
+    }
 }
 
 impl BlobBackend for LocalDisk {
@@ -112,7 +125,7 @@ impl BlobBackend for LocalDisk {
     }
 
     fn open_staged(&self, id: &StagedId) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
-        open_file(&self.dirs.staged_path(id))
+        self.open_file(&self.dirs.staged_path(id))
     }
 
     fn open(
@@ -120,7 +133,7 @@ impl BlobBackend for LocalDisk {
         namespace: &Namespace,
         digest: &Digest,
     ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
-        open_file(&self.dirs.blob_path(namespace, digest))
+        self.open_file(&self.dirs.blob_path(namespace, digest))
     }
 
     fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
@@ -204,27 +217,29 @@ impl BlobBackend for LocalDisk {
     }
 }
 
-/// An open file, read by position.
+/// An open file, read by position into pooled buffers.
 #[derive(Debug)]
-struct FileRead(std::fs::File);
+struct FileRead {
+    file: std::fs::File,
+    buffers: Arc<ReadBuffers>,
+}
 
 impl BlobRead for FileRead {
     fn size(&self) -> std::io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes> {
-        self.0.seek(SeekFrom::Start(offset))?;
-        // Read into spare capacity (no zero-fill first); the buffer is what gets sent.
-        let mut buffer = Vec::with_capacity(len);
-        (&mut self.0).take(len as u64).read_to_end(&mut buffer)?;
-        if buffer.len() < len {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "stored file is shorter than expected",
-            ));
-        }
-        Ok(Bytes::from(buffer))
+        // One `pread` straight into the buffer that gets sent.
+        self.buffers.read(len, |buffer| {
+            self.file.read_exact_at(buffer, offset).map_err(|err| {
+                if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(err.kind(), "stored file is shorter than expected")
+                } else {
+                    err
+                }
+            })
+        })
     }
 }
 

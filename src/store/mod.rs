@@ -16,6 +16,7 @@
 
 mod backend;
 mod blobs;
+mod buffers;
 mod index;
 mod local;
 mod s3;
