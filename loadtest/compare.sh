@@ -345,6 +345,7 @@ start_regcache() {
   RC_PID=$DAEMON_PID
 }
 start_regcache
+RC_PID_FIRST=$RC_PID # the start-up measurement restarts it
 wait_ready regcache "$RC_PID" "$RC/readyz" "$W/regcache/regcache.log"
 log "regcache on $RC, PID $RC_PID"
 
@@ -572,12 +573,12 @@ PAGE_CACHE_BEFORE="$(page_cache_gbs before)"
 log "page-cache write of new data: $PAGE_CACHE_BEFORE GB/s"
 for r in $(seq 1 "$COLD_RUNS"); do
   log "cold pull $r/$COLD_RUNS of a fresh image: straight from the upstream, through regcache, through distribution"
-  run_json "pull-upstream-$r" pull --registry "$UP" --repo bench/coldpull --reference "r$r"
+  run_json "pull-upstream-$r" pull --registry "$UP" --repo bench/coldpull --reference "r$r" --pid "$UP_PID"
   mark="$(log_mark)"
-  run_json "pull-regcache-$r" pull --registry "$RC" --repo bench/coldpull --reference "r$r"
+  run_json "pull-regcache-$r" pull --registry "$RC" --repo bench/coldpull --reference "r$r" --pid "$RC_PID,$UP_PID"
   layer="$(j "push-coldpull-$r" .large_layer.digest)"
   read -r gets bytes <<<"$(upstream_serves "$mark" "$layer")"
-  run_json "pull-dist-$r" pull --registry "$DIST" --repo bench/coldpulldist --reference "r$r"
+  run_json "pull-dist-$r" pull --registry "$DIST" --repo bench/coldpulldist --reference "r$r" --pid "$DIST_PID,$UP_PID"
   log "  upstream $(f3 "$(j "pull-upstream-$r" .wall_s)") s, regcache $(f3 "$(j "pull-regcache-$r" .wall_s)") s, distribution $(f3 "$(j "pull-dist-$r" .wall_s)") s; upstream served the layer $gets time(s) to regcache; other work $(j "pull-upstream-$r" .machine.foreign_cpu_s) / $(j "pull-regcache-$r" .machine.foreign_cpu_s) / $(j "pull-dist-$r" .machine.foreign_cpu_s) CPU s"
 done
 min_of() { # PREFIX FIELD -> minimum over the cold runs
@@ -589,19 +590,22 @@ COLD_RC="$(f3 "$(min_of pull-regcache .wall_s)")"
 COLD_DIST="$(f3 "$(min_of pull-dist .wall_s)")"
 
 # --- 8. many layers, LAYER_CONN at a time ----------------------------------------------------
-# pull_pair NAME REGISTRY REPO REF: a pull as registry clients do it (layers LAYER_CONN at a time)
-pull_pair() { run_json "$1" pull --registry "$2" --repo "$3" --reference "$4" --layer-connections "$LAYER_CONN"; }
+# pull_pair NAME REGISTRY REPO REF [PIDS]: a pull as registry clients do it (layers LAYER_CONN
+# at a time), with the CPU seconds of the servers PIDS (comma-separated) during it
+pull_pair() { run_json "$1" pull --registry "$2" --repo "$3" --reference "$4" --layer-connections "$LAYER_CONN" ${5:+--pid "$5"}; }
+# cpu_of NAME PID: CPU seconds of PID during run NAME (given with --pid)
+cpu_of() { jq -r --argjson p "$2" '[.processes[]? | select(.pid == $p) | .cpu_s][0] // "-" | if type == "number" then (. * 100 | round / 100) else . end' "$R/$1.json"; }
 blob_gets() { # MARK REPO -> GETs of blobs of REPO the upstream answered 200/206 after MARK
   tail -n "+$(($1 + 1))" "$UPLOG" | grep -F "/v2/$2/blobs/" | grep -c -E '"GET [^"]*" (200|206) ' || true
 }
 if [ "$LAYERS" != 0 ]; then
   log "many layers: $LAYERS layers of $LAYERS_MIN_MIB-$LAYERS_MAX_MIB MiB, $LAYER_CONN at a time: direct, regcache and distribution cold, then both warm"
-  pull_pair layers-upstream "$UP" bench/layers a
+  pull_pair layers-upstream "$UP" bench/layers a "$UP_PID"
   mark="$(log_mark)"
-  pull_pair layers-regcache-cold "$RC" bench/layers a
+  pull_pair layers-regcache-cold "$RC" bench/layers a "$RC_PID,$UP_PID"
   sleep 0.5 # let the upstream flush its access log
   LAYERS_GETS="$(blob_gets "$mark" bench/layers)"
-  pull_pair layers-dist-cold "$DIST" bench/layers b
+  pull_pair layers-dist-cold "$DIST" bench/layers b "$DIST_PID,$UP_PID"
   sleep 2 # Distribution may still be writing what it just streamed
   pull_pair layers-regcache-warm "$RC" bench/layers a
   pull_pair layers-dist-warm "$DIST" bench/layers b
@@ -730,6 +734,13 @@ cold_row "2 cold pull vs upstream direct" 1.5 0.05
 cold_row "2 cold pull vs upstream direct (stretch)" 1.05 0.15
 r="$(ratio "$COLD_RC" "$COLD_DIST")"
 row "2 cold pull vs distribution cold" "1 client, min of $COLD_RUNS (a fresh image each)" "${COLD_RC} s" "${COLD_DIST} s" "$r" "<= 0.80" "$(pass_le "$r" 0.80)"
+# cpu_row LABEL DIRECT REGCACHE DIST: where a cold pull's CPU seconds go, per side
+cpu_row() {
+  row "$1" "CPU s: server + upstream + client; direct: upstream $(cpu_of "$2" "$UP_PID") + client $(j "$2" .client_cpu_s)" \
+    "$(cpu_of "$3" "$RC_PID_FIRST") + $(cpu_of "$3" "$UP_PID") + $(j "$3" .client_cpu_s)" \
+    "$(cpu_of "$4" "$DIST_PID") + $(cpu_of "$4" "$UP_PID") + $(j "$4" .client_cpu_s)" "-" "report" "INFO"
+}
+cpu_row "2 cold pull: CPU s (regcache vs distribution)" pull-upstream-1 pull-regcache-1 pull-dist-1
 row "2 page-cache write of new data" "GB/s before the cold pulls / at the end (dd, ${LAYER_MIB} MiB, no fsync)" "$PAGE_CACHE_BEFORE" "$PAGE_CACHE_AFTER" "-" "report" "INFO"
 T1="$(j cold-1 .wall_s)"
 row "3 one cold client (reference)" "1 client; its last chunk waited $(f3 "$(j cold-1 .tail_s.median)") s (verify+commit)" "$(f3 "$T1") s" "-" "-" "-" "INFO"
@@ -749,6 +760,7 @@ if [ "$LAYERS" != 0 ]; then
   lc="$(j layers-regcache-cold .wall_s)"; lu="$(j layers-upstream .wall_s)"; ld="$(j layers-dist-cold .wall_s)"
   time_row "8 layers cold vs upstream direct" "$what" "$lc" "$lu" 1.20
   time_row "8 layers cold vs distribution cold" "$what" "$lc" "$ld" report
+  cpu_row "8 layers cold: CPU s (regcache vs distribution)" layers-upstream layers-regcache-cold layers-dist-cold
   lw="$(j layers-regcache-warm .wall_s)"; ldw="$(j layers-dist-warm .wall_s)"
   time_row "8 layers warm vs distribution warm" "$what (time ratio)" "$lw" "$ldw" 1.00
   res=FAIL; [ "$LAYERS_GETS" = "$((LAYERS + 1))" ] && res=PASS
