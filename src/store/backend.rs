@@ -63,6 +63,14 @@ pub trait BlobRead: Send + fmt::Debug {
     /// # Errors
     /// [`std::io::ErrorKind::UnexpectedEof`] when the object is shorter; the backend's failure.
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes>;
+
+    /// Reads exactly `len` bytes at `offset` only if that needs no waiting on a device (the
+    /// bytes are in memory, e.g. the page cache); `None` otherwise, or on any failure: the
+    /// caller then uses [`BlobRead::read_at`] on a blocking thread. Called from async code, so
+    /// it must never block. By default it never can.
+    fn read_in_memory(&mut self, _offset: u64, _len: usize) -> Option<Bytes> {
+        None
+    }
 }
 
 /// An object being written. It becomes visible only through [`StagedWrite::commit`]; dropped

@@ -1,7 +1,8 @@
 //! [`Store`]: the only way into blob and manifest bytes, over a [`BlobBackend`].
 //!
-//! Reads come out as [`Chunks`] (256 KiB `Bytes`, each read on a blocking thread straight into
-//! the buffer that is sent); writes go through [`Store::writer`] (see `writer.rs`) or, for
+//! Reads come out as [`Chunks`] (256 KiB `Bytes` read straight into the buffer that is sent:
+//! in place when the backend has the bytes in memory, [`BlobRead::read_in_memory`], else on a
+//! blocking thread); writes go through [`Store::writer`] (see `writer.rs`) or, for
 //! small objects, [`Store::put_verified`]; both refuse bytes that do not match their digest.
 
 use std::path::Path;
@@ -477,10 +478,15 @@ impl Chunks {
     /// Reads exactly `len` bytes at the current position (even past `end`: the reader of a
     /// growing object knows better).
     pub(super) async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
-        let source = self
+        let mut source = self
             .source
             .take()
             .ok_or_else(|| std::io::Error::other("a previous read failed"))?;
+        if let Some(bytes) = source.read_in_memory(self.position, len) {
+            self.source = Some(source);
+            self.position += bytes.len() as u64;
+            return Ok(bytes);
+        }
         let (source, bytes) = read_blocking(source, self.position, len).await?;
         self.source = Some(source);
         self.position += bytes.len() as u64;

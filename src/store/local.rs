@@ -241,6 +241,29 @@ impl BlobRead for FileRead {
             })
         })
     }
+
+    /// One `preadv2` with `RWF_NOWAIT`: the kernel copies from the page cache or answers
+    /// `EAGAIN` at once instead of reading the device. Most reads of a cache find their
+    /// bytes there, and then need no hop to a blocking thread and back (two thread wake-ups
+    /// per chunk). A short read (part of the range not in memory, or the end of the file)
+    /// counts as a miss: the blocking read does it whole, or reports the short file.
+    fn read_in_memory(&mut self, offset: u64, len: usize) -> Option<Bytes> {
+        self.buffers
+            .read(len, |buffer| {
+                let read = rustix::io::preadv2(
+                    &self.file,
+                    &mut [std::io::IoSliceMut::new(buffer)],
+                    offset,
+                    rustix::io::ReadWriteFlags::NOWAIT,
+                )?;
+                if read == buffer.len() {
+                    Ok(())
+                } else {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
+            })
+            .ok()
+    }
 }
 
 /// A file in `tmp/`; removed on drop unless committed.
@@ -356,6 +379,47 @@ mod tests {
         let mut listed = Vec::new();
         disk.list(&mut |blob| listed.push((blob.namespace, blob.digest, blob.size)));
         assert_eq!(listed, vec![(namespace, digest, 5)]);
+    }
+
+    #[test]
+    fn bytes_in_the_page_cache_are_read_without_waiting_and_evicted_ones_are_left_to_read_at() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let bytes: Vec<u8> = (0..600 * 1024).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(&bytes);
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        staged.append(&bytes).expect("append");
+        staged.commit(&namespace, &digest).expect("commit");
+        let mut reader = disk
+            .open(&namespace, &digest)
+            .expect("open")
+            .expect("stored");
+        // tmpfs refuses RWF_NOWAIT reads (every read there goes to a blocking thread, which
+        // never waits on a device either) and keeps its pages whatever the advice.
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        if rustix::fs::statfs(dir.path()).expect("statfs").f_type == TMPFS_MAGIC {
+            assert!(reader.read_in_memory(0, 256 * 1024).is_none());
+            return;
+        }
+        // Just written: in the page cache.
+        let offset = 300 * 1024;
+        let in_memory = reader
+            .read_in_memory(offset as u64, 256 * 1024)
+            .expect("just written bytes are in memory");
+        assert_eq!(&in_memory[..], &bytes[offset..offset + 256 * 1024]);
+        assert!(
+            reader.read_in_memory(500 * 1024, 200 * 1024).is_none(),
+            "a range past the end is not read in memory"
+        );
+        // Evicted (the committed file is clean, so the kernel drops its pages): no waiting for
+        // the device on an async thread, the blocking read still gets the bytes.
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        let file = std::fs::File::open(&path).expect("open file");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+        assert!(reader.read_in_memory(0, 256 * 1024).is_none());
+        let read = reader.read_at(0, 256 * 1024).expect("read_at");
+        assert_eq!(&read[..], &bytes[..256 * 1024]);
     }
 
     #[test]
