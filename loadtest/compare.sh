@@ -32,6 +32,10 @@
 #   WAN_MIB=64           WAN-like upstream: an image with a WAN_MIB layer pulled through a
 #                        throttling proxy adding WAN_RTT_MS=20 ms of round trip and a
 #                        WAN_MBIT=200 Mbit/s cap (0 skips)
+#   H2_RTT_MS=100        the same layer's blob from the upstream over TLS and HTTP/2 (as
+#                        public registries speak) through a second throttle, H2_RTT_MS of
+#                        round trip and H2_MBIT=800 Mbit/s: curl straight from it vs through
+#                        regcache, cold (H2_RTT_MS=0 or WAN_MIB=0 skips; needs openssl)
 #   STORM_SECS=10        manifest storm duration per target; STORM_CONN=16 connections
 #   STARTUP_BLOBS=100000 blobs seeded into the store for the start-up time (0 skips)
 #   BASE_PORT=15500      first port tried
@@ -85,6 +89,8 @@ LAYER_CONN="${LAYER_CONN:-3}"
 WAN_MIB="${WAN_MIB:-64}"
 WAN_RTT_MS="${WAN_RTT_MS:-20}"
 WAN_MBIT="${WAN_MBIT:-200}"
+H2_RTT_MS="${H2_RTT_MS:-100}"
+H2_MBIT="${H2_MBIT:-800}"
 BASE_PORT="${BASE_PORT:-15500}"
 KEEP_WORK="${KEEP_WORK:-0}"
 REGCACHE_BIN="${REGCACHE_BIN:-$ROOT/target/release/regcache}"
@@ -110,6 +116,8 @@ int_in "$LAYER_CONN" 1 16 || die "LAYER_CONN must be 1..16"
 int_in "$WAN_MIB" 0 4096 || die "WAN_MIB must be 0..4096"
 int_in "$WAN_RTT_MS" 0 1000 || die "WAN_RTT_MS must be 0..1000"
 int_in "$WAN_MBIT" 1 100000 || die "WAN_MBIT must be 1..100000"
+int_in "$H2_RTT_MS" 0 1000 || die "H2_RTT_MS must be 0..1000"
+int_in "$H2_MBIT" 1 100000 || die "H2_MBIT must be 1..100000"
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 # CPU seconds of the whole machine (all cores; user, nice, system, irq and softirq time) from
@@ -138,14 +146,14 @@ ours_cpu() {
 # --- tools ------------------------------------------------------------------------------
 install_tools() {
   local missing=() c pkg
-  for c in docker-registry:docker-registry nginx:nginx curl:curl jq:jq wrk:wrk skopeo:skopeo; do
+  for c in docker-registry:docker-registry nginx:nginx curl:curl jq:jq wrk:wrk skopeo:skopeo openssl:openssl; do
     command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
   done
   [ "${#missing[@]}" -eq 0 ] && return 0
   if [ "${NO_INSTALL:-0}" = 1 ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    # wrk and skopeo are optional (cross-checks); the others are not.
+    # wrk, skopeo and openssl are optional (cross-checks, the HTTP/2 row); the others are not.
     for pkg in "${missing[@]}"; do
-      case "$pkg" in wrk|skopeo) log "optional tool $pkg missing: its cross-check is skipped" ;;
+      case "$pkg" in wrk|skopeo|openssl) log "optional tool $pkg missing: its measurement is skipped" ;;
         *) die "missing $pkg (apt-get install -y docker-registry nginx wrk skopeo jq curl)" ;; esac
     done
     return 0
@@ -164,6 +172,8 @@ install_tools() {
 }
 install_tools
 command -v wrk >/dev/null 2>&1 || WRK_SECS=0
+command -v openssl >/dev/null 2>&1 || H2_RTT_MS=0
+[ "$WAN_MIB" != 0 ] || H2_RTT_MS=0
 HAVE_SKOPEO=0
 command -v skopeo >/dev/null 2>&1 && HAVE_SKOPEO=1
 
@@ -251,10 +261,11 @@ free_port() { # VAR: sets VAR to a free port >= NEXT_PORT (at most 500 tries)
   die "no free port in $NEXT_PORT..$((NEXT_PORT + 499))"
 }
 
-wait_http() { # URL [TRIES of 0.1 s, default 150]: until it answers any HTTP status
+wait_http() { # URL [TRIES of 0.1 s, default 150] [CURL ARGS...]: until it answers any HTTP status
   local url="$1" tries="${2:-150}" i=0 code
+  shift $(($# < 2 ? $# : 2))
   while [ "$i" -lt "$tries" ]; do
-    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)"
+    code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$@" "$url" || true)"
     [ -n "$code" ] && [ "$code" != 000 ] && return 0
     sleep 0.1
     i=$((i + 1))
@@ -272,8 +283,8 @@ start_daemon() { # NAME LOGFILE CMD...: sets DAEMON_PID
 
 # wait_ready NAME PID URL LOG: the daemon answers URL and is still alive (a daemon that lost
 # a port race exits, while another process may answer on that port)
-wait_ready() {
-  if ! wait_http "$3" || ! alive "$2"; then
+wait_ready() { # NAME PID URL LOG [CURL ARGS...]
+  if ! wait_http "$3" 150 "${@:5}" || ! alive "$2"; then
     tail -20 "$4" >&2 || true
     die "$1 did not start (see $4)"
   fi
@@ -285,12 +296,15 @@ free_port DIST_PORT
 free_port NGINX_PORT
 free_port WAN_PORT
 free_port DISTWAN_PORT
+free_port UPTLS_PORT
+free_port H2WAN_PORT
 UP="http://127.0.0.1:$UP_PORT"
 RC="http://127.0.0.1:$RC_PORT"
 DIST="http://127.0.0.1:$DIST_PORT"
 NGINX="http://127.0.0.1:$NGINX_PORT"
 WAN="http://127.0.0.1:$WAN_PORT"
 DISTWAN="http://127.0.0.1:$DISTWAN_PORT"
+H2WAN="https://127.0.0.1:$H2WAN_PORT"
 UPLOG="$W/up/registry.log"
 
 cat >"$W/up/config.yml" <<EOF
@@ -317,6 +331,26 @@ UP_PID=$DAEMON_PID
 wait_ready upstream "$UP_PID" "$UP/v2/" "$UPLOG"
 log "upstream (docker-registry $(docker-registry --version 2>/dev/null | awk '{print $3}')) on $UP, PID $UP_PID"
 
+if [ "$H2_RTT_MS" != 0 ]; then
+  # The same registry storage served over TLS (Go's server speaks HTTP/2 there), under a test
+  # CA, for the HTTP/2 WAN row.
+  T="$W/uptls"
+  mkdir -p "$T"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=compare-ca \
+    -keyout "$T/ca.key" -out "$T/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$T/key.pem" -out "$T/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$T/ext.cnf"
+  openssl x509 -req -in "$T/server.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" -CAcreateserial -days 2 \
+    -extfile "$T/ext.cnf" -out "$T/cert.pem" 2>/dev/null
+  sed -e "s|127.0.0.1:$UP_PORT|127.0.0.1:$UPTLS_PORT|" -e 's|level: info|level: warn|' "$W/up/config.yml" >"$T/config.yml"
+  printf '  tls:\n    certificate: %s\n    key: %s\n' "$T/cert.pem" "$T/key.pem" >>"$T/config.yml"
+  start_daemon upstream-tls "$T/registry.log" docker-registry serve "$T/config.yml"
+  UPTLS_PID=$DAEMON_PID
+  wait_ready upstream-tls "$UPTLS_PID" "https://127.0.0.1:$UPTLS_PORT/v2/" "$T/registry.log" --cacert "$T/ca.pem"
+  log "the upstream over TLS on https://127.0.0.1:$UPTLS_PORT, PID $UPTLS_PID"
+fi
+
 cat >"$W/regcache/regcache.toml" <<EOF
 [server]
 listen = "127.0.0.1:$RC_PORT"
@@ -340,6 +374,16 @@ default = true
 name = "wan.local"
 url = "$WAN"
 EOF
+if [ "$H2_RTT_MS" != 0 ]; then
+  cat >>"$W/regcache/regcache.toml" <<EOF
+
+# The same upstream over TLS and HTTP/2 behind a second throttle (repositories h2wan.local/...).
+[[upstream]]
+name = "h2wan.local"
+url = "$H2WAN"
+ca_file = "$W/uptls/ca.pem"
+EOF
+fi
 start_regcache() {
   start_daemon regcache "$W/regcache/regcache.log" "$REGCACHE_BIN" serve --config "$W/regcache/regcache.toml"
   RC_PID=$DAEMON_PID
@@ -386,6 +430,12 @@ if [ "$WAN_MIB" != 0 ]; then
   DISTWAN_PID=$DAEMON_PID
   wait_ready distribution-wan "$DISTWAN_PID" "$DISTWAN/v2/" "$W/distwan/registry.log"
   log "WAN-like upstream on $WAN (+$WAN_RTT_MS ms RTT, $WAN_MBIT Mbit/s), distribution proxy of it on $DISTWAN"
+fi
+if [ "$H2_RTT_MS" != 0 ]; then
+  start_daemon throttle-h2 "$W/uptls/throttle.log" "$LOADTEST_BIN" throttle --listen "127.0.0.1:$H2WAN_PORT" \
+    --to "127.0.0.1:$UPTLS_PORT" --rtt-ms "$H2_RTT_MS" --mbit "$H2_MBIT"
+  wait_ready throttle-h2 "$DAEMON_PID" "$H2WAN/v2/" "$W/uptls/throttle.log" --cacert "$W/uptls/ca.pem"
+  log "the TLS upstream behind +$H2_RTT_MS ms RTT, $H2_MBIT Mbit/s on $H2WAN"
 fi
 
 LT() { # loadtest with a hard time bound
@@ -625,6 +675,25 @@ if [ "$WAN_MIB" != 0 ]; then
     log "  $name: $(f3 "$(j "$name" .wall_s)") s; other work $(j "$name" .machine.foreign_cpu_s) CPU s"
   done
 fi
+# timed_get URL [CURL ARGS...]: "SECONDS sha256:HEX" of one GET of URL, its body hashed as it
+# arrives (the same client for both sides: curl, which speaks HTTP/2 over TLS to the upstream).
+timed_get() {
+  local url="$1" t0 t1 sum
+  shift
+  t0="$(date +%s%N)"
+  sum="$(curl -sSf --max-time 300 "$@" "$url" | sha256sum | awk '{ print $1 }')"
+  t1="$(date +%s%N)"
+  awk -v a="$t0" -v b="$t1" -v s="$sum" 'BEGIN { printf "%.3f sha256:%s\n", (b - a) / 1e9, s }'
+}
+if [ "$H2_RTT_MS" != 0 ]; then
+  H2_BLOB="$(j push-wan-a .large_layer.digest)"
+  log "HTTP/2 over TLS, +$H2_RTT_MS ms RTT, $H2_MBIT Mbit/s: the ${WAN_MIB} MiB blob straight from the upstream (curl --http2), then through regcache (cold)"
+  read -r H2_DIRECT sum <<<"$(timed_get "$H2WAN/v2/bench/wan/blobs/$H2_BLOB" --http2 --cacert "$W/uptls/ca.pem")"
+  [ "$sum" = "$H2_BLOB" ] || die "HTTP/2 direct GET: wrong bytes ($sum)"
+  read -r H2_RC sum <<<"$(timed_get "$RC/v2/h2wan.local/bench/wan/blobs/$H2_BLOB")"
+  [ "$sum" = "$H2_BLOB" ] || die "HTTP/2 upstream through regcache: wrong bytes ($sum)"
+  log "  direct $H2_DIRECT s, regcache $H2_RC s"
+fi
 
 # --- 3. coalescing --------------------------------------------------------------------------
 coalesce() { # NAME REGISTRY PUSHNAME N [pid args]
@@ -771,6 +840,9 @@ if [ "$WAN_MIB" != 0 ]; then
   wr="$(j wan-regcache .wall_s)"; wu="$(j wan-upstream .wall_s)"; wd="$(j wan-dist .wall_s)"
   time_row "9 WAN cold vs upstream direct" "$what" "$wr" "$wu" 1.05
   time_row "9 WAN cold vs distribution" "$what" "$wr" "$wd" report
+fi
+if [ "$H2_RTT_MS" != 0 ]; then
+  time_row "9 WAN HTTP/2+TLS blob cold vs direct" "${WAN_MIB} MiB blob, +$H2_RTT_MS ms RTT, $H2_MBIT Mbit/s, curl" "$H2_RC" "$H2_DIRECT" 1.05
 fi
 rc_rps="$(j storm-regcache .req_per_s)"; di_rps="$(j storm-dist .req_per_s)"
 r="$(ratio "$rc_rps" "$di_rps")"

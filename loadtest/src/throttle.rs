@@ -45,6 +45,9 @@ impl Link {
     }
 }
 
+/// Bytes per read from either side.
+const CHUNK: usize = 64 * 1024;
+
 /// Reads chunks from `from`, and writes each to `to` once it has crossed `link` plus the
 /// one-way delay (transmission and propagation pipelined, as on a real link).
 async fn pump(
@@ -53,12 +56,15 @@ async fn pump(
     link: Arc<Link>,
     delay: Duration,
 ) {
-    // Bounded: 1 MiB per direction and connection in flight (the router's queue), twice the
-    // bandwidth-delay product of 200 Mbit/s and 20 ms.
-    let (sender, mut receiver) = mpsc::channel::<(Instant, Vec<u8>)>(16);
+    // Bounded: twice the bandwidth-delay product per direction and connection in flight (the
+    // link's capacity plus the router's queue), at least 1 MiB: a TCP window that large keeps
+    // the link busy, as on a real path; a smaller one (an HTTP/2 stream window) shows.
+    let bdp = link.bytes_per_s * delay.as_secs_f64() * 2.0;
+    let slots = ((2.0 * bdp / CHUNK as f64).ceil() as usize).max(16);
+    let (sender, mut receiver) = mpsc::channel::<(Instant, Vec<u8>)>(slots);
     let reader = tokio::spawn(async move {
         loop {
-            let mut buf = vec![0u8; 64 * 1024];
+            let mut buf = vec![0u8; CHUNK];
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {

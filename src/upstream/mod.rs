@@ -40,6 +40,11 @@ const ANSWERED_REPOSITORIES: u64 = 10_000;
 const DECLARED_SIZES_CAPACITY: u64 = 100_000;
 /// How long a declared size is remembered: long enough for the pull that read the manifest.
 const DECLARED_SIZES_TTL: Duration = Duration::from_secs(3600);
+/// HTTP/2 receive window per stream (one blob): 16 MiB keeps a 100 ms path busy up to
+/// ~1.3 Gbit/s (Go's registry clients use 4 MiB).
+const UPSTREAM_H2_STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 receive window per connection, shared by the blobs on it.
+const UPSTREAM_H2_CONNECTION_WINDOW: u32 = 64 << 20;
 
 /// What a request is for: its metric kind, its repository and whether the caller has a
 /// fallback (see [`Need`]).
@@ -249,6 +254,15 @@ impl UpstreamClient {
             .read_timeout(config.idle_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
+            // HTTP/2 upstreams (most public registries) would otherwise get hyper's 2 MiB
+            // stream window: at most 2 MiB per round trip per blob. Through a 100 ms,
+            // 800 Mbit/s path to a TLS registry, a 64 MiB layer took 4.7-4.9 s cold against
+            // 0.98 s for curl straight from it; with these windows 0.78 s. (hyper's adaptive
+            // window starts from 64 KiB: the first blob on a new connection took 2.2 s.) The
+            // windows bound what an upstream may send ahead of the fill: at most 16 MiB per
+            // blob, 64 MiB per connection, and only while the store is slower than the link.
+            .http2_initial_stream_window_size(Some(UPSTREAM_H2_STREAM_WINDOW))
+            .http2_initial_connection_window_size(Some(UPSTREAM_H2_CONNECTION_WINDOW))
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &config.ca_file {
             builder = trust_pem_file(builder, path)
