@@ -36,6 +36,8 @@
 #                        public registries speak) through a second throttle, H2_RTT_MS of
 #                        round trip and H2_MBIT=800 Mbit/s: curl straight from it vs through
 #                        regcache, cold (H2_RTT_MS=0 or WAN_MIB=0 skips; needs openssl)
+#   PREFAULT=1           before the cold pulls, touch all free memory but 2 GiB once (see
+#                        "page_cache_gbs" below and loadtest/README.md); 0 skips (smoke: 0)
 #   STORM_SECS=10        manifest storm duration per target; STORM_CONN=16 connections
 #   STARTUP_BLOBS=100000 blobs seeded into the store for the start-up time (0 skips)
 #   BASE_PORT=15500      first port tried
@@ -68,7 +70,7 @@ if [ "$SMOKE" = 1 ]; then
   # Small and short: about a minute on 2 cores, most of it start-up and pushes.
   : "${LAYER_MIB:=16}" "${WARM_SECS:=1}" "${WARM_ROUNDS:=1}" "${WRK_SECS:=1}" "${COLD_RUNS:=1}"
   : "${CONC_LIST:=4}" "${STORM_SECS:=1}" "${STORM_CONN:=4}" "${STARTUP_BLOBS:=1000}"
-  : "${LAYERS:=6}" "${LAYERS_MAX_MIB:=2}" "${WAN_MIB:=2}"
+  : "${LAYERS:=6}" "${LAYERS_MAX_MIB:=2}" "${WAN_MIB:=2}" "${PREFAULT:=0}"
 fi
 
 LAYER_MIB="${LAYER_MIB:-256}"
@@ -91,6 +93,7 @@ WAN_RTT_MS="${WAN_RTT_MS:-20}"
 WAN_MBIT="${WAN_MBIT:-200}"
 H2_RTT_MS="${H2_RTT_MS:-100}"
 H2_MBIT="${H2_MBIT:-800}"
+PREFAULT="${PREFAULT:-1}"
 BASE_PORT="${BASE_PORT:-15500}"
 KEEP_WORK="${KEEP_WORK:-0}"
 REGCACHE_BIN="${REGCACHE_BIN:-$ROOT/target/release/regcache}"
@@ -118,6 +121,7 @@ int_in "$WAN_RTT_MS" 0 1000 || die "WAN_RTT_MS must be 0..1000"
 int_in "$WAN_MBIT" 1 100000 || die "WAN_MBIT must be 1..100000"
 int_in "$H2_RTT_MS" 0 1000 || die "H2_RTT_MS must be 0..1000"
 int_in "$H2_MBIT" 1 100000 || die "H2_MBIT must be 1..100000"
+int_in "$PREFAULT" 0 1 || die "PREFAULT must be 0 or 1"
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 # CPU seconds of the whole machine (all cores; user, nice, system, irq and softirq time) from
@@ -619,6 +623,21 @@ page_cache_gbs() {
   t1="$(date +%s%N)"
   awk -v b=$((LAYER_MIB * 1048576)) -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.2f", b / ((t1 - t0) / 1e9) / 1e9 }'
 }
+# prefault_memory: has the kernel hand every free page but 2 GiB to one process once (dd's
+# buffer, filled from /dev/zero) and take them back: afterwards its free pages are ones the
+# hypervisor backs, as on a machine that has been up and busy for a while, rather than pages
+# it reclaimed (a fresh or idle VM). Without it, the cold rows of a run depend on how much
+# memory the run before it freed; the page-cache rate row says which state a run saw.
+prefault_memory() {
+  local free_mib t0
+  free_mib="$(awk '/^MemFree:/ { printf "%d", $2 / 1024 }' /proc/meminfo)"
+  [ "$free_mib" -gt 3072 ] || return 0
+  t0="$(date +%s%N)"
+  dd if=/dev/zero of=/dev/null bs="$((free_mib - 2048))M" count=1 iflag=fullblock status=none 2>/dev/null ||
+    log "prefault: dd failed (ignored)"
+  log "prefault: touched $((free_mib - 2048)) MiB in $(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }') s"
+}
+[ "$PREFAULT" = 1 ] && prefault_memory
 PAGE_CACHE_BEFORE="$(page_cache_gbs before)"
 log "page-cache write of new data: $PAGE_CACHE_BEFORE GB/s"
 for r in $(seq 1 "$COLD_RUNS"); do
