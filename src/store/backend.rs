@@ -58,7 +58,10 @@ pub trait BlobRead: Send + fmt::Debug {
     /// The backend's failure.
     fn size(&self) -> std::io::Result<u64>;
 
-    /// Reads exactly `len` bytes at `offset`, into a fresh buffer that is sent as is.
+    /// Reads exactly `len` bytes at `offset`, into a buffer that is sent as is. The buffer may
+    /// be pooled (shared with other reads once these bytes are dropped, and as large as a
+    /// read chunk whatever `len`): callers send or hash the bytes and drop them, and copy what
+    /// they keep.
     ///
     /// # Errors
     /// [`std::io::ErrorKind::UnexpectedEof`] when the object is shorter; the backend's failure.

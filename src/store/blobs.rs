@@ -293,7 +293,10 @@ impl Store {
             return Ok(None);
         }
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        source.read_at(0, len).map(Some).map_err(io_error)
+        // Copied out: a read may share a pooled 256 KiB buffer, and manifests are kept (the
+        // hot layer weighs them by their own length).
+        let bytes = source.read_at(0, len).map_err(io_error)?;
+        Ok(Some(Bytes::copy_from_slice(&bytes)))
     }
 
     /// [`Store::read_small_blocking`] off the async threads. The caller verifies the bytes.

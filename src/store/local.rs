@@ -423,6 +423,29 @@ mod tests {
     }
 
     #[test]
+    fn a_small_object_read_to_be_kept_does_not_hold_a_pooled_buffer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::store::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        store
+            .put_verified(&namespace, &digest, manifest)
+            .expect("put");
+        let kept = store
+            .read_small_blocking(&namespace, &digest, 1024)
+            .expect("read")
+            .expect("stored");
+        assert_eq!(&kept[..], manifest);
+        assert_eq!(
+            disk.buffers.spare(),
+            1,
+            "the read's 256 KiB buffer is back in the pool while the bytes are kept"
+        );
+    }
+
+    #[test]
     fn verify_finds_a_rotten_blob_and_quarantine_takes_it_out_of_the_store() {
         let dir = tempfile::tempdir().expect("temp dir");
         let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
