@@ -473,26 +473,18 @@ impl Chunks {
         }
     }
 
-    /// Moves the position (a reader of a growing object that got bytes elsewhere).
-    pub(super) fn seek(&mut self, position: u64) {
-        self.position = position;
-    }
-
-    /// Reads exactly `len` bytes at the current position (even past `end`: the reader of a
-    /// growing object knows better).
-    pub(super) async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
+    /// Reads exactly `len` bytes at `position`, wherever the chunks are and even past `end`:
+    /// the reader of a growing object keeps its own position (see `writer.rs`).
+    pub(super) async fn read_at(&mut self, position: u64, len: usize) -> std::io::Result<Bytes> {
         let mut source = self
             .source
             .take()
             .ok_or_else(|| std::io::Error::other("a previous read failed"))?;
-        if let Some(bytes) = source.read_in_memory(self.position, len) {
-            self.source = Some(source);
-            self.position += bytes.len() as u64;
-            return Ok(bytes);
-        }
-        let (source, bytes) = read_blocking(source, self.position, len).await?;
+        let (source, bytes) = match source.read_in_memory(position, len) {
+            Some(bytes) => (source, bytes),
+            None => read_blocking(source, position, len).await?,
+        };
         self.source = Some(source);
-        self.position += bytes.len() as u64;
         Ok(bytes)
     }
 
@@ -510,6 +502,10 @@ impl Chunks {
         let len = usize::try_from(self.end - self.position)
             .unwrap_or(READ_CHUNK)
             .min(READ_CHUNK);
-        Some(self.read(len).await)
+        let read = self.read_at(self.position, len).await;
+        if let Ok(bytes) = &read {
+            self.position += bytes.len() as u64;
+        }
+        Some(read)
     }
 }

@@ -12,12 +12,12 @@
 //! the system at once instead of staying in the allocator's free lists, so a burst of clients
 //! does not raise the resident size for good.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use memmap2::MmapMut;
 
-use super::READ_CHUNK;
+use super::{lock, READ_CHUNK};
 
 /// Spare buffers kept by default (8 MiB): enough for the chunks of a few dozen connections
 /// to cycle without touching the allocator.
@@ -48,12 +48,7 @@ impl ReadBuffers {
     /// Spare buffers held now.
     #[cfg(test)]
     pub(crate) fn spare(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<MmapMut>> {
-        // Every change is one push or pop: a panic elsewhere cannot leave it inconsistent.
-        self.spare.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.spare).len()
     }
 
     /// Fills `len` bytes with `fill` and returns them as [`Bytes`] whose buffer comes back
@@ -72,7 +67,7 @@ impl ReadBuffers {
             fill(&mut buffer)?;
             return Ok(Bytes::from(buffer));
         }
-        let spare = self.lock().pop();
+        let spare = lock(&self.spare).pop();
         let buffer = match spare {
             Some(buffer) => buffer,
             None => MmapMut::map_anon(READ_CHUNK)?,
@@ -89,7 +84,7 @@ impl ReadBuffers {
     }
 
     fn give_back(&self, buffer: MmapMut) {
-        let mut spare = self.lock();
+        let mut spare = lock(&self.spare);
         if spare.len() < self.keep {
             spare.push(buffer);
         }

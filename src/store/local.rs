@@ -11,7 +11,7 @@
 use std::io::Write as _;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -31,6 +31,9 @@ pub struct LocalDisk {
     staged_counter: AtomicU64,
     /// What stored bytes are read into, shared by every open file.
     buffers: Arc<ReadBuffers>,
+    /// Whether the filesystem takes `RWF_NOWAIT` reads, shared by every open file: false
+    /// once it refused one (tmpfs, some FUSE and NFS mounts), so no read asks again.
+    nowait: Arc<AtomicBool>,
 }
 
 /// The directories, shared with the staged files (which commit into `blobs`).
@@ -75,6 +78,7 @@ impl LocalDisk {
             dirs: Arc::new(dirs),
             staged_counter: AtomicU64::new(0),
             buffers: ReadBuffers::new(buffers::KEEP),
+            nowait: Arc::new(AtomicBool::new(true)),
         })
     }
 }
@@ -96,6 +100,7 @@ impl LocalDisk {
             Box::new(FileRead {
                 file,
                 buffers: Arc::clone(&self.buffers),
+                nowait: Arc::clone(&self.nowait),
             }) as Box<dyn BlobRead>
         }))
     }
@@ -222,6 +227,8 @@ impl BlobBackend for LocalDisk {
 struct FileRead {
     file: std::fs::File,
     buffers: Arc<ReadBuffers>,
+    /// [`LocalDisk`]'s: whether `RWF_NOWAIT` reads are worth trying.
+    nowait: Arc<AtomicBool>,
 }
 
 impl BlobRead for FileRead {
@@ -246,8 +253,13 @@ impl BlobRead for FileRead {
     /// `EAGAIN` at once instead of reading the device. Most reads of a cache find their
     /// bytes there, and then need no hop to a blocking thread and back (two thread wake-ups
     /// per chunk). A short read (part of the range not in memory, or the end of the file)
-    /// counts as a miss: the blocking read does it whole, or reports the short file.
+    /// counts as a miss: the blocking read does it whole, or reports the short file. A
+    /// filesystem that refuses `RWF_NOWAIT` (`EOPNOTSUPP`, `EINVAL`) always will: it is not
+    /// asked again, and every read goes to a blocking thread.
     fn read_in_memory(&mut self, offset: u64, len: usize) -> Option<Bytes> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return None;
+        }
         self.buffers
             .read(len, |buffer| {
                 let read = rustix::io::preadv2(
@@ -255,7 +267,12 @@ impl BlobRead for FileRead {
                     &mut [std::io::IoSliceMut::new(buffer)],
                     offset,
                     rustix::io::ReadWriteFlags::NOWAIT,
-                )?;
+                )
+                .inspect_err(|&errno| {
+                    if errno == rustix::io::Errno::OPNOTSUPP || errno == rustix::io::Errno::INVAL {
+                        self.nowait.store(false, Ordering::Relaxed);
+                    }
+                })?;
                 if read == buffer.len() {
                     Ok(())
                 } else {
@@ -395,18 +412,17 @@ mod tests {
             .open(&namespace, &digest)
             .expect("open")
             .expect("stored");
-        // tmpfs refuses RWF_NOWAIT reads (every read there goes to a blocking thread, which
-        // never waits on a device either) and keeps its pages whatever the advice.
-        const TMPFS_MAGIC: i64 = 0x0102_1994;
-        if rustix::fs::statfs(dir.path()).expect("statfs").f_type == TMPFS_MAGIC {
+        // Just written: in the page cache.
+        let offset = 300 * 1024;
+        let in_memory = reader.read_in_memory(offset as u64, 256 * 1024);
+        if !disk.nowait.load(Ordering::Relaxed) {
+            // The filesystem refuses RWF_NOWAIT reads (tmpfs, where every read goes to a
+            // blocking thread, which never waits on a device either): that is remembered.
+            assert!(in_memory.is_none());
             assert!(reader.read_in_memory(0, 256 * 1024).is_none());
             return;
         }
-        // Just written: in the page cache.
-        let offset = 300 * 1024;
-        let in_memory = reader
-            .read_in_memory(offset as u64, 256 * 1024)
-            .expect("just written bytes are in memory");
+        let in_memory = in_memory.expect("just written bytes are in memory");
         assert_eq!(&in_memory[..], &bytes[offset..offset + 256 * 1024]);
         assert!(
             reader.read_in_memory(500 * 1024, 200 * 1024).is_none(),
@@ -420,6 +436,26 @@ mod tests {
         assert!(reader.read_in_memory(0, 256 * 1024).is_none());
         let read = reader.read_at(0, 256 * 1024).expect("read_at");
         assert_eq!(&read[..], &bytes[..256 * 1024]);
+    }
+
+    #[test]
+    fn once_the_filesystem_refused_nowait_reads_none_is_tried() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"hello");
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        staged.append(b"hello").expect("append");
+        staged.commit(&namespace, &digest).expect("commit");
+        let mut reader = disk
+            .open(&namespace, &digest)
+            .expect("open")
+            .expect("stored");
+        // What a refusal (EOPNOTSUPP or EINVAL) leaves, on any filesystem.
+        disk.nowait.store(false, Ordering::Relaxed);
+        assert!(reader.read_in_memory(0, 5).is_none());
+        assert_eq!(disk.buffers.spare(), 0, "no buffer was taken for it");
+        assert_eq!(&reader.read_at(0, 5).expect("read_at")[..], b"hello");
     }
 
     #[test]

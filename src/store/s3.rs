@@ -89,12 +89,7 @@ impl Shared {
         timeouts: u32,
         request: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> object_store::Result<T> {
-        let limit = self.timeout * timeouts;
-        self.run(async {
-            tokio::time::timeout(limit, request)
-                .await
-                .unwrap_or_else(|_| Err(no_answer(limit)))
-        })
+        self.run(within(self.timeout * timeouts, request))
     }
 
     fn key(&self, namespace: &Namespace, digest: &Digest) -> Path {
@@ -199,6 +194,16 @@ impl S3Backend {
     pub fn name(&self) -> &str {
         &self.shared.name
     }
+}
+
+/// `request`'s answer, or [`no_answer`] when it takes longer than `limit`.
+async fn within<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| Err(no_answer(limit)))
 }
 
 /// The error of a request that took longer than `limit`.
@@ -430,10 +435,10 @@ impl BlobRead for ObjectRead {
         let mut out = BytesMut::with_capacity(len);
         while out.len() < len {
             if self.pending.is_empty() {
-                let body = self
-                    .body
-                    .as_mut()
-                    .expect("a body was opened above when there was none");
+                // Opened above when there was none.
+                let Some(body) = self.body.as_mut() else {
+                    return Err(std::io::Error::other("no open body to read"));
+                };
                 let next = self.shared.call(1, async { body.next().await.transpose() });
                 match next {
                     Ok(Some(bytes)) => self.pending = bytes,
@@ -501,9 +506,7 @@ impl Upload {
         let uploading = Arc::clone(&shared);
         self.in_flight.push_back(shared.handle.spawn(async move {
             let request = uploading.client.put_part(&key, &upload, index, part.into());
-            tokio::time::timeout(limit, request)
-                .await
-                .unwrap_or_else(|_| Err(no_answer(limit)))
+            within(limit, request).await
         }));
         self.sent += len;
         Ok(())
@@ -514,11 +517,11 @@ impl Upload {
         let Some(uploading) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let shared = Arc::clone(&self.shared);
-        let part = shared
+        let part = self
+            .shared
             .run(uploading)
             .unwrap_or_else(|err| Err(object_store::Error::JoinError { source: err }))
-            .map_err(shared.unavailable("upload a part of", &self.key))?;
+            .map_err(self.shared.unavailable("upload a part of", &self.key))?;
         self.parts.push(part);
         Ok(())
     }
@@ -566,10 +569,10 @@ impl StagedWrite for Upload {
         while !self.in_flight.is_empty() {
             self.wait_oldest()?;
         }
-        let upload = self
-            .multipart
-            .take()
-            .expect("a multipart upload was started: checked above");
+        // Started: checked above (it stays set until here, so a failed part aborts it on drop).
+        let upload = self.multipart.take().ok_or_else(|| {
+            StoreError::io("commit", &self.key)(std::io::Error::other("no multipart upload"))
+        })?;
         let parts = std::mem::take(&mut self.parts);
         let completed = shared.call(
             1,

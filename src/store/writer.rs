@@ -18,9 +18,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::backend::{StagedId, StagedWrite};
+use super::backend::{BlobRead, StagedId, StagedWrite};
 use super::blobs::{Chunks, DigestCheck};
-use super::{Namespace, Store, StoreError};
+use super::{lock, Namespace, Store, StoreError};
 use crate::oci::Digest;
 
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
@@ -87,10 +87,8 @@ impl Window {
                 end <= appended
             })
             .count();
-        for _ in WINDOW_BATCHES..appended_batches {
-            let Some(front) = self.batches.pop_front() else {
-                break;
-            };
+        let excess = appended_batches.saturating_sub(WINDOW_BATCHES);
+        for front in self.batches.drain(..excess) {
             self.start += front.len() as u64;
             if let Ok(buffer) = front.try_into_mut() {
                 if spare.len() < BATCHES_PER_CALL {
@@ -99,14 +97,6 @@ impl Window {
             }
         }
     }
-}
-
-/// Locks the window; a panic while it was held cannot leave it inconsistent (every change is a
-/// single push or pop), so a poisoned lock is taken as is.
-fn lock(window: &Mutex<Window>) -> std::sync::MutexGuard<'_, Window> {
-    window
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How far a blob being written has got, as its readers see it.
@@ -137,8 +127,6 @@ pub struct BlobWriter {
     written: u64,
     /// Bytes handed to the readers (in the window or appended).
     received: u64,
-    /// Shared with the readers.
-    window: Arc<Mutex<Window>>,
     /// Batches handed to the readers, not yet hashed and appended.
     pending: Vec<Bytes>,
     /// Batch buffers back from the window, for the next batches.
@@ -176,7 +164,6 @@ impl Store {
     ) -> Result<BlobWriter, StoreError> {
         let staged = self.backend.stage(namespace, digest)?;
         let (state, progress) = watch::channel(WriteState::Writing(0));
-        let window = Arc::new(Mutex::new(Window::default()));
         Ok(BlobWriter {
             store: Arc::clone(self),
             namespace: namespace.clone(),
@@ -187,14 +174,13 @@ impl Store {
                 namespace: namespace.clone(),
                 digest: *digest,
                 progress,
-                window: Arc::clone(&window),
+                window: Arc::new(Mutex::new(Window::default())),
             },
             idle: Some((staged, DigestCheck::default())),
             in_flight: None,
             batch: BytesMut::with_capacity(WRITE_BATCH),
             written: 0,
             received: 0,
-            window,
             pending: Vec::with_capacity(BATCHES_PER_CALL),
             spare: Vec::with_capacity(BATCHES_PER_CALL),
             state,
@@ -225,11 +211,12 @@ impl BlobWriter {
         // Batches of exactly WRITE_BATCH: a batch that outgrew its buffer would reallocate
         // it at twice the size, and readers keep whole buffers alive.
         while !bytes.is_empty() {
-            let room = WRITE_BATCH.saturating_sub(self.batch.len()).max(1);
+            // Below WRITE_BATCH here: a full batch is flushed (and replaced) just below.
+            let room = WRITE_BATCH - self.batch.len();
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
             self.batch.extend_from_slice(now);
             bytes = rest;
-            if self.batch.len() >= WRITE_BATCH {
+            if self.batch.len() == WRITE_BATCH {
                 self.flush(false).await?;
             }
         }
@@ -250,7 +237,7 @@ impl BlobWriter {
             };
             // The whole buffer moves to the readers (who share `data`), unshared with the next.
             let data: Bytes = std::mem::replace(&mut self.batch, next).freeze();
-            lock(&self.window).batches.push_back(data.clone());
+            lock(&self.partial.window).batches.push_back(data.clone());
             self.received += data.len() as u64;
             self.state.send_replace(WriteState::Writing(self.received));
             self.pending.push(data);
@@ -291,7 +278,7 @@ impl BlobWriter {
         let (check, staged) = tokio::join!(hash, append);
         let (check, staged) = (check.map_err(aborted)?, staged.map_err(aborted)??);
         self.written += len;
-        lock(&self.window).trim(self.written, &mut self.spare);
+        lock(&self.partial.window).trim(self.written, &mut self.spare);
         Ok((staged, check))
     }
 
@@ -398,6 +385,23 @@ impl Partial {
     pub fn state(&self) -> WriteState {
         *self.progress.borrow()
     }
+
+    /// Opens the staged object, or the committed one when the writer committed it just before
+    /// the reader learnt of it.
+    async fn open(&self) -> std::io::Result<Box<dyn BlobRead>> {
+        let partial = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let backend = &partial.store.backend;
+            match backend.open_staged(&partial.id)? {
+                Some(source) => Ok(Some(source)),
+                None => backend.open(&partial.namespace, &partial.digest),
+            }
+        })
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?
+        .ok_or_else(|| std::io::Error::other("the blob being written is gone"))
+    }
 }
 
 /// Reads a range of a blob being written, at its own pace, holding back the final byte until
@@ -489,30 +493,12 @@ impl PartialReader {
                 "a blob being written: read past the bytes in hand",
             ));
         }
-        if self.chunks.is_none() {
-            let partial = self.partial.clone();
-            let position = self.position;
-            let source = tokio::task::spawn_blocking(move || {
-                let backend = &partial.store.backend;
-                // Committed just before the reader learnt of it: read the committed object.
-                match backend.open_staged(&partial.id)? {
-                    Some(source) => Ok(Some(source)),
-                    None => backend.open(&partial.namespace, &partial.digest),
-                }
-            })
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(std::io::Error::other)?
-            .ok_or_else(|| std::io::Error::other("the blob being written is gone"))?;
-            self.chunks = Some(Chunks::new(source, position, u64::MAX));
-        }
-        let chunks = self
-            .chunks
-            .as_mut()
-            .expect("opened just above when it was not open");
-        // Reads from the window moved this reader on without the file reader.
-        chunks.seek(self.position);
-        let bytes = chunks.read(len).await?;
+        let chunks = match &mut self.chunks {
+            Some(chunks) => chunks,
+            slot @ None => slot.insert(Chunks::new(self.partial.open().await?, 0, u64::MAX)),
+        };
+        // At this reader's own position: reads from the window moved it on meanwhile.
+        let bytes = chunks.read_at(self.position, len).await?;
         self.position += bytes.len() as u64;
         Ok(bytes)
     }
