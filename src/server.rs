@@ -181,7 +181,8 @@ pub(crate) async fn reload_on_sighup(
         }
         if let Some(auth) = &state.auth {
             match auth.reload_users() {
-                Ok(users) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                Ok(Some(users)) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                Ok(None) => {}
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: htpasswd reload failed; keeping the users in force");
                 }

@@ -168,14 +168,15 @@ impl Authenticator {
         self.users.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reads `auth.htpasswd` again; returns how many users it has. Remembered Basic
-    /// verifications are forgotten, and tokens of users no longer listed stop working at once.
+    /// Reads `auth.htpasswd` again; returns how many users it has, `None` when there is no
+    /// such file (nothing to reload). Remembered Basic verifications are forgotten, and tokens
+    /// of users no longer listed stop working at once.
     ///
     /// # Errors
     /// [`ConfigError`] when the file cannot be read or parsed: the users in force stay.
-    pub(crate) fn reload_users(&self) -> Result<usize, ConfigError> {
+    pub(crate) fn reload_users(&self) -> Result<Option<usize>, ConfigError> {
         let Some(path) = &self.htpasswd else {
-            return Ok(0);
+            return Ok(None);
         };
         let entries = load_htpasswd(path)?;
         {
@@ -183,7 +184,7 @@ impl Authenticator {
             *users = Users::new(users.generation + 1, &entries);
         }
         self.verified.invalidate_all();
-        Ok(entries.len())
+        Ok(Some(entries.len()))
     }
 
     /// How long issued tokens live.

@@ -7,6 +7,10 @@
 //! offered and not taken for `send_timeout` means a client that stopped reading: the
 //! connection is dropped. Time the cache itself spends producing a frame (a fill waiting on its
 //! upstream) is never counted against the client.
+//!
+//! Each poll for a frame updates the record once, after the inner body has answered: a frame
+//! with more to come replaces the previous offer (hyper asking for it took that one); anything
+//! else (the cache still producing, the end, an error) clears it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -86,10 +90,13 @@ impl hyper::body::Body for Watched {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.request.taken();
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // Hyper asking took the previous offer: one lock per frame either replaces it with this
+        // frame's or, while the cache produces the next one (or at the end), clears it.
         if matches!(polled, Poll::Ready(Some(Ok(_)))) && !self.inner.is_end_stream() {
             self.request.offered();
+        } else {
+            self.request.taken();
         }
         polled
     }
@@ -116,7 +123,7 @@ pub(super) struct Activity {
 struct ActivityState {
     in_flight: usize,
     idle_since: Instant,
-    served_any: bool,
+    /// Requests begun so far (the last id handed out): non-zero once one has been served.
     next_request: u64,
     /// Requests whose response waits for the client, and since when.
     offered: HashMap<u64, Instant>,
@@ -128,7 +135,6 @@ impl Activity {
             state: Mutex::new(ActivityState {
                 in_flight: 0,
                 idle_since: Instant::now(),
-                served_any: false,
                 next_request: 0,
                 offered: HashMap::new(),
             }),
@@ -148,7 +154,6 @@ impl Activity {
         let id = {
             let mut state = self.lock();
             state.in_flight += 1;
-            state.served_any = true;
             state.next_request += 1;
             state.next_request
         };
@@ -164,7 +169,7 @@ impl Activity {
     fn deadline(&self, options: &ListenerOptions) -> Option<(Instant, Closing)> {
         let state = self.lock();
         if state.in_flight == 0 {
-            let limit = if state.served_any {
+            let limit = if state.next_request > 0 {
                 options.idle_timeout
             } else {
                 options.header_read_timeout
@@ -209,15 +214,18 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Its response waits for the client (kept from the first offer until taken).
+    /// Its response waits for the client from now (replacing an earlier offer, which hyper
+    /// took by asking for the frame now offered).
     fn offered(&self) {
         let first = {
             let mut state = self.activity.lock();
             let first = state.offered.is_empty();
-            state.offered.entry(self.id).or_insert_with(Instant::now);
+            state.offered.insert(self.id, Instant::now());
             first
         };
-        // Only the first offer can bring the deadline forward from "none".
+        // Only an offer into an empty map can bring the deadline forward (from "none"): any
+        // other is no older than those already there, and replacing this request's own only
+        // moves it later, which `closing` finds when its sleep ends.
         if first {
             self.activity.changed.notify_waiters();
         }
