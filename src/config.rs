@@ -13,7 +13,7 @@ use serde::Deserialize;
 use url::Url;
 
 mod cluster;
-pub use cluster::{member_id, ClusterConfig, PeerSpec};
+pub use cluster::{ClusterConfig, PeerSpec};
 
 /// The configuration used when no file is given: a Docker Hub mirror on port 5000.
 pub const DEFAULT_CONFIG: &str = r#"
@@ -65,6 +65,32 @@ fn invalid(
         key: key.into(),
         value: value.to_string(),
         reason: reason.into(),
+    }
+}
+
+/// A secret given either as `<name>` or as `<name>_file` (the file's contents without
+/// trailing line breaks), not both; errors name the key `<prefix><name>_file`.
+fn value_or_file(
+    prefix: &str,
+    name: &str,
+    value: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, ConfigError> {
+    let file_key = || format!("{prefix}{name}_file");
+    match (value, file) {
+        (Some(_), Some(path)) => Err(invalid(
+            file_key(),
+            path.display(),
+            format!("set {name} or {name}_file, not both"),
+        )),
+        (Some(value), None) => Ok(Some(Secret::new(value.to_owned()))),
+        (None, Some(path)) => Ok(Some(Secret::new(
+            std::fs::read_to_string(path)
+                .map_err(|err| invalid(file_key(), path.display(), err.to_string()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ))),
+        (None, None) => Ok(None),
     }
 }
 
@@ -485,7 +511,7 @@ impl RawConfig {
         check_upstream_set(&upstreams)?;
         let cluster = self
             .cluster
-            .map(|raw| raw.validate(|name| std::env::var(name).ok(), max_blob_size))
+            .map(|raw| raw.validate(|name| std::env::var(name).ok()))
             .transpose()?;
         if self.auth.is_some() && cluster.as_ref().is_some_and(|c| c.secret.is_none()) {
             return Err(invalid(
@@ -857,26 +883,12 @@ impl RawUpstream {
                 "give credentials in the url or as username/password, not both",
             ));
         }
-        let password = match (&self.password, &self.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    key("password_file"),
-                    self.password_file
-                        .as_deref()
-                        .unwrap_or(Path::new(""))
-                        .display(),
-                    "set password or password_file, not both",
-                ))
-            }
-            (Some(password), None) => Some(Secret::new(password.clone())),
-            (None, Some(path)) => Some(Secret::new(
-                std::fs::read_to_string(path)
-                    .map_err(|err| invalid(key("password_file"), path.display(), err.to_string()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            )),
-            (None, None) => None,
-        };
+        let password = value_or_file(
+            &key(""),
+            "password",
+            self.password.as_deref(),
+            self.password_file.as_deref(),
+        )?;
         let credentials = match (self.username.clone(), password) {
             (Some(user), Some(password)) => Some((user, password)),
             (None, None) => url_credentials,

@@ -136,7 +136,7 @@ pub async fn run_with_clock(
     let cluster = config
         .cluster
         .as_ref()
-        .map(|c| cluster::Cluster::new(c, metrics.registry()).map(Arc::new))
+        .map(|c| cluster::Cluster::new(c, &metrics).map(Arc::new))
         .transpose()?;
     if let Some(cluster) = &cluster {
         tokio::spawn(Arc::clone(cluster).maintain(shutdown.clone()));

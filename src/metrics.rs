@@ -68,137 +68,110 @@ impl Metrics {
     /// Never in practice: the names below are fixed, valid and registered once.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric names and labels are valid literals");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
+        let register = Register {
+            registry: &registry,
+            on_error: OnError::Panic,
         };
-        let histogram_vec = |name: &str, help: &str, labels: &[&str]| {
-            let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
-            let metric = HistogramVec::new(opts, labels).expect("valid literals");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
-        };
-        let gauge = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("valid literals");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
-        };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("valid literals");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("each metric is registered once");
-            metric
-        };
-        let upstream_up = IntGaugeVec::new(
-            Opts::new(
-                "regcache_upstream_up",
-                "1 when the upstream is not marked down by the circuit breaker",
-            ),
-            &["upstream"],
-        )
-        .expect("valid literals");
-        registry
-            .register(Box::new(upstream_up.clone()))
-            .expect("each metric is registered once");
+        let upstream_up = register.metric(
+            IntGaugeVec::new(
+                Opts::new(
+                    "regcache_upstream_up",
+                    "1 when the upstream is not marked down by the circuit breaker",
+                ),
+                &["upstream"],
+            )
+            .expect("valid literals"),
+        );
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();
             let _ = registry.register(Box::new(process));
         }
         let metrics = Self {
-            http_requests: counter_vec(
+            http_requests: register.counter_vec(
                 "regcache_http_requests_total",
                 "HTTP requests answered, by route kind, method and status class",
                 &["route", "method", "status_class"],
             ),
-            http_duration: histogram_vec(
+            http_duration: register.histogram_vec(
                 "regcache_http_request_duration_seconds",
                 "Time to the response head, by route kind",
                 &["route"],
             ),
-            cache_results: counter_vec(
+            cache_results: register.counter_vec(
                 "regcache_cache_results_total",
                 "How manifest and blob requests were answered",
                 &["kind", "result"],
             ),
-            served_bytes: counter_vec(
+            served_bytes: register.counter_vec(
                 "regcache_served_bytes_total",
                 "Body bytes sent to clients, by where they came from",
                 &["source"],
             ),
-            upstream_bytes: counter_vec(
+            upstream_bytes: register.counter_vec(
                 "regcache_upstream_fetched_bytes_total",
                 "Body bytes downloaded from each upstream",
                 &["upstream"],
             ),
-            upstream_duration: histogram_vec(
+            upstream_duration: register.histogram_vec(
                 "regcache_upstream_request_duration_seconds",
                 "Upstream request time to the response head",
                 &["upstream", "kind"],
             ),
-            upstream_errors: counter_vec(
+            upstream_errors: register.counter_vec(
                 "regcache_upstream_errors_total",
                 "Upstream failures by reason",
                 &["upstream", "reason"],
             ),
             upstream_up,
-            token_fetches: counter_vec(
+            token_fetches: register.counter_vec(
                 "regcache_upstream_token_fetches_total",
                 "Bearer tokens fetched from upstream token endpoints",
                 &["upstream"],
             ),
-            fills_in_flight: gauge(
+            fills_in_flight: register.gauge(
                 "regcache_fills_in_flight",
                 "Blob downloads from upstreams in progress",
             ),
-            stale_served: counter(
+            stale_served: register.counter(
                 "regcache_stale_served_total",
                 "Tags served stale because the upstream could not be asked",
             ),
-            breaker_transitions: counter_vec(
+            breaker_transitions: register.counter_vec(
                 "regcache_upstream_breaker_transitions_total",
                 "Circuit breaker state changes, by upstream and new state",
                 &["upstream", "to"],
             ),
-            revalidation_deadlines: counter_vec(
+            revalidation_deadlines: register.counter_vec(
                 "regcache_revalidation_deadline_total",
                 "Tag revalidations not answered within cache.revalidate_timeout",
                 &["upstream"],
             ),
-            storage_used: gauge(
+            storage_used: register.gauge(
                 "regcache_storage_used_bytes",
                 "Bytes of verified content in the store",
             ),
-            storage_budget: gauge(
+            storage_budget: register.gauge(
                 "regcache_storage_budget_bytes",
                 "Configured storage budget (storage.max_size), 0 when unlimited",
             ),
-            storage_blobs: gauge(
+            storage_blobs: register.gauge(
                 "regcache_storage_blobs",
                 "Content files (blobs and manifests) in the store",
             ),
-            storage_manifests: gauge(
+            storage_manifests: register.gauge(
                 "regcache_storage_manifests",
                 "Manifests recorded in the index",
             ),
-            evictions: counter(
+            evictions: register.counter(
                 "regcache_evictions_total",
                 "Files evicted to stay under the storage budget",
             ),
-            evicted_bytes: counter(
+            evicted_bytes: register.counter(
                 "regcache_evicted_bytes_total",
                 "Bytes evicted to stay under the storage budget",
             ),
-            store_write_errors: counter(
+            store_write_errors: register.counter(
                 "regcache_store_write_errors_total",
                 "Blob downloads that could not be written to disk",
             ),
@@ -250,11 +223,6 @@ impl Metrics {
         }
     }
 
-    /// The registry, for metrics that parts of the server register themselves (`cluster`).
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut buffer = Vec::new();
@@ -268,6 +236,109 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[upstream, kind])
             .start_timer()
+    }
+}
+
+/// What [`Register`] does when a metric cannot be registered (its name is taken).
+#[derive(Debug, Clone, Copy)]
+enum OnError {
+    /// A bug: the server's own metrics are registered once, in a new registry.
+    Panic,
+    /// Logged as "<what> not registered"; the handle still works, unexported.
+    Log(&'static str),
+}
+
+/// Builds metric handles from literal names and registers them in one registry.
+#[derive(Debug, Clone, Copy)]
+struct Register<'r> {
+    registry: &'r Registry,
+    on_error: OnError,
+}
+
+impl Register<'_> {
+    fn metric<M: prometheus::core::Collector + Clone + 'static>(&self, metric: M) -> M {
+        if let Err(err) = self.registry.register(Box::new(metric.clone())) {
+            match self.on_error {
+                OnError::Panic => panic!("each metric is registered once: {err}"),
+                OnError::Log(what) => tracing::error!(error = %err, "{what} not registered"),
+            }
+        }
+        metric
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.metric(
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .expect("metric names and labels are valid literals"),
+        )
+    }
+
+    fn histogram_vec(&self, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec());
+        self.metric(HistogramVec::new(opts, labels).expect("valid literals"))
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.metric(IntCounter::new(name, help).expect("valid literals"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.metric(IntGauge::new(name, help).expect("valid literals"))
+    }
+}
+
+/// The cluster metrics (`[cluster]`), registered in the server's registry only when a cluster
+/// is configured.
+#[derive(Debug, Clone)]
+pub struct ClusterMetrics {
+    /// Members known (this replica included).
+    pub members: IntGauge,
+    /// `result` (ok, not_found, fallback): blob fetches from an owner.
+    pub peer_fetches: IntCounterVec,
+    /// `reason` (connect, timeout, broken, 5xx, status, body, cooldown): misses filled from the
+    /// upstream because the owner could not serve them.
+    pub peer_fallbacks: IntCounterVec,
+    /// Bytes received from owners.
+    pub peer_bytes: IntCounter,
+    /// Blob requests this replica answered for a peer.
+    pub served_to_peers: IntCounter,
+}
+
+impl ClusterMetrics {
+    /// Creates the handles and registers them in `metrics`' registry (a name already taken
+    /// there is logged, not fatal).
+    pub fn new(metrics: &Metrics) -> Self {
+        let register = Register {
+            registry: &metrics.registry,
+            on_error: OnError::Log("cluster metric"),
+        };
+        let members = register.gauge("regcache_cluster_members", "Cluster members known");
+        let peer_fetches = register.counter_vec(
+            "regcache_cluster_peer_fetches_total",
+            "Blob misses asked of their owner replica, by result",
+            &["result"],
+        );
+        let peer_fallbacks = register.counter_vec(
+            "regcache_cluster_peer_fallbacks_total",
+            "Blob misses filled from the upstream because the owner replica could not serve them",
+            &["reason"],
+        );
+        for result in ["ok", "not_found", "fallback"] {
+            peer_fetches.with_label_values(&[result]);
+        }
+        Self {
+            members,
+            peer_fetches,
+            peer_fallbacks,
+            peer_bytes: register.counter(
+                "regcache_cluster_peer_bytes_total",
+                "Blob bytes received from owner replicas",
+            ),
+            served_to_peers: register.counter(
+                "regcache_cluster_served_to_peers_total",
+                "Blob requests answered for peer replicas",
+            ),
+        }
     }
 }
 

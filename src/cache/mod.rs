@@ -661,12 +661,9 @@ impl Cache {
             _ => None,
         };
         match owner {
-            Some((cluster, owner)) => Box::new(peer::PeerSource {
-                cluster: Arc::clone(cluster),
-                owner,
-                upstream: blob,
-                fell_back: Arc::default(),
-            }),
+            Some((cluster, owner)) => {
+                Box::new(peer::PeerSource::new(Arc::clone(cluster), owner, blob))
+            }
             None => Box::new(blob),
         }
     }

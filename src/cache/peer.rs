@@ -22,37 +22,59 @@ use crate::upstream::{BlobResponse, UpstreamError};
 
 /// The owner replica's copy of a blob, falling back to the upstream.
 pub(crate) struct PeerSource {
-    pub(crate) cluster: Arc<Cluster>,
-    /// The owner's member id.
-    pub(crate) owner: String,
+    owner: Arc<Owner>,
     /// The upstream blob, asked when the owner cannot answer.
-    pub(crate) upstream: UpstreamBlob,
+    upstream: UpstreamBlob,
+}
+
+/// The owner replica of one fill.
+struct Owner {
+    cluster: Arc<Cluster>,
+    /// The owner's member id.
+    id: String,
     /// Set once the owner failed: the rest of the fill asks the upstream.
-    pub(crate) fell_back: Arc<AtomicBool>,
+    fell_back: AtomicBool,
+}
+
+impl Owner {
+    /// Gives the owner up for the rest of the fill; the first time, logs `message` and counts
+    /// the failure (`reason`), which also cools the peer down.
+    fn fail(&self, reason: &'static str, error: &dyn std::fmt::Display, message: &str) {
+        if !self.fell_back.swap(true, Ordering::Relaxed) {
+            tracing::warn!(peer = %self.id, reason, %error, "{message}");
+            self.cluster.peer_failed(&self.id, reason);
+        }
+    }
 }
 
 impl PeerSource {
-    fn fall_back(&self, reason: &'static str, error: &dyn std::fmt::Display) {
-        if !self.fell_back.swap(true, Ordering::Relaxed) {
-            tracing::warn!(peer = %self.owner, reason, %error, "owner replica cannot serve the blob; filling from the upstream");
-            self.cluster.peer_failed(&self.owner, reason);
+    /// A fill source asking `owner` (a member id of `cluster`) first, then `upstream`.
+    pub(crate) fn new(cluster: Arc<Cluster>, owner: String, upstream: UpstreamBlob) -> Self {
+        Self {
+            owner: Arc::new(Owner {
+                cluster,
+                id: owner,
+                fell_back: AtomicBool::new(false),
+            }),
+            upstream,
         }
     }
 
     async fn ask_owner(&self, offset: u64) -> Result<Option<BlobResponse>, UpstreamError> {
+        const CANNOT_SERVE: &str = "owner replica cannot serve the blob; filling from the upstream";
         let name = self.upstream.upstream.name();
-        let answer = self
-            .cluster
+        let cluster = &self.owner.cluster;
+        let answer = cluster
             .client()
             .get_blob(
-                &self.owner,
+                &self.owner.id,
                 name,
                 &self.upstream.repo,
                 &self.upstream.digest,
                 offset,
             )
             .await;
-        let fetches = &self.cluster.metrics().peer_fetches;
+        let fetches = &cluster.metrics().peer_fetches;
         let blob = match answer {
             Ok(blob) => blob,
             Err(PeerError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
@@ -62,32 +84,38 @@ impl PeerSource {
                 });
             }
             Err(err) => {
-                self.fall_back(err.reason(), &err);
+                self.owner.fail(err.reason(), &err, CANNOT_SERVE);
                 return Ok(None);
             }
         };
-        let limit = blob
-            .total_size
-            .unwrap_or(u64::MAX)
-            .min(self.cluster.max_blob_size());
-        if blob.total_size.is_some_and(|total| total > limit) {
-            self.fall_back("status", &"blob larger than cache.max_blob_size");
+        let max_blob_size = self.upstream.upstream.max_blob_size();
+        if blob.total_size.is_some_and(|total| total > max_blob_size) {
+            self.owner.fail(
+                "status",
+                &"blob larger than cache.max_blob_size",
+                CANNOT_SERVE,
+            );
             return Ok(None);
         }
+        let limit = blob
+            .total_size
+            .map_or(max_blob_size, |total| total.min(max_blob_size));
         fetches.with_label_values(&["ok"]).inc();
-        tracing::debug!(peer = %self.owner, offset = blob.offset, "filling from the owner replica");
-        let fell_back = Arc::clone(&self.fell_back);
-        let cluster = Arc::clone(&self.cluster);
-        let owner = self.owner.clone();
+        tracing::debug!(peer = %self.owner.id, offset = blob.offset, "filling from the owner replica");
+        let owner = Arc::clone(&self.owner);
         let upstream = name.to_owned();
         let mut position = blob.offset;
         let body = blob.body.map(move |chunk| match chunk {
             Ok(chunk) => {
                 position += chunk.len() as u64;
-                cluster.metrics().peer_bytes.inc_by(chunk.len() as u64);
+                owner
+                    .cluster
+                    .metrics()
+                    .peer_bytes
+                    .inc_by(chunk.len() as u64);
                 if position > limit {
                     // More than announced: cut here, the next attempt asks the upstream.
-                    fell_back.store(true, Ordering::Relaxed);
+                    owner.fell_back.store(true, Ordering::Relaxed);
                     return Err(UpstreamError::TooLarge {
                         upstream: upstream.clone(),
                         limit: usize::try_from(limit).unwrap_or(usize::MAX),
@@ -95,15 +123,18 @@ impl PeerSource {
                 }
                 Ok(chunk)
             }
-            Err(source) => {
-                if !fell_back.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(peer = %owner, error = %source, "owner replica's body broke; resuming from the upstream");
-                    cluster.peer_failed(&owner, "body");
-                }
-                Err(UpstreamError::Unreachable {
-                    upstream: format!("{upstream} (via peer {owner})"),
-                    source,
-                })
+            Err(err) => {
+                // The network failure itself, as logged before the error was named.
+                let cause: &dyn std::fmt::Display = match &err {
+                    UpstreamError::Unreachable { source, .. } => source,
+                    other => other,
+                };
+                owner.fail(
+                    "body",
+                    cause,
+                    "owner replica's body broke; resuming from the upstream",
+                );
+                Err(err)
             }
         });
         Ok(Some(BlobResponse {
@@ -121,7 +152,7 @@ impl BlobSource for PeerSource {
 
     fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
         Box::pin(async move {
-            if !self.fell_back.load(Ordering::Relaxed) {
+            if !self.owner.fell_back.load(Ordering::Relaxed) {
                 if let Some(response) = self.ask_owner(offset).await? {
                     return Ok(response);
                 }

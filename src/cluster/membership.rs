@@ -115,7 +115,6 @@ mod tests {
             resolve_interval: std::time::Duration::from_secs(10),
             connect_timeout: std::time::Duration::from_secs(2),
             idle_timeout: std::time::Duration::from_secs(30),
-            max_blob_size: 1 << 30,
             ca_file: None,
         }
     }

@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
 use tokio_util::sync::CancellationToken;
 
-pub use peer::{PeerBlob, PeerError, PEER_HEADER};
+pub use peer::{PeerError, PEER_HEADER};
 pub use rendezvous::owner;
 
-use crate::config::{ClusterConfig, Secret};
+use crate::config::ClusterConfig;
+use crate::metrics::{ClusterMetrics, Metrics};
 use crate::oci::Digest;
 use membership::Membership;
 
@@ -37,80 +37,14 @@ const PEER_COOLDOWN: Duration = Duration::from_secs(10);
 #[error("cluster peer client: {0}")]
 pub struct ClusterBuildError(String);
 
-/// The cluster metrics (registered in the server's registry).
-#[derive(Debug, Clone)]
-pub struct ClusterMetrics {
-    /// Members known (this replica included).
-    pub members: IntGauge,
-    /// `result` (ok, not_found, fallback): blob fetches from an owner.
-    pub peer_fetches: IntCounterVec,
-    /// `reason` (connect, timeout, broken, 5xx, status, body, cooldown): misses filled from the
-    /// upstream because the owner could not serve them.
-    pub peer_fallbacks: IntCounterVec,
-    /// Bytes received from owners.
-    pub peer_bytes: IntCounter,
-    /// Blob requests this replica answered for a peer.
-    pub served_to_peers: IntCounter,
-}
-
-impl ClusterMetrics {
-    fn new(registry: &prometheus::Registry) -> Self {
-        let register = |metric: Box<dyn prometheus::core::Collector>| {
-            if let Err(err) = registry.register(metric) {
-                tracing::error!(error = %err, "cluster metric not registered");
-            }
-        };
-        let counter_vec = |name: &str, help: &str, label: &str| {
-            let metric = IntCounterVec::new(Opts::new(name, help), &[label])
-                .expect("metric names and labels are valid literals");
-            register(Box::new(metric.clone()));
-            metric
-        };
-        let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help).expect("metric names are valid literals");
-            register(Box::new(metric.clone()));
-            metric
-        };
-        let members = IntGauge::new("regcache_cluster_members", "Cluster members known")
-            .expect("metric names are valid literals");
-        register(Box::new(members.clone()));
-        let peer_fetches = counter_vec(
-            "regcache_cluster_peer_fetches_total",
-            "Blob misses asked of their owner replica, by result",
-            "result",
-        );
-        let peer_fallbacks = counter_vec(
-            "regcache_cluster_peer_fallbacks_total",
-            "Blob misses filled from the upstream because the owner replica could not serve them",
-            "reason",
-        );
-        for result in ["ok", "not_found", "fallback"] {
-            peer_fetches.with_label_values(&[result]);
-        }
-        Self {
-            members,
-            peer_fetches,
-            peer_fallbacks,
-            peer_bytes: counter(
-                "regcache_cluster_peer_bytes_total",
-                "Blob bytes received from owner replicas",
-            ),
-            served_to_peers: counter(
-                "regcache_cluster_served_to_peers_total",
-                "Blob requests answered for peer replicas",
-            ),
-        }
-    }
-}
-
 /// This replica's view of the cluster.
 #[derive(Debug)]
 pub struct Cluster {
     membership: Arc<Membership>,
     client: peer::PeerClient,
-    secret: Option<Secret>,
+    /// The SHA-256 of `cluster.secret`, which peer requests are checked against.
+    secret_hash: Option<SecretHash>,
     resolve_interval: Duration,
-    max_blob_size: u64,
     /// Peers that failed recently, until when they are not asked. A std mutex: held for map
     /// operations only.
     cooling: Mutex<HashMap<String, Instant>>,
@@ -118,16 +52,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Sets up membership and the peer client; registers the metrics in `registry`.
+    /// Sets up membership and the peer client; registers the cluster metrics in `metrics`.
     ///
     /// # Errors
     /// [`ClusterBuildError`] when the HTTP client cannot be built (`cluster.ca_file`, TLS).
-    pub fn new(
-        config: &ClusterConfig,
-        registry: &prometheus::Registry,
-    ) -> Result<Self, ClusterBuildError> {
+    pub fn new(config: &ClusterConfig, metrics: &Metrics) -> Result<Self, ClusterBuildError> {
         let membership = Arc::new(Membership::new(config));
-        let metrics = ClusterMetrics::new(registry);
+        let metrics = ClusterMetrics::new(metrics);
         metrics
             .members
             .set(i64::try_from(membership.members().len()).unwrap_or(i64::MAX));
@@ -140,9 +71,11 @@ impl Cluster {
             )
             .map_err(ClusterBuildError)?,
             membership,
-            secret: config.secret.clone(),
+            secret_hash: config
+                .secret
+                .as_ref()
+                .map(|secret| hash(secret.expose().as_bytes())),
             resolve_interval: config.resolve_interval,
-            max_blob_size: config.max_blob_size,
             cooling: Mutex::default(),
             metrics,
         })
@@ -174,11 +107,6 @@ impl Cluster {
     /// The metrics.
     pub fn metrics(&self) -> &ClusterMetrics {
         &self.metrics
-    }
-
-    /// The largest blob accepted from a peer.
-    pub fn max_blob_size(&self) -> u64 {
-        self.max_blob_size
     }
 
     /// The owner of a blob when it is another replica that is not cooling down; `None` when
@@ -231,26 +159,37 @@ impl Cluster {
         let Some(value) = headers.get(PEER_HEADER) else {
             return false;
         };
-        match &self.secret {
+        match &self.secret_hash {
             None => true,
-            Some(secret) => secret_matches(secret, value.as_bytes()),
+            Some(expected) => secret_matches(expected, value.as_bytes()),
         }
     }
 
     /// Whether peers prove who they are (a secret is configured): only then may a peer request
     /// pass `[auth]` without a client's credentials.
     pub fn authenticates_peers(&self) -> bool {
-        self.secret.is_some()
+        self.secret_hash.is_some()
     }
 }
 
-/// Compares hashes of both, in constant time: neither the content nor the length of the
-/// secret leaks through timing.
-fn secret_matches(secret: &Secret, presented: &[u8]) -> bool {
+/// A SHA-256 hash of the cluster secret or of what a request presents; never printed.
+struct SecretHash([u8; 32]);
+
+impl std::fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretHash(<redacted>)")
+    }
+}
+
+fn hash(bytes: &[u8]) -> SecretHash {
     use sha2::Digest as _;
-    let expected = sha2::Sha256::digest(secret.expose().as_bytes());
-    let presented = sha2::Sha256::digest(presented);
-    aws_lc_rs::constant_time::verify_slices_are_equal(&expected, &presented).is_ok()
+    SecretHash(sha2::Sha256::digest(bytes).into())
+}
+
+/// Compares the secret's hash with the hash of what was presented, in constant time: neither
+/// the content nor the length of the secret leaks through timing.
+fn secret_matches(expected: &SecretHash, presented: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(&expected.0, &hash(presented).0).is_ok()
 }
 
 #[cfg(test)]
@@ -266,7 +205,7 @@ mod tests {
             .expect("valid")
             .cluster
             .expect("[cluster]");
-        Cluster::new(&config, &prometheus::Registry::new()).expect("client")
+        Cluster::new(&config, &crate::metrics::Metrics::new()).expect("client")
     }
 
     #[test]
@@ -291,7 +230,7 @@ mod tests {
             .expect("valid")
             .cluster
             .expect("[cluster]");
-        let _cluster = Cluster::new(&config, metrics.registry()).expect("client");
+        let _cluster = Cluster::new(&config, &metrics).expect("client");
         let text = String::from_utf8(metrics.encode()).expect("utf-8");
         assert!(text.contains("regcache_cluster_members 1"), "{text}");
         assert!(text.contains("regcache_cluster_peer_fetches_total{result=\"ok\"} 0"));

@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::Stream;
+use futures_util::TryStreamExt as _;
 use http::StatusCode;
 
 use crate::config::Secret;
 use crate::oci::{Digest, RepoName};
+use crate::upstream::{blob_extent, BlobResponse, UpstreamError};
 
 /// The header that marks a request from a peer replica; its value is `cluster.secret` (or `1`
 /// when there is none).
@@ -50,25 +50,6 @@ impl PeerError {
     }
 }
 
-/// A blob answer from the owner whose body has not been read yet.
-pub struct PeerBlob {
-    /// The blob's total size, when the owner knew it.
-    pub total_size: Option<u64>,
-    /// The offset of the body's first byte (0 when the owner sent the whole blob).
-    pub offset: u64,
-    /// The body.
-    pub body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
-}
-
-impl std::fmt::Debug for PeerBlob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerBlob")
-            .field("total_size", &self.total_size)
-            .field("offset", &self.offset)
-            .finish_non_exhaustive()
-    }
-}
-
 /// The HTTP client replicas use towards each other.
 #[derive(Debug)]
 pub(crate) struct PeerClient {
@@ -104,7 +85,8 @@ impl PeerClient {
         })
     }
 
-    /// `GET <peer>/v2/<repo>/blobs/<digest>?ns=<upstream>` from byte `offset`.
+    /// `GET <peer>/v2/<repo>/blobs/<digest>?ns=<upstream>` from byte `offset`. A body that
+    /// breaks ends in [`UpstreamError::Unreachable`] naming `<upstream> (via peer <peer>)`.
     ///
     /// # Errors
     /// [`PeerError`] for a network failure or any status but 200/206.
@@ -115,7 +97,7 @@ impl PeerClient {
         repo: &RepoName,
         digest: &Digest,
         offset: u64,
-    ) -> Result<PeerBlob, PeerError> {
+    ) -> Result<BlobResponse, PeerError> {
         let unreachable = |source| PeerError::Unreachable {
             peer: peer.to_owned(),
             source,
@@ -132,28 +114,24 @@ impl PeerClient {
         }
         let response = request.send().await.map_err(unreachable)?;
         let status = response.status();
-        let (offset, total_size) = match status {
-            StatusCode::OK => (0, response.content_length()),
-            StatusCode::PARTIAL_CONTENT => {
-                let total = response
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.rsplit_once('/'))
-                    .and_then(|(_, total)| total.parse().ok());
-                (offset, total)
-            }
-            _ => {
-                return Err(PeerError::Status {
-                    peer: peer.to_owned(),
-                    status,
-                })
-            }
-        };
-        Ok(PeerBlob {
+        if !matches!(status, StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
+            return Err(PeerError::Status {
+                peer: peer.to_owned(),
+                status,
+            });
+        }
+        let (offset, total_size) = blob_extent(&response, offset);
+        let via = format!("{upstream} (via peer {peer})");
+        let body = response
+            .bytes_stream()
+            .map_err(move |source| UpstreamError::Unreachable {
+                upstream: via.clone(),
+                source,
+            });
+        Ok(BlobResponse {
             total_size,
             offset,
-            body: Box::pin(response.bytes_stream()),
+            body: Box::pin(body),
         })
     }
 }

@@ -9,29 +9,27 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::oci::Digest;
 
-/// The weight of `member` for a blob of `upstream`.
-fn weight(member: &str, upstream: &str, digest: &Digest) -> u64 {
+/// The weight of `member` for a blob of `upstream` whose digest, formatted (`sha256:...`), is
+/// `digest`.
+fn weight(member: &str, upstream: &str, digest: &str) -> u64 {
     let mut hasher = Xxh3::new();
     // Separators keep ("ab", "c") and ("a", "bc") apart.
     hasher.update(member.as_bytes());
     hasher.update(&[0]);
     hasher.update(upstream.as_bytes());
     hasher.update(&[0]);
-    hasher.update(digest.to_string().as_bytes());
+    hasher.update(digest.as_bytes());
     hasher.digest()
 }
 
 /// The member that owns the blob `digest` of `upstream` (`None` when `members` is empty). Ties
 /// (not expected from a 64-bit hash) go to the greater member id, so every replica agrees.
 pub fn owner<'m>(members: &'m [String], upstream: &str, digest: &Digest) -> Option<&'m str> {
+    let digest = digest.to_string();
     members
         .iter()
-        .max_by(|a, b| {
-            weight(a, upstream, digest)
-                .cmp(&weight(b, upstream, digest))
-                .then_with(|| a.cmp(b))
-        })
         .map(String::as_str)
+        .max_by_key(|member| (weight(member, upstream, &digest), *member))
 }
 
 #[cfg(test)]
@@ -65,8 +63,8 @@ mod tests {
         }
         // A fixed value: the hash is the same in every process and build.
         assert_eq!(
-            weight("http://10.0.0.1:5000", "docker.io", &digest(1)),
-            weight("http://10.0.0.1:5000", "docker.io", &digest(1))
+            weight("http://10.0.0.1:5000", "docker.io", &digest(1).to_string()),
+            weight("http://10.0.0.1:5000", "docker.io", &digest(1).to_string())
         );
         assert_eq!(owner(&[], "docker.io", &digest(1)), None);
     }

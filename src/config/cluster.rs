@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::{duration, invalid, ConfigError, Secret};
+use super::{duration, invalid, value_or_file, ConfigError, Secret};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,14 +56,12 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Longest silence while reading a peer's answer.
     pub idle_timeout: Duration,
-    /// The largest blob accepted from a peer (`cache.max_blob_size`).
-    pub max_blob_size: u64,
     /// Extra PEM CA certificates trusted for `https://` peers.
     pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// `scheme://host:port` of a URL (the port written out): how replicas name each other.
-pub fn member_id(url: &Url) -> Option<String> {
+fn member_id(url: &Url) -> Option<String> {
     let host = url.host_str()?;
     let port = url.port_or_known_default()?;
     Some(format!("{}://{host}:{port}", url.scheme()))
@@ -123,7 +121,6 @@ impl RawCluster {
     pub(super) fn validate(
         self,
         lookup: impl Fn(&str) -> Option<String>,
-        max_blob_size: u64,
     ) -> Result<ClusterConfig, ConfigError> {
         let Some(self_text) = self.self_url else {
             return Err(invalid(
@@ -142,24 +139,13 @@ impl RawCluster {
             .iter()
             .map(|peer| peer_spec(peer, self_port))
             .collect::<Result<Vec<_>, _>>()?;
-        let secret = match (self.secret, &self.secret_file) {
-            (Some(_), Some(path)) => {
-                return Err(invalid(
-                    "cluster.secret_file",
-                    path.display(),
-                    "set secret or secret_file, not both",
-                ))
-            }
-            (Some(value), None) => Some(value),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|err| invalid("cluster.secret_file", path.display(), err.to_string()))?
-                    .trim_end_matches(['\r', '\n'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
-        if secret.as_ref().is_some_and(|s| s.len() < 16) {
+        let secret = value_or_file(
+            "cluster.",
+            "secret",
+            self.secret.as_deref(),
+            self.secret_file.as_deref(),
+        )?;
+        if secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
             return Err(invalid(
                 "cluster.secret",
                 "<redacted>",
@@ -182,7 +168,7 @@ impl RawCluster {
             self_id,
             scheme: self_url.scheme().to_owned(),
             peers,
-            secret: secret.map(Secret::new),
+            secret,
             resolve_interval,
             connect_timeout: duration(
                 "cluster.connect_timeout",
@@ -194,7 +180,6 @@ impl RawCluster {
                 self.idle_timeout.as_deref(),
                 Duration::from_secs(30),
             )?,
-            max_blob_size,
             ca_file: match self.ca_file {
                 Some(path) if !path.is_file() => {
                     return Err(invalid("cluster.ca_file", path.display(), "no such file"))
@@ -249,7 +234,7 @@ mod tests {
     fn parse(toml_text: &str) -> Result<ClusterConfig, ConfigError> {
         toml::from_str::<RawCluster>(toml_text)
             .map_err(ConfigError::from)?
-            .validate(env, 1 << 30)
+            .validate(env)
     }
 
     #[track_caller]

@@ -300,6 +300,11 @@ impl UpstreamClient {
         &self.name
     }
 
+    /// The largest blob body accepted (`cache.max_blob_size`).
+    pub fn max_blob_size(&self) -> u64 {
+        self.max_blob_size
+    }
+
     /// Whether the upstream is configured offline.
     pub fn is_offline(&self) -> bool {
         self.offline
@@ -413,14 +418,7 @@ impl UpstreamClient {
             need: Need::Miss,
         };
         let response = self.send(request, Method::GET, &url, headers).await?;
-        let (offset, total_size) = if response.status() == StatusCode::PARTIAL_CONTENT {
-            let total = header_str(response.headers(), "content-range")
-                .and_then(|v| v.rsplit_once('/'))
-                .and_then(|(_, total)| total.parse().ok());
-            (offset, total)
-        } else {
-            (0, response.content_length())
-        };
+        let (offset, total_size) = blob_extent(&response, offset);
         if total_size.is_some_and(|total| total > allowed) {
             return Err(too_large(allowed));
         }
@@ -821,6 +819,20 @@ impl UpstreamClient {
             },
             _ => UpstreamError::Status { upstream, status },
         })
+    }
+}
+
+/// Where a successful blob answer to a request from byte `requested` starts, and the blob's
+/// total size when known: a 206 starts at `requested` and names the total in `Content-Range`
+/// (`bytes a-b/total`); any other answer is the whole blob, its `Content-Length` the total.
+pub(crate) fn blob_extent(response: &reqwest::Response, requested: u64) -> (u64, Option<u64>) {
+    if response.status() == StatusCode::PARTIAL_CONTENT {
+        let total = header_str(response.headers(), "content-range")
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse().ok());
+        (requested, total)
+    } else {
+        (0, response.content_length())
     }
 }
 
