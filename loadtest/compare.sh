@@ -150,7 +150,7 @@ ours_cpu() {
 # --- tools ------------------------------------------------------------------------------
 install_tools() {
   local missing=() c pkg
-  for c in docker-registry:docker-registry nginx:nginx curl:curl jq:jq wrk:wrk skopeo:skopeo openssl:openssl; do
+  for c in docker-registry:docker-registry nginx:nginx curl:curl jq:jq wrk:wrk skopeo:skopeo openssl:openssl pgrep:procps; do
     command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c#*:}")
   done
   [ "${#missing[@]}" -eq 0 ] && return 0
@@ -158,7 +158,7 @@ install_tools() {
     # wrk, skopeo and openssl are optional (cross-checks, the HTTP/2 row); the others are not.
     for pkg in "${missing[@]}"; do
       case "$pkg" in wrk|skopeo|openssl) log "optional tool $pkg missing: its measurement is skipped" ;;
-        *) die "missing $pkg (apt-get install -y docker-registry nginx wrk skopeo jq curl)" ;; esac
+        *) die "missing $pkg (apt-get install -y docker-registry nginx wrk skopeo jq curl procps)" ;; esac
     done
     return 0
   fi
@@ -238,7 +238,7 @@ cleanup() {
     stop_pid "${entry%%:*}" "${entry#*:}"
   done
   if [ "$KEEP_WORK" != 1 ]; then
-    rm -rf "$W/up/storage" "$W/regcache/data" "$W/dist/storage" "$W/www" "$W/nginx/tmp"
+    rm -rf "$W/up/storage" "$W/regcache/data" "$W/dist/storage" "$W/distwan/storage" "$W/www" "$W/nginx/tmp"
     # the manifest storm leaves ~10^5 log lines per server: keep them compressed
     find "$W" -name '*.log' -size +10M -exec gzip -1 {} + 2>/dev/null || true
   fi
@@ -816,7 +816,7 @@ cold_row() {
   local limit
   limit="$(awk -v u="$COLD_UP" -v f="$2" -v a="$3" 'BEGIN { printf "%.3f", u * f + a }')"
   row "$1" "1 client, min of $COLD_RUNS; goal = ${2} x direct + ${3} s = $limit s" "${COLD_RC} s" "${COLD_UP} s" \
-    "$(ratio "$COLD_RC" "$COLD_UP")" "<= $2x+$3s" "$(awk -v c="$COLD_RC" -v l="$limit" 'BEGIN { print (c <= l) ? "PASS" : "FAIL" }')"
+    "$(ratio "$COLD_RC" "$COLD_UP")" "<= $2x+$3s" "$(pass_le "$COLD_RC" "$limit")"
 }
 cold_row "2 cold pull vs upstream direct" 1.5 0.05
 cold_row "2 cold pull vs upstream direct (stretch)" 1.05 0.15

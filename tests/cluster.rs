@@ -70,6 +70,15 @@ fn owner<'a>(ids: &'a [String; 2], digest: &str) -> &'a str {
     regcache::cluster::owner(ids, NAME, &digest).expect("two members")
 }
 
+/// How many blobs of `image` the first member, `ids[0]`, owns.
+fn owned_by_first(image: &Pushed, ids: &[String; 2]) -> usize {
+    image
+        .blobs
+        .iter()
+        .filter(|blob| owner(ids, blob) == ids[0])
+        .count()
+}
+
 /// GETs a blob and returns the sha256 of the body and its length.
 async fn get_blob(client: &reqwest::Client, url: &str) -> (String, u64) {
     let response = client.get(url).send().await.expect("GET blob");
@@ -105,10 +114,7 @@ async fn sixteen_cold_clients_over_two_replicas_make_the_upstream_serve_each_blo
     )
     .await;
     let (replicas, ids) = pair(&upstream, "").await;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = common::http::client();
     // Each replica lists both members in /readyz.
     let mut members = ids.to_vec();
     members.sort();
@@ -126,18 +132,7 @@ async fn sixteen_cold_clients_over_two_replicas_make_the_upstream_serve_each_blo
         assert_eq!(ready["cluster"]["members"], serde_json::json!(members));
     }
     // The layer is the largest blob of the image.
-    let mut sized = Vec::new();
-    for digest in &large.blobs {
-        let url = format!("{}/v2/test/large/blobs/{digest}", upstream.url());
-        let head = client.head(&url).send().await.expect("HEAD upstream blob");
-        let size: u64 = head.headers()["content-length"]
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        sized.push((size, digest.clone()));
-    }
-    let (layer_size, layer) = sized.into_iter().max().expect("blobs");
+    let (layer, layer_size) = images::largest_blob(&upstream, &large).await;
     assert!(layer_size >= 32 << 20, "the layer is {layer_size} bytes");
 
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(16));
@@ -196,11 +191,7 @@ async fn with_the_owner_down_the_other_replica_fills_from_the_upstream() {
     let image = eight_layers(&upstream, "test/fallback").await;
     let ([mut first, second], ids) = pair(&upstream, "").await;
     first.stop().await;
-    let owned_by_stopped = image
-        .blobs
-        .iter()
-        .filter(|blob| owner(&ids, blob) == ids[0])
-        .count();
+    let owned_by_stopped = owned_by_first(&image, &ids);
     second.pull_verified(&image.reference, &image.digest).await;
     for blob in &image.blobs {
         assert_eq!(upstream.blob_gets(blob), 1, "{blob}");
@@ -239,16 +230,9 @@ async fn an_owner_that_hangs_or_answers_5xx_is_passed_over() {
     asking
         .pull_verified(&hung_image.reference, &hung_image.digest)
         .await;
-    let owned = |image: &Pushed, ids: &[String; 2]| {
-        image
-            .blobs
-            .iter()
-            .filter(|blob| owner(ids, blob) == ids[0])
-            .count()
-    };
     assert_eq!(
         fallbacks(&asking, "timeout").await + fallbacks(&asking, "cooldown").await,
-        owned(&hung_image, &ids)
+        owned_by_first(&hung_image, &ids)
     );
 
     // The first replica's own upstream is unreachable: it answers 502, and the other fills
@@ -263,7 +247,7 @@ async fn an_owner_that_hangs_or_answers_5xx_is_passed_over() {
         .await;
     assert_eq!(
         fallbacks(&asking, "5xx").await + fallbacks(&asking, "cooldown").await,
-        owned(&failing_image, &ids)
+        owned_by_first(&failing_image, &ids)
     );
     for blob in hung_image.blobs.iter().chain(&failing_image.blobs) {
         assert_eq!(upstream.blob_gets(blob), 1, "{blob}");
@@ -304,10 +288,7 @@ async fn with_auth_peers_are_admitted_by_the_secret_only() {
     for blob in &image.blobs {
         assert_eq!(upstream.blob_gets(blob), 1, "{blob}");
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = common::http::client();
     let url = format!("{}/v2/team/app/blobs/{}", replicas[0].url(), image.blobs[0]);
     let refused = client
         .get(&url)

@@ -138,23 +138,7 @@ async fn sixteen_concurrent_cold_pulls_fetch_a_large_blob_once_and_ranges_work()
     let (upstream, proxy) = setup(Auth::None).await;
     let large = images::push_large(&upstream, "test/large", "v1", 256).await;
     let client = reqwest::Client::new();
-    let mut layer = String::new();
-    let mut layer_size = 0;
-    for digest in &large.blobs {
-        let head = client
-            .head(format!("{}/v2/test/large/blobs/{digest}", upstream.url()))
-            .send()
-            .await
-            .expect("HEAD upstream blob");
-        let size: u64 = head.headers()["content-length"]
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if size > layer_size {
-            (layer, layer_size) = (digest.clone(), size);
-        }
-    }
+    let (layer, layer_size) = images::largest_blob(&upstream, &large).await;
     assert!(
         layer_size >= 256 * 1024 * 1024,
         "the large layer is {layer_size} bytes"

@@ -63,18 +63,20 @@ async fn readiness(proxy: &TestProxy) -> (StatusCode, String) {
     (status, problem)
 }
 
-/// Waits (at most 10 s) until the bucket holds `digest`, verified.
-async fn wait_in_bucket(store: &Seaweed, digest: &str) {
+/// Waits (at most 10 s) until the bucket holds every one of `digests`. Each poll verifies every
+/// object in the bucket, so the last one has verified them all.
+async fn wait_in_bucket(store: &Seaweed, digests: impl IntoIterator<Item = impl AsRef<str>>) {
+    let digests: Vec<String> = digests.into_iter().map(|d| d.as_ref().to_owned()).collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !store
-        .assert_all_verified(PREFIX)
-        .await
-        .iter()
-        .any(|d| d == digest)
-    {
+    loop {
+        let in_bucket = store.assert_all_verified(PREFIX).await;
+        let missing: Vec<&String> = digests.iter().filter(|d| !in_bucket.contains(*d)).collect();
+        if missing.is_empty() {
+            return;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "{digest} never reached the bucket"
+            "{missing:?} never reached the bucket"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -112,10 +114,7 @@ async fn replicas_share_verified_objects_and_a_new_replica_serves_without_the_up
     let first = replica(&upstream.url(), &store, dir.path(), "").await;
     first.pull_verified(&image.reference, &image.digest).await;
     // A body ends once verified; its upload completes just after.
-    for digest in image.blobs.iter().chain([&image.digest]) {
-        wait_in_bucket(&store, digest).await;
-    }
-    store.assert_all_verified(PREFIX).await;
+    wait_in_bucket(&store, image.blobs.iter().chain([&image.digest])).await;
 
     // A second replica (its own disk and index) pulls: blobs come from the bucket.
     let second = replica(&upstream.url(), &store, dir.path(), "").await;
@@ -152,9 +151,7 @@ async fn redirect_answers_307_to_a_presigned_url_and_skopeo_pulls_through_it() {
     let first = replica(&upstream.url(), &store, dir.path(), "redirect = true").await;
     // Cold: not in the bucket yet, so served through a fill.
     first.pull_verified(&image.reference, &image.digest).await;
-    for blob in &image.blobs {
-        wait_in_bucket(&store, blob).await;
-    }
+    wait_in_bucket(&store, &image.blobs).await;
 
     let blob = &image.blobs[0];
     let response = client()
@@ -248,7 +245,7 @@ async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objec
         fetch(&blob_url(&small_digest)).await,
         (StatusCode::OK, small.clone().into())
     );
-    wait_in_bucket(&store, &small_digest).await;
+    wait_in_bucket(&store, [&small_digest]).await;
 
     let response = client()
         .get(blob_url(&big_digest))
@@ -319,7 +316,7 @@ async fn object_store_down_mid_pull_fails_cleanly_and_leaves_only_verified_objec
         (StatusCode::OK, big.clone().into())
     );
     // The body completes once verified; the upload completes right after.
-    wait_in_bucket(&store, &big_digest).await;
+    wait_in_bucket(&store, [&big_digest]).await;
     let mut in_bucket = store.assert_all_verified(PREFIX).await;
     in_bucket.sort();
     let mut expected = vec![small_digest, big_digest];
@@ -383,7 +380,7 @@ async fn a_store_that_stops_answering_fails_misses_within_its_timeout() {
         (StatusCode::OK, cached.clone().into())
     );
     // The body ends once verified; the blob is in the local tier once the bucket has it.
-    wait_in_bucket(&store, &sha256_digest(&cached)).await;
+    wait_in_bucket(&store, [sha256_digest(&cached)]).await;
 
     // Connections are accepted and never answered: the miss still gets its 503 (the client
     // would give up after 30 s), the local tier still serves, /readyz says why.
@@ -420,10 +417,7 @@ async fn two_replicas_filling_one_digest_at_once_leave_one_correct_object() {
         a.pull_verified(&image.reference, &image.digest),
         b.pull_verified(&image.reference, &image.digest),
     );
-    for blob in &image.blobs {
-        wait_in_bucket(&store, blob).await;
-    }
-    store.assert_all_verified(PREFIX).await;
+    wait_in_bucket(&store, &image.blobs).await;
     // A third replica serves it from the bucket alone.
     let before: Vec<usize> = image.blobs.iter().map(|b| upstream.blob_gets(b)).collect();
     let c = replica(&upstream.url(), &store, dir.path(), "").await;

@@ -84,6 +84,19 @@ fn send_signal(proxy: &TestProxy, signal: &str) {
     assert!(status.success());
 }
 
+/// Waits (at most 10 s) until the proxy's log contains `needle`.
+async fn wait_for_log(proxy: &TestProxy, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no \"{needle}\" in the log within 10 s:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
     let upstream = Upstream::start(Auth::None).await;
@@ -223,25 +236,7 @@ async fn a_client_that_stops_reading_is_dropped_and_readers_are_not() {
     )
     .await;
     // The layer: the largest blob, as the upstream reports it.
-    let mut layer = (0, String::new());
-    for blob in &image.blobs {
-        let response = common::http::client()
-            .head(format!("{}/v2/test/big/blobs/{blob}", upstream.url()))
-            .send()
-            .await
-            .expect("HEAD upstream");
-        // A HEAD's body is empty: its size is in the header.
-        let size: u64 = response
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_default();
-        if size > layer.0 {
-            layer = (size, blob.clone());
-        }
-    }
-    let (size, layer) = layer;
+    let (layer, size) = images::largest_blob(&upstream, &image).await;
 
     // Asks for 24 MiB and reads nothing: more than loopback's socket buffers hold.
     let mut stalled = TcpStream::connect(proxy.addr()).await.expect("connect");
@@ -272,18 +267,12 @@ async fn a_client_that_stops_reading_is_dropped_and_readers_are_not() {
     );
 
     // A client that reads gets the whole layer, verified, from the same proxy.
-    let body = common::http::client()
+    let response = common::http::client()
         .get(format!("{}/v2/test/big/blobs/{layer}", proxy.url()))
         .send()
         .await
-        .expect("GET layer")
-        .bytes()
-        .await
-        .expect("the whole layer");
-    assert_eq!(
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
-        layer
-    );
+        .expect("GET layer");
+    assert_eq!(common::body_digest(response).await, (layer, size));
 }
 
 /// `user:bcrypt` lines (cost 4: the cheapest bcrypt, the same check).
@@ -447,11 +436,7 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
     )
     .expect("rewrite htpasswd");
     send_signal(&proxy, "HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !proxy.log().contains("htpasswd reloaded") {
-        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(&proxy, "htpasswd reloaded").await;
     let basic = client
         .get(&team_url)
         .basic_auth("alice", Some("alice-pw"))
@@ -486,11 +471,7 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
     // A file that does not parse keeps the users in force.
     std::fs::write(dir.path().join("htpasswd"), "bob:plaintext\n").expect("break htpasswd");
     send_signal(&proxy, "HUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !proxy.log().contains("htpasswd reload failed") {
-        assert!(Instant::now() < deadline, "no reload:\n{}", proxy.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_log(&proxy, "htpasswd reload failed").await;
     assert_eq!(bob_signs_in().await, 200);
 }
 

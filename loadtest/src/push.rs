@@ -152,16 +152,18 @@ pub async fn run(args: PushArgs) -> Result<Report> {
     if args.layers > 1000 || (args.layers > 0 && args.layer_min_mib > args.layer_mib) {
         bail!("--layers must be at most 1000, --layer-min-mib at most --layer-mib");
     }
-    // Sizes from a fixed sequence (7 is prime to any span here but multiples of 7), so that
-    // two images of different seeds have the same shape.
-    let span = args.layer_mib - args.layer_min_mib + 1;
-    for i in 0..args.layers {
-        let mib = args.layer_min_mib + (i * 7) % span;
-        let b = random_bytes(&args.seed, 10_000 + i, (mib * 1024 * 1024) as usize);
-        let d = sha256_digest(&b);
-        layers.push((Bytes::from(b), d));
-    }
-    if args.layers == 0 {
+    if args.layers > 0 {
+        // Sizes from a fixed sequence (7 is prime to any span here but multiples of 7), so
+        // that two images of different seeds have the same shape. The check above makes
+        // `layer_min_mib <= layer_mib`: `span` does not underflow.
+        let span = args.layer_mib - args.layer_min_mib + 1;
+        for i in 0..args.layers {
+            let mib = args.layer_min_mib + (i * 7) % span;
+            let b = random_bytes(&args.seed, 10_000 + i, (mib * 1024 * 1024) as usize);
+            let d = sha256_digest(&b);
+            layers.push((Bytes::from(b), d));
+        }
+    } else {
         let large = random_bytes(&args.seed, 0, (args.layer_mib * 1024 * 1024) as usize);
         if let Some(path) = &args.layer_out {
             std::fs::write(path, &large).with_context(|| format!("writing {}", path.display()))?;

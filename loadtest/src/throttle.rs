@@ -92,13 +92,13 @@ pub async fn run(args: ThrottleArgs) -> Result<crate::Report> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let delay = Duration::from_millis(args.rtt_ms / 2);
-    let link = |_| {
+    let link = || {
         Arc::new(Link {
             free_at: Mutex::new(Instant::now()),
             bytes_per_s: args.mbit.max(1) as f64 * 1e6 / 8.0,
         })
     };
-    let (up, down) = (link(()), link(()));
+    let (up, down) = (link(), link());
     eprintln!(
         "throttle: {} -> {}, +{} ms RTT, {} Mbit/s each way",
         args.listen, args.to, args.rtt_ms, args.mbit

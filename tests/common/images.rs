@@ -1116,3 +1116,25 @@ pub async fn push_large(upstream: &Upstream, repo: &str, tag: &str, size_mib: u6
         .await
         .unwrap_or_else(|e| panic!("pushing large image {repo}:{tag}: {e:#}"))
 }
+
+/// The largest blob of `image` and its size, as the upstream reports them: each blob is HEADed
+/// at the upstream (a blob without a length counts as empty).
+pub async fn largest_blob(upstream: &Upstream, image: &Pushed) -> (String, u64) {
+    let client = super::http::client();
+    let (mut layer, mut layer_size) = (String::new(), 0);
+    for digest in &image.blobs {
+        let url = format!("{}/v2/{}/blobs/{digest}", upstream.url(), image.repo);
+        let head = client.head(&url).send().await.expect("HEAD upstream blob");
+        // A HEAD's body is empty: its size is in the header.
+        let size: u64 = head
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        if size > layer_size {
+            (layer, layer_size) = (digest.clone(), size);
+        }
+    }
+    (layer, layer_size)
+}
