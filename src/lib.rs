@@ -7,22 +7,20 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod airgap;
-pub mod cache;
-pub mod clock;
-pub mod cluster;
-pub mod config;
-#[doc(hidden)]
-pub mod fuzzing;
-mod http;
 pub mod maintenance;
-pub mod metrics;
-pub mod oci;
-pub mod routing;
-mod server;
-pub mod store;
-pub mod upstream;
 
-use std::path::PathBuf;
+pub use regcache_cache as cache;
+pub use regcache_cache::routing;
+pub use regcache_cluster as cluster;
+pub use regcache_config as config;
+pub use regcache_metrics as metrics;
+pub use regcache_oci as oci;
+pub use regcache_server::fuzzing;
+pub use regcache_store as store;
+pub use regcache_store::open_storage;
+pub use regcache_upstream as upstream;
+pub use regcache_upstream::clock;
+
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -30,18 +28,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::Cache;
 use crate::clock::Clock;
-use crate::config::{Config, StorageBackend};
-use crate::http::AppState;
+use crate::config::Config;
 use crate::routing::Resolver;
-use crate::store::{Index, LocalDisk, S3Backend, Store, StoreError, Tier};
+use crate::store::StoreError;
+use regcache_server::{self as server, AppState};
 
 /// Entry points for the criterion benchmarks (`benches/`); not a stable API.
 #[doc(hidden)]
 pub mod bench_support {
-    /// The route kind of a request path, as the router sees it.
-    pub fn route_kind(path: &str) -> &'static str {
-        crate::http::route::parse(path).kind()
-    }
+    pub use regcache_server::route_kind;
 }
 
 /// Why the server could not start.
@@ -59,33 +54,6 @@ pub enum RunError {
     /// The cluster's peer client cannot be built.
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterBuildError),
-}
-
-/// Opens the store and index under the configured path (with `backend = "s3"`, the path
-/// holds the index and the local tier in front of the bucket). A corrupt index is moved aside (one
-/// log line) and the server starts with an empty one; manifests are rebuilt from the store.
-///
-/// # Errors
-/// [`RunError::Store`].
-pub fn open_storage(config: &Config) -> Result<(Store, Index), RunError> {
-    let store = match &config.storage_backend {
-        StorageBackend::Local => Store::open_local(&config.storage_path)?,
-        StorageBackend::S3(s3) => {
-            let bucket = S3Backend::new(s3)?;
-            tracing::debug!(bucket = bucket.name(), "blobs go to the object store");
-            let local = LocalDisk::open(&config.storage_path)?;
-            Store::new(Arc::new(Tier::new(local, Arc::new(bucket))))
-        }
-    };
-    let index_path: PathBuf = config.storage_path.join("index");
-    let (index, moved_aside) = Index::open(&index_path)?;
-    if let Some(aside) = moved_aside {
-        tracing::warn!(
-            moved_to = %aside.display(),
-            "index database could not be opened; moved it aside and started a new one (cached content is re-indexed on use)"
-        );
-    }
-    Ok((store, index))
 }
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then drains and flushes.
@@ -174,7 +142,12 @@ pub async fn run_with_clock(
         airgap::admin::socket_path(&config),
         shutdown.clone(),
     ));
-    let state = Arc::new(AppState::new(cache, resolver, metrics, &config));
+    let state = Arc::new(AppState::new(
+        Arc::clone(&cache),
+        resolver,
+        metrics,
+        &config,
+    ));
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
@@ -183,7 +156,7 @@ pub async fn run_with_clock(
         "regcache listening"
     );
     let main_options = server::ListenerOptions {
-        kind: http::Listener::Main,
+        kind: server::Listener::Main,
         max_connections: config.max_connections,
         drain_timeout: config.shutdown_timeout,
         header_read_timeout: config.header_read_timeout,
@@ -197,7 +170,7 @@ pub async fn run_with_clock(
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
     }
-    if main_options.tls.is_some() || state.auth.is_some() {
+    if main_options.tls.is_some() || state.authenticates() {
         tokio::spawn(server::reload_on_sighup(
             main_options.tls.clone(),
             Arc::clone(&state),
@@ -206,7 +179,7 @@ pub async fn run_with_clock(
     }
     // The metrics listener stays plain HTTP: it is meant for a private address.
     let admin_options = server::ListenerOptions {
-        kind: http::Listener::Admin,
+        kind: server::Listener::Admin,
         max_connections: 64,
         tls: None,
         rate_limit: None,
@@ -225,7 +198,7 @@ pub async fn run_with_clock(
         let _ = admin.await;
     }
     let _ = maintenance.await;
-    if let Err(err) = state.cache.index().flush() {
+    if let Err(err) = cache.index().flush() {
         tracing::error!(error = %err, "flushing the index at shutdown failed");
     }
     Ok(())

@@ -1,0 +1,715 @@
+//! The cache: lookup order (memory → store → upstream fill), tag freshness and serve-stale, and
+//! the domain answers the HTTP layer turns into responses.
+//!
+//! `cache` joins `store` and `upstream`; it never builds HTTP responses. Every byte it returns
+//! was verified against its digest: manifests when they are fetched or read from disk, blobs
+//! when they are committed (and, while a fill runs, by holding back the final byte until the
+//! fill verifies).
+
+mod direct;
+mod evict;
+mod fill;
+mod flight;
+mod grant;
+mod listing;
+mod manifest;
+mod peer;
+mod pins;
+mod revalidate;
+pub mod routing;
+
+pub use evict::EvictionReport;
+pub use grant::DigestKind;
+pub use listing::{Descriptor, ReferrerList, TagPage};
+pub use pins::{PinsError, PinsFile};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use fill::{FillReader, Fills, Role};
+use regcache_config::Config;
+use regcache_metrics::Metrics;
+use regcache_oci::{Digest, MediaType, RepoName};
+use regcache_store::{Chunks, Index, Namespace, Presigned, Store, StoreError};
+use regcache_upstream::clock::Clock;
+pub use regcache_upstream::{Answer, ErrorClass, Origin};
+use regcache_upstream::{ClientBuildError, Health, UpstreamClient, UpstreamError};
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The upstream failed or said no.
+    #[error(transparent)]
+    Upstream(Arc<UpstreamError>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// The upstream sent bytes that do not match the digest.
+    #[error("digest mismatch: expected {expected}, upstream sent {actual}")]
+    DigestMismatch {
+        /// The digest asked for (or announced by the upstream).
+        expected: Digest,
+        /// The digest of what arrived.
+        actual: Digest,
+    },
+    /// The upstream sent something that is not a manifest.
+    #[error("upstream sent a manifest regcache cannot identify")]
+    NotAManifest,
+    /// The content is not cached and the upstream is offline or was not asked.
+    #[error("not cached and upstream {upstream} is offline")]
+    NotCachedOffline {
+        /// The upstream's name.
+        upstream: String,
+    },
+    /// Too many fills at once.
+    #[error("too many concurrent upstream fills")]
+    Busy,
+    /// A fill task ended without a result (it panicked or the runtime is shutting down).
+    #[error("upstream fill aborted")]
+    FillAborted,
+    /// The failure of a fill that other requests share.
+    #[error(transparent)]
+    Shared(Arc<CacheError>),
+}
+
+impl CacheError {
+    /// The error itself, looking through [`CacheError::Shared`].
+    pub fn root(&self) -> &CacheError {
+        match self {
+            Self::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+}
+
+impl CacheError {
+    /// The one classification of this error (see [`UpstreamError::class`]); `http/error.rs`
+    /// only maps it.
+    pub fn class(&self) -> ErrorClass {
+        let ours = |origin, answer| ErrorClass {
+            origin,
+            answer,
+            retryable: false,
+            health: Health::Unknown,
+            unavailable: false,
+            reason: None,
+        };
+        match self.root() {
+            Self::Upstream(err) => err.class(),
+            Self::DigestMismatch { .. } | Self::NotAManifest => {
+                ours(Origin::Upstream, Answer::BadContent)
+            }
+            Self::NotCachedOffline { .. } => ours(Origin::Client, Answer::Unknown),
+            Self::Busy => ours(Origin::Overload, Answer::Busy),
+            Self::Store(err) if err.unavailable_store().is_some() => {
+                ours(Origin::Internal, Answer::StoreUnavailable)
+            }
+            Self::Store(_) | Self::FillAborted | Self::Shared(_) => {
+                ours(Origin::Internal, Answer::Internal)
+            }
+        }
+    }
+
+    /// The upstream the error is about, if any.
+    pub fn upstream(&self) -> Option<&str> {
+        match self.root() {
+            Self::Upstream(err) => Some(err.upstream()),
+            Self::NotCachedOffline { upstream } => Some(upstream),
+            _ => None,
+        }
+    }
+
+    /// The object store that could not be reached, if that is the error.
+    pub fn object_store(&self) -> Option<&str> {
+        match self.root() {
+            Self::Store(err) => err.unavailable_store(),
+            _ => None,
+        }
+    }
+
+    /// The `Retry-After` to send, if any.
+    pub fn retry_after(&self) -> Option<String> {
+        match self.root() {
+            Self::Upstream(err) => err.retry_after(),
+            Self::Busy => Some("1".to_owned()),
+            Self::Store(err) if err.unavailable_store().is_some() => Some("5".to_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl From<StoreError> for CacheError {
+    fn from(err: StoreError) -> Self {
+        Self::Store(Arc::new(err))
+    }
+}
+
+impl From<UpstreamError> for CacheError {
+    fn from(err: UpstreamError) -> Self {
+        Self::Upstream(Arc::new(err))
+    }
+}
+
+/// How a request was answered, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePhase {
+    /// From memory or disk, without asking the upstream.
+    Hit,
+    /// Fetched from the upstream (and cached).
+    Miss,
+    /// Joined a fetch another request had started.
+    Coalesced,
+    /// A cached tag the upstream confirmed (or moved).
+    Revalidated,
+    /// A cached tag served because the upstream could not be asked.
+    Stale,
+    /// Passed through without caching (tag lists, referrers).
+    PassThrough,
+}
+
+impl CachePhase {
+    /// A short lower-case label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+            Self::Revalidated => "revalidated",
+            Self::Stale => "stale",
+            Self::PassThrough => "pass-through",
+        }
+    }
+}
+
+/// Which upstream and repository a request is for; resolved from the client's path by the
+/// HTTP layer.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Index into the configured upstreams.
+    pub upstream: usize,
+    /// The repository name as the upstream knows it.
+    pub repo: RepoName,
+}
+
+/// A verified manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    /// Its digest (for schema1, over the unsigned payload).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: MediaType,
+    /// The exact bytes the upstream sent.
+    pub bytes: Bytes,
+}
+
+/// A manifest answer.
+#[derive(Debug)]
+pub struct ManifestAnswer {
+    /// The manifest.
+    pub manifest: Arc<Manifest>,
+    /// How it was answered.
+    pub phase: CachePhase,
+}
+
+/// A byte range `[start, end)` of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+}
+
+/// The body of a blob answer.
+#[derive(Debug)]
+pub enum BlobBody {
+    /// Verified bytes from the store (the requested range of them).
+    Stored(Chunks),
+    /// A blob being filled.
+    Filling(BlobStream),
+}
+
+impl BlobBody {
+    /// The next chunk, `None` at the end; an error aborts the client's connection.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        match self {
+            Self::Stored(chunks) => chunks.next_chunk().await,
+            Self::Filling(stream) => stream.next_chunk().await,
+        }
+    }
+}
+
+/// A blob streaming from the upstream: through a shared fill, or (when the store cannot be
+/// written) straight through. Either way it yields an error, aborting the client connection,
+/// if the bytes fail verification, and holds back the final bytes until they pass.
+#[derive(Debug)]
+pub struct BlobStream(StreamSource);
+
+#[derive(Debug)]
+enum StreamSource {
+    Fill(FillReader),
+    Direct(direct::DirectStream),
+}
+
+impl BlobStream {
+    /// The next chunk.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe; poll it to completion from one body.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, std::io::Error>> {
+        match &mut self.0 {
+            StreamSource::Fill(reader) => reader.next_chunk().await,
+            StreamSource::Direct(stream) => stream.next_chunk().await,
+        }
+    }
+}
+
+/// A blob answer.
+#[derive(Debug)]
+pub struct BlobAnswer {
+    /// The whole blob's size, when known.
+    pub size: Option<u64>,
+    /// The range served, when the client asked for one and it could be honoured.
+    pub range: Option<ByteRange>,
+    /// The bytes.
+    pub body: BlobBody,
+    /// How it was answered.
+    pub phase: CachePhase,
+}
+
+/// What a blob request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// The whole blob.
+    Full,
+    /// `bytes=start-` or `bytes=start-last`.
+    From {
+        /// First byte.
+        start: u64,
+        /// Last byte, inclusive.
+        last: Option<u64>,
+    },
+    /// `bytes=-n`.
+    Suffix(u64),
+}
+
+impl RangeRequest {
+    /// Resolves against a known size; `Ok(None)` means the whole blob.
+    ///
+    /// # Errors
+    /// [`RangeNotSatisfiable`] when the range starts past the end.
+    pub fn resolve(self, size: u64) -> Result<Option<ByteRange>, RangeNotSatisfiable> {
+        let unsatisfiable = RangeNotSatisfiable { size };
+        match self {
+            Self::Full => Ok(None),
+            Self::From { start, last } => {
+                let end = last.map_or(size, |last| last.saturating_add(1).min(size));
+                if start >= size || start >= end {
+                    return Err(unsatisfiable);
+                }
+                Ok(Some(ByteRange { start, end }))
+            }
+            Self::Suffix(0) => Err(unsatisfiable),
+            Self::Suffix(n) => Ok(Some(ByteRange {
+                start: size.saturating_sub(n),
+                end: size,
+            })),
+        }
+    }
+}
+
+/// Raised when a range cannot be satisfied; the HTTP layer answers 416.
+#[derive(Debug)]
+pub struct RangeNotSatisfiable {
+    /// The blob's size.
+    pub size: u64,
+}
+
+/// A blob answer, or 416 when the requested range lies outside the blob.
+pub type RangedAnswer = Result<BlobAnswer, RangeNotSatisfiable>;
+
+/// The cache, shared by all requests.
+#[derive(Debug)]
+pub struct Cache {
+    upstreams: Vec<Arc<UpstreamClient>>,
+    namespaces: Vec<Namespace>,
+    store: Arc<Store>,
+    index: Index,
+    /// Hot manifests by (namespace, digest), weighed by size.
+    manifests: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
+    fills: Arc<Fills>,
+    fill_permits: Arc<Semaphore>,
+    manifest_flights: Arc<flight::SingleFlight<manifest::FlightKey, manifest::FlightValue>>,
+    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0), with
+    /// when it said so on `clock` (moka's own expiry, on real time, only bounds memory).
+    negative: moka::future::Cache<(Namespace, RepoName, regcache_oci::Tag), std::time::Instant>,
+    /// When a cached tag is served, revalidated, or given up.
+    freshness: revalidate::Freshness,
+    /// How long a client waits for a revalidation before it is served the cached tag stale.
+    revalidate_timeout: Duration,
+    /// What "now" is for tag ages (tests advance it).
+    clock: Clock,
+    serve_stale_on_404: bool,
+    negative_ttl: Duration,
+    metrics: Arc<Metrics>,
+    access_log: Arc<evict::AccessLog>,
+    /// Pins from the config file, and all pins in force (config plus `pins.toml`).
+    config_pins: Vec<regcache_config::PinConfig>,
+    pins: std::sync::RwLock<Vec<regcache_config::PinConfig>>,
+    pins_file: std::path::PathBuf,
+    budget: Option<evict::Budget>,
+    /// Set when writing to the store fails (disk full): misses then stream without caching.
+    store_trouble: Arc<direct::StoreTrouble>,
+    /// For validating `pins.toml` when it changes.
+    upstream_configs: Vec<regcache_config::UpstreamConfig>,
+    /// Which digests belong to which repository (client authentication).
+    memberships: grant::Memberships,
+    /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
+    cluster: Option<Arc<regcache_cluster::Cluster>>,
+}
+
+/// Who asks for a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// A client (or regcache's own prefetch): a miss of a blob another replica owns is asked of
+    /// that replica.
+    Client,
+    /// A peer replica that found this one the blob's owner: a miss is filled from the upstream
+    /// here, never forwarded again (no loops).
+    Peer,
+}
+
+/// Memory for hot manifests.
+const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Errors building the cache at start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An upstream client could not be built.
+    #[error(transparent)]
+    Client(#[from] ClientBuildError),
+}
+
+impl Cache {
+    /// Builds the cache over an opened store and index.
+    ///
+    /// # Errors
+    /// [`BuildError`] when an upstream client cannot be built.
+    pub fn new(
+        config: &Config,
+        store: Store,
+        index: Index,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        Self::with_clock(config, store, index, metrics, Clock::system())
+    }
+
+    /// [`Cache::new`] with the clock that tag freshness and the circuit breakers read.
+    ///
+    /// # Errors
+    /// [`BuildError`] when an upstream client cannot be built.
+    pub fn with_clock(
+        config: &Config,
+        store: Store,
+        index: Index,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+    ) -> Result<Self, BuildError> {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| UpstreamClient::new(u, Arc::clone(&metrics), clock.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        for upstream in &config.upstreams {
+            metrics.init_upstream(&upstream.name);
+        }
+        let namespaces = config
+            .upstreams
+            .iter()
+            .map(|u| Namespace::new(&u.name))
+            .collect();
+        let budget = config.max_size.map(|max| evict::Budget {
+            max,
+            high: max as f64 * config.high_watermark,
+            low: max as f64 * config.low_watermark,
+        });
+        let manifests = moka::future::Cache::builder()
+            .max_capacity(MANIFEST_CACHE_BYTES)
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+            .build();
+        Ok(Self {
+            upstreams,
+            namespaces,
+            store: Arc::new(store),
+            index,
+            manifests,
+            fills: Arc::new(Fills::default()),
+            fill_permits: Arc::new(Semaphore::new(config.max_concurrent_fills)),
+            manifest_flights: Arc::default(),
+            negative: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            freshness: revalidate::Freshness {
+                tag_ttl: config.tag_ttl,
+                stale_while_revalidate: config.stale_while_revalidate,
+                max_stale: config.max_stale,
+            },
+            revalidate_timeout: config.revalidate_timeout,
+            clock,
+            serve_stale_on_404: config.serve_stale_on_404,
+            negative_ttl: config.negative_ttl,
+            metrics,
+            access_log: Arc::new(evict::AccessLog::new(budget)),
+            config_pins: config.pins.clone(),
+            pins: std::sync::RwLock::new(config.pins.clone()),
+            pins_file: PinsFile::path(config),
+            upstream_configs: config.upstreams.clone(),
+            store_trouble: Arc::default(),
+            memberships: grant::Memberships::default(),
+            budget,
+            cluster: None,
+        })
+    }
+
+    /// Makes blob misses go through `cluster`: the replica that owns a blob fills it.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: Option<Arc<regcache_cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The cluster, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&Arc<regcache_cluster::Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// The index, for flushing at shutdown.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The blob store (usage figures, the start-up scan).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Whether the store is writable and the index readable; `Err` says which is not.
+    /// `Ok(Some(problem))`: ready, but the object store is unreachable (reported only).
+    ///
+    /// # Errors
+    /// A description of the first failing part.
+    pub async fn check_ready(&self) -> Result<Option<String>, String> {
+        self.index.check().map_err(|e| format!("index: {e}"))?;
+        self.store
+            .check_writable()
+            .await
+            .map_err(|e| format!("store: {e}"))
+    }
+
+    /// The upstream clients, in config order (health for the status page).
+    pub fn upstreams(&self) -> &[Arc<UpstreamClient>] {
+        &self.upstreams
+    }
+
+    fn upstream(&self, target: &Target) -> (&Arc<UpstreamClient>, &Namespace) {
+        (
+            &self.upstreams[target.upstream],
+            &self.namespaces[target.upstream],
+        )
+    }
+
+    /// A blob, from the store or through a (shared) fill.
+    ///
+    /// # Errors
+    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    pub async fn blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: RangeRequest,
+    ) -> Result<RangedAnswer, CacheError> {
+        self.blob_for(target, digest, range, Asker::Client).await
+    }
+
+    /// [`Cache::blob`] for `asker`: with `[cluster]`, a client's miss of a blob another replica
+    /// owns is filled from that replica (which falls back to the upstream when it cannot).
+    ///
+    /// # Errors
+    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    pub async fn blob_for(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: RangeRequest,
+        asker: Asker,
+    ) -> Result<RangedAnswer, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        if let (Some(cluster), Asker::Peer) = (&self.cluster, asker) {
+            cluster.metrics().served_to_peers.inc();
+        }
+        if let Some(answer) = self
+            .blob_from_store(namespace, digest, range, CachePhase::Hit)
+            .await?
+        {
+            return Ok(answer);
+        }
+        if upstream.is_offline() {
+            return Err(CacheError::NotCachedOffline {
+                upstream: upstream.name().to_owned(),
+            });
+        }
+        let start = || {
+            let permit = Arc::clone(&self.fill_permits)
+                .try_acquire_owned()
+                .map_err(|_| CacheError::Busy)?;
+            Ok(fill::FillJob {
+                metrics: Arc::clone(&self.metrics),
+                access_log: Arc::clone(&self.access_log),
+                store_trouble: Arc::clone(&self.store_trouble),
+                store: Arc::clone(&self.store),
+                source: self.blob_source(target, digest, asker),
+                namespace: namespace.clone(),
+                digest: *digest,
+                permit,
+            })
+        };
+        if self.store_trouble.is_recent() {
+            return self.blob_direct(target, digest).await;
+        }
+        let joined = match self
+            .fills
+            .join_or_start(&self.store, namespace, digest, start)
+        {
+            Err(CacheError::Store(err)) => {
+                tracing::warn!(error = %err, "cannot create a temp file; streaming without caching");
+                self.metrics.store_write_errors.inc();
+                self.store_trouble.mark();
+                return self.blob_direct(target, digest).await;
+            }
+            other => other?,
+        };
+        let Some((fill, role)) = joined else {
+            // Committed by a fill that just finished.
+            return self
+                .blob_from_store(namespace, digest, range, CachePhase::Coalesced)
+                .await?
+                .ok_or(CacheError::FillAborted);
+        };
+        let phase = match role {
+            Role::Leader => CachePhase::Miss,
+            Role::Follower => CachePhase::Coalesced,
+        };
+        let progress = fill::wait_started(&fill).await?;
+        let (start, end, range) = match (progress.size, range) {
+            (Some(size), range) => match range.resolve(size) {
+                Ok(Some(r)) => (r.start, Some(r.end), Some(r)),
+                Ok(None) => (0, Some(size), None),
+                Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
+            },
+            // Unknown size: ranges cannot be checked yet; send the whole blob.
+            (None, _) => (0, None, None),
+        };
+        Ok(Ok(BlobAnswer {
+            size: progress.size,
+            range,
+            body: BlobBody::Filling(BlobStream(StreamSource::Fill(FillReader::new(
+                &fill, start, end,
+            )))),
+            phase,
+        }))
+    }
+
+    /// Where a client may fetch a cached blob directly (a short-lived presigned URL of the
+    /// object store) and its size, `None` when the blob is not in the bucket or the bucket
+    /// cannot say: the request is then answered as usual (from the local tier when it has the
+    /// blob).
+    pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<Presigned> {
+        let (_, namespace) = self.upstream(target);
+        match self.store.presigned_get(namespace, digest).await {
+            Ok(location) => location,
+            Err(err) => {
+                tracing::warn!(error = %err, %digest, "cannot redirect to the object store; serving the blob");
+                None
+            }
+        }
+    }
+
+    /// Where a fill gets the blob: the owner replica when it is another one (and the asker is
+    /// not a peer), else the upstream.
+    fn blob_source(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        asker: Asker,
+    ) -> Box<dyn fill::BlobSource> {
+        let (upstream, _) = self.upstream(target);
+        let blob = fill::UpstreamBlob {
+            upstream: Arc::clone(upstream),
+            repo: target.repo.clone(),
+            digest: *digest,
+        };
+        let owner = match (&self.cluster, asker) {
+            (Some(cluster), Asker::Client) => cluster
+                .remote_owner(upstream.name(), digest)
+                .map(|owner| (cluster, owner)),
+            _ => None,
+        };
+        match owner {
+            Some((cluster, owner)) => {
+                Box::new(peer::PeerSource::new(Arc::clone(cluster), owner, blob))
+            }
+            None => Box::new(blob),
+        }
+    }
+
+    /// Streams a blob from the upstream without caching it (the store cannot be written).
+    async fn blob_direct(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<RangedAnswer, CacheError> {
+        let (upstream, _) = self.upstream(target);
+        let response = upstream.get_blob(&target.repo, digest, 0).await?;
+        Ok(Ok(BlobAnswer {
+            size: response.total_size,
+            range: None,
+            body: BlobBody::Filling(BlobStream(StreamSource::Direct(direct::DirectStream::new(
+                response.body,
+                *digest,
+            )))),
+            phase: CachePhase::Miss,
+        }))
+    }
+
+    async fn blob_from_store(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        range: RangeRequest,
+        phase: CachePhase,
+    ) -> Result<Option<RangedAnswer>, CacheError> {
+        let Some(stored) = self.store.open(namespace, digest).await? else {
+            return Ok(None);
+        };
+        let size = stored.size();
+        self.access_log.touch(namespace, digest, size);
+        let range = match range.resolve(size) {
+            Ok(range) => range,
+            Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
+        };
+        let (start, end) = range.map_or((0, size), |r| (r.start, r.end));
+        Ok(Some(Ok(BlobAnswer {
+            size: Some(size),
+            range,
+            body: BlobBody::Stored(stored.chunks(start, end)),
+            phase,
+        })))
+    }
+}

@@ -1,0 +1,456 @@
+//! Manifests: by digest from memory, then disk (verified on load), then the upstream; by tag
+//! from the index while the tag is fresh (see `revalidate`), otherwise revalidated with the
+//! upstream — waiting at most `cache.revalidate_timeout` when a cached copy may be served
+//! stale — and served stale when the upstream cannot be asked in time.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::revalidate::Verdict;
+use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
+use regcache_oci::{
+    manifest_digest, sniff_media_type, validate_manifest, Digest, MediaType, Reference, RepoName,
+    Tag, MAX_MANIFEST_BYTES,
+};
+use regcache_store::{ManifestRecord, Namespace, TagRecord};
+use regcache_upstream::{FetchedManifest, Need, UpstreamError};
+
+/// Key of a coalesced manifest lookup. The client's `Accept` is part of a tag's key: clients
+/// negotiating different types may get different manifests.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum FlightKey {
+    Tag(Namespace, RepoName, Tag, String),
+    Digest(Namespace, Digest),
+}
+
+/// The shared result of a coalesced lookup.
+pub(crate) type FlightValue = (Arc<Manifest>, CachePhase);
+
+impl Cache {
+    /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest
+    /// of a type the client does not take is fetched again with the client's `Accept`.
+    ///
+    /// # Errors
+    /// [`CacheError`].
+    pub async fn manifest(
+        self: &Arc<Self>,
+        target: &Target,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(target, tag, accept).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        target: &Target,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (_, namespace) = self.upstream(target);
+        if let Some(manifest) = self.local_manifest(namespace, digest).await? {
+            return Ok(ManifestAnswer {
+                manifest,
+                phase: CachePhase::Hit,
+            });
+        }
+        let key = FlightKey::Digest(namespace.clone(), *digest);
+        let (this, target, digest, accept) =
+            (Arc::clone(self), target.clone(), *digest, accept.to_vec());
+        self.coalesced(key, async move {
+            let manifest = this
+                .fetch_manifest(
+                    &target,
+                    &digest.to_string(),
+                    Some(&digest),
+                    &accept,
+                    Need::Miss,
+                )
+                .await?;
+            Ok((manifest, CachePhase::Miss))
+        })
+        .await
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        let record = self.index.tag(namespace, &target.repo, tag)?;
+        let cached = match &record {
+            Some(record) => self
+                .local_manifest(namespace, &record.digest)
+                .await?
+                .filter(|m| m.media_type.accepted_by(accept))
+                .map(|m| (m, record.confirmed_at)),
+            None => None,
+        };
+        let verdict = cached.as_ref().map(|(_, confirmed_at)| {
+            let age = self
+                .clock
+                .now()
+                .duration_since(*confirmed_at)
+                .unwrap_or_default();
+            self.freshness.judge(age)
+        });
+        let fresh = |manifest: &Arc<Manifest>| {
+            Ok(ManifestAnswer {
+                manifest: Arc::clone(manifest),
+                phase: CachePhase::Hit,
+            })
+        };
+        match (&cached, verdict) {
+            (Some((manifest, _)), _) if upstream.is_offline() => return fresh(manifest),
+            (Some((manifest, _)), Some(Verdict::Fresh)) => return fresh(manifest),
+            _ => {}
+        }
+        let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());
+        let remembered_404 = cached.is_none()
+            && self
+                .negative
+                .get(&negative_key)
+                .await
+                .is_some_and(|at| self.clock.instant().duration_since(at) < self.negative_ttl);
+        if remembered_404 {
+            return Err(CacheError::Upstream(Arc::new(UpstreamError::NotFound {
+                upstream: upstream.name().to_owned(),
+            })));
+        }
+        let stale_ok = match verdict {
+            Some(Verdict::Revalidate { stale_ok }) => stale_ok,
+            Some(Verdict::ServeAndRevalidate | Verdict::Fresh) => true,
+            None => false,
+        };
+        let (key, work) = self.revalidation(target, tag, accept, cached.as_ref(), stale_ok);
+        let stale = |manifest: Arc<Manifest>, why: &dyn std::fmt::Display| {
+            tracing::warn!(
+                upstream = upstream.name(),
+                repo = %target.repo,
+                %tag,
+                reason = %why,
+                "serving the cached manifest stale"
+            );
+            self.metrics.stale_served.inc();
+            Ok(ManifestAnswer {
+                manifest,
+                phase: CachePhase::Stale,
+            })
+        };
+        let result = match (cached.clone(), verdict) {
+            (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
+                // RFC 5861: answer now, let the revalidation update the tag for the next client.
+                let this = Arc::clone(self);
+                tokio::spawn(async move { this.coalesced(key, work).await });
+                tracing::debug!(
+                    repo = %target.repo,
+                    %tag,
+                    "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
+                );
+                self.metrics.stale_served.inc();
+                return Ok(ManifestAnswer {
+                    manifest,
+                    phase: CachePhase::Stale,
+                });
+            }
+            (Some((manifest, _)), _) if stale_ok => {
+                // The revalidation runs in its own task (see `SingleFlight`): when the deadline
+                // passes it goes on, and its answer updates the tag for the next client. Until
+                // then, later clients are not made to wait for it again.
+                match self.coalesced_within(key, work, upstream.name()).await {
+                    Some(result) => result,
+                    None => {
+                        let why = format!(
+                            "revalidation not answered within {:?}; it goes on in the background",
+                            self.revalidate_timeout
+                        );
+                        return stale(manifest, &why);
+                    }
+                }
+            }
+            _ => self.coalesced(key, work).await,
+        };
+        let err = match result {
+            Ok(answer) => return Ok(answer),
+            Err(err) => err,
+        };
+        let not_found = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::NotFound { .. }));
+        if not_found && !self.negative_ttl.is_zero() {
+            self.negative
+                .insert(negative_key, self.clock.instant())
+                .await;
+        }
+        match cached {
+            Some((manifest, _))
+                if stale_ok
+                    && (err.class().unavailable || (not_found && self.serve_stale_on_404)) =>
+            {
+                stale(manifest, &err)
+            }
+            _ => Err(err),
+        }
+    }
+
+    /// The key and the work of a tag's revalidation (or first fetch), for [`Cache::coalesced`].
+    fn revalidation(
+        self: &Arc<Self>,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+        cached: Option<&(Arc<Manifest>, SystemTime)>,
+        stale_ok: bool,
+    ) -> (
+        FlightKey,
+        impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+    ) {
+        let (_, namespace) = self.upstream(target);
+        let key = FlightKey::Tag(
+            namespace.clone(),
+            target.repo.clone(),
+            tag.clone(),
+            accept.join(","),
+        );
+        let cached_digest = cached.map(|(m, _)| m.digest);
+        let need = if stale_ok {
+            Need::HasFallback
+        } else {
+            Need::Miss
+        };
+        let this = Arc::clone(self);
+        let (target, tag, accept) = (target.clone(), tag.clone(), accept.to_vec());
+        let work = async move {
+            this.refresh_tag(&target, &tag, &accept, cached_digest, need)
+                .await
+        };
+        (key, work)
+    }
+
+    /// Asks the upstream where a tag points: a cheap `HEAD` when a cached digest can be
+    /// confirmed, a `GET` when the tag moved or was never seen. Records the confirmation.
+    async fn refresh_tag(
+        &self,
+        target: &Target,
+        tag: &Tag,
+        accept: &[String],
+        cached_digest: Option<Digest>,
+        need: Need,
+    ) -> Result<FlightValue, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        let confirm = |digest: Digest| {
+            let record = TagRecord {
+                digest,
+                confirmed_at: self.clock.now(),
+            };
+            self.index.put_tag(namespace, &target.repo, tag, &record)
+        };
+        if let Some(cached_digest) = cached_digest {
+            let head = upstream
+                .head_manifest(&target.repo, tag.as_str(), accept, need)
+                .await?;
+            if head.is_some_and(|(digest, _)| digest == cached_digest) {
+                if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
+                    confirm(cached_digest)?;
+                    return Ok((manifest, CachePhase::Revalidated));
+                }
+            }
+        }
+        let manifest = self
+            .fetch_manifest(target, tag.as_str(), None, accept, need)
+            .await?;
+        confirm(manifest.digest)?;
+        let phase = if cached_digest.is_some() {
+            CachePhase::Revalidated
+        } else {
+            CachePhase::Miss
+        };
+        Ok((manifest, phase))
+    }
+
+    /// Runs `work` once for concurrent callers with the same key; joiners see
+    /// [`CachePhase::Coalesced`].
+    async fn coalesced(
+        &self,
+        key: FlightKey,
+        work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+    ) -> Result<ManifestAnswer, CacheError> {
+        let (result, leader) = self.manifest_flights.run(key, work).await;
+        shared_answer(result, leader)
+    }
+
+    /// [`Cache::coalesced`] waiting at most `cache.revalidate_timeout`; `None` (counted in
+    /// `regcache_revalidation_deadline_total`) when the deadline passed or had already passed
+    /// for an earlier client of the same run, which goes on in the background.
+    async fn coalesced_within(
+        &self,
+        key: FlightKey,
+        work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
+        upstream: &str,
+    ) -> Option<Result<ManifestAnswer, CacheError>> {
+        match self
+            .manifest_flights
+            .run_within(key, work, self.revalidate_timeout)
+            .await
+        {
+            Some((result, leader)) => Some(shared_answer(result, leader)),
+            None => {
+                self.metrics
+                    .revalidation_deadlines
+                    .with_label_values(&[upstream])
+                    .inc();
+                None
+            }
+        }
+    }
+
+    /// A manifest from memory or disk. Bytes on disk are re-verified on load; a missing or
+    /// corrupt file is forgotten (and will be fetched again), never answered as present.
+    async fn local_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Manifest>>, CacheError> {
+        let key = (namespace.clone(), *digest);
+        if let Some(manifest) = self.manifests.get(&key).await {
+            self.access_log
+                .touch(namespace, digest, manifest.bytes.len() as u64);
+            return Ok(Some(manifest));
+        }
+        let record = self.index.manifest(namespace, digest)?;
+        let Some(bytes) = self
+            .store
+            .read_small(namespace, digest, MAX_MANIFEST_BYTES)
+            .await?
+        else {
+            if record.is_some() {
+                tracing::warn!(%digest, "indexed manifest missing from the store; will refetch");
+                self.index.remove_manifest(namespace, digest)?;
+            }
+            return Ok(None);
+        };
+        // Without a record (the index was lost), the bytes say what they are.
+        let Some(media_type) = record
+            .map(|r| r.media_type)
+            .or_else(|| sniff_media_type(&bytes))
+        else {
+            return Ok(None);
+        };
+        if manifest_digest(&bytes, &media_type) != *digest {
+            tracing::warn!(%digest, "cached manifest is corrupt; removing it");
+            self.store.remove(namespace, digest)?;
+            self.index.remove_manifest(namespace, digest)?;
+            return Ok(None);
+        }
+        self.index.put_manifest(
+            namespace,
+            digest,
+            &ManifestRecord {
+                media_type: media_type.clone(),
+            },
+        )?;
+        let manifest = Arc::new(Manifest {
+            digest: *digest,
+            media_type,
+            bytes,
+        });
+        self.access_log
+            .touch(namespace, digest, manifest.bytes.len() as u64);
+        self.manifests.insert(key, Arc::clone(&manifest)).await;
+        Ok(Some(manifest))
+    }
+
+    /// Fetches, verifies and stores a manifest. The bytes are checked against the requested
+    /// digest and the upstream's `Docker-Content-Digest` before anything is stored or served.
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+        expected: Option<&Digest>,
+        accept: &[String],
+        need: Need,
+    ) -> Result<Arc<Manifest>, CacheError> {
+        let (upstream, namespace) = self.upstream(target);
+        if upstream.is_offline() {
+            return Err(CacheError::NotCachedOffline {
+                upstream: upstream.name().to_owned(),
+            });
+        }
+        let fetched = upstream
+            .get_manifest(&target.repo, reference, accept, need)
+            .await?;
+        let manifest = verify_manifest(fetched, expected)?;
+        let store = Arc::clone(&self.store);
+        let (ns, digest, bytes) = (namespace.clone(), manifest.digest, manifest.bytes.clone());
+        tokio::task::spawn_blocking(move || store.put_verified(&ns, &digest, &bytes))
+            .await
+            .map_err(|_| CacheError::FillAborted)??;
+        self.index.put_manifest(
+            namespace,
+            &manifest.digest,
+            &ManifestRecord {
+                media_type: manifest.media_type.clone(),
+            },
+        )?;
+        self.note_referrer(namespace, &target.repo, &manifest);
+        let manifest = Arc::new(manifest);
+        self.access_log
+            .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);
+        self.manifests
+            .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
+            .await;
+        Ok(manifest)
+    }
+}
+
+/// A coalesced lookup's shared result as this caller's answer; joiners see
+/// [`CachePhase::Coalesced`].
+fn shared_answer(
+    result: Result<FlightValue, Arc<CacheError>>,
+    leader: bool,
+) -> Result<ManifestAnswer, CacheError> {
+    match result {
+        Ok((manifest, phase)) => Ok(ManifestAnswer {
+            manifest,
+            phase: if leader { phase } else { CachePhase::Coalesced },
+        }),
+        Err(err) => Err(CacheError::Shared(err)),
+    }
+}
+
+/// Checks a fetched manifest's digest against what was asked for and what the upstream claims.
+fn verify_manifest(
+    fetched: FetchedManifest,
+    expected: Option<&Digest>,
+) -> Result<Manifest, CacheError> {
+    let declared = fetched.media_type.filter(|m| {
+        MediaType::ALL_MANIFESTS.contains(&m.as_str()) || m.as_str().starts_with("application/vnd.")
+    });
+    let media_type = declared
+        .or_else(|| sniff_media_type(&fetched.bytes))
+        .ok_or(CacheError::NotAManifest)?;
+    if let Err(err) = validate_manifest(&fetched.bytes, &media_type) {
+        tracing::warn!(%media_type, error = %err, "refusing the upstream's manifest");
+        return Err(CacheError::NotAManifest);
+    }
+    let actual = manifest_digest(&fetched.bytes, &media_type);
+    for claimed in [expected.copied(), fetched.digest_header]
+        .into_iter()
+        .flatten()
+    {
+        if claimed != actual {
+            return Err(CacheError::DigestMismatch {
+                expected: claimed,
+                actual,
+            });
+        }
+    }
+    Ok(Manifest {
+        digest: actual,
+        media_type,
+        bytes: fetched.bytes,
+    })
+}

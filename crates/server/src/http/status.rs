@@ -1,0 +1,222 @@
+//! The status board behind `/` and `/readyz`: recent pulls and bytes served per repository,
+//! kept in memory with fixed bounds, and the HTML page that shows them with upstream health,
+//! cache size and hit ratio. No external assets, no JavaScript.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use regcache_cache::{Cache, CachePhase};
+use regcache_metrics::Metrics;
+
+/// Recent pulls kept for the page.
+const RECENT: usize = 50;
+/// Repositories tracked for "top by bytes served"; new ones are ignored once full.
+const MAX_REPOS: usize = 1000;
+
+/// One manifest request, for the "recent pulls" table.
+#[derive(Debug, Clone)]
+struct Pull {
+    at: SystemTime,
+    upstream: String,
+    repo: String,
+    reference: String,
+    status: u16,
+    phase: &'static str,
+}
+
+/// (upstream, repository)
+type RepoKey = (String, String);
+
+#[derive(Debug, Default)]
+struct Board {
+    recent: VecDeque<Pull>,
+    bytes_by_repo: HashMap<RepoKey, u64>,
+}
+
+/// Shared, bounded request statistics.
+#[derive(Debug, Default)]
+pub(crate) struct StatusBoard {
+    // A std mutex: updates are a push and a map increment, never across an await.
+    board: Mutex<Board>,
+}
+
+impl StatusBoard {
+    pub(crate) fn record_pull(
+        &self,
+        upstream: &str,
+        repo: &str,
+        reference: &str,
+        status: u16,
+        phase: Option<CachePhase>,
+    ) {
+        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        if board.recent.len() == RECENT {
+            board.recent.pop_back();
+        }
+        board.recent.push_front(Pull {
+            at: SystemTime::now(),
+            upstream: upstream.to_owned(),
+            repo: repo.to_owned(),
+            reference: reference.to_owned(),
+            status,
+            phase: phase.map_or("-", CachePhase::as_str),
+        });
+    }
+
+    pub(crate) fn record_bytes(&self, upstream: &str, repo: &str, bytes: u64) {
+        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        let full = board.bytes_by_repo.len() >= MAX_REPOS;
+        let key = (upstream.to_owned(), repo.to_owned());
+        match board.bytes_by_repo.get_mut(&key) {
+            Some(total) => *total += bytes,
+            None if !full => {
+                board.bytes_by_repo.insert(key, bytes);
+            }
+            None => {}
+        }
+    }
+
+    fn snapshot(&self) -> (Vec<Pull>, Vec<(RepoKey, u64)>) {
+        let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        let mut top: Vec<_> = board
+            .bytes_by_repo
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        top.sort_by_key(|entry| std::cmp::Reverse(entry.1));
+        top.truncate(10);
+        (board.recent.iter().cloned().collect(), top)
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+fn ago(at: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(at)
+        .unwrap_or_default()
+        .as_secs();
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        _ => format!("{}h ago", secs / 3600),
+    }
+}
+
+/// The hit ratio so far: hits (including coalesced and revalidated) over all cache answers.
+pub(crate) fn hit_ratio(metrics: &Metrics) -> Option<f64> {
+    let mut hits = 0;
+    let mut total = 0;
+    for kind in ["manifest", "blob"] {
+        for result in ["hit", "miss", "coalesced", "revalidated", "stale"] {
+            let count = metrics
+                .cache_results
+                .with_label_values(&[kind, result])
+                .get();
+            total += count;
+            if result != "miss" {
+                hits += count;
+            }
+        }
+    }
+    (total > 0).then(|| hits as f64 / total as f64)
+}
+
+/// Renders the status page.
+pub(crate) fn render(
+    cache: &Cache,
+    metrics: &Metrics,
+    board: &StatusBoard,
+    budget: Option<u64>,
+) -> String {
+    let usage = cache.store().usage();
+    let (recent, top) = board.snapshot();
+    let mut html = String::from(concat!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
+        "<title>regcache status</title><style>",
+        "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}",
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}",
+        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}",
+        "th{background:#f3f3f3}.up{color:#0a0}.down{color:#c00}",
+        ".tiles{display:flex;gap:1em;flex-wrap:wrap}",
+        ".tile{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;min-width:12em}",
+        ".tile b{display:block;font-size:1.5em}",
+        "</style></head><body><h1>regcache</h1>"
+    ));
+    let ratio = hit_ratio(metrics).map_or("n/a".to_owned(), |r| format!("{:.1}%", r * 100.0));
+    let served_cache = metrics.served_bytes.with_label_values(&["cache"]).get();
+    let served_upstream = metrics.served_bytes.with_label_values(&["upstream"]).get();
+    let size = match budget {
+        Some(budget) => format!(
+            "{} of {} ({:.0}%)",
+            bytesize::ByteSize(usage.bytes),
+            bytesize::ByteSize(budget),
+            usage.bytes as f64 * 100.0 / budget.max(1) as f64
+        ),
+        None => format!("{} (no budget)", bytesize::ByteSize(usage.bytes)),
+    };
+    let _ = write!(
+        html,
+        "<div class=\"tiles\"><div class=\"tile\" id=\"hit-ratio\">Hit ratio<b>{ratio}</b></div>\
+         <div class=\"tile\" id=\"cache-size\">Cache size<b>{}</b>{} files</div>\
+         <div class=\"tile\" id=\"bytes-saved\">Served from cache<b>{}</b>{} from upstreams</div></div>",
+        escape(&size),
+        usage.files,
+        bytesize::ByteSize(served_cache),
+        bytesize::ByteSize(served_upstream),
+    );
+    html.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>health</th><th>last error</th></tr>");
+    for upstream in cache.upstreams() {
+        let (class, health) = if upstream.is_offline() {
+            ("down", "offline (configured)")
+        } else if upstream.is_marked_down() {
+            ("down", "marked down")
+        } else {
+            ("up", "up")
+        };
+        let last_error = upstream
+            .last_error()
+            .map_or("none".to_owned(), |(at, message)| {
+                format!("{} — {message}", ago(at))
+            });
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td class=\"{class}\">{health}</td><td>{}</td></tr>",
+            escape(upstream.name()),
+            escape(&last_error)
+        );
+    }
+    html.push_str("</table><h2>Top repositories by bytes served</h2><table id=\"top-repos\"><tr><th>upstream</th><th>repository</th><th>served</th></tr>");
+    for ((upstream, repo), bytes) in top {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&upstream),
+            escape(&repo),
+            bytesize::ByteSize(bytes)
+        );
+    }
+    html.push_str("</table><h2>Recent pulls</h2><table id=\"recent\"><tr><th>when</th><th>upstream</th><th>image</th><th>status</th><th>cache</th></tr>");
+    for pull in recent {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}:{}</td><td>{}</td><td>{}</td></tr>",
+            ago(pull.at),
+            escape(&pull.upstream),
+            escape(&pull.repo),
+            escape(&pull.reference),
+            pull.status,
+            pull.phase
+        );
+    }
+    html.push_str("</table><p><a href=\"/metrics\">metrics</a> · <a href=\"/readyz\">readiness</a></p></body></html>");
+    html
+}

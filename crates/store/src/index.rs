@@ -1,0 +1,662 @@
+//! The persistent index (sled): tag → digest with the time the upstream last confirmed it, and
+//! digest → manifest media type.
+//!
+//! Records on disk are versioned JSON kept apart from domain types. The index only *describes*
+//! the blob store: manifest bytes live in the content-addressed files, so a lost or corrupt
+//! database is moved aside at start and rebuilt lazily from the files and the upstreams.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Namespace, StoreError};
+use regcache_oci::{Digest, MediaType, RepoName, Tag};
+
+/// The sled database.
+#[derive(Debug, Clone)]
+pub struct Index {
+    db: sled::Db,
+    tags: sled::Tree,
+    manifests: sled::Tree,
+    /// Blob files' size and last access, for least-recently-used eviction.
+    access: sled::Tree,
+}
+
+/// Size and last use of a cached blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// File size in bytes.
+    pub size: u64,
+    /// Last time it was served or written, in milliseconds since the Unix epoch.
+    pub last_access: u64,
+}
+
+/// On-disk form of [`AccessRecord`]: two little-endian u64s (size, last access). Fixed-size
+/// binary, not JSON: there is one per blob and eviction reads them all.
+fn encode_access(record: AccessRecord) -> [u8; 16] {
+    let mut raw = [0u8; 16];
+    raw[..8].copy_from_slice(&record.size.to_le_bytes());
+    raw[8..].copy_from_slice(&record.last_access.to_le_bytes());
+    raw
+}
+
+fn decode_access(raw: &[u8]) -> Option<AccessRecord> {
+    let size = u64::from_le_bytes(raw.get(..8)?.try_into().ok()?);
+    let last_access = u64::from_le_bytes(raw.get(8..16)?.try_into().ok()?);
+    Some(AccessRecord { size, last_access })
+}
+
+/// Splits a `namespace\n…` key.
+fn split_key(key: &[u8]) -> Option<Vec<&str>> {
+    Some(std::str::from_utf8(key).ok()?.split('\n').collect())
+}
+
+/// What the index knows about a tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    /// The manifest the tag pointed at when last confirmed.
+    pub digest: Digest,
+    /// When the upstream last confirmed it.
+    pub confirmed_at: SystemTime,
+}
+
+/// What the index knows about a manifest whose bytes are in the blob store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRecord {
+    /// The `Content-Type` the upstream gave it.
+    pub media_type: MediaType,
+}
+
+/// On-disk form of [`TagRecord`], version 1.
+#[derive(Serialize, Deserialize)]
+struct TagRecordV1 {
+    v: u8,
+    digest: String,
+    confirmed_unix_ms: u64,
+}
+
+/// On-disk form of [`ManifestRecord`], version 1.
+#[derive(Serialize, Deserialize)]
+struct ManifestRecordV1 {
+    v: u8,
+    media_type: String,
+}
+
+fn tag_key(namespace: &Namespace, repo: &RepoName, tag: &Tag) -> Vec<u8> {
+    format!(
+        "{}\n{}\n{}",
+        namespace.as_str(),
+        repo.as_str(),
+        tag.as_str()
+    )
+    .into_bytes()
+}
+
+fn manifest_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
+    format!("{}\n{digest}", namespace.as_str()).into_bytes()
+}
+
+impl Index {
+    /// Opens the database at `path`. If it cannot be opened (corrupt, or written by an
+    /// incompatible version), it is moved aside to `<path>.corrupt-<unix time>` and a fresh one
+    /// is created; the returned path says where the old one went.
+    ///
+    /// # Errors
+    /// [`StoreError`] when even a fresh database cannot be created.
+    pub fn open(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+        match Self::open_at(path) {
+            Ok(index) => Ok((index, None)),
+            // An I/O error is not corruption: another process holding the database's lock (a
+            // running server), permissions, a full disk. Moving the database aside then would
+            // lose a healthy index, so that is reported instead.
+            Err(StoreError::Index(sled::Error::Io(err)))
+                if err.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                Err(StoreError::Index(sled::Error::Io(err)))
+            }
+            Err(_) => {
+                let stamp = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                let aside = path.with_extension(format!("corrupt-{stamp}"));
+                std::fs::rename(path, &aside)
+                    .map_err(StoreError::io("move aside", path.display()))?;
+                Ok((Self::open_at(path)?, Some(aside)))
+            }
+        }
+    }
+
+    fn open_at(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .open()?;
+        let tags = db.open_tree("tags")?;
+        let manifests = db.open_tree("manifests")?;
+        let access = db.open_tree("access")?;
+        // Reading one record of each tree surfaces corruption now rather than on a request.
+        for tree in [&tags, &manifests, &access] {
+            if let Some(entry) = tree.iter().next() {
+                entry?;
+            }
+        }
+        Ok(Self {
+            db,
+            tags,
+            manifests,
+            access,
+        })
+    }
+
+    /// The record of a tag, if any. An undecodable record reads as absent (it will be
+    /// replaced by the next confirmation).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        let Some(raw) = self.tags.get(tag_key(namespace, repo, tag))? else {
+            return Ok(None);
+        };
+        let Ok(record) = serde_json::from_slice::<TagRecordV1>(&raw) else {
+            return Ok(None);
+        };
+        let Ok(digest) = Digest::parse(&record.digest) else {
+            return Ok(None);
+        };
+        Ok(Some(TagRecord {
+            digest,
+            confirmed_at: UNIX_EPOCH + Duration::from_millis(record.confirmed_unix_ms),
+        }))
+    }
+
+    /// Records that the upstream confirmed `tag` → `record.digest`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        let confirmed_unix_ms = record
+            .confirmed_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let raw = serde_json::to_vec(&TagRecordV1 {
+            v: 1,
+            digest: record.digest.to_string(),
+            confirmed_unix_ms: u64::try_from(confirmed_unix_ms).unwrap_or(u64::MAX),
+        })
+        .map_err(|source| StoreError::Record {
+            key: format!("{repo}:{tag}"),
+            source,
+        })?;
+        self.tags.insert(tag_key(namespace, repo, tag), raw)?;
+        Ok(())
+    }
+
+    /// The record of a manifest, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, StoreError> {
+        let Some(raw) = self.manifests.get(manifest_key(namespace, digest))? else {
+            return Ok(None);
+        };
+        let record = serde_json::from_slice::<ManifestRecordV1>(&raw)
+            .ok()
+            .and_then(|r| MediaType::from_content_type(&r.media_type));
+        Ok(record.map(|media_type| ManifestRecord { media_type }))
+    }
+
+    /// Records a manifest whose bytes were just committed to the blob store.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        record: &ManifestRecord,
+    ) -> Result<(), StoreError> {
+        let raw = serde_json::to_vec(&ManifestRecordV1 {
+            v: 1,
+            media_type: record.media_type.to_string(),
+        })
+        .map_err(|source| StoreError::Record {
+            key: digest.to_string(),
+            source,
+        })?;
+        self.manifests
+            .insert(manifest_key(namespace, digest), raw)?;
+        Ok(())
+    }
+
+    /// Forgets a manifest whose bytes turned out to be missing or corrupt.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_manifest(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        self.manifests.remove(manifest_key(namespace, digest))?;
+        Ok(())
+    }
+
+    /// Records blob accesses (batched by the caller).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn record_access(
+        &self,
+        entries: &[(Namespace, Digest, AccessRecord)],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (namespace, digest, record) in entries {
+            batch.insert(manifest_key(namespace, digest), &encode_access(*record)[..]);
+        }
+        self.access.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Whether a blob has an access record.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn has_access(&self, namespace: &Namespace, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.access.contains_key(manifest_key(namespace, digest))?)
+    }
+
+    /// Every blob's access record (for eviction and listings).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn access_records(&self) -> Result<Vec<(Namespace, Digest, AccessRecord)>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.access.iter() {
+            let (key, value) = entry?;
+            let parsed = split_key(&key).and_then(|parts| match parts.as_slice() {
+                [namespace, digest] => {
+                    Some((Namespace::new(namespace), Digest::parse(digest).ok()?))
+                }
+                _ => None,
+            });
+            if let (Some((namespace, digest)), Some(record)) = (parsed, decode_access(&value)) {
+                records.push((namespace, digest, record));
+            }
+        }
+        Ok(records)
+    }
+
+    /// Forgets a blob's access record (after eviction or when its file is gone).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_access(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
+        self.access.remove(manifest_key(namespace, digest))?;
+        Ok(())
+    }
+
+    /// Every tag record: (namespace, repository, tag, record).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn tags(&self) -> Result<Vec<(Namespace, RepoName, Tag, TagRecord)>, StoreError> {
+        let mut tags = Vec::new();
+        for entry in self.tags.iter() {
+            let (key, _) = entry?;
+            let Some(parts) = split_key(&key) else {
+                continue;
+            };
+            let [namespace, repo, tag] = parts.as_slice() else {
+                continue;
+            };
+            let (Ok(repo), Ok(tag)) = (RepoName::parse(repo), Tag::parse(tag)) else {
+                continue;
+            };
+            let namespace = Namespace::new(namespace);
+            if let Some(record) = self.tag(&namespace, &repo, &tag)? {
+                tags.push((namespace, repo, tag, record));
+            }
+        }
+        Ok(tags)
+    }
+
+    /// Every manifest record's key.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn manifest_digests(&self) -> Result<Vec<(Namespace, Digest)>, StoreError> {
+        let mut digests = Vec::new();
+        for entry in self.manifests.iter() {
+            let (key, _) = entry?;
+            if let Some([namespace, digest]) = split_key(&key).as_deref() {
+                if let Ok(digest) = Digest::parse(digest) {
+                    digests.push((Namespace::new(namespace), digest));
+                }
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Forgets a tag (its manifest is gone and cannot be rebuilt).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_tag(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<(), StoreError> {
+        self.tags.remove(tag_key(namespace, repo, tag))?;
+        Ok(())
+    }
+
+    /// Number of manifest records (O(n) in sled; for the metrics scrape).
+    pub fn manifest_count(&self) -> usize {
+        self.manifests.len()
+    }
+
+    /// Whether the database answers reads (for `/readyz`).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.tags.get(b"\0readiness-probe")?;
+        Ok(())
+    }
+
+    /// Writes everything to disk (at shutdown).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// A cached manifest that names another as its `subject` (a signature, an SBOM, an
+/// attestation): what the referrers API lists for that subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferrerRecord {
+    /// The referring manifest.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: MediaType,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its `artifactType` (or its config's media type), if any.
+    pub artifact_type: Option<String>,
+    /// Its annotations.
+    pub annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// On-disk form of [`ReferrerRecord`], version 1 (the digest is in the key).
+#[derive(Serialize, Deserialize)]
+struct ReferrerRecordV1 {
+    v: u8,
+    media_type: String,
+    size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// `namespace\nrepository\nsubject\n`: the prefix of a subject's referrer keys.
+fn subject_prefix(namespace: &Namespace, repo: &RepoName, subject: &Digest) -> Vec<u8> {
+    format!("{}\n{}\n{subject}\n", namespace.as_str(), repo.as_str()).into_bytes()
+}
+
+impl Index {
+    /// The referrers tree, opened on first use (sled keeps opened trees; this is a map
+    /// lookup after the first call), so the struct and `open` stay as they are.
+    fn referrers_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("referrers")?)
+    }
+
+    /// Records that the cached manifest `record.digest` of `repo` names `subject`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_referrer(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        subject: &Digest,
+        record: &ReferrerRecord,
+    ) -> Result<(), StoreError> {
+        let mut key = subject_prefix(namespace, repo, subject);
+        key.extend_from_slice(record.digest.to_string().as_bytes());
+        let raw = serde_json::to_vec(&ReferrerRecordV1 {
+            v: 1,
+            media_type: record.media_type.to_string(),
+            size: record.size,
+            artifact_type: record.artifact_type.clone(),
+            annotations: record.annotations.clone(),
+        })
+        .map_err(|source| StoreError::Record {
+            key: record.digest.to_string(),
+            source,
+        })?;
+        self.referrers_tree()?.insert(key, raw)?;
+        Ok(())
+    }
+
+    /// The cached manifests of `repo` whose subject is `subject`. Undecodable records are
+    /// skipped.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn referrers(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<ReferrerRecord>, StoreError> {
+        let prefix = subject_prefix(namespace, repo, subject);
+        let mut records = Vec::new();
+        for entry in self.referrers_tree()?.scan_prefix(&prefix) {
+            let (key, raw) = entry?;
+            let digest = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|text| Digest::parse(text).ok());
+            let record = serde_json::from_slice::<ReferrerRecordV1>(&raw).ok();
+            let (Some(digest), Some(record)) = (digest, record) else {
+                continue;
+            };
+            let Some(media_type) = MediaType::from_content_type(&record.media_type) else {
+                continue;
+            };
+            records.push(ReferrerRecord {
+                digest,
+                media_type,
+                size: record.size,
+                artifact_type: record.artifact_type,
+                annotations: record.annotations,
+            });
+        }
+        Ok(records)
+    }
+
+    /// The cached tags of one repository, in lexical (byte) order.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn repository_tags(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+    ) -> Result<Vec<Tag>, StoreError> {
+        let prefix = format!("{}\n{}\n", namespace.as_str(), repo.as_str()).into_bytes();
+        let mut tags = Vec::new();
+        // sled iterates keys in byte order, which is the lexical order the API asks for.
+        for entry in self.tags.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            let tag = std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .and_then(|text| Tag::parse(text).ok());
+            tags.extend(tag);
+        }
+        Ok(tags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        let namespace = Namespace::new("r.test");
+        let repo = RepoName::parse("a/b").expect("valid");
+        let tag = Tag::parse("v1").expect("valid");
+        let digest = Digest::of(b"x");
+        let confirmed_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        {
+            let (index, aside) = Index::open(&path).expect("open");
+            assert!(aside.is_none());
+            index
+                .put_tag(
+                    &namespace,
+                    &repo,
+                    &tag,
+                    &TagRecord {
+                        digest,
+                        confirmed_at,
+                    },
+                )
+                .expect("put tag");
+            let media_type = MediaType::from_static(MediaType::OCI_MANIFEST);
+            index
+                .put_manifest(&namespace, &digest, &ManifestRecord { media_type })
+                .expect("put manifest");
+            index.flush().expect("flush");
+        }
+        let (index, _) = Index::open(&path).expect("reopen");
+        let record = index.tag(&namespace, &repo, &tag).expect("read");
+        assert_eq!(
+            record,
+            Some(TagRecord {
+                digest,
+                confirmed_at
+            })
+        );
+        let manifest = index.manifest(&namespace, &digest).expect("read");
+        assert_eq!(
+            manifest.map(|m| m.media_type.to_string()).as_deref(),
+            Some(MediaType::OCI_MANIFEST)
+        );
+    }
+
+    #[test]
+    fn a_locked_database_is_an_error_not_corruption() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        let (_held, _) = Index::open(&path).expect("open");
+        assert!(
+            Index::open(&path).is_err(),
+            "a second open must fail, not start fresh"
+        );
+        assert!(
+            std::fs::read_dir(dir.path()).expect("list").count() == 1,
+            "nothing was moved aside"
+        );
+    }
+
+    #[test]
+    fn corrupt_database_is_moved_aside() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        {
+            let (index, _) = Index::open(&path).expect("open");
+            index.flush().expect("flush");
+        }
+        // Overwrite every file of the database with garbage.
+        for entry in std::fs::read_dir(&path).expect("list") {
+            let entry = entry.expect("entry");
+            if entry.path().is_file() {
+                std::fs::write(entry.path(), b"garbage garbage garbage").expect("write");
+            }
+        }
+        let (_index, aside) = Index::open(&path).expect("opens fresh");
+        let aside = aside.expect("the corrupt database was moved aside");
+        assert!(aside.exists());
+    }
+
+    #[test]
+    fn repository_tags_are_sorted_and_scoped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let namespace = Namespace::new("r.test");
+        let record = TagRecord {
+            digest: Digest::of(b"x"),
+            confirmed_at: UNIX_EPOCH,
+        };
+        for (repo, tag) in [
+            ("a", "v2"),
+            ("a", "v10"),
+            ("a", "latest"),
+            ("a/b", "x"),
+            ("ab", "y"),
+        ] {
+            let repo = RepoName::parse(repo).expect("valid");
+            let tag = Tag::parse(tag).expect("valid");
+            index
+                .put_tag(&namespace, &repo, &tag, &record)
+                .expect("put");
+        }
+        let repo = RepoName::parse("a").expect("valid");
+        let tags = index.repository_tags(&namespace, &repo).expect("list");
+        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+        assert_eq!(tags, ["latest", "v10", "v2"]);
+    }
+
+    #[test]
+    fn referrers_are_listed_by_subject() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let namespace = Namespace::new("r.test");
+        let repo = RepoName::parse("a").expect("valid");
+        let subject = Digest::of(b"subject");
+        let record = ReferrerRecord {
+            digest: Digest::of(b"signature"),
+            media_type: MediaType::from_static(MediaType::OCI_MANIFEST),
+            size: 42,
+            artifact_type: Some("application/example".to_owned()),
+            annotations: [("k".to_owned(), "v".to_owned())].into(),
+        };
+        index
+            .put_referrer(&namespace, &repo, &subject, &record)
+            .expect("put");
+        assert_eq!(
+            index.referrers(&namespace, &repo, &subject).expect("list"),
+            [record]
+        );
+        let other = Digest::of(b"other");
+        assert!(index
+            .referrers(&namespace, &repo, &other)
+            .expect("list")
+            .is_empty());
+    }
+}

@@ -1,0 +1,514 @@
+//! [`LocalDisk`]: the [`BlobBackend`] over a directory,
+//! `<root>/blobs/<namespace>/sha256/<2 hex>/<64 hex>`.
+//!
+//! Invariant: a file appears under its digest path only through [`StagedWrite::commit`]: its
+//! bytes are fsynced, atomically renamed into place and the directory fsynced. Staged files
+//! live in `<root>/tmp/`; the server discards them at start, so a crash at any instant leaves
+//! only committed files under `blobs/`. Paths are built only from [`Digest`] and
+//! [`Namespace`], so path traversal is impossible by construction, and no path leaves this
+//! module.
+
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
+use super::buffers::{self, ReadBuffers};
+use super::{Namespace, StoreError};
+use regcache_oci::Digest;
+
+/// Committed files under `blobs/`, staged ones under `tmp/`.
+#[derive(Debug)]
+pub struct LocalDisk {
+    dirs: Arc<Dirs>,
+    /// Makes staged names unique within this process; the pid makes them unique across
+    /// restarts.
+    staged_counter: AtomicU64,
+    /// What stored bytes are read into, shared by every open file.
+    buffers: Arc<ReadBuffers>,
+    /// Whether the filesystem takes `RWF_NOWAIT` reads, shared by every open file: false
+    /// once it refused one (tmpfs, some FUSE and NFS mounts), so no read asks again.
+    nowait: Arc<AtomicBool>,
+}
+
+/// The directories, shared with the staged files (which commit into `blobs`).
+#[derive(Debug)]
+struct Dirs {
+    blobs: PathBuf,
+    temp: PathBuf,
+    quarantine: PathBuf,
+}
+
+impl Dirs {
+    fn blob_path(&self, namespace: &Namespace, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs
+            .join(namespace.as_str())
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    fn staged_path(&self, id: &StagedId) -> PathBuf {
+        self.temp.join(&id.0)
+    }
+}
+
+impl LocalDisk {
+    /// Opens (creating) the directories under `root`. Staged files left by an earlier process
+    /// are not touched: another process (a server) may own them.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the directories cannot be created.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let dirs = Dirs {
+            blobs: root.join("blobs"),
+            temp: root.join("tmp"),
+            quarantine: root.join("quarantine"),
+        };
+        for dir in [&dirs.blobs, &dirs.temp] {
+            std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+        }
+        Ok(Self {
+            dirs: Arc::new(dirs),
+            staged_counter: AtomicU64::new(0),
+            buffers: ReadBuffers::new(buffers::KEEP),
+            nowait: Arc::new(AtomicBool::new(true)),
+        })
+    }
+}
+
+/// `NotFound` becomes `None`.
+fn found<T>(result: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+impl LocalDisk {
+    fn open_file(&self, path: &Path) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        let file =
+            found(std::fs::File::open(path)).map_err(StoreError::io("open", path.display()))?;
+        Ok(file.map(|file| {
+            Box::new(FileRead {
+                file,
+                buffers: Arc::clone(&self.buffers),
+                nowait: Arc::clone(&self.nowait),
+            }) as Box<dyn BlobRead>
+        }))
+    }
+}
+
+impl BlobBackend for LocalDisk {
+    fn stage(
+        &self,
+        _namespace: &Namespace,
+        _digest: &Digest,
+    ) -> Result<Box<dyn StagedWrite>, StoreError> {
+        let sequence = self.staged_counter.fetch_add(1, Ordering::Relaxed);
+        let id = StagedId(format!("{}-{sequence}.part", std::process::id()));
+        let path = self.dirs.staged_path(&id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StoreError::io("create", path.display()))?;
+        Ok(Box::new(StagedFile {
+            dirs: Arc::clone(&self.dirs),
+            id,
+            path,
+            file,
+            committed: false,
+        }))
+    }
+
+    fn open_staged(&self, id: &StagedId) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        self.open_file(&self.dirs.staged_path(id))
+    }
+
+    fn open(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        self.open_file(&self.dirs.blob_path(namespace, digest))
+    }
+
+    fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let meta =
+            found(std::fs::metadata(&path)).map_err(StoreError::io("stat", path.display()))?;
+        Ok(meta.filter(std::fs::Metadata::is_file).map(|m| m.len()))
+    }
+
+    fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let removed =
+            found(std::fs::remove_file(&path)).map_err(StoreError::io("remove", path.display()))?;
+        Ok(removed.map(|()| len))
+    }
+
+    fn quarantine(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<(u64, String), StoreError> {
+        let path = self.dirs.blob_path(namespace, digest);
+        let dir = &self.dirs.quarantine;
+        std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+        let target = dir.join(format!("{}-{}", namespace.as_str(), digest.hex()));
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        std::fs::rename(&path, &target).map_err(StoreError::io("quarantine", path.display()))?;
+        Ok((len, target.display().to_string()))
+    }
+
+    fn list(&self, visit: &mut dyn FnMut(ListedBlob)) {
+        let Ok(namespaces) = std::fs::read_dir(&self.dirs.blobs) else {
+            return;
+        };
+        for namespace_dir in namespaces.flatten() {
+            let namespace = Namespace::new(&namespace_dir.file_name().to_string_lossy());
+            let Ok(prefixes) = std::fs::read_dir(namespace_dir.path().join("sha256")) else {
+                continue;
+            };
+            for prefix in prefixes.flatten() {
+                let Ok(files) = std::fs::read_dir(prefix.path()) else {
+                    continue;
+                };
+                for file in files.flatten() {
+                    let name = file.file_name();
+                    let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy()))
+                    else {
+                        continue;
+                    };
+                    let Ok(meta) = file.metadata() else { continue };
+                    visit(ListedBlob {
+                        namespace: namespace.clone(),
+                        digest,
+                        size: meta.len(),
+                        modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+    }
+
+    fn discard_staged(&self, age: Duration) -> Result<(usize, u64), StoreError> {
+        let temp = &self.dirs.temp;
+        let entries = std::fs::read_dir(temp).map_err(StoreError::io("list", temp.display()))?;
+        let mut removed = (0, 0);
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = age.is_zero()
+                || meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .is_some_and(|elapsed| elapsed >= age);
+            if old && std::fs::remove_file(entry.path()).is_ok() {
+                removed.0 += 1;
+                removed.1 += meta.len();
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// An open file, read by position into pooled buffers.
+#[derive(Debug)]
+struct FileRead {
+    file: std::fs::File,
+    buffers: Arc<ReadBuffers>,
+    /// [`LocalDisk`]'s: whether `RWF_NOWAIT` reads are worth trying.
+    nowait: Arc<AtomicBool>,
+}
+
+impl BlobRead for FileRead {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Bytes> {
+        // One `pread` straight into the buffer that gets sent.
+        self.buffers.read(len, |buffer| {
+            self.file.read_exact_at(buffer, offset).map_err(|err| {
+                if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(err.kind(), "stored file is shorter than expected")
+                } else {
+                    err
+                }
+            })
+        })
+    }
+
+    /// One `preadv2` with `RWF_NOWAIT`: the kernel copies from the page cache or answers
+    /// `EAGAIN` at once instead of reading the device. Most reads of a cache find their
+    /// bytes there, and then need no hop to a blocking thread and back (two thread wake-ups
+    /// per chunk). A short read (part of the range not in memory, or the end of the file)
+    /// counts as a miss: the blocking read does it whole, or reports the short file. A
+    /// filesystem that refuses `RWF_NOWAIT` (`EOPNOTSUPP`, `EINVAL`) always will: it is not
+    /// asked again, and every read goes to a blocking thread.
+    fn read_in_memory(&mut self, offset: u64, len: usize) -> Option<Bytes> {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.buffers
+            .read(len, |buffer| {
+                let read = rustix::io::preadv2(
+                    &self.file,
+                    &mut [std::io::IoSliceMut::new(buffer)],
+                    offset,
+                    rustix::io::ReadWriteFlags::NOWAIT,
+                )
+                .inspect_err(|&errno| {
+                    if errno == rustix::io::Errno::OPNOTSUPP || errno == rustix::io::Errno::INVAL {
+                        self.nowait.store(false, Ordering::Relaxed);
+                    }
+                })?;
+                if read == buffer.len() {
+                    Ok(())
+                } else {
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
+            })
+            .ok()
+    }
+}
+
+/// A file in `tmp/`; removed on drop unless committed.
+#[derive(Debug)]
+struct StagedFile {
+    dirs: Arc<Dirs>,
+    id: StagedId,
+    path: PathBuf,
+    file: std::fs::File,
+    /// Set once renamed into place: then dropping it leaves the file.
+    committed: bool,
+}
+
+impl StagedWrite for StagedFile {
+    fn id(&self) -> &StagedId {
+        &self.id
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(StoreError::io("write", self.path.display()))
+    }
+
+    fn commit(
+        mut self: Box<Self>,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<u64, StoreError> {
+        let len = commit_file(
+            &self.path,
+            &self.file,
+            &self.dirs.blob_path(namespace, digest),
+        )?;
+        self.committed = true;
+        Ok(len)
+    }
+}
+
+/// fsync, rename into place, fsync the directory.
+fn commit_file(temp: &Path, file: &std::fs::File, target: &Path) -> Result<u64, StoreError> {
+    file.sync_all()
+        .map_err(StoreError::io("fsync", temp.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let dir = target.parent().ok_or_else(|| StoreError::Io {
+        action: "rename",
+        object: target.display().to_string(),
+        source: std::io::Error::other("a blob path has no parent directory"),
+    })?;
+    std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+    std::fs::rename(temp, target).map_err(StoreError::io("rename", target.display()))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("fsync", dir.display()))?;
+    Ok(len)
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        // Not committed: discard. One unlink, cheap enough on any thread; a reader that has the
+        // file open keeps its bytes.
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_keeps_staged_files_left_behind_and_discard_staged_removes_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        // What a killed server leaves: a staged file nobody will commit.
+        let leftover = disk.dirs.staged_path(&StagedId("1-0.part".to_owned()));
+        std::fs::write(&leftover, b"partial").expect("write");
+        drop(disk);
+        let disk = LocalDisk::open(dir.path()).expect("reopen");
+        assert!(
+            leftover.exists(),
+            "open alone never deletes: a server may own the file"
+        );
+        assert_eq!(
+            disk.discard_staged(Duration::from_secs(3600))
+                .expect("discard old"),
+            (0, 0),
+            "a fresh staged file may belong to a running server"
+        );
+        assert!(leftover.exists());
+        assert_eq!(
+            disk.discard_staged(Duration::ZERO).expect("discard"),
+            (1, 7)
+        );
+        assert!(!leftover.exists());
+    }
+
+    #[test]
+    fn a_commit_renames_into_the_digest_path_and_leaves_no_staged_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"hello");
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        let id = staged.id().clone();
+        staged.append(b"hello").expect("append");
+        assert!(disk.open_staged(&id).expect("open staged").is_some());
+        assert_eq!(staged.commit(&namespace, &digest).expect("commit"), 5);
+        assert!(disk.open_staged(&id).expect("open staged").is_none());
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        assert_eq!(std::fs::read(path).expect("committed file"), b"hello");
+        let mut listed = Vec::new();
+        disk.list(&mut |blob| listed.push((blob.namespace, blob.digest, blob.size)));
+        assert_eq!(listed, vec![(namespace, digest, 5)]);
+    }
+
+    #[test]
+    fn bytes_in_the_page_cache_are_read_without_waiting_and_evicted_ones_are_left_to_read_at() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let bytes: Vec<u8> = (0..600 * 1024).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(&bytes);
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        staged.append(&bytes).expect("append");
+        staged.commit(&namespace, &digest).expect("commit");
+        let mut reader = disk
+            .open(&namespace, &digest)
+            .expect("open")
+            .expect("stored");
+        // Just written: in the page cache.
+        let offset = 300 * 1024;
+        let in_memory = reader.read_in_memory(offset as u64, 256 * 1024);
+        if !disk.nowait.load(Ordering::Relaxed) {
+            // The filesystem refuses RWF_NOWAIT reads (tmpfs, where every read goes to a
+            // blocking thread, which never waits on a device either): that is remembered.
+            assert!(in_memory.is_none());
+            assert!(reader.read_in_memory(0, 256 * 1024).is_none());
+            return;
+        }
+        let in_memory = in_memory.expect("just written bytes are in memory");
+        assert_eq!(&in_memory[..], &bytes[offset..offset + 256 * 1024]);
+        assert!(
+            reader.read_in_memory(500 * 1024, 200 * 1024).is_none(),
+            "a range past the end is not read in memory"
+        );
+        // Evicted (the committed file is clean, so the kernel drops its pages): no waiting for
+        // the device on an async thread, the blocking read still gets the bytes.
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        let file = std::fs::File::open(&path).expect("open file");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+        assert!(reader.read_in_memory(0, 256 * 1024).is_none());
+        let read = reader.read_at(0, 256 * 1024).expect("read_at");
+        assert_eq!(&read[..], &bytes[..256 * 1024]);
+    }
+
+    #[test]
+    fn once_the_filesystem_refused_nowait_reads_none_is_tried() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = LocalDisk::open(dir.path()).expect("open");
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"hello");
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        staged.append(b"hello").expect("append");
+        staged.commit(&namespace, &digest).expect("commit");
+        let mut reader = disk
+            .open(&namespace, &digest)
+            .expect("open")
+            .expect("stored");
+        // What a refusal (EOPNOTSUPP or EINVAL) leaves, on any filesystem.
+        disk.nowait.store(false, Ordering::Relaxed);
+        assert!(reader.read_in_memory(0, 5).is_none());
+        assert_eq!(disk.buffers.spare(), 0, "no buffer was taken for it");
+        assert_eq!(&reader.read_at(0, 5).expect("read_at")[..], b"hello");
+    }
+
+    #[test]
+    fn a_small_object_read_to_be_kept_does_not_hold_a_pooled_buffer() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        store
+            .put_verified(&namespace, &digest, manifest)
+            .expect("put");
+        let kept = store
+            .read_small_blocking(&namespace, &digest, 1024)
+            .expect("read")
+            .expect("stored");
+        assert_eq!(&kept[..], manifest);
+        assert_eq!(
+            disk.buffers.spare(),
+            1,
+            "the read's 256 KiB buffer is back in the pool while the bytes are kept"
+        );
+    }
+
+    #[test]
+    fn verify_finds_a_rotten_blob_and_quarantine_takes_it_out_of_the_store() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let bytes = vec![7u8; 300 * 1024];
+        let digest = Digest::of(&bytes);
+        store
+            .put_verified(&namespace, &digest, &bytes)
+            .expect("put");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(true)
+        );
+        // Bit rot on disk, behind the store's back.
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        let mut rotten = bytes.clone();
+        rotten[200_000] ^= 0x10;
+        std::fs::write(&path, &rotten).expect("rot");
+        assert_eq!(
+            store.verify(&namespace, &digest).expect("verify"),
+            Some(false)
+        );
+        let moved_to = store.quarantine(&namespace, &digest).expect("quarantine");
+        assert!(!store.contains(&namespace, &digest));
+        assert_eq!(std::fs::read(&moved_to).expect("quarantined file"), rotten);
+        assert_eq!(store.usage().bytes, 0);
+        assert_eq!(store.verify(&namespace, &digest).expect("verify"), None);
+    }
+}
