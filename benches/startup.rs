@@ -20,7 +20,8 @@ fn synthetic_store(dir: &std::path::Path) -> Config {
         dir.display()
     ))
     .expect("valid config");
-    let (_store, index) = regcache::open_storage(&config).expect("open");
+    let (_store, index) =
+        regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve).expect("open");
     let namespace = Namespace::new("registry.test");
     let mut records = Vec::new();
     for i in 0..BLOBS {
@@ -57,7 +58,9 @@ fn startup(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("ready_to_listen", |b| {
         b.iter(|| {
-            let (store, index) = regcache::open_storage(&config).expect("open");
+            let (store, index) =
+                regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve)
+                    .expect("open");
             store
                 .discard_staged(std::time::Duration::ZERO)
                 .expect("clean");
@@ -66,7 +69,8 @@ fn startup(c: &mut Criterion) {
         });
     });
     group.finish();
-    let (store, index) = regcache::open_storage(&config).expect("open");
+    let (store, index) =
+        regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve).expect("open");
     let cache = Cache::new(&config, store, index, Arc::new(Metrics::new())).expect("cache");
     let started = Instant::now();
     let usage = cache.register_existing_files();

@@ -17,7 +17,6 @@ pub use regcache_metrics as metrics;
 pub use regcache_oci as oci;
 pub use regcache_server::fuzzing;
 pub use regcache_store as store;
-pub use regcache_store::open_storage;
 pub use regcache_upstream as upstream;
 pub use regcache_upstream::clock;
 
@@ -94,7 +93,7 @@ pub async fn run_with_clock(
         .as_ref()
         .map(|files| server::Tls::new(files).map(Arc::new))
         .transpose()?;
-    let (store, index) = open_storage(&config)?;
+    let (store, index) = store::open_storage(&config, store::IndexAccess::Serve)?;
     let (removed, _) = store.discard_staged(std::time::Duration::ZERO)?;
     if removed > 0 {
         tracing::info!(removed, "removed temp files left by an earlier run");

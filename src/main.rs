@@ -172,7 +172,7 @@ fn gc(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 fn ls(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let tags = regcache::maintenance::list(config).map_err(anyhow::Error::msg)?;
+    let tags = regcache::maintenance::list(config)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&tags)?);
         return Ok(ExitCode::SUCCESS);

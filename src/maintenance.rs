@@ -1,7 +1,10 @@
 //! Offline maintenance commands over a store: `verify` (re-hash everything, quarantine what is
 //! corrupt, drop index entries that point nowhere), `gc` (temp files and orphan records) and
-//! `ls` (what is cached). They open the store directly; the index (sled) admits one process, so
-//! while a server runs they do the file-level part and say that the index part was skipped.
+//! `ls` (what is cached). They open the storage as the server does (`store::open_store`, with
+//! `backend = "s3"` the bucket behind the local tier) and judge index entries by every tier,
+//! so an entry whose bytes only the bucket holds is kept. The index (sled) admits one process,
+//! so while a server runs they do the file-level part and say that the index part was skipped.
+//! Only `verify --repair` moves a corrupt index aside; the others report it and change nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -11,7 +14,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::oci::{manifest_digest, references, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
-use crate::store::{Index, ManifestRecord, Namespace, Store, StoreError};
+use crate::store::{
+    open_index, open_store, Index, IndexAccess, ManifestRecord, Namespace, Store, StoreError,
+};
 
 /// What `verify` found.
 #[derive(Debug, Default, Serialize)]
@@ -28,12 +33,14 @@ pub struct VerifyReport {
     pub rebuilt_manifests: u64,
     /// Why the index part did not run, if it did not.
     pub index_skipped: Option<String>,
+    /// Whether the index database could not be read (left as it is; `--repair` rebuilds it).
+    pub index_corrupt: bool,
 }
 
 impl VerifyReport {
     /// Whether everything was sound.
     pub fn is_clean(&self) -> bool {
-        self.corrupt.is_empty() && self.dropped_entries == 0
+        self.corrupt.is_empty() && self.dropped_entries == 0 && !self.index_corrupt
     }
 }
 
@@ -42,7 +49,7 @@ impl VerifyReport {
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyReport, StoreError> {
-    let store = Store::open_local(&config.storage_path)?;
+    let store = open_store(config)?;
     let mut files = Vec::new();
     let usage = store.scan(|blob| files.push((blob.namespace, blob.digest, blob.size)));
     let bar = if progress {
@@ -95,29 +102,46 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
             .corrupt
             .push(format!("{}/{digest}", namespace.as_str()));
     }
-    match open_index(config, repair) {
+    let access = if repair {
+        IndexAccess::Repair
+    } else {
+        IndexAccess::Existing
+    };
+    match usable_index(config, access)? {
         Ok(index) => check_index(&store, &index, repair, &mut report)?,
-        Err(reason) => report.index_skipped = Some(reason),
+        Err(skipped) => {
+            report.index_corrupt = skipped.corrupt;
+            report.index_skipped = Some(skipped.reason);
+        }
     }
     Ok(report)
 }
 
-/// Opens the index unless a server holds it. With `repair`, a corrupt one is moved aside.
-fn open_index(config: &Config, repair: bool) -> Result<Index, String> {
-    let path = config.storage_path.join("index");
-    if !repair && !path.exists() {
-        return Err("no index database".to_owned());
-    }
-    match Index::open(&path) {
-        Ok((index, None)) => Ok(index),
-        Ok((index, Some(aside))) if repair => {
-            tracing::warn!(moved_to = %aside.display(), "corrupt index moved aside; rebuilding");
-            Ok(index)
+/// Why a command went on without the index.
+struct Skipped {
+    reason: String,
+    corrupt: bool,
+}
+
+/// Opens the index as `access` allows; a database that is missing, held by a running server
+/// or corrupt (not repairing) is a reason to skip the index part, anything else an error.
+fn usable_index(
+    config: &Config,
+    access: IndexAccess,
+) -> Result<Result<Index, Skipped>, StoreError> {
+    match open_index(config, access) {
+        Ok(index) => Ok(Ok(index)),
+        Err(err @ (StoreError::IndexMissing { .. } | StoreError::IndexLocked { .. })) => {
+            Ok(Err(Skipped {
+                reason: err.to_string(),
+                corrupt: false,
+            }))
         }
-        Ok((_, Some(aside))) => Err(format!("index was corrupt (moved to {})", aside.display())),
-        Err(err) => Err(format!(
-            "index in use or unreadable ({err}); is a server running?"
-        )),
+        Err(err @ StoreError::IndexCorrupt { .. }) => Ok(Err(Skipped {
+            reason: err.to_string(),
+            corrupt: true,
+        })),
+        Err(err) => Err(err),
     }
 }
 
@@ -128,19 +152,19 @@ fn check_index(
     report: &mut VerifyReport,
 ) -> Result<(), StoreError> {
     for (namespace, digest) in index.manifest_digests()? {
-        if !store.contains(&namespace, &digest) {
+        if store.stat_anywhere(&namespace, &digest)?.is_none() {
             index.remove_manifest(&namespace, &digest)?;
             report.dropped_entries += 1;
         }
     }
     for (namespace, digest, _) in index.access_records()? {
-        if !store.contains(&namespace, &digest) {
+        if store.stat_anywhere(&namespace, &digest)?.is_none() {
             index.remove_access(&namespace, &digest)?;
             report.dropped_entries += 1;
         }
     }
     for (namespace, repo, tag, record) in index.tags()? {
-        if !store.contains(&namespace, &record.digest) {
+        if store.stat_anywhere(&namespace, &record.digest)?.is_none() {
             index.remove_tag(&namespace, &repo, &tag)?;
             report.dropped_entries += 1;
         }
@@ -199,9 +223,9 @@ pub struct GcReport {
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
-    let store = Store::open_local(&config.storage_path)?;
+    let store = open_store(config)?;
     let mut report = GcReport::default();
-    let index = open_index(config, false);
+    let index = usable_index(config, IndexAccess::Existing)?;
     let min_age = if index.is_ok() {
         Duration::ZERO
     } else {
@@ -214,7 +238,7 @@ pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
             check_index(&store, &index, false, &mut verify)?;
             report.orphan_entries = verify.dropped_entries;
         }
-        Err(reason) => report.index_skipped = Some(reason),
+        Err(skipped) => report.index_skipped = Some(skipped.reason),
     }
     Ok(report)
 }
@@ -239,21 +263,21 @@ pub struct ListedTag {
     pub last_access: u64,
 }
 
-/// Lists cached tags. Needs the index, so not while a server runs.
+/// Lists cached tags. Needs the index, so not while a server runs; changes nothing (a corrupt
+/// index is an error naming `verify --repair`).
 ///
 /// # Errors
-/// [`StoreError`], or a message when the index is in use.
-pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
-    let store = Store::open_local(&config.storage_path).map_err(|e| e.to_string())?;
-    let index = open_index(config, false)?;
+/// [`StoreError`]: the store cannot be opened, the index is missing, corrupt or in use.
+pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
+    let store = open_store(config)?;
+    let index = open_index(config, IndexAccess::Existing)?;
     let access: std::collections::HashMap<(Namespace, Digest), u64> = index
-        .access_records()
-        .map_err(|e| e.to_string())?
+        .access_records()?
         .into_iter()
         .map(|(ns, d, r)| ((ns, d), r.last_access))
         .collect();
     let mut listed = Vec::new();
-    for (namespace, repo, tag, record) in index.tags().map_err(|e| e.to_string())? {
+    for (namespace, repo, tag, record) in index.tags()? {
         let mut cached_bytes = 0;
         let mut last_access = 0;
         let mut queue = vec![record.digest];
@@ -262,7 +286,7 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
             if !seen.insert(digest) {
                 continue;
             }
-            let Ok(Some(size)) = store.stat(&namespace, &digest) else {
+            let Ok(Some(size)) = store.stat_anywhere(&namespace, &digest) else {
                 continue;
             };
             cached_bytes += size;
@@ -274,7 +298,7 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, String> {
             );
             if index.manifest(&namespace, &digest).ok().flatten().is_some() {
                 if let Ok(Some(bytes)) =
-                    store.read_small_blocking(&namespace, &digest, MAX_MANIFEST_BYTES)
+                    store.read_small_anywhere(&namespace, &digest, MAX_MANIFEST_BYTES)
                 {
                     let (children, blobs) = references(&bytes, &[]);
                     queue.extend(children.into_iter().chain(blobs));

@@ -428,3 +428,63 @@ async fn two_replicas_filling_one_digest_at_once_leave_one_correct_object() {
         "the third replica asked the upstream for blobs"
     );
 }
+
+/// Runs a maintenance command of the regcache binary against `config`: (exit status, stdout,
+/// stderr).
+async fn maintenance(args: &[&str], config: &Path) -> (Option<i32>, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("run regcache");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_gc_and_ls_keep_tags_whose_bytes_only_the_bucket_holds() {
+    let mut upstream = Upstream::start(Auth::None).await;
+    let image =
+        images::push_oci_image(&upstream, "s3/kept", "v1", "s3-kept", &[4096, 64 << 10]).await;
+    let store = Seaweed::start("kept").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut proxy = replica(&upstream.url(), &store, dir.path(), "").await;
+    proxy.pull_verified(&image.reference, &image.digest).await;
+    wait_in_bucket(&store, image.blobs.iter().chain([&image.digest])).await;
+    assert!(proxy.stop().await, "{}", proxy.log());
+
+    // Every local copy is gone, as after eviction of the local tier: the bucket holds them all.
+    std::fs::remove_dir_all(proxy.storage().join("blobs")).expect("remove the local tier");
+    assert!(local_files(&proxy.storage()).is_empty());
+
+    let (status, out, err) = maintenance(&["verify", "--json"], proxy.config_path()).await;
+    assert_eq!(status, Some(0), "verify failed\n{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("verify JSON");
+    assert_eq!(report["dropped_entries"], 0, "{out}");
+    let (status, out, err) = maintenance(&["gc"], proxy.config_path()).await;
+    assert_eq!(status, Some(0), "gc failed\n{out}\n{err}");
+    assert!(out.contains(" 0 orphan index entries"), "{out}");
+    let (status, out, err) = maintenance(&["ls", "--json"], proxy.config_path()).await;
+    assert_eq!(status, Some(0), "ls failed\n{out}\n{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("ls JSON");
+    let tags = listed.as_array().expect("a list");
+    assert!(
+        tags.iter().any(|t| t["repository"] == "s3/kept"
+            && t["tag"] == "v1"
+            && t["digest"] == image.digest.as_str()),
+        "{out}"
+    );
+    // ls read the bucket without copying anything into the local tier.
+    assert!(local_files(&proxy.storage()).is_empty());
+
+    // The tag survived: a restarted replica serves it by tag with the upstream gone.
+    upstream.stop().await;
+    proxy.restart_after_crash().await;
+    proxy.pull_verified(&image.reference, &image.digest).await;
+}

@@ -41,6 +41,36 @@ fn stored_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Every path under `dir` with its length and a hash of its bytes, sorted: equal snapshots
+/// mean nothing was created, removed, renamed or rewritten.
+fn storage_snapshot(dir: &Path) -> Vec<(String, u64, String)> {
+    fn walk(root: &Path, dir: &Path, found: &mut Vec<(String, u64, String)>) {
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = entry.path();
+            let name = path
+                .strip_prefix(root)
+                .expect("below root")
+                .display()
+                .to_string();
+            if path.is_dir() {
+                found.push((name, 0, String::new()));
+                walk(root, &path, found);
+            } else {
+                let bytes = std::fs::read(&path).expect("read file");
+                found.push((
+                    name,
+                    bytes.len() as u64,
+                    common::regclient::sha256_digest(&bytes),
+                ));
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(dir, dir, &mut found);
+    found.sort();
+    found
+}
+
 async fn pull(proxy: &TestProxy, image: &Pushed) {
     proxy.pull_verified(&image.reference, &image.digest).await;
 }
@@ -336,6 +366,33 @@ async fn verify_repair_rebuilds_a_corrupt_index_and_ls_and_gc_report() {
         if path.is_file() {
             std::fs::write(&path, b"garbage").expect("corrupt the index");
         }
+    }
+    // Read-only commands report the corrupt index (exit 1, naming the repair) and change
+    // nothing in the storage directory; verify without --repair too.
+    let before = storage_snapshot(&proxy.storage());
+    for args in [&["ls"][..], &["verify"][..]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(args)
+            .arg("--config")
+            .arg(proxy.config_path())
+            .output()
+            .await
+            .expect("run regcache");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("corrupt") && said.contains("verify --repair"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(
+            storage_snapshot(&proxy.storage()),
+            before,
+            "{args:?} changed the storage directory"
+        );
     }
     let (ok, report) = regcache(&["verify", "--repair", "--json"], proxy.config_path()).await;
     assert!(ok, "{report}");

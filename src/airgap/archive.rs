@@ -347,7 +347,8 @@ pub fn main(config: &Config, args: ExportArgs) -> ExitCode {
             // it does not run inside the server (whose cache would fetch what is missing).
             return Err("a server is running on this store; stop it to export".to_owned());
         }
-        let cache = super::open_cache(&offline).map_err(|e| e.to_string())?;
+        let cache = super::open_cache(&offline, crate::store::IndexAccess::Existing)
+            .map_err(|e| e.to_string())?;
         let images = images_to_export(&cache, &args).map_err(|e| e.to_string())?;
         if images.is_empty() {
             return Err("no images given (REF..., --file LIST or --all)".to_owned());

@@ -356,7 +356,8 @@ pub fn main(config: &Config, args: &ImportArgs) -> ExitCode {
             let archive = std::path::absolute(&args.archive).map_err(|e| e.to_string())?;
             return remote(stream, archive).await;
         }
-        let cache = super::open_cache(config).map_err(|e| e.to_string())?;
+        let cache = super::open_cache(config, crate::store::IndexAccess::Serve)
+            .map_err(|e| e.to_string())?;
         let resolver = crate::routing::Resolver::for_upstreams(&config.upstreams);
         let archive = args.archive.clone();
         tokio::task::spawn_blocking(move || import(&cache, &resolver, &archive))

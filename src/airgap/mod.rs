@@ -244,8 +244,11 @@ pub fn store_verified(
 ///
 /// # Errors
 /// A description when the store cannot be opened (a server holds it) or the cache not built.
-pub fn open_cache(config: &Config) -> Result<Arc<Cache>, crate::RunError> {
-    let (store, index) = crate::open_storage(config)?;
+pub fn open_cache(
+    config: &Config,
+    access: crate::store::IndexAccess,
+) -> Result<Arc<Cache>, crate::RunError> {
+    let (store, index) = crate::store::open_storage(config, access)?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     Ok(Arc::new(Cache::new(config, store, index, metrics)?))
 }

@@ -341,7 +341,8 @@ pub fn main(config: &Config, args: PrefetchArgs) -> ExitCode {
         if let Some(stream) = super::admin::connect(config).await {
             return remote(stream, images, options).await;
         }
-        let cache = super::open_cache(config).map_err(|err| err.to_string())?;
+        let cache = super::open_cache(config, crate::store::IndexAccess::Serve)
+            .map_err(|err| err.to_string())?;
         let resolver = crate::routing::Resolver::for_upstreams(&config.upstreams);
         let (sender, receiver) = mpsc::channel(64);
         let display = tokio::spawn(super::progress::show(receiver));

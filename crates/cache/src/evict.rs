@@ -15,6 +15,10 @@ use regcache_config::PinConfig;
 use regcache_oci::{references, Digest, Reference, MAX_MANIFEST_BYTES};
 use regcache_store::{AccessRecord, Namespace, Usage};
 
+/// What the pins file looked like when last read: (modification time, length), `None` when it
+/// was absent.
+pub(crate) type PinsStamp = Option<(Option<std::time::SystemTime>, u64)>;
+
 /// How often buffered accesses are written, the budget checked and the pins file re-read.
 /// Each is cheap: a batch write, an atomic compare, a small file read.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
@@ -226,8 +230,19 @@ impl Cache {
         report
     }
 
-    /// Re-reads `pins.toml` (written by `regcache pin`); returns whether the pins changed.
+    /// Re-reads `pins.toml` (written by `regcache pin`) when its modification time or length
+    /// changed since the last read; returns whether the pins changed. Blocking.
     fn reload_pins(&self) -> bool {
+        let stamp = std::fs::metadata(&self.pins_file)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()));
+        {
+            let mut seen = self.pins_stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.as_ref() == Some(&stamp) {
+                return false;
+            }
+            *seen = Some(stamp);
+        }
         let from_file = super::PinsFile::read(&self.pins_file).and_then(|file| {
             file.validate(&self.upstream_configs)
                 .map_err(super::PinsError::from)
@@ -256,13 +271,16 @@ impl Cache {
                 () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
                 () = self.access_log.over_budget.notified() => {}
             }
+            // Access records, eviction and the pins file are disk work: off the async workers.
             let cache = Arc::clone(&self);
-            let _ = tokio::task::spawn_blocking(move || {
+            let pins_changed = tokio::task::spawn_blocking(move || {
                 cache.flush_access();
                 cache.evict_if_needed();
+                cache.reload_pins()
             })
-            .await;
-            if self.reload_pins() {
+            .await
+            .unwrap_or(false);
+            if pins_changed {
                 tokio::spawn(Arc::clone(&self).prefetch_pins());
             }
         }
@@ -272,7 +290,8 @@ impl Cache {
     /// Fetches every pinned image that is not fully cached. Best effort: failures are logged
     /// and retried at the next start.
     pub async fn prefetch_pins(self: Arc<Self>) {
-        self.reload_pins();
+        let cache = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || cache.reload_pins()).await;
         let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
         for pin in pins {
             let target = Target {
@@ -344,7 +363,9 @@ mod tests {
             digests[0]
         ))
         .expect("config");
-        let (store, index) = regcache_store::open_storage(&config).expect("storage");
+        let (store, index) =
+            regcache_store::open_storage(&config, regcache_store::IndexAccess::Serve)
+                .expect("storage");
         let namespace = Namespace::new("registry.test");
         let mut records = Vec::new();
         for (age, (bytes, digest)) in blobs.iter().zip(&digests).enumerate() {

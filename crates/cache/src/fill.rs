@@ -61,8 +61,48 @@ type FillKey = (Namespace, Digest);
 /// The fills in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Fills {
-    // A std mutex: held only for map operations, never across an await.
-    running: Mutex<HashMap<FillKey, Arc<Fill>>>,
+    // A std mutex: held only for map operations, never across an await or a syscall.
+    running: Mutex<HashMap<FillKey, Slot>>,
+}
+
+/// A key of the fills map: reserved while its fill is being set up (the store checked, the
+/// staged object created, off the lock), then running.
+#[derive(Debug)]
+enum Slot {
+    /// Set up by one request; others wait for the change (the receiver sees the reservation's
+    /// sender dropped) and look again.
+    Starting(watch::Receiver<()>),
+    Running(Arc<Fill>),
+}
+
+/// The right to set up the fill of a key. Dropped without [`Reservation::fulfil`] (an error,
+/// the blob already stored, the request gone), it frees the key; either way waiters wake.
+#[derive(Debug)]
+struct Reservation {
+    fills: Arc<Fills>,
+    key: FillKey,
+    fulfilled: bool,
+    _wake: watch::Sender<()>,
+}
+
+impl Reservation {
+    fn fulfil(mut self, fill: &Arc<Fill>) {
+        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.insert(self.key.clone(), Slot::Running(Arc::clone(fill)));
+        self.fulfilled = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.fulfilled {
+            return;
+        }
+        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(running.get(&self.key), Some(Slot::Starting(_))) {
+            running.remove(&self.key);
+        }
+    }
 }
 
 /// Whether the caller started the fill or joined one.
@@ -119,7 +159,11 @@ impl Fills {
     /// Joins the running fill of `key`, or starts one with `start` when there is none and the
     /// blob is not (yet, or any more) in the store. Returns `None` when the blob is now in the
     /// store: a fill finished between the caller's store lookup and this call.
-    pub(crate) fn join_or_start(
+    ///
+    /// The map's lock is held for map operations only: the key is reserved, the lock released,
+    /// and the store's `stat` and the staging run on the blocking pool, so one slow disk or
+    /// bucket call never stalls the misses of other blobs.
+    pub(crate) async fn join_or_start(
         self: &Arc<Self>,
         store: &Arc<Store>,
         namespace: &Namespace,
@@ -127,17 +171,36 @@ impl Fills {
         start: impl FnOnce() -> Result<FillJob, CacheError>,
     ) -> Result<Option<(Arc<Fill>, Role)>, CacheError> {
         let key = (namespace.clone(), *digest);
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(fill) = running.get(&key) {
-            return Ok(Some((Arc::clone(fill), Role::Follower)));
-        }
+        let reservation = loop {
+            let mut changed = {
+                let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                match running.get(&key) {
+                    Some(Slot::Running(fill)) => {
+                        return Ok(Some((Arc::clone(fill), Role::Follower)));
+                    }
+                    Some(Slot::Starting(changed)) => changed.clone(),
+                    None => {
+                        let (wake, changed) = watch::channel(());
+                        running.insert(key.clone(), Slot::Starting(changed));
+                        break Reservation {
+                            fills: Arc::clone(self),
+                            key: key.clone(),
+                            fulfilled: false,
+                            _wake: wake,
+                        };
+                    }
+                }
+            };
+            // Ends when the reservation is fulfilled or dropped (its sender goes away).
+            let _ = changed.changed().await;
+        };
         // The map entry is removed only after the commit, so a blob absent from both the map and
         // the store really needs a fill.
-        if store.contains(namespace, digest) {
+        if store.holds(namespace, digest).await {
             return Ok(None);
         }
         let job = start()?;
-        let writer = store.writer(namespace, digest)?;
+        let writer = store.stage_writer(namespace, digest).await?;
         let (sender, progress) = watch::channel(Progress {
             started: false,
             size: None,
@@ -147,8 +210,7 @@ impl Fills {
             partial: writer.partial(),
             progress,
         });
-        running.insert(key.clone(), Arc::clone(&fill));
-        drop(running);
+        reservation.fulfil(&fill);
         let guard = FillGuard {
             fills: Arc::clone(self),
             key,
@@ -502,7 +564,8 @@ mod tests {
             };
             let (fill, role) = self
                 .fills
-                .join_or_start(&self.store, &self.namespace, digest, start)?
+                .join_or_start(&self.store, &self.namespace, digest, start)
+                .await?
                 .ok_or(CacheError::FillAborted)?;
             let progress = wait_started(&fill).await?;
             Ok(Request {

@@ -363,6 +363,8 @@ pub struct Cache {
     config_pins: Vec<regcache_config::PinConfig>,
     pins: std::sync::RwLock<Vec<regcache_config::PinConfig>>,
     pins_file: std::path::PathBuf,
+    /// The pins file's (modification time, length) when last read; `Some(None)`: absent.
+    pins_stamp: std::sync::Mutex<Option<evict::PinsStamp>>,
     budget: Option<evict::Budget>,
     /// Set when writing to the store fails (disk full): misses then stream without caching.
     store_trouble: Arc<direct::StoreTrouble>,
@@ -470,6 +472,7 @@ impl Cache {
             config_pins: config.pins.clone(),
             pins: std::sync::RwLock::new(config.pins.clone()),
             pins_file: PinsFile::path(config),
+            pins_stamp: std::sync::Mutex::new(None),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
             memberships: grant::Memberships::default(),
@@ -586,6 +589,7 @@ impl Cache {
         let joined = match self
             .fills
             .join_or_start(&self.store, namespace, digest, start)
+            .await
         {
             Err(CacheError::Store(err)) => {
                 tracing::warn!(error = %err, "cannot create a temp file; streaming without caching");

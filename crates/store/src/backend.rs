@@ -153,6 +153,33 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     /// Calls `visit` with every committed object.
     fn list(&self, visit: &mut dyn FnMut(ListedBlob));
 
+    /// The size of a committed object wherever the backend keeps it for good: for a tier, the
+    /// bucket when the local copy was evicted. May reach the network: maintenance commands
+    /// judge index entries by it, never by the fast tier alone.
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn stat_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        self.stat(namespace, digest)
+    }
+
+    /// Opens a committed object wherever it is kept for good, without copying it into a
+    /// faster tier (read-only commands).
+    ///
+    /// # Errors
+    /// The backend's failure other than "not found".
+    fn open_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        self.open(namespace, digest)
+    }
+
     /// Copies a committed object that only a slower tier holds (the bucket) into the fast one,
     /// verified; returns the bytes it added (`Some(0)` when a concurrent caller promoted it),
     /// `None` when no tier has it (or its bytes did not match). Backends without tiers have

@@ -118,7 +118,7 @@ async fn read_blocking(
 }
 
 /// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(work)
@@ -213,6 +213,28 @@ impl Store {
         self.backend.stat(namespace, digest)
     }
 
+    /// The size of `digest` wherever the store keeps it for good (with an object store, the
+    /// bucket when the local copy was evicted), `None` when no tier has it. Blocking, and may
+    /// reach the network: for maintenance commands, which must not judge by the local tier.
+    ///
+    /// # Errors
+    /// [`StoreError`] when a tier cannot answer (nothing may be concluded then).
+    pub fn stat_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        self.backend.stat_anywhere(namespace, digest)
+    }
+
+    /// [`Store::contains`] on the blocking pool: never a `stat` on an async worker.
+    pub async fn holds(self: &Arc<Self>, namespace: &Namespace, digest: &Digest) -> bool {
+        let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
+        blocking(move || Ok(store.contains(&namespace, &digest)))
+            .await
+            .unwrap_or(false)
+    }
+
     /// Whether `digest` is stored. Blocking (one `stat`).
     pub fn contains(&self, namespace: &Namespace, digest: &Digest) -> bool {
         self.stat(namespace, digest).ok().flatten().is_some()
@@ -284,19 +306,23 @@ impl Store {
         digest: &Digest,
         max_len: usize,
     ) -> Result<Option<Bytes>, StoreError> {
-        let Some(mut source) = self.open_object(namespace, digest)? else {
-            return Ok(None);
-        };
-        let io_error = StoreError::io("read", digest.hex());
-        let len = source.size().map_err(&io_error)?;
-        if len > max_len as u64 {
-            return Ok(None);
-        }
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        // Copied out: a read may share a pooled 256 KiB buffer, and manifests are kept (the
-        // hot layer weighs them by their own length).
-        let bytes = source.read_at(0, len).map_err(io_error)?;
-        Ok(Some(Bytes::copy_from_slice(&bytes)))
+        let source = self.open_object(namespace, digest)?;
+        read_small_from(source, digest, max_len)
+    }
+
+    /// [`Store::read_small_blocking`] wherever the store keeps the object, without copying
+    /// it into a faster tier (read-only commands). Blocking; may reach the network.
+    ///
+    /// # Errors
+    /// [`StoreError`] for failures other than "not found".
+    pub fn read_small_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        max_len: usize,
+    ) -> Result<Option<Bytes>, StoreError> {
+        let source = self.backend.open_anywhere(namespace, digest)?;
+        read_small_from(source, digest, max_len)
     }
 
     /// [`Store::read_small_blocking`] off the async threads. The caller verifies the bytes.
@@ -508,4 +534,25 @@ impl Chunks {
         }
         Some(read)
     }
+}
+
+/// Reads an opened small object whole; `None` when absent or larger than `max_len`.
+fn read_small_from(
+    source: Option<Box<dyn BlobRead>>,
+    digest: &Digest,
+    max_len: usize,
+) -> Result<Option<Bytes>, StoreError> {
+    let Some(mut source) = source else {
+        return Ok(None);
+    };
+    let io_error = StoreError::io("read", digest.hex());
+    let len = source.size().map_err(&io_error)?;
+    if len > max_len as u64 {
+        return Ok(None);
+    }
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    // Copied out: a read may share a pooled 256 KiB buffer, and manifests are kept (the
+    // hot layer weighs them by their own length).
+    let bytes = source.read_at(0, len).map_err(io_error)?;
+    Ok(Some(Bytes::copy_from_slice(&bytes)))
 }

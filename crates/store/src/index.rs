@@ -97,24 +97,46 @@ fn manifest_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
     format!("{}\n{digest}", namespace.as_str()).into_bytes()
 }
 
+/// What [`Index::open`] does with a database it cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCorrupt {
+    /// Move it aside and start a new one (the server).
+    MoveAside,
+    /// Leave it as it is and fail (read-only commands).
+    Refuse,
+}
+
 impl Index {
     /// Opens the database at `path`. If it cannot be opened (corrupt, or written by an
-    /// incompatible version), it is moved aside to `<path>.corrupt-<unix time>` and a fresh one
-    /// is created; the returned path says where the old one went.
+    /// incompatible version), then with [`OnCorrupt::MoveAside`] it is moved aside to
+    /// `<path>.corrupt-<unix time>` and a fresh one is created (the returned path says where
+    /// the old one went); with [`OnCorrupt::Refuse`] nothing is changed.
     ///
     /// # Errors
-    /// [`StoreError`] when even a fresh database cannot be created.
-    pub fn open(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+    /// [`StoreError::IndexLocked`] when another process holds it; [`StoreError::IndexCorrupt`]
+    /// with [`OnCorrupt::Refuse`]; [`StoreError`] when even a fresh database cannot be created.
+    pub fn open(path: &Path, on_corrupt: OnCorrupt) -> Result<(Self, Option<PathBuf>), StoreError> {
         match Self::open_at(path) {
             Ok(index) => Ok((index, None)),
-            // An I/O error is not corruption: another process holding the database's lock (a
-            // running server), permissions, a full disk. Moving the database aside then would
-            // lose a healthy index, so that is reported instead.
+            // sled takes an exclusive lock on its file: another process (a running server)
+            // has it.
+            Err(StoreError::Index(sled::Error::Io(err)))
+                if err.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                Err(StoreError::IndexLocked {
+                    path: path.display().to_string(),
+                })
+            }
+            // An I/O error is not corruption: permissions, a full disk. Moving the database
+            // aside then would lose a healthy index, so that is reported instead.
             Err(StoreError::Index(sled::Error::Io(err)))
                 if err.kind() != std::io::ErrorKind::InvalidData =>
             {
                 Err(StoreError::Index(sled::Error::Io(err)))
             }
+            Err(_) if on_corrupt == OnCorrupt::Refuse => Err(StoreError::IndexCorrupt {
+                path: path.display().to_string(),
+            }),
             Err(_) => {
                 let stamp = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -534,7 +556,7 @@ mod tests {
         let digest = Digest::of(b"x");
         let confirmed_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
         {
-            let (index, aside) = Index::open(&path).expect("open");
+            let (index, aside) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
             assert!(aside.is_none());
             index
                 .put_tag(
@@ -553,7 +575,7 @@ mod tests {
                 .expect("put manifest");
             index.flush().expect("flush");
         }
-        let (index, _) = Index::open(&path).expect("reopen");
+        let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("reopen");
         let record = index.tag(&namespace, &repo, &tag).expect("read");
         assert_eq!(
             record,
@@ -573,9 +595,9 @@ mod tests {
     fn a_locked_database_is_an_error_not_corruption() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("index");
-        let (_held, _) = Index::open(&path).expect("open");
+        let (_held, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
         assert!(
-            Index::open(&path).is_err(),
+            Index::open(&path, OnCorrupt::MoveAside).is_err(),
             "a second open must fail, not start fresh"
         );
         assert!(
@@ -589,7 +611,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("index");
         {
-            let (index, _) = Index::open(&path).expect("open");
+            let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
             index.flush().expect("flush");
         }
         // Overwrite every file of the database with garbage.
@@ -599,7 +621,7 @@ mod tests {
                 std::fs::write(entry.path(), b"garbage garbage garbage").expect("write");
             }
         }
-        let (_index, aside) = Index::open(&path).expect("opens fresh");
+        let (_index, aside) = Index::open(&path, OnCorrupt::MoveAside).expect("opens fresh");
         let aside = aside.expect("the corrupt database was moved aside");
         assert!(aside.exists());
     }
@@ -607,7 +629,8 @@ mod tests {
     #[test]
     fn repository_tags_are_sorted_and_scoped() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let (index, _) =
+            Index::open(&dir.path().join("index"), OnCorrupt::MoveAside).expect("open");
         let namespace = Namespace::new("r.test");
         let record = TagRecord {
             digest: Digest::of(b"x"),
@@ -635,7 +658,8 @@ mod tests {
     #[test]
     fn referrers_are_listed_by_subject() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (index, _) = Index::open(&dir.path().join("index")).expect("open");
+        let (index, _) =
+            Index::open(&dir.path().join("index"), OnCorrupt::MoveAside).expect("open");
         let namespace = Namespace::new("r.test");
         let repo = RepoName::parse("a").expect("valid");
         let subject = Digest::of(b"subject");

@@ -28,9 +28,9 @@ mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
-pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
+pub use index::{AccessRecord, Index, ManifestRecord, OnCorrupt, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;
-pub use open::open_storage;
+pub use open::{index_path, open_index, open_storage, open_store, IndexAccess};
 pub use s3::S3Backend;
 pub use tier::Tier;
 pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
@@ -95,6 +95,24 @@ pub enum StoreError {
         /// The failure.
         #[source]
         source: Box<object_store::Error>,
+    },
+    /// The index database another process (a running server) holds.
+    #[error("index database {path} is in use by another process (is a server running?)")]
+    IndexLocked {
+        /// The database's directory.
+        path: String,
+    },
+    /// The index database cannot be read; a read-only command left it as it is.
+    #[error("index database {path} is corrupt; `regcache verify --repair` moves it aside and rebuilds it")]
+    IndexCorrupt {
+        /// The database's directory.
+        path: String,
+    },
+    /// There is no index database (nothing was ever cached here, or the path is wrong).
+    #[error("no index database at {path}")]
+    IndexMissing {
+        /// Where it was looked for.
+        path: String,
     },
     /// The index database failed.
     #[error("index database: {0}")]

@@ -112,6 +112,28 @@ impl BlobBackend for Tier {
         self.local.stat(namespace, digest)
     }
 
+    fn stat_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
+        match self.local.stat(namespace, digest)? {
+            Some(size) => Ok(Some(size)),
+            None => self.bucket.stat(namespace, digest),
+        }
+    }
+
+    fn open_anywhere(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<Box<dyn BlobRead>>, StoreError> {
+        match self.local.open(namespace, digest)? {
+            Some(source) => Ok(Some(source)),
+            None => self.bucket.open(namespace, digest),
+        }
+    }
+
     fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
         self.local.remove(namespace, digest)
     }

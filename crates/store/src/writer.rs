@@ -157,6 +157,19 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError::Io`] when nothing can be staged (disk full, read-only).
+    /// [`Store::writer`] on the blocking pool (staging creates a file or starts an upload).
+    ///
+    /// # Errors
+    /// As [`Store::writer`].
+    pub async fn stage_writer(
+        self: &Arc<Self>,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<BlobWriter, StoreError> {
+        let (store, namespace, digest) = (Arc::clone(self), namespace.clone(), *digest);
+        crate::blobs::blocking(move || store.writer(&namespace, &digest)).await
+    }
+
     pub fn writer(
         self: &Arc<Self>,
         namespace: &Namespace,
