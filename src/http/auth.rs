@@ -49,7 +49,9 @@ struct Users {
     /// Counts reloads, so a verification that raced one is not remembered.
     generation: u64,
     hashes: HashMap<String, Secret>,
-    /// Compared against when the user is unknown, so unknown and known users cost the same.
+    /// Compared against when the user is unknown: a hash of the highest bcrypt cost in the
+    /// file, so an unknown user takes as long as the slowest known one and the time of an
+    /// answer does not tell which names exist.
     decoy_hash: Option<Secret>,
 }
 
@@ -58,9 +60,19 @@ impl Users {
         Self {
             generation,
             hashes: entries.iter().cloned().collect(),
-            decoy_hash: entries.first().map(|(_, hash)| hash.clone()),
+            decoy_hash: entries
+                .iter()
+                .max_by_key(|(_, hash)| bcrypt_cost(hash.expose()))
+                .map(|(_, hash)| hash.clone()),
         }
     }
+}
+
+/// The cost of a bcrypt hash (`$2b$12$…` is 12); 0 for one that does not parse (its check
+/// fails at once, whoever it belongs to).
+fn bcrypt_cost(hash: &str) -> u32 {
+    hash.parse::<bcrypt::HashParts>()
+        .map_or(0, |parts| parts.get_cost())
 }
 
 /// Users, token keys and grants, built from `[auth]`; the users are read again on `SIGHUP`.
@@ -353,8 +365,12 @@ mod tests {
     use crate::config::GrantConfig;
 
     fn authenticator() -> Authenticator {
+        Authenticator::new(&authenticator_config())
+    }
+
+    fn authenticator_config() -> AuthConfig {
         let hash = bcrypt::hash("s3cret", 4).expect("bcrypt hashes");
-        Authenticator::new(&AuthConfig {
+        AuthConfig {
             htpasswd: None,
             users: vec![("alice".to_owned(), Secret::new(hash))],
             token_ttl: Duration::from_secs(60),
@@ -371,7 +387,7 @@ mod tests {
                     pull: vec!["ghcr.io/org/*".to_owned()],
                 },
             ],
-        })
+        }
     }
 
     #[track_caller]
@@ -440,6 +456,36 @@ mod tests {
             auth.verify_token(&format!("{payload}.{signature}")),
             Err(BadCredentials::Token)
         );
+    }
+
+    #[test]
+    fn the_decoy_has_the_highest_cost_in_the_file() {
+        let entry = |user: &str, cost: u32| {
+            let hash = bcrypt::hash("pw", cost).expect("bcrypt hashes");
+            format!("{user}:{hash}\n")
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("htpasswd");
+        std::fs::write(&path, entry("first", 4)).expect("write htpasswd");
+        let auth = Authenticator::new(&AuthConfig {
+            htpasswd: Some(path.clone()),
+            users: load_htpasswd(&path).expect("parses"),
+            ..authenticator_config()
+        });
+        let decoy_cost = |auth: &Authenticator| {
+            auth.read_users()
+                .decoy_hash
+                .as_ref()
+                .map(|h| bcrypt_cost(h.expose()))
+        };
+        assert_eq!(decoy_cost(&auth), Some(4));
+        // Reloaded: the slowest entry is neither the first nor the last.
+        let text = [entry("first", 4), entry("slow", 6), entry("mid", 5)].concat();
+        std::fs::write(&path, text).expect("write htpasswd");
+        assert_eq!(auth.reload_users().expect("reloads"), Some(3));
+        assert_eq!(decoy_cost(&auth), Some(6));
+        assert_eq!(bcrypt_cost("$2y$04$not a hash"), 0);
+        assert!(Users::new(0, &[]).decoy_hash.is_none());
     }
 
     #[tokio::test]
