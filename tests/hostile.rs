@@ -1,7 +1,8 @@
 //! A hostile upstream (tests/common/hostile.rs) against regcache: credentials sent to a token
-//! realm on another host, forged schema1, bodies that never end, HTML typed as a manifest,
-//! redirects to loopback and link-local addresses, listings typed as HTML. Each test asserts
-//! what the attacker's server received and what a client and the store end up with.
+//! realm on another host, a token realm on a non-public address, forged schema1, bodies that
+//! never end, HTML typed as a manifest, redirects to loopback and link-local addresses,
+//! listings typed as HTML. Each test asserts what the attacker's server received and what a
+//! client and the store end up with.
 
 mod common;
 
@@ -399,6 +400,72 @@ async fn redirects_to_non_public_addresses_are_refused() {
     let response = get(&lenient, &format!("blobs/sha256:{}", "a".repeat(64)), "*/*").await;
     let _ = response.bytes().await;
     assert_eq!(metadata.requests().len(), 1, "followed by default");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_realm_on_a_non_public_address_is_never_contacted() {
+    // An "internal token service" on a loopback address other than the upstream's own, and
+    // one reached by a name that resolves to loopback.
+    let token = || {
+        answer(
+            StatusCode::OK,
+            "application/json",
+            &[],
+            r#"{"token":"internal","expires_in":300}"#,
+        )
+    };
+    let internal = Hostile::start("127.0.0.2:0", move |_| token()).await;
+    let internal_by_name = Hostile::start("127.0.0.1:0", move |_| token()).await;
+    let (literal, by_name) = (
+        format!("{}/token", internal.url()),
+        format!("http://localhost:{}/token", internal_by_name.port()),
+    );
+    let upstream = Hostile::start("127.0.0.1:0", move |request| {
+        let realm = if request.path.contains("/by-name/") {
+            &by_name
+        } else {
+            &literal
+        };
+        bearer_or_challenge(request, realm, || {
+            answer(StatusCode::OK, OCI_MANIFEST, &[], oci_manifest())
+        })
+    })
+    .await;
+    let url = upstream.url();
+
+    let strict = proxy_for(&url, &["allow_private_redirects = false"], "").await;
+    for path in ["app/manifests/v1", "by-name/app/manifests/v1"] {
+        let response = client()
+            .get(format!("{}/v2/{path}", strict.url()))
+            .header("accept", ACCEPT_ALL)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_ne!(
+            response.status(),
+            StatusCode::OK,
+            "{path}: {}",
+            strict.log()
+        );
+    }
+    assert!(internal.requests().is_empty(), "reached 127.0.0.2");
+    assert!(internal_by_name.requests().is_empty(), "reached localhost");
+    let log = strict.log();
+    assert!(
+        log.contains("token realm to non-public address 127.0.0.2 refused"),
+        "{log}"
+    );
+    let asked = upstream.requests();
+    assert!(
+        asked.iter().all(|r| r.authorization().is_none()),
+        "no token from the internal realm reached the upstream: {asked:#?}"
+    );
+
+    // The same realm is asked when the upstream itself lives on loopback (the default).
+    let lenient = proxy_for(&url, &[], "").await;
+    let response = get(&lenient, "manifests/v1", ACCEPT_ALL).await;
+    assert_eq!(response.status(), StatusCode::OK, "{}", lenient.log());
+    assert_eq!(internal.requests().len(), 1, "asked by default");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,6 @@
 //! The front door: TLS (skopeo pulls over verified TLS, HTTP/2 by ALPN, a certificate reloaded
-//! on `SIGHUP` while an old connection keeps working), time limits for silent and idle
-//! connections, and client authentication with per-repository grants (htpasswd, the token flow
+//! on `SIGHUP` while an old connection keeps working), time limits for silent, partial and
+//! idle connections, and client authentication with per-repository grants (htpasswd, the token flow
 //! with `skopeo --creds`, anonymous patterns, refusals that never reach the upstream, no
 //! cross-repository blob reads).
 
@@ -222,6 +222,52 @@ async fn silent_and_idle_connections_are_closed() {
         kept_alive >= Duration::from_millis(3500) && kept_alive < Duration::from_secs(20),
         "{kept_alive:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partial_heads_and_a_bare_http2_preface_close_at_the_header_timeout() {
+    // The upstream is never contacted. The idle limit is long and the close grace is 5 s, so a
+    // close near 2 s shows that `header_read_timeout` alone applied.
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(
+            UPSTREAM_NAME,
+            "http://127.0.0.1:9",
+        )],
+        "header_read_timeout = \"2s\"\nidle_timeout = \"60s\"\n",
+        "",
+        None,
+    )
+    .await;
+    let connect_and_send = |bytes: &'static [u8]| {
+        let addr = proxy.addr();
+        async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(bytes).await.expect("send");
+            stream
+        }
+    };
+    let partial_head = connect_and_send(b"GET /v2/ HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ").await;
+    let preface_only = connect_and_send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    let preface_and_settings =
+        connect_and_send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await;
+    let closed = tokio::join!(
+        time_until_closed(partial_head),
+        time_until_closed(preface_only),
+        time_until_closed(preface_and_settings),
+    );
+    for (what, took) in [
+        ("partial head", closed.0),
+        ("preface only", closed.1),
+        ("preface and SETTINGS", closed.2),
+    ] {
+        // Without the grace: well under 2 s + 5 s, even on a loaded machine.
+        assert!(
+            took >= Duration::from_millis(1500) && took < Duration::from_millis(5500),
+            "{what}: closed after {took:?}\n{}",
+            proxy.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

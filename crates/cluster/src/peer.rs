@@ -66,9 +66,16 @@ impl PeerClient {
         secret: Option<&Secret>,
         ca_file: Option<&std::path::Path>,
     ) -> Result<Self, String> {
+        // Peers are configured: any address of theirs may be reached, through the same egress
+        // decision as every other outbound request.
+        let egress = regcache_upstream::egress::Egress::configured("cluster peers");
         let mut builder = reqwest::Client::builder()
             // Peers are on the cluster network: never through an HTTP proxy of the environment.
             .no_proxy()
+            .redirect(egress.redirect_policy())
+            .dns_resolver(std::sync::Arc::new(
+                regcache_upstream::egress::GuardedResolver(egress),
+            ))
             .connect_timeout(connect_timeout)
             .read_timeout(idle_timeout)
             .pool_idle_timeout(Duration::from_secs(60))

@@ -178,7 +178,8 @@ pub fn manifest_digest(bytes: &[u8], media_type: &MediaType) -> Digest {
 }
 
 /// Checks that manifest bytes are what they are served as: a JSON object whose `mediaType`,
-/// when present, is `media_type`, and for signed schema1, signatures that cover exactly the
+/// when present, is `media_type`, that is not an index and an image at once (`manifests` with
+/// `layers` or `config`), and for signed schema1, signatures that cover exactly the
 /// document without its `signatures` member.
 ///
 /// # Errors
@@ -199,6 +200,15 @@ pub fn validate_manifest(bytes: &[u8], media_type: &MediaType) -> Result<(), Inv
     };
     if !agrees {
         return Err(invalid("mediaType disagrees with the served type"));
+    }
+    // An index to one client and an image to another (the ambiguity of CVE-2021-41190): a
+    // document naming both its manifests and its own layers or config is neither.
+    if document.contains_key("manifests")
+        && (document.contains_key("layers") || document.contains_key("config"))
+    {
+        return Err(invalid(
+            "both manifests and layers: an index and an image at once",
+        ));
     }
     if media_type.is_schema1() {
         schema1_payload(bytes)?;
@@ -547,6 +557,14 @@ mod tests {
             true,
         );
         check_valid(r#"{"mediaType":7}"#, MediaType::OCI_MANIFEST, false);
+        let both = r#"{"schemaVersion":2,"manifests":[],"layers":[]}"#;
+        check_valid(both, MediaType::OCI_INDEX, false);
+        check_valid(both, MediaType::OCI_MANIFEST, false);
+        check_valid(
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[],"config":{}}"#,
+            MediaType::OCI_INDEX,
+            false,
+        );
         check_valid(
             "<html><body>hi</body></html>",
             MediaType::OCI_MANIFEST,

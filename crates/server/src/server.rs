@@ -259,6 +259,17 @@ impl Connection<'_> {
             );
             return;
         }
+        if closing == Some(Closing::NoRequest) {
+            // Nothing was asked, so nothing is cut: a partial head or an HTTP/2 preface alone
+            // gets no close grace (hyper would wait for the head, or for the client to answer
+            // the GOAWAY), so `header_read_timeout` is the whole time it is kept.
+            tracing::debug!(
+                %peer,
+                header_read_timeout = ?options.header_read_timeout,
+                "dropping a connection that sent no request"
+            );
+            return;
+        }
         tracing::debug!(%peer, ?closing, "closing connection");
         connection.as_mut().graceful_shutdown();
         let finished = if closing == Some(Closing::Idle) {

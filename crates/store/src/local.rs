@@ -7,9 +7,16 @@
 //! only committed files under `blobs/`. Paths are built only from [`Digest`] and
 //! [`Namespace`], so path traversal is impossible by construction, and no path leaves this
 //! module.
+//!
+//! Nothing stored is readable by other local users: files are created 0600 and directories
+//! 0700 (umask can only take bits away), and `open` sets the root, `blobs/` and `tmp/` to 0700
+//! whatever the umask or an older version left, so in an existing store with wider modes
+//! nothing below the root can be reached by others either.
 
 use std::io::Write as _;
-use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::{
+    DirBuilderExt as _, FileExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +28,20 @@ use super::backend::{BlobBackend, BlobRead, ListedBlob, StagedId, StagedWrite};
 use super::buffers::{self, ReadBuffers};
 use super::{Namespace, StoreError};
 use regcache_oci::Digest;
+
+/// The mode of stored files: this user reads and writes them, nobody else.
+const FILE_MODE: u32 = 0o600;
+/// The mode of the store's directories.
+const DIR_MODE: u32 = 0o700;
+
+/// Creates `dir` and any missing parents with [`DIR_MODE`].
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(StoreError::io("create", dir.display()))
+}
 
 /// Committed files under `blobs/`, staged ones under `tmp/`.
 #[derive(Debug)]
@@ -72,7 +93,15 @@ impl LocalDisk {
             quarantine: root.join("quarantine"),
         };
         for dir in [&dirs.blobs, &dirs.temp] {
-            std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+            create_private_dir(dir)?;
+        }
+        for dir in [root, dirs.blobs.as_path(), dirs.temp.as_path()] {
+            // Explicit, whatever the umask, and for stores made before modes were set. A root
+            // this user does not own (a mounted volume) keeps its mode: warned, not fatal.
+            let private = std::fs::Permissions::from_mode(DIR_MODE);
+            if let Err(err) = std::fs::set_permissions(dir, private) {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot make a store directory private (mode 0700)");
+            }
         }
         Ok(Self {
             dirs: Arc::new(dirs),
@@ -118,6 +147,7 @@ impl BlobBackend for LocalDisk {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(StoreError::io("create", path.display()))?;
         Ok(Box::new(StagedFile {
@@ -163,7 +193,7 @@ impl BlobBackend for LocalDisk {
     ) -> Result<(u64, String), StoreError> {
         let path = self.dirs.blob_path(namespace, digest);
         let dir = &self.dirs.quarantine;
-        std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+        create_private_dir(dir)?;
         let target = dir.join(format!("{}-{}", namespace.as_str(), digest.hex()));
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         std::fs::rename(&path, &target).map_err(StoreError::io("quarantine", path.display()))?;
@@ -330,7 +360,7 @@ fn commit_file(temp: &Path, file: &std::fs::File, target: &Path) -> Result<u64, 
         object: target.display().to_string(),
         source: std::io::Error::other("a blob path has no parent directory"),
     })?;
-    std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir.display()))?;
+    create_private_dir(dir)?;
     std::fs::rename(temp, target).map_err(StoreError::io("rename", target.display()))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -396,6 +426,41 @@ mod tests {
         let mut listed = Vec::new();
         disk.list(&mut |blob| listed.push((blob.namespace, blob.digest, blob.size)));
         assert_eq!(listed, vec![(namespace, digest, 5)]);
+    }
+
+    #[test]
+    fn stored_files_and_directories_are_not_readable_by_others() {
+        let mode =
+            |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path().join("store");
+        // A store an older version made: world-readable directories.
+        for sub in ["blobs", "tmp"] {
+            std::fs::create_dir_all(root.join(sub)).expect("create");
+            std::fs::set_permissions(root.join(sub), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let disk = LocalDisk::open(&root).expect("open");
+        for path in [root.clone(), root.join("blobs"), root.join("tmp")] {
+            assert_eq!(mode(&path), 0o700, "{}", path.display());
+        }
+        let namespace = Namespace::new("registry.test");
+        let digest = Digest::of(b"private");
+        let mut staged = disk.stage(&namespace, &digest).expect("stage");
+        assert_eq!(mode(&disk.dirs.staged_path(staged.id())), 0o600);
+        staged.append(b"private").expect("append");
+        staged.commit(&namespace, &digest).expect("commit");
+        let path = disk.dirs.blob_path(&namespace, &digest);
+        assert_eq!(mode(&path), 0o600);
+        // Every directory made for it, up to `blobs/`.
+        let mut parent = path.parent();
+        while let Some(dir) = parent.filter(|dir| *dir != root) {
+            assert_eq!(mode(dir) & 0o077, 0, "{}", dir.display());
+            parent = dir.parent();
+        }
+        disk.quarantine(&namespace, &digest).expect("quarantine");
+        assert_eq!(mode(&root.join("quarantine")) & 0o077, 0);
     }
 
     #[test]

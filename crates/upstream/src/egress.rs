@@ -1,13 +1,19 @@
-//! Where an upstream client may connect: redirects only to `http`/`https`, and never to
-//! loopback, link-local (cloud metadata) or private addresses unless the upstream itself lives
-//! on one or the configuration allows it.
+//! Where an outbound request may connect: the one egress decision for every destination an
+//! upstream client reaches, whether the configuration names it (the upstream, its
+//! `token_realm_hosts`, cluster peers) or an answer discovered it (a token realm named by a
+//! `401`, a redirect). Only `http`/`https`, and a discovered destination never on a loopback,
+//! link-local (cloud metadata) or private address unless the upstream itself lives on one or
+//! the configuration allows it (`allow_private_redirects`).
 //!
-//! The address rule is checked twice, because a redirect can name an address in two ways: an IP
-//! literal is checked by the redirect policy (reqwest does not resolve literals), and a DNS name
-//! by the resolver, on the addresses it resolves to, so a name pointing at 169.254.169.254 is
-//! refused too. The upstream's own host and its configured token realm hosts are trusted as
-//! configured; resolving the upstream's own host to a non-public address is what "the upstream
-//! lives there" means.
+//! The address rule is checked twice, because a URL can name an address in two ways: an IP
+//! literal is checked by [`Egress::refuse`] before the request goes out (the redirect policy,
+//! the token fetch; reqwest does not resolve literals), and a DNS name by the resolver, on the
+//! addresses it resolves to, so a name pointing at 169.254.169.254 is refused too. The
+//! upstream's own host and its configured token realm hosts are trusted as configured;
+//! resolving the upstream's own host to a non-public address is what "the upstream lives
+//! there" means. Peers are configured, so every address of theirs is allowed
+//! ([`Egress::configured`]). The object store endpoint is configured too; its client is
+//! `object_store`'s own, built inside `store/`, and is not judged here.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,9 +24,29 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 /// Redirects followed before the request fails (reqwest's default).
 const MAX_REDIRECTS: usize = 10;
 
-/// The egress rule of one upstream, shared by its redirect policy and its resolver.
+/// What an outbound URL is, for the log line and the reason of a refusal. Each is judged by
+/// the same rule ([`Egress::refuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Destination {
+    /// A `Location` an answer sent.
+    Redirect,
+    /// The realm of a `Bearer` challenge.
+    TokenRealm,
+}
+
+impl Destination {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Redirect => "redirect",
+            Self::TokenRealm => "token realm",
+        }
+    }
+}
+
+/// The egress rule of one upstream (or of the peers), shared by its redirect policy, its token
+/// fetches and its resolver.
 #[derive(Debug)]
-pub(crate) struct Egress {
+pub struct Egress {
     /// The upstream's name, for the log line of a refusal.
     upstream: String,
     /// Hosts connected to whatever they resolve to: the upstream's and its realm hosts.
@@ -52,6 +78,17 @@ impl Egress {
         })
     }
 
+    /// The rule for a client whose every destination is configured (cluster peers): any
+    /// address, `http(s)` only.
+    pub fn configured(purpose: &str) -> Arc<Self> {
+        Arc::new(Self {
+            upstream: purpose.to_owned(),
+            home_hosts: Vec::new(),
+            allow_private: Some(true),
+            home_is_private: AtomicBool::new(false),
+        })
+    }
+
     fn private_allowed(&self) -> bool {
         self.allow_private
             .unwrap_or_else(|| self.home_is_private.load(Ordering::Relaxed))
@@ -61,22 +98,36 @@ impl Egress {
         self.home_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
     }
 
-    /// Why a redirect to `url` is refused, or `None` when it may be followed.
-    pub(crate) fn refuse_redirect(&self, url: &url::Url) -> Option<String> {
+    /// Why a request to `url` is refused, or `None` when it may go out: the one decision for
+    /// every outbound URL. A DNS name is judged again on what it resolves to (the resolver).
+    pub(crate) fn refuse(&self, url: &url::Url, destination: Destination) -> Option<String> {
+        let noun = destination.noun();
         if !matches!(url.scheme(), "http" | "https") {
-            return Some(format!("redirect to a {} URL refused", url.scheme()));
+            return Some(format!("{noun} to a {} URL refused", url.scheme()));
         }
         let host = url.host_str().unwrap_or_default();
         match literal_ip(url) {
             Some(ip) if !is_public(ip) && !self.is_home(host) && !self.private_allowed() => Some(
-                format!("redirect to non-public address {ip} refused (allow_private_redirects)"),
+                format!("{noun} to non-public address {ip} refused (allow_private_redirects)"),
             ),
             _ => None,
         }
     }
 
+    /// [`Egress::refuse`] for a token realm, logged: the realm is never contacted.
+    pub(crate) fn refuse_realm(&self, realm: &url::Url) -> Option<String> {
+        let reason = self.refuse(realm, Destination::TokenRealm)?;
+        tracing::warn!(upstream = %self.upstream, %reason, "token realm refused");
+        Some(reason)
+    }
+
+    /// Why a redirect to `url` is refused, or `None` when it may be followed.
+    pub(crate) fn refuse_redirect(&self, url: &url::Url) -> Option<String> {
+        self.refuse(url, Destination::Redirect)
+    }
+
     /// The redirect policy enforcing [`Egress::refuse_redirect`].
-    pub(crate) fn redirect_policy(self: &Arc<Self>) -> reqwest::redirect::Policy {
+    pub fn redirect_policy(self: &Arc<Self>) -> reqwest::redirect::Policy {
         let egress = Arc::clone(self);
         reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= MAX_REDIRECTS {
@@ -123,7 +174,7 @@ impl Egress {
 /// The system resolver (getaddrinfo on a blocking thread, as reqwest's default) followed by
 /// [`Egress`]'s address rule.
 #[derive(Debug)]
-pub(crate) struct GuardedResolver(pub(crate) Arc<Egress>);
+pub struct GuardedResolver(pub Arc<Egress>);
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
@@ -289,6 +340,40 @@ mod tests {
             .refuse_redirect(&url("http://127.0.0.2:9/"))
             .is_some());
         assert!(strict.filter("localhost", vec![sock("127.0.0.1")]).is_err());
+    }
+
+    #[test]
+    fn token_realms_are_judged_like_redirects() {
+        let strict = Egress::new(
+            "u",
+            &url("http://127.0.0.1:5000"),
+            &["10.0.0.9".to_owned()],
+            Some(false),
+        );
+        let realm = |text: &str| strict.refuse(&url(text), Destination::TokenRealm);
+        assert!(realm("http://127.0.0.2:16101/token").is_some());
+        assert!(realm("http://[::1]:16101/token").is_some());
+        assert!(realm("http://169.254.169.254/token").is_some());
+        assert!(realm("file:///etc/passwd").is_some());
+        // The upstream's own host and the configured realm hosts are allowed.
+        assert!(realm("http://127.0.0.1:5001/token").is_none());
+        assert!(realm("http://10.0.0.9/token").is_none());
+        assert!(realm("https://auth.example/token").is_none());
+        // By default, an upstream on loopback may send its clients to loopback realms.
+        let lenient = Egress::new("u", &url("http://127.0.0.1:5000"), &[], None);
+        assert!(lenient
+            .refuse(&url("http://127.0.0.2/token"), Destination::TokenRealm)
+            .is_none());
+    }
+
+    #[test]
+    fn configured_destinations_may_be_anywhere_over_http() {
+        let peers = Egress::configured("peers");
+        assert!(peers
+            .refuse_redirect(&url("http://10.0.0.3:5000/v2/"))
+            .is_none());
+        assert!(peers.refuse_redirect(&url("ftp://10.0.0.3/")).is_some());
+        assert!(peers.filter("replica-2", vec![sock("10.0.0.3")]).is_ok());
     }
 
     fn sock(ip: &str) -> SocketAddr {

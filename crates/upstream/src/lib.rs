@@ -4,14 +4,15 @@
 //! `upstream` may not touch `store` or `cache`: it returns bytes and streams, and the cache
 //! decides what to keep. Redirects (blob storage on another host, as ghcr.io, quay.io and ECR
 //! do) are followed by reqwest, which drops `Authorization` when the host changes, and only to
-//! `http(s)` URLs on public addresses (`egress`). Credentials go only where `auth`'s
-//! `CredentialScope` allows; blob bodies are cut at `cache.max_blob_size`.
+//! `http(s)` URLs on public addresses; token realms are held to the same rule (`egress`).
+//! Credentials go only where `auth`'s `CredentialScope` allows; blob bodies are cut at
+//! `cache.max_blob_size`.
 
 pub(crate) mod auth;
 mod breaker;
 mod class;
 pub mod clock;
-mod egress;
+pub mod egress;
 
 use std::time::Duration;
 
@@ -185,6 +186,8 @@ pub struct UpstreamClient {
     credentials: Option<(String, Secret)>,
     /// Where `credentials` may go besides the upstream itself.
     credential_scope: CredentialScope,
+    /// Which addresses requests may reach; token realms are judged before they are asked.
+    egress: std::sync::Arc<egress::Egress>,
     /// The largest blob body accepted (`cache.max_blob_size`).
     max_blob_size: u64,
     /// Blob sizes declared by the manifests fetched from this upstream, per repository (so a
@@ -256,7 +259,9 @@ impl UpstreamClient {
         );
         let mut builder = reqwest::Client::builder()
             .redirect(egress.redirect_policy())
-            .dns_resolver(std::sync::Arc::new(egress::GuardedResolver(egress)))
+            .dns_resolver(std::sync::Arc::new(egress::GuardedResolver(
+                std::sync::Arc::clone(&egress),
+            )))
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.idle_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -284,6 +289,7 @@ impl UpstreamClient {
             http,
             credentials: config.credentials.clone(),
             credential_scope: CredentialScope::new(&config.url, &config.token_realm_hosts),
+            egress,
             max_blob_size: config.max_blob_size,
             declared_sizes: moka::future::Cache::builder()
                 .max_capacity(DECLARED_SIZES_CAPACITY)
@@ -758,8 +764,10 @@ impl UpstreamClient {
             reason,
         };
         let mut realm_url = url::Url::parse(realm).map_err(|err| token_error(err.to_string()))?;
-        if !matches!(realm_url.scheme(), "http" | "https") {
-            return Err(token_error("realm is not an http(s) URL".to_owned()));
+        // A realm is named by the answer, not by the configuration: a literal address is
+        // judged here (a name, by the resolver), so an internal endpoint is never asked.
+        if let Some(reason) = self.egress.refuse_realm(&realm_url) {
+            return Err(token_error(reason));
         }
         {
             let mut query = realm_url.query_pairs_mut();

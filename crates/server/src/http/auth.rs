@@ -49,7 +49,9 @@ struct Users {
     /// Counts reloads, so a verification that raced one is not remembered.
     generation: u64,
     hashes: HashMap<String, Secret>,
-    /// Compared against when the user is unknown, so unknown and known users cost the same.
+    /// Compared against when the user is unknown: a hash of the highest bcrypt cost in the
+    /// file, so an unknown user takes as long as the slowest known one and the time of an
+    /// answer does not tell which names exist.
     decoy_hash: Option<Secret>,
 }
 
@@ -58,9 +60,19 @@ impl Users {
         Self {
             generation,
             hashes: entries.iter().cloned().collect(),
-            decoy_hash: entries.first().map(|(_, hash)| hash.clone()),
+            decoy_hash: entries
+                .iter()
+                .max_by_key(|(_, hash)| bcrypt_cost(hash.expose()))
+                .map(|(_, hash)| hash.clone()),
         }
     }
+}
+
+/// The cost of a bcrypt hash (`$2b$12$…` is 12); 0 for one that does not parse (its check
+/// fails at once, whoever it belongs to).
+fn bcrypt_cost(hash: &str) -> u32 {
+    hash.parse::<bcrypt::HashParts>()
+        .map_or(0, |parts| parts.get_cost())
 }
 
 /// Users, token keys and grants, built from `[auth]`; the users are read again on `SIGHUP`.
@@ -187,11 +199,6 @@ impl Authenticator {
         Ok(Some(entries.len()))
     }
 
-    /// How long issued tokens live.
-    pub(crate) fn token_ttl(&self) -> Duration {
-        self.token_ttl
-    }
-
     /// The `service` named in challenges.
     pub(crate) fn service(&self) -> &str {
         &self.service
@@ -211,22 +218,39 @@ impl Authenticator {
             .any(|(users, pull)| users.iter().any(|u| u == "*" || u == user) && pull.is_match(&key))
     }
 
-    /// A signed token for `identity`, valid for `auth.token_ttl`.
-    pub(crate) fn issue(&self, identity: &Identity) -> Option<String> {
+    /// A signed token for `identity`, valid for `auth.token_ttl` but never past `not_after`
+    /// (seconds since the Unix epoch: the expiry of the token it was minted from, so a token
+    /// cannot be renewed without the password); with its lifetime in seconds.
+    pub(crate) fn issue(
+        &self,
+        identity: &Identity,
+        not_after: Option<u64>,
+    ) -> Option<(String, u64)> {
         let key = self.key.as_ref()?;
+        let now = unix_now();
+        let exp = now + self.token_ttl.as_secs().max(1);
         let claims = Claims {
             sub: match identity {
                 Identity::Anonymous => None,
                 Identity::User(user) => Some(user.clone()),
             },
-            exp: unix_now() + self.token_ttl.as_secs().max(1),
+            exp: not_after.map_or(exp, |limit| exp.min(limit)),
         };
         let payload = BASE64.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let signature = BASE64.encode(hmac::sign(key, payload.as_bytes()).as_ref());
-        Some(format!("{payload}.{signature}"))
+        Some((
+            format!("{payload}.{signature}"),
+            claims.exp.saturating_sub(now),
+        ))
     }
 
+    #[cfg(test)]
     fn verify_token(&self, token: &str) -> Result<Identity, BadCredentials> {
+        self.verify_token_until(token).map(|(identity, _)| identity)
+    }
+
+    /// The identity a token names and its expiry.
+    fn verify_token_until(&self, token: &str) -> Result<(Identity, u64), BadCredentials> {
         let (payload, signature) = token.split_once('.').ok_or(BadCredentials::Malformed)?;
         let signature = BASE64
             .decode(signature)
@@ -242,9 +266,11 @@ impl Authenticator {
             return Err(BadCredentials::Token);
         }
         match claims.sub {
-            None => Ok(Identity::Anonymous),
+            None => Ok((Identity::Anonymous, claims.exp)),
             // A user removed from htpasswd since the token was issued is refused.
-            Some(user) if self.read_users().hashes.contains_key(&user) => Ok(Identity::User(user)),
+            Some(user) if self.read_users().hashes.contains_key(&user) => {
+                Ok((Identity::User(user), claims.exp))
+            }
             Some(_) => Err(BadCredentials::Token),
         }
     }
@@ -297,6 +323,16 @@ impl Authenticator {
         &self,
         headers: &http::HeaderMap,
     ) -> Result<Option<Identity>, BadCredentials> {
+        let found = self.authenticate_until(headers).await?;
+        Ok(found.map(|(identity, _)| identity))
+    }
+
+    /// [`Authenticator::authenticate`], with the expiry of the bearer token presented (`None`
+    /// for Basic credentials): what a token minted from it may not outlive.
+    pub(crate) async fn authenticate_until(
+        &self,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<(Identity, Option<u64>)>, BadCredentials> {
         let Some(value) = headers.get(header::AUTHORIZATION) else {
             return Ok(None);
         };
@@ -304,7 +340,8 @@ impl Authenticator {
         let (scheme, rest) = value.split_once(' ').ok_or(BadCredentials::Malformed)?;
         let rest = rest.trim();
         if scheme.eq_ignore_ascii_case("bearer") {
-            return self.verify_token(rest).map(Some);
+            let (identity, expiry) = self.verify_token_until(rest)?;
+            return Ok(Some((identity, Some(expiry))));
         }
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(BadCredentials::Malformed);
@@ -314,7 +351,8 @@ impl Authenticator {
             .map_err(|_| BadCredentials::Malformed)?;
         let decoded = String::from_utf8(decoded).map_err(|_| BadCredentials::Malformed)?;
         let (user, password) = decoded.split_once(':').ok_or(BadCredentials::Malformed)?;
-        self.verify_password(user, password).await.map(Some)
+        let identity = self.verify_password(user, password).await?;
+        Ok(Some((identity, None)))
     }
 
     /// The realm sent in challenges: `auth.realm`, or this server's token endpoint at the
@@ -353,8 +391,12 @@ mod tests {
     use regcache_config::GrantConfig;
 
     fn authenticator() -> Authenticator {
+        Authenticator::new(&authenticator_config())
+    }
+
+    fn authenticator_config() -> AuthConfig {
         let hash = bcrypt::hash("s3cret", 4).expect("bcrypt hashes");
-        Authenticator::new(&AuthConfig {
+        AuthConfig {
             htpasswd: None,
             users: vec![("alice".to_owned(), Secret::new(hash))],
             token_ttl: Duration::from_secs(60),
@@ -371,7 +413,7 @@ mod tests {
                     pull: vec!["ghcr.io/org/*".to_owned()],
                 },
             ],
-        })
+        }
     }
 
     #[track_caller]
@@ -406,10 +448,10 @@ mod tests {
     fn tokens_round_trip_and_reject_tampering() {
         let auth = authenticator();
         let alice = Identity::User("alice".to_owned());
-        let token = auth.issue(&alice).expect("a token");
+        let (token, _) = auth.issue(&alice, None).expect("a token");
         assert_eq!(auth.verify_token(&token), Ok(alice));
         assert_eq!(
-            auth.verify_token(&auth.issue(&Identity::Anonymous).expect("a token")),
+            auth.verify_token(&auth.issue(&Identity::Anonymous, None).expect("a token").0),
             Ok(Identity::Anonymous)
         );
         let (_, signature) = token.split_once('.').expect("two parts");
@@ -426,6 +468,35 @@ mod tests {
         assert_eq!(auth.verify_token("garbage"), Err(BadCredentials::Malformed));
     }
 
+    fn expiry(token: &str) -> u64 {
+        let (payload, _) = token.split_once('.').expect("two parts");
+        let json = BASE64.decode(payload).expect("base64");
+        serde_json::from_slice::<Claims>(&json).expect("claims").exp
+    }
+
+    #[tokio::test]
+    async fn a_token_minted_from_a_token_expires_no_later_than_it() {
+        let auth = authenticator();
+        let alice = Identity::User("alice".to_owned());
+        let (short, lifetime) = auth.issue(&alice, Some(unix_now() + 10)).expect("a token");
+        assert!(lifetime <= 10, "{lifetime}");
+        let mut headers = http::HeaderMap::new();
+        let bearer = format!("Bearer {short}").parse().expect("a header value");
+        headers.insert(header::AUTHORIZATION, bearer);
+        let (identity, not_after) = auth
+            .authenticate_until(&headers)
+            .await
+            .expect("a valid token")
+            .expect("credentials");
+        assert_eq!((&identity, not_after), (&alice, Some(expiry(&short))));
+        let (minted, _) = auth.issue(&identity, not_after).expect("a token");
+        assert_eq!(expiry(&minted), expiry(&short));
+        // Basic credentials (no token presented) get the full `token_ttl`.
+        let (fresh, lifetime) = auth.issue(&alice, None).expect("a token");
+        assert_eq!(lifetime, 60);
+        assert!(expiry(&fresh) > expiry(&short));
+    }
+
     #[test]
     fn expired_tokens_are_refused() {
         let auth = authenticator();
@@ -440,6 +511,36 @@ mod tests {
             auth.verify_token(&format!("{payload}.{signature}")),
             Err(BadCredentials::Token)
         );
+    }
+
+    #[test]
+    fn the_decoy_has_the_highest_cost_in_the_file() {
+        let entry = |user: &str, cost: u32| {
+            let hash = bcrypt::hash("pw", cost).expect("bcrypt hashes");
+            format!("{user}:{hash}\n")
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("htpasswd");
+        std::fs::write(&path, entry("first", 4)).expect("write htpasswd");
+        let auth = Authenticator::new(&AuthConfig {
+            htpasswd: Some(path.clone()),
+            users: load_htpasswd(&path).expect("parses"),
+            ..authenticator_config()
+        });
+        let decoy_cost = |auth: &Authenticator| {
+            auth.read_users()
+                .decoy_hash
+                .as_ref()
+                .map(|h| bcrypt_cost(h.expose()))
+        };
+        assert_eq!(decoy_cost(&auth), Some(4));
+        // Reloaded: the slowest entry is neither the first nor the last.
+        let text = [entry("first", 4), entry("slow", 6), entry("mid", 5)].concat();
+        std::fs::write(&path, text).expect("write htpasswd");
+        assert_eq!(auth.reload_users().expect("reloads"), Some(3));
+        assert_eq!(decoy_cost(&auth), Some(6));
+        assert_eq!(bcrypt_cost("$2y$04$not a hash"), 0);
+        assert!(Users::new(0, &[]).decoy_hash.is_none());
     }
 
     #[tokio::test]

@@ -237,15 +237,16 @@ impl FrontDoor {
         }
     }
 
-    /// `GET /auth/token`: a token for the Basic credentials given, or an anonymous one.
+    /// `GET /auth/token`: a token for the Basic credentials given, or an anonymous one. A
+    /// bearer token is exchanged too (clients refresh that way), for one that expires no later.
     async fn token_endpoint(&self, auth: &Authenticator, request: &Parts) -> Response<Body> {
         if request.method != Method::GET {
             let err = ApiError::unsupported("the token endpoint answers GET");
             return err.into_response(request.method == Method::HEAD);
         }
-        let identity = match auth.authenticate(&request.headers).await {
-            Ok(Some(identity)) => identity,
-            Ok(None) => Identity::Anonymous,
+        let (identity, not_after) = match auth.authenticate_until(&request.headers).await {
+            Ok(Some(found)) => found,
+            Ok(None) => (Identity::Anonymous, None),
             Err(_) => {
                 let mut response = ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -261,7 +262,7 @@ impl FrontDoor {
                 return response;
             }
         };
-        let Some(token) = auth.issue(&identity) else {
+        let Some((token, expires_in)) = auth.issue(&identity, not_after) else {
             let err = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
@@ -272,7 +273,7 @@ impl FrontDoor {
         let body = serde_json::json!({
             "token": token,
             "access_token": token,
-            "expires_in": auth.token_ttl().as_secs(),
+            "expires_in": expires_in,
             "issued_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         })
         .to_string();

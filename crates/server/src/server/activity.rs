@@ -29,7 +29,10 @@ use crate::http;
 /// Why a connection is to be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Closing {
-    /// No request in flight for its limit (or no first request at all).
+    /// No first request within `header_read_timeout` (nothing sent, a partial head, an HTTP/2
+    /// preface alone): nothing to finish, so it is closed at once.
+    NoRequest,
+    /// No request in flight for `idle_timeout` since the last one.
     Idle,
     /// A response offered to the client and not taken for `send_timeout`.
     Stalled,
@@ -169,12 +172,14 @@ impl Activity {
     fn deadline(&self, options: &ListenerOptions) -> Option<(Instant, Closing)> {
         let state = self.lock();
         if state.in_flight == 0 {
-            let limit = if state.next_request > 0 {
-                options.idle_timeout
+            return Some(if state.next_request > 0 {
+                (state.idle_since + options.idle_timeout, Closing::Idle)
             } else {
-                options.header_read_timeout
-            };
-            return Some((state.idle_since + limit, Closing::Idle));
+                (
+                    state.idle_since + options.header_read_timeout,
+                    Closing::NoRequest,
+                )
+            });
         }
         if options.send_timeout.is_zero() {
             return None;
@@ -272,7 +277,7 @@ mod tests {
     async fn a_silent_connection_idles_out_after_the_header_timeout() {
         let activity = Arc::new(Activity::new());
         let started = Instant::now();
-        assert_eq!(activity.closing(&options()).await, Closing::Idle);
+        assert_eq!(activity.closing(&options()).await, Closing::NoRequest);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
