@@ -577,6 +577,182 @@ async fn a_grant_for_one_repository_does_not_read_another_by_digest() {
     );
 }
 
+/// Pushes to `team/b:evil` a manifest whose (foreign, `urls`) layers name digests of `a` that
+/// `team/b` does not have upstream: its layer and its manifest. Returns them.
+async fn push_manifest_naming(upstream: &Upstream, a: &images::Pushed) -> Vec<String> {
+    let (a_layer, a_layer_size) = images::largest_blob(upstream, a).await;
+    let a_manifest = common::http::client()
+        .get(format!(
+            "{}/v2/{}/manifests/{}",
+            upstream.url(),
+            a.repo,
+            a.digest
+        ))
+        .header("accept", images::MT_OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET A's manifest")
+        .bytes()
+        .await
+        .expect("A's manifest bytes");
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let config_digest = images::push_raw_blob(upstream, "team/b", config).await;
+    let foreign = |digest: &str, size: u64| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "digest": digest,
+            "size": size,
+            "urls": ["http://127.0.0.1:9/elsewhere"],
+        })
+    };
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": images::MT_OCI_MANIFEST,
+        "config": {
+            "mediaType": images::MT_OCI_CONFIG,
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": [
+            foreign(&a_layer, a_layer_size),
+            foreign(&a.digest, a_manifest.len() as u64),
+        ],
+    })
+    .to_string();
+    images::push_raw_manifest(
+        upstream,
+        "team/b",
+        "evil",
+        images::MT_OCI_MANIFEST,
+        manifest.as_bytes(),
+    )
+    .await;
+    vec![a_layer, a.digest.clone()]
+}
+
+/// The status page as `user` sees it.
+async fn status_page(proxy: &TestProxy, user: &str, password: &str) -> String {
+    let response = proxy
+        .client()
+        .get(proxy.url())
+        .basic_auth(user, Some(password))
+        .send()
+        .await
+        .expect("GET /");
+    assert_eq!(response.status(), 200);
+    response.text().await.expect("status page")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pushed_manifest_naming_another_repositorys_digests_reads_none_of_them() {
+    let mut upstream = Upstream::start(Auth::None).await;
+    let a = images::push_oci_image(&upstream, "other/a", "v1", "repo-a", &[4096]).await;
+    let b = images::push_oci_image(&upstream, "team/b", "v1", "repo-b", &[2048]).await;
+    let named = push_manifest_naming(&upstream, &a).await;
+    // The upstream itself answers 404 for those reads under team/b.
+    for digest in &named {
+        let head = common::http::client()
+            .head(format!("{}/v2/team/b/blobs/{digest}", upstream.url()))
+            .send()
+            .await
+            .expect("HEAD upstream");
+        assert_eq!(head.status(), 404, "{digest}");
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut proxy = auth_proxy(&upstream, &dir).await;
+    // root caches A (its layer and manifest); alice, granted team/* only, pulls B.
+    assert!(skopeo_pull(&proxy, &a, Some("root:root-pw")).await);
+    assert!(skopeo_pull(&proxy, &b, Some("alice:alice-pw")).await);
+    let client = proxy.client();
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    let evil = client
+        .get(format!("{}/v2/team/b/manifests/evil", proxy.url()))
+        .header("accept", images::MT_OCI_MANIFEST)
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .expect("GET the pushed manifest");
+    assert_eq!(evil.status(), 200, "B's own manifest is served");
+
+    let probe = |client: reqwest::Client, url: String, token: String| {
+        let named = named.clone();
+        async move {
+            let mut answers = Vec::new();
+            for digest in &named {
+                for kind in ["blobs", "manifests"] {
+                    let response = client
+                        .get(format!("{url}/v2/team/b/{kind}/{digest}"))
+                        .bearer_auth(&token)
+                        .send()
+                        .await
+                        .expect("GET");
+                    let status = response.status().as_u16();
+                    let bytes = response.bytes().await.expect("body");
+                    answers.push((kind, digest.clone(), status, bytes));
+                }
+            }
+            answers
+        }
+    };
+    // Online: what the manifest names is unknown under team/b, as upstream says.
+    for (kind, digest, status, body) in probe(proxy.client(), proxy.url(), alice.clone()).await {
+        let code = if kind == "blobs" {
+            "BLOB_UNKNOWN"
+        } else {
+            "MANIFEST_UNKNOWN"
+        };
+        assert_eq!(status, 404, "{kind} {digest}");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains(code), "{kind} {digest}: {text}");
+    }
+
+    // The status page shows alice only what she may pull; root sees A too.
+    let alices_page = status_page(&proxy, "alice", "alice-pw").await;
+    assert!(alices_page.contains("team/b"), "{alices_page}");
+    assert!(!alices_page.contains("other/a"), "{alices_page}");
+    assert!(status_page(&proxy, "root", "root-pw")
+        .await
+        .contains("other/a"));
+
+    // The upstream down: still never served (unknown, and the upstream cannot confirm it).
+    upstream.stop().await;
+    for (kind, digest, status, _) in probe(proxy.client(), proxy.url(), alice.clone()).await {
+        assert!(
+            status == 404 || status >= 500,
+            "{kind} {digest}: {status}\n{}",
+            proxy.log()
+        );
+    }
+
+    // Offline, and restarted: 404; what the upstream confirmed for team/b before is served.
+    proxy.edit_config(|text| text.replace("default = true\n", "default = true\noffline = true\n"));
+    proxy.restart().await;
+    let alice = token(&proxy, "alice", "alice-pw").await;
+    for (kind, digest, status, _) in probe(proxy.client(), proxy.url(), alice.clone()).await {
+        assert_eq!(status, 404, "{kind} {digest}\n{}", proxy.log());
+    }
+    for blob in &b.blobs {
+        let response = proxy
+            .client()
+            .get(format!("{}/v2/team/b/blobs/{blob}", proxy.url()))
+            .bearer_auth(&alice)
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(response.status(), 200, "{blob}\n{}", proxy.log());
+    }
+    let by_digest = images::Pushed {
+        reference: format!("{}@{}", b.repo, b.digest),
+        ..b.clone()
+    };
+    assert!(
+        skopeo_pull(&proxy, &by_digest, Some("alice:alice-pw")).await,
+        "{}",
+        proxy.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_over_its_rate_gets_429_with_retry_after() {
     let proxy = TestProxy::start_with_server(

@@ -271,6 +271,17 @@ impl Plan {
                 .index()
                 .put_manifest(namespace, &manifest.digest, &record)?;
             cache.note_referrer(namespace, repo, manifest);
+            // The archive is the operator's copy of the upstream's word: the image's manifests
+            // and the blobs it carries (or the store had) belong to its repository, so an
+            // offline site with `[auth]` serves them by digest.
+            let (_, blobs) = references(&manifest.bytes, &[]);
+            for digest in std::iter::once(manifest.digest).chain(blobs) {
+                if store.contains(namespace, &digest) {
+                    cache
+                        .index()
+                        .put_membership(namespace, repo, &digest, SystemTime::now())?;
+                }
+            }
             report.manifests += 1;
         }
         for (namespace, repo, tag, digest) in self.tags {

@@ -506,7 +506,8 @@ async fn start_token_server(auth: &Auth) -> Result<Option<TokenServer>> {
 }
 
 /// Distribution's config: filesystem storage, deletes and schema1 enabled,
-/// `info` text logging, no upload purging, 127.0.0.1 only.
+/// `info` text logging, no upload purging, 127.0.0.1 only; layers with
+/// `http(s)` `urls` (foreign, non-distributable) accepted, as Docker Hub does.
 fn config_yaml(dir: &Path, port: u16, auth_yaml: &str) -> String {
     let storage = dir.join("storage");
     format!(
@@ -534,6 +535,11 @@ http:
 compatibility:
   schema1:
     enabled: true
+validation:
+  manifests:
+    urls:
+      allow:
+        - ^https?://
 {auth_yaml}",
         storage = storage.display()
     )

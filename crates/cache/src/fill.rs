@@ -127,6 +127,9 @@ pub(crate) struct UpstreamBlob {
     pub(crate) upstream: Arc<UpstreamClient>,
     pub(crate) repo: RepoName,
     pub(crate) digest: Digest,
+    /// Where the upstream's 2xx is recorded: the blob belongs to `repo` (`grant.rs`).
+    pub(crate) index: regcache_store::Index,
+    pub(crate) namespace: Namespace,
 }
 
 impl BlobSource for UpstreamBlob {
@@ -135,7 +138,15 @@ impl BlobSource for UpstreamBlob {
     }
 
     fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
-        Box::pin(self.upstream.get_blob(&self.repo, &self.digest, offset))
+        Box::pin(async move {
+            let response = self
+                .upstream
+                .get_blob(&self.repo, &self.digest, offset)
+                .await?;
+            // The upstream served the blob under this repository: its word on membership.
+            super::grant::record(&self.index, &self.namespace, &self.repo, &self.digest);
+            Ok(response)
+        })
     }
 
     fn digest_mismatch(&self, message: String) {

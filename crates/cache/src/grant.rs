@@ -2,22 +2,24 @@
 //! repository must not read another repository's blobs (or manifests) by digest, even though
 //! the store keeps content per upstream, not per repository.
 //!
-//! A digest belongs to a repository when a manifest served under that repository references it
-//! (remembered in memory, bounded), or when the upstream confirms it with a `HEAD` under that
-//! repository (remembered too). Clients fetch a manifest before its blobs, so the normal pull
-//! costs one memory lookup per blob; only a blob asked for out of the blue costs a `HEAD`.
-//! When the upstream cannot answer (offline, down), the repository's cached tags are walked
-//! instead (after a restart, a pull by digest from an offline cache still works).
+//! A digest belongs to a repository only on the upstream's word: the upstream answered 2xx to a
+//! `GET` or `HEAD` for that digest under that repository (a blob fill, a manifest fetched by tag
+//! or digest, a tag revalidation, or the `HEAD` asked here when membership is unknown). A
+//! digest a manifest of the repository merely names is not enough: anyone who can push to a
+//! repository upstream can name any digest (a foreign or `urls` layer, or another repository's
+//! manifest). Memberships are recorded in the index always (one read, and a write the first
+//! time), so an offline site keeps serving what the upstream confirmed before and enabling
+//! `[auth]` later needs no re-confirmation; they are checked only with `[auth]`
+//! (`http/front_door.rs`). Unknown while the upstream is offline: not a member, never served.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use regcache_oci::{Digest, Reference, RepoName};
+use regcache_oci::{Digest, RepoName};
+use regcache_store::{Index, Namespace};
 use regcache_upstream::{Need, UpstreamError};
 
-use super::{Cache, CacheError, Manifest, Target};
-
-/// Memberships remembered; beyond it the least used are forgotten (and re-confirmed).
-const MAX_KNOWN: u64 = 1_000_000;
+use super::{Cache, CacheError, Target};
 
 /// Whether a digest names a blob or a manifest (the upstream is asked differently).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,54 +30,42 @@ pub enum DigestKind {
     Manifest,
 }
 
-/// (upstream index, repository, digest) memberships known to hold.
-#[derive(Debug)]
-pub(crate) struct Memberships {
-    known: moka::future::Cache<(usize, RepoName, Digest), ()>,
-}
-
-impl Default for Memberships {
-    fn default() -> Self {
-        Self {
-            known: moka::future::Cache::builder()
-                .max_capacity(MAX_KNOWN)
-                .build(),
-        }
+/// Records that the upstream served or confirmed `digest` under `repo`. A failure to write is
+/// logged, not returned: the answer in hand is still right, and the membership is asked again
+/// next time.
+pub(crate) fn record(index: &Index, namespace: &Namespace, repo: &RepoName, digest: &Digest) {
+    if let Err(err) = index.put_membership(namespace, repo, digest, SystemTime::now()) {
+        tracing::warn!(error = %err, %repo, %digest, "cannot record a repository membership");
     }
 }
 
 impl Cache {
-    /// Records that `manifest` was served under `target`: it, its child manifests and its blobs
-    /// belong to that repository.
-    pub async fn note_served_manifest(&self, target: &Target, manifest: &Manifest) {
-        let (children, blobs) = regcache_oci::references(&manifest.bytes, &[]);
-        for digest in std::iter::once(manifest.digest)
-            .chain(children)
-            .chain(blobs)
-        {
-            self.memberships
-                .known
-                .insert((target.upstream, target.repo.clone(), digest), ())
-                .await;
-        }
+    /// Records that the upstream served or confirmed `digest` under the repository of `target`.
+    pub(crate) fn confirm_member(&self, target: &Target, digest: &Digest) {
+        let (_, namespace) = self.upstream(target);
+        record(&self.index, namespace, &target.repo, digest);
     }
 
-    /// Whether `digest` belongs to the repository of `target`: a manifest served under it
-    /// referenced the digest, or the upstream says the repository has it.
+    /// Whether `digest` belongs to the repository of `target`: the upstream served or confirmed
+    /// it there before (recorded in the index), or says so now (a `HEAD` under the repository,
+    /// recorded). An offline upstream confirms nothing: unknown is `false`.
     ///
     /// # Errors
-    /// [`CacheError::Upstream`] when the upstream had to be asked and could not answer.
+    /// [`CacheError::Upstream`] when the upstream had to be asked and could not answer (down,
+    /// not offline: the client may retry); [`CacheError::Store`] when the index cannot be read.
     pub async fn belongs_to(
         self: &Arc<Self>,
         target: &Target,
         digest: &Digest,
         kind: DigestKind,
     ) -> Result<bool, CacheError> {
-        let key = (target.upstream, target.repo.clone(), *digest);
-        if self.memberships.known.contains_key(&key) {
+        let (upstream, namespace) = self.upstream(target);
+        if self.index.is_member(namespace, &target.repo, digest)? {
             return Ok(true);
         }
-        let (upstream, _) = self.upstream(target);
+        if upstream.is_offline() {
+            return Ok(false);
+        }
         let confirmed = match kind {
             DigestKind::Blob => upstream.has_blob(&target.repo, digest).await,
             DigestKind::Manifest => upstream
@@ -85,47 +75,13 @@ impl Cache {
         };
         match confirmed {
             Ok(true) => {
-                self.memberships.known.insert(key, ()).await;
+                self.confirm_member(target, digest);
                 Ok(true)
             }
-            Ok(false) | Err(UpstreamError::NotFound { .. }) => Ok(false),
-            Err(err) if err.class().unavailable => {
-                self.note_cached_tags(target).await?;
-                if self.memberships.known.contains_key(&key) {
-                    return Ok(true);
-                }
-                // An offline upstream will never confirm it: unknown here. One that is down
-                // may, later: the client is told to retry.
-                match err {
-                    UpstreamError::Offline { .. } => Ok(false),
-                    err => Err(err.into()),
-                }
+            Ok(false) | Err(UpstreamError::NotFound { .. } | UpstreamError::Offline { .. }) => {
+                Ok(false)
             }
             Err(err) => Err(err.into()),
         }
-    }
-
-    /// Notes what every cached tag of the repository references, through an index to its
-    /// children. Scans the tag index, so it runs only when the upstream cannot answer.
-    async fn note_cached_tags(self: &Arc<Self>, target: &Target) -> Result<(), CacheError> {
-        let (_, namespace) = self.upstream(target);
-        let tags = self.index.tags()?;
-        for (tag_namespace, repo, tag, _) in tags {
-            if tag_namespace != *namespace || repo != target.repo {
-                continue;
-            }
-            // Served as a client would get it: from the cache, stale if need be.
-            let Ok(answer) = self.manifest(target, &Reference::Tag(tag), &[]).await else {
-                continue;
-            };
-            self.note_served_manifest(target, &answer.manifest).await;
-            let (children, _) = regcache_oci::references(&answer.manifest.bytes, &[]);
-            for child in children {
-                if let Ok(child) = self.manifest(target, &Reference::Digest(child), &[]).await {
-                    self.note_served_manifest(target, &child.manifest).await;
-                }
-            }
-        }
-        Ok(())
     }
 }

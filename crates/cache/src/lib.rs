@@ -370,8 +370,6 @@ pub struct Cache {
     store_trouble: Arc<direct::StoreTrouble>,
     /// For validating `pins.toml` when it changes.
     upstream_configs: Vec<regcache_config::UpstreamConfig>,
-    /// Which digests belong to which repository (client authentication).
-    memberships: grant::Memberships,
     /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
     cluster: Option<Arc<regcache_cluster::Cluster>>,
 }
@@ -475,7 +473,6 @@ impl Cache {
             pins_stamp: std::sync::Mutex::new(None),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
-            memberships: grant::Memberships::default(),
             budget,
             cluster: None,
         })
@@ -653,11 +650,13 @@ impl Cache {
         digest: &Digest,
         asker: Asker,
     ) -> Box<dyn fill::BlobSource> {
-        let (upstream, _) = self.upstream(target);
+        let (upstream, namespace) = self.upstream(target);
         let blob = fill::UpstreamBlob {
             upstream: Arc::clone(upstream),
             repo: target.repo.clone(),
             digest: *digest,
+            index: self.index.clone(),
+            namespace: namespace.clone(),
         };
         let owner = match (&self.cluster, asker) {
             (Some(cluster), Asker::Client) => cluster
@@ -681,6 +680,7 @@ impl Cache {
     ) -> Result<RangedAnswer, CacheError> {
         let (upstream, _) = self.upstream(target);
         let response = upstream.get_blob(&target.repo, digest, 0).await?;
+        self.confirm_member(target, digest);
         Ok(Ok(BlobAnswer {
             size: response.total_size,
             range: None,

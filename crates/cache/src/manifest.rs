@@ -255,6 +255,7 @@ impl Cache {
             if head.is_some_and(|(digest, _)| digest == cached_digest) {
                 if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
                     confirm(cached_digest)?;
+                    self.confirm_member(target, &cached_digest);
                     return Ok((manifest, CachePhase::Revalidated));
                 }
             }
@@ -383,6 +384,8 @@ impl Cache {
             .get_manifest(&target.repo, reference, accept, need)
             .await?;
         let manifest = verify_manifest(fetched, expected)?;
+        // The upstream served this manifest under the repository: its word on membership.
+        self.confirm_member(target, &manifest.digest);
         let store = Arc::clone(&self.store);
         let (ns, digest, bytes) = (namespace.clone(), manifest.digest, manifest.bytes.clone());
         tokio::task::spawn_blocking(move || store.put_verified(&ns, &digest, &bytes))

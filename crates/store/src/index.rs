@@ -1,5 +1,6 @@
-//! The persistent index (sled): tag → digest with the time the upstream last confirmed it, and
-//! digest → manifest media type.
+//! The persistent index (sled): tag → digest with the time the upstream last confirmed it,
+//! digest → manifest media type, and the (repository, digest) memberships the upstream
+//! confirmed.
 //!
 //! Records on disk are versioned JSON kept apart from domain types. The index only *describes*
 //! the blob store: manifest bytes live in the content-addressed files, so a lost or corrupt
@@ -542,6 +543,70 @@ impl Index {
     }
 }
 
+/// `namespace\nrepository\n` + the digest's 32 bytes: a membership key. Compact (one per
+/// repository and digest the upstream confirmed) and unambiguous: names contain no `\n` and
+/// the digest has a fixed length at the end.
+fn membership_key(namespace: &Namespace, repo: &RepoName, digest: &Digest) -> Vec<u8> {
+    let mut key = format!("{}\n{}\n", namespace.as_str(), repo.as_str()).into_bytes();
+    let mut raw = [0u8; 32];
+    // The hex of a parsed digest always decodes to 32 bytes.
+    if hex::decode_to_slice(digest.hex(), &mut raw).is_err() {
+        return format!("{}\n{}\n{digest}", namespace.as_str(), repo.as_str()).into_bytes();
+    }
+    key.extend_from_slice(&raw);
+    key
+}
+
+impl Index {
+    /// The memberships tree, opened on first use (as the referrers tree).
+    fn memberships_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("memberships")?)
+    }
+
+    /// Records that the upstream served or confirmed `digest` under `repo` at `at`. The value
+    /// is the time, 8 little-endian bytes of Unix milliseconds (kept for diagnostics; a
+    /// membership does not expire: content by digest is immutable). An existing record is
+    /// left alone, so confirming again costs a read, not a write.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn put_membership(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        digest: &Digest,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        let tree = self.memberships_tree()?;
+        let key = membership_key(namespace, repo, digest);
+        if tree.contains_key(&key)? {
+            return Ok(());
+        }
+        let millis = at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let millis = u64::try_from(millis).unwrap_or(u64::MAX);
+        tree.insert(key, &millis.to_le_bytes()[..])?;
+        Ok(())
+    }
+
+    /// Whether the upstream served or confirmed `digest` under `repo` (recorded by
+    /// [`Index::put_membership`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn is_member(
+        &self,
+        namespace: &Namespace,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
+        let key = membership_key(namespace, repo, digest);
+        Ok(self.memberships_tree()?.contains_key(key)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,5 +747,60 @@ mod tests {
             .referrers(&namespace, &repo, &other)
             .expect("list")
             .is_empty());
+    }
+
+    #[test]
+    fn memberships_are_scoped_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("index");
+        let namespace = Namespace::new("r.test");
+        let other_namespace = Namespace::new("other.test");
+        let repo = RepoName::parse("a").expect("valid");
+        let digest = Digest::of(b"layer");
+        {
+            let (index, _) = Index::open(&path).expect("open");
+            assert!(!index.is_member(&namespace, &repo, &digest).expect("read"));
+            index
+                .put_membership(&namespace, &repo, &digest, SystemTime::now())
+                .expect("put");
+            // Confirming again is harmless.
+            index
+                .put_membership(&namespace, &repo, &digest, SystemTime::now())
+                .expect("put again");
+            index.flush().expect("flush");
+        }
+        let (index, _) = Index::open(&path).expect("reopen");
+        assert!(index.is_member(&namespace, &repo, &digest).expect("read"));
+        // Another digest, another repository (a prefix of it, or one it is a prefix of) or
+        // another upstream: not a member.
+        let not_members = [
+            (&namespace, "a", Digest::of(b"other")),
+            (&namespace, "a/b", digest),
+            (&namespace, "ab", digest),
+            (&other_namespace, "a", digest),
+        ];
+        for (namespace, repo, digest) in not_members {
+            let repo = RepoName::parse(repo).expect("valid");
+            assert!(
+                !index.is_member(namespace, &repo, &digest).expect("read"),
+                "{repo} {digest}"
+            );
+        }
+        let shorter = RepoName::parse("a").expect("valid");
+        let longer = RepoName::parse("a/b").expect("valid");
+        index
+            .put_membership(&namespace, &longer, &digest, SystemTime::now())
+            .expect("put");
+        assert!(index.is_member(&namespace, &longer, &digest).expect("read"));
+        assert!(index
+            .is_member(&namespace, &shorter, &digest)
+            .expect("read"));
+        assert!(!index
+            .is_member(
+                &namespace,
+                &RepoName::parse("a/b/c").expect("valid"),
+                &digest
+            )
+            .expect("read"));
     }
 }

@@ -20,12 +20,15 @@ use super::auth::{Authenticator, Identity, TOKEN_PATH};
 use super::error::ApiError;
 use super::route::{self, Route};
 use super::{AppState, Body, Listener};
-use regcache_cache::{DigestKind, Manifest, Target};
+use regcache_cache::{DigestKind, Target};
 use regcache_oci::Digest;
 
 /// With authentication on, refuses (as unknown, like a registry does) a digest that does not
 /// belong to the repository it is asked under, so a grant for one repository cannot read
-/// another's content by digest. Without `[auth]` every client may read everything anyway.
+/// another's content by digest. A digest belongs to a repository only when the upstream served
+/// or confirmed it there (`cache/grant.rs`), never because a manifest of the repository names
+/// it; so the blob route serves a manifest's bytes only under a repository the upstream
+/// confirmed it for. Without `[auth]` every client may read everything anyway.
 ///
 /// # Errors
 /// `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` 404, or the upstream's failure to answer.
@@ -53,13 +56,6 @@ pub(crate) async fn check_membership(
     let mut err = ApiError::new(StatusCode::NOT_FOUND, code, "unknown to this repository");
     err.internal = Some(format!("{digest} does not belong to {}", target.repo));
     Err(err)
-}
-
-/// With authentication on, remembers what a manifest served under `target` references.
-pub(crate) async fn note_manifest(state: &AppState, target: &Target, manifest: &Manifest) {
-    if state.auth.is_some() {
-        state.cache.note_served_manifest(target, manifest).await;
-    }
 }
 
 /// The tower layer in front of routing.
@@ -129,8 +125,8 @@ where
         let door = self.door.clone();
         Box::pin(async move {
             // Checked on the head alone: the body stays untouched (and need not be `Sync`).
-            let (head, body) = request.into_parts();
-            match door.check(&head).await {
+            let (mut head, body) = request.into_parts();
+            match door.check(&mut head).await {
                 Verdict::Pass => inner.call(Request::from_parts(head, body)).await,
                 Verdict::Answer(response) => Ok(response),
             }
@@ -139,7 +135,9 @@ where
 }
 
 impl FrontDoor {
-    async fn check(&self, request: &Parts) -> Verdict {
+    /// Decides on `request`; a request let through carries the caller's [`Identity`] in its
+    /// extensions (the status page shows only what that identity may pull).
+    async fn check(&self, request: &mut Parts) -> Verdict {
         let Some(auth) = &self.state.auth else {
             return Verdict::Pass;
         };
@@ -178,6 +176,9 @@ impl FrontDoor {
                 )
             }
         };
+        request
+            .extensions
+            .insert(identity.clone().unwrap_or(Identity::Anonymous));
         match route {
             Route::Health | Route::Ready => Verdict::Pass,
             // The status page and metrics name repositories: any known user, nobody else.

@@ -149,7 +149,21 @@ async fn route_request<B>(
             Ok((response, None))
         }
         Route::Status if readable && state.status_page => {
-            let html = status::render(&state.cache, &state.metrics, &state.board, state.budget);
+            // With `[auth]`, only the repositories the caller may pull (the front door put
+            // the caller's identity in the request).
+            let viewer = request.extensions().get::<super::auth::Identity>();
+            let visible = |upstream: &str, repo: &str| match (&state.auth, viewer) {
+                (None, _) => true,
+                (Some(auth), Some(identity)) => auth.may_pull(identity, upstream, repo),
+                (Some(_), None) => false,
+            };
+            let html = status::render(
+                &state.cache,
+                &state.metrics,
+                &state.board,
+                state.budget,
+                &visible,
+            );
             let mut response = Response::new(body::full(html));
             let headers = response.headers_mut();
             headers.insert(
@@ -302,7 +316,6 @@ async fn manifest<B>(
             "the manifest is schema1, which the client does not accept",
         ));
     }
-    auth::note_manifest(state, target, &manifest).await;
     let digest = manifest.digest.to_string();
     let body = if request.method() == Method::HEAD {
         body::empty()

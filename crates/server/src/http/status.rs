@@ -29,6 +29,9 @@ struct Pull {
 /// (upstream, repository)
 type RepoKey = (String, String);
 
+/// Whether the viewer may see a repository: `(upstream, repository)`.
+pub(crate) type Visible<'a> = dyn Fn(&str, &str) -> bool + 'a;
+
 #[derive(Debug, Default)]
 struct Board {
     recent: VecDeque<Pull>,
@@ -78,16 +81,25 @@ impl StatusBoard {
         }
     }
 
-    fn snapshot(&self) -> (Vec<Pull>, Vec<(RepoKey, u64)>) {
+    /// Recent pulls and the top repositories, of the repositories `visible` says the viewer
+    /// may see (`(upstream, repository)`).
+    fn snapshot(&self, visible: &Visible<'_>) -> (Vec<Pull>, Vec<(RepoKey, u64)>) {
         let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
         let mut top: Vec<_> = board
             .bytes_by_repo
             .iter()
+            .filter(|((upstream, repo), _)| visible(upstream, repo))
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         top.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         top.truncate(10);
-        (board.recent.iter().cloned().collect(), top)
+        let recent = board
+            .recent
+            .iter()
+            .filter(|pull| visible(&pull.upstream, &pull.repo))
+            .cloned()
+            .collect();
+        (recent, top)
     }
 }
 
@@ -129,15 +141,16 @@ pub(crate) fn hit_ratio(metrics: &Metrics) -> Option<f64> {
     (total > 0).then(|| hits as f64 / total as f64)
 }
 
-/// Renders the status page.
+/// Renders the status page, naming only the repositories `visible` lets the viewer see.
 pub(crate) fn render(
     cache: &Cache,
     metrics: &Metrics,
     board: &StatusBoard,
     budget: Option<u64>,
+    visible: &Visible<'_>,
 ) -> String {
     let usage = cache.store().usage();
-    let (recent, top) = board.snapshot();
+    let (recent, top) = board.snapshot(visible);
     let mut html = String::from(concat!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
