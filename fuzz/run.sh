@@ -10,7 +10,7 @@ seconds="${1:-20}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(reference digest route range www_authenticate manifest schema1 config)
+  targets=(reference digest route range www_authenticate manifest schema1 config archive layout_index)
 fi
 
 export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \

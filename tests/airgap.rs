@@ -707,3 +707,421 @@ async fn an_interrupted_prefetch_resumes_without_fetching_again_what_it_stored()
         assert!(serves_blob(&proxy, "test/app", digest).await, "{digest}");
     }
 }
+
+/// A tar written byte by byte, so that a test can declare sizes its data does not have.
+#[derive(Default)]
+struct TarBytes(Vec<u8>);
+
+impl TarBytes {
+    /// A header of `kind` declaring `declared` bytes, then `data`, padded to a block.
+    fn entry(&mut self, kind: tar::EntryType, name: &str, declared: u64, data: &[u8]) -> &mut Self {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        // Written as given (`set_path` would drop the `./` of `././@LongLink`).
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_size(declared);
+        header.set_mode(0o644);
+        header.set_cksum();
+        self.0.extend_from_slice(header.as_bytes());
+        self.0.extend_from_slice(data);
+        self.0.resize(self.0.len().next_multiple_of(512), 0);
+        self
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+        self.entry(tar::EntryType::Regular, name, data.len() as u64, data)
+    }
+
+    /// Writes the archive, then `hole` bytes that take no disk space (a sparse file: the data
+    /// of a last entry declaring more than was written) and the end-of-archive blocks.
+    fn write(&self, path: &Path, hole: u64) {
+        std::fs::write(path, &self.0).expect("write archive");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open archive");
+        let len = (self.0.len() as u64 + hole).next_multiple_of(512) + 1024;
+        file.set_len(len).expect("extend archive");
+    }
+}
+
+fn sha(bytes: &[u8]) -> String {
+    common::regclient::sha256_digest(bytes)
+}
+
+fn entry_of(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// An OCI image manifest of `config` and `layers` (digest, declared size).
+fn oci_manifest(config: &[u8], layers: &[(String, u64)]) -> Vec<u8> {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(digest, size)| {
+            serde_json::json!({"mediaType": images::MT_OCI_LAYER_TAR, "digest": digest, "size": size})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": images::MT_OCI_MANIFEST,
+        "config": {"mediaType": images::MT_OCI_CONFIG, "digest": sha(config), "size": config.len()},
+        "layers": layers,
+    }))
+    .expect("json")
+}
+
+/// `index.json` naming `manifest` (declared as `media_type`) as `name` (none: unnamed).
+fn index_json(media_type: &str, manifest: &[u8], name: Option<&str>) -> Vec<u8> {
+    let mut descriptor = serde_json::json!({
+        "mediaType": media_type,
+        "digest": sha(manifest),
+        "size": manifest.len(),
+    });
+    if let Some(name) = name {
+        descriptor["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": name});
+    }
+    serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]}))
+        .expect("json")
+}
+
+/// A layout holding one manifest (declared as `media_type`, named `name`) and `blobs`.
+fn layout(media_type: &str, manifest: &[u8], name: Option<&str>, blobs: &[&[u8]]) -> TarBytes {
+    let mut archive = TarBytes::default();
+    archive
+        .file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .file("index.json", &index_json(media_type, manifest, name))
+        .file(&entry_of(&sha(manifest)), manifest);
+    for blob in blobs {
+        archive.file(&entry_of(&sha(blob)), blob);
+    }
+    archive
+}
+
+/// The image every hostile-import test loads first: `test/good:v1`.
+struct GoodImage {
+    layer: Vec<u8>,
+    manifest: Vec<u8>,
+    archive: tempfile::TempPath,
+}
+
+fn good_image() -> GoodImage {
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#.to_vec();
+    let layer = images::seeded_bytes("good layer", 64 * 1024);
+    let manifest = oci_manifest(&config, &[(sha(&layer), layer.len() as u64)]);
+    let name = format!("{UPSTREAM_NAME}/test/good:v1");
+    let archive = tempfile::NamedTempFile::new()
+        .expect("archive")
+        .into_temp_path();
+    layout(
+        images::MT_OCI_MANIFEST,
+        &manifest,
+        Some(&name),
+        &[&config, &layer],
+    )
+    .write(&archive, 0);
+    GoodImage {
+        layer,
+        manifest,
+        archive,
+    }
+}
+
+/// An archive that must be refused: what it tries, and what the message must name.
+struct HostileCase {
+    what: &'static str,
+    path: std::path::PathBuf,
+    expected: Vec<String>,
+}
+
+/// One archive per attack of issue 19 (4–6) and the smaller import holes, each naming an
+/// image of its own (`test/<what>:v1`), so that a tag recorded in error would show.
+fn hostile_cases(dir: &Path, good: &GoodImage) -> Vec<HostileCase> {
+    let mut cases = Vec::new();
+    let mut add = |what: &'static str, archive: &TarBytes, hole: u64, expected: &[&str]| {
+        let path = dir.join(format!("{what}.tar"));
+        archive.write(&path, hole);
+        cases.push(HostileCase {
+            what,
+            path,
+            expected: expected.iter().map(|part| (*part).to_owned()).collect(),
+        });
+    };
+    let name = |what: &str| format!("{UPSTREAM_NAME}/test/{what}:v1");
+    let config =
+        |what: &str| format!("{{\"architecture\":\"amd64\",\"os\":\"{what}\"}}").into_bytes();
+
+    // A GNU long name declaring 256 MiB, 8 KiB on disk; a PAX header declaring 1 GiB.
+    let mut archive = layout(
+        images::MT_OCI_MANIFEST,
+        &good.manifest,
+        Some(&name("long")),
+        &[],
+    );
+    archive.entry(
+        tar::EntryType::GNULongName,
+        "././@LongLink",
+        256 << 20,
+        &[b'a'; 8192],
+    );
+    add("long", &archive, 0, &["././@LongLink", "268435456"]);
+    let mut archive = layout(
+        images::MT_OCI_MANIFEST,
+        &good.manifest,
+        Some(&name("pax")),
+        &[],
+    );
+    archive.entry(
+        tar::EntryType::XHeader,
+        "PaxHeaders.0/layer",
+        1 << 30,
+        &[b'a'; 8192],
+    );
+    add(
+        "pax",
+        &archive,
+        0,
+        &["PaxHeaders.0/layer", "PAX header", "1073741824"],
+    );
+
+    // A 2 GiB layer in a sparse archive (max_blob_size is 64 MiB); a 1.5 MiB one (the budget
+    // is 1 MiB). Only the declared sizes are real.
+    for (what, size, reason) in [
+        ("sparse", 2u64 << 30, "max_blob_size"),
+        ("budget", 3 << 19, "storage budget"),
+    ] {
+        let config = config(what);
+        let layer_digest = sha(what.as_bytes());
+        let manifest = oci_manifest(&config, &[(layer_digest.clone(), size)]);
+        let mut archive = layout(
+            images::MT_OCI_MANIFEST,
+            &manifest,
+            Some(&name(what)),
+            &[&config],
+        );
+        archive.entry(tar::EntryType::Regular, &entry_of(&layer_digest), size, b"");
+        add(what, &archive, size, &[&entry_of(&layer_digest), reason]);
+    }
+
+    // Manifests a fill would refuse, under their own digests, declared as manifests.
+    let html = b"<html><body>hi</body></html>".to_vec();
+    let archive = layout(images::MT_OCI_MANIFEST, &html, Some(&name("html")), &[]);
+    add(
+        "html",
+        &archive,
+        0,
+        &[&entry_of(&sha(&html)), "not a JSON object"],
+    );
+    let gzip = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+        .to_vec();
+    let archive = layout(images::MT_OCI_MANIFEST, &gzip, Some(&name("gzip")), &[]);
+    add(
+        "gzip",
+        &archive,
+        0,
+        &[&entry_of(&sha(&gzip)), "not a JSON object"],
+    );
+    let children = serde_json::json!([{"mediaType": images::MT_OCI_MANIFEST, "digest": sha(&good.manifest), "size": good.manifest.len()}]);
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": images::MT_OCI_INDEX, "manifests": children})).expect("json");
+    let mut archive = layout(
+        images::MT_OCI_MANIFEST,
+        &index,
+        Some(&name("disguised")),
+        &[],
+    );
+    archive.file(&entry_of(&sha(&good.manifest)), &good.manifest);
+    add(
+        "disguised",
+        &archive,
+        0,
+        &[&entry_of(&sha(&index)), "mediaType disagrees"],
+    );
+    let bare = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": children}))
+        .expect("json");
+    let mut archive = layout(images::MT_OCI_MANIFEST, &bare, Some(&name("bare")), &[]);
+    archive.file(&entry_of(&sha(&good.manifest)), &good.manifest);
+    add("bare", &archive, 0, &[&entry_of(&sha(&bare)), "an index"]);
+    let config_html = config("text-html");
+    let manifest = oci_manifest(&config_html, &[]);
+    let archive = layout(
+        "text/html",
+        &manifest,
+        Some(&name("texthtml")),
+        &[&config_html],
+    );
+    add(
+        "texthtml",
+        &archive,
+        0,
+        &[
+            &entry_of(&sha(&manifest)),
+            "text/html",
+            "not a manifest media type",
+        ],
+    );
+
+    // No reference names: nothing to import is an error, not an empty success.
+    let archive = layout(images::MT_OCI_MANIFEST, &good.manifest, None, &[]);
+    add("unnamed", &archive, 0, &["index.json", "names no image"]);
+
+    // The good layer, tampered, after a new config: the store already holds the layer, so the
+    // archive's bytes must still be checked, and the config stored before it removed again.
+    let new_config = config("tampered");
+    let manifest = oci_manifest(&new_config, &[(sha(&good.layer), good.layer.len() as u64)]);
+    let mut tampered = good.layer.clone();
+    tampered[100] ^= 1;
+    let mut archive = layout(
+        images::MT_OCI_MANIFEST,
+        &manifest,
+        Some(&name("tampered")),
+        &[&new_config],
+    );
+    archive.file(&entry_of(&sha(&good.layer)), &tampered);
+    add(
+        "tampered",
+        &archive,
+        0,
+        &[&entry_of(&sha(&good.layer)), "mismatch"],
+    );
+    cases
+}
+
+/// Every file under the store's `blobs/` and `tmp/`, with its size.
+fn store_files(storage: &Path) -> Vec<(String, u64)> {
+    fn walk(dir: &Path, root: &Path, files: &mut Vec<(String, u64)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let entry = entry.expect("dir entry");
+            let path = entry.path();
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                walk(&path, root, files);
+            } else {
+                let name = path
+                    .strip_prefix(root)
+                    .expect("under root")
+                    .display()
+                    .to_string();
+                files.push((name, meta.len()));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for part in ["blobs", "tmp"] {
+        walk(&storage.join(part), storage, &mut files);
+    }
+    files.sort();
+    files
+}
+
+/// Imports each hostile archive with the CLI (through the server's admin socket when one
+/// runs): each is refused with exit status 1, naming the entry, and the store is unchanged.
+async fn refuse_all(config: &Path, storage: &Path, cases: &[HostileCase]) {
+    let before = store_files(storage);
+    assert!(
+        before.iter().any(|(name, _)| name.starts_with("blobs/")),
+        "the good image is stored: {before:?}"
+    );
+    for case in cases {
+        let output =
+            regcache(&["import", "--config", path_str(config), path_str(&case.path)]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{}: {stderr}{}",
+            case.what,
+            String::from_utf8_lossy(&output.stdout)
+        );
+        for part in &case.expected {
+            assert!(
+                stderr.contains(part.as_str()),
+                "{}: {stderr:?} lacks {part:?}",
+                case.what
+            );
+        }
+        assert_eq!(
+            store_files(storage),
+            before,
+            "{}: the store changed",
+            case.what
+        );
+    }
+}
+
+/// The good image is served, and no tag of a refused archive is.
+async fn serves_only_the_good_image(site: &TestProxy, good: &GoodImage, cases: &[HostileCase]) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/v2/test/good/manifests/v1", site.url()))
+        .header("accept", images::MT_OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET the good manifest");
+    assert_eq!(response.status(), StatusCode::OK, "{}", site.log());
+    assert_eq!(
+        sha(&response.bytes().await.expect("body")),
+        sha(&good.manifest)
+    );
+    assert!(serves_blob(site, "test/good", &sha(&good.layer)).await);
+    for case in cases {
+        let (status, _, _) = get_json(&format!(
+            "{}/v2/test/{}/manifests/v1",
+            site.url(),
+            case.what
+        ))
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{} was tagged", case.what);
+    }
+}
+
+const HOSTILE_IMPORT_TOML: &str =
+    "[cache]\nmax_blob_size = \"64MiB\"\n[storage]\nmax_size = \"1MiB\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_archives_are_refused_by_the_cli_and_leave_the_store_as_it_was() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = UpstreamSpec::default_at(UPSTREAM_NAME, "http://127.0.0.1:9").with("offline = true");
+    let mut site = TestProxy::start(&[spec], HOSTILE_IMPORT_TOML).await;
+    assert!(site.stop().await, "{}", site.log());
+    let config = site.config_path().to_owned();
+    let good = good_image();
+    let output = regcache(&[
+        "import",
+        "--config",
+        path_str(&config),
+        path_str(&good.archive),
+    ])
+    .await;
+    assert_success(&output, "import of the good image");
+    let cases = hostile_cases(dir.path(), &good);
+    refuse_all(&config, &site.storage(), &cases).await;
+    site.restart_after_crash().await;
+    serves_only_the_good_image(&site, &good, &cases).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_archives_are_refused_through_the_admin_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let spec = UpstreamSpec::default_at(UPSTREAM_NAME, "http://127.0.0.1:9").with("offline = true");
+    let site = TestProxy::start(&[spec], HOSTILE_IMPORT_TOML).await;
+    let config = site.config_path().to_owned();
+    let good = good_image();
+    let output = regcache(&[
+        "import",
+        "--config",
+        path_str(&config),
+        path_str(&good.archive),
+    ])
+    .await;
+    assert_success(&output, "import of the good image into the running server");
+    let cases = hostile_cases(dir.path(), &good);
+    refuse_all(&config, &site.storage(), &cases).await;
+    let log = site.log();
+    assert_eq!(
+        log.matches("import requested on the admin socket").count(),
+        cases.len() + 1,
+        "every import went through the server:\n{log}"
+    );
+    serves_only_the_good_image(&site, &good, &cases).await;
+}

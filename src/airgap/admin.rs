@@ -99,6 +99,9 @@ pub async fn serve(
     };
     let resolver = Arc::new(resolver);
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_REQUESTS));
+    // Imports run one at a time: a refused import removes the blobs it stored, which another
+    // import running beside it may have found present and counted on.
+    let imports = Arc::new(tokio::sync::Mutex::new(()));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -119,8 +122,9 @@ pub async fn serve(
             continue;
         };
         let (cache, resolver) = (Arc::clone(&cache), Arc::clone(&resolver));
+        let imports = Arc::clone(&imports);
         tokio::spawn(async move {
-            if let Err(err) = handle(cache, &resolver, stream).await {
+            if let Err(err) = handle(cache, &resolver, &imports, stream).await {
                 tracing::debug!(error = %err, "admin connection ended");
             }
             drop(permit);
@@ -142,7 +146,12 @@ fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-async fn handle(cache: Arc<Cache>, resolver: &Resolver, stream: UnixStream) -> std::io::Result<()> {
+async fn handle(
+    cache: Arc<Cache>,
+    resolver: &Resolver,
+    imports: &tokio::sync::Mutex<()>,
+    stream: UnixStream,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES))
@@ -181,6 +190,7 @@ async fn handle(cache: Arc<Cache>, resolver: &Resolver, stream: UnixStream) -> s
         Request::Import { archive } => {
             tracing::info!(archive = %archive.display(), "import requested on the admin socket");
             let resolver = resolver.clone();
+            let _one_import = imports.lock().await;
             let result = tokio::task::spawn_blocking(move || {
                 super::import::import(&cache, &resolver, &archive)
             })

@@ -3,11 +3,15 @@
 //!
 //! Every manifest and blob is verified against its digest as it is read, through
 //! [`store_verified`]; the first bad entry stops the import and is named. Order of work:
-//! (1) list the archive's entries (seeking past their data) and refuse a truncated one;
-//! (2) read `index.json` and verify every manifest the named images reach; (3) load the blobs
-//! in archive order; (4) store the manifests, then record tags and referrers, so that a
-//! manifest is never served before its blobs are in the store. What was verified before a bad
-//! entry may stay (it is correct, content-addressed data); nothing unverified is stored.
+//! (1) list the archive's entries (reading the tar headers, seeking past their data) and refuse
+//! a truncated, sparse or oversized one (long-name and PAX entries are capped); (2) read
+//! `index.json` and check every manifest the named images reach as a fill would (digest, a
+//! manifest media type, `validate_manifest`), and every blob's declared size against
+//! `cache.max_blob_size` and the storage budget; (3) load the blobs in archive order (the
+//! archive's bytes of a blob already stored are still checked); (4) store the manifests, then
+//! record tags and referrers, so that a manifest is never served before its blobs are in the
+//! store. A refused archive leaves the store as it was: the blobs a failed load stored are
+//! removed again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -22,9 +26,12 @@ use super::archive::{blob_path, LayoutIndex, REF_NAME};
 use super::{store_verified, AirgapError, Content, ImageRef};
 use crate::cache::{Cache, Manifest};
 use crate::config::Config;
-use crate::oci::{references, sniff_media_type, Digest, MediaType, Reference, MAX_MANIFEST_BYTES};
+use crate::oci::{
+    declared_sizes, references, sniff_media_type, validate_manifest, Digest, MediaType, Reference,
+    MAX_MANIFEST_BYTES,
+};
 use crate::routing::Resolver;
-use crate::store::{ManifestRecord, Namespace, TagRecord};
+use crate::store::{DigestCheck, ManifestRecord, Namespace, Store, TagRecord, READ_CHUNK};
 
 /// Arguments of `regcache import`.
 #[derive(Debug, Clone, clap::Args)]
@@ -52,9 +59,16 @@ pub struct ImportReport {
 
 /// Where an entry's data lies in the archive.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Span {
+pub(crate) struct Span {
     offset: u64,
     size: u64,
+}
+
+impl Span {
+    /// The offset just past the entry's data.
+    pub(crate) fn end(&self) -> u64 {
+        self.offset.saturating_add(self.size)
+    }
 }
 
 fn entry_error(entry: &str, reason: impl std::fmt::Display) -> AirgapError {
@@ -64,42 +78,239 @@ fn entry_error(entry: &str, reason: impl std::fmt::Display) -> AirgapError {
     }
 }
 
+/// The largest GNU long-name (`L`) or long-link (`K`) entry, and the largest PAX extended
+/// header (`x`, `g`), an archive may hold. The names of an image layout are short
+/// (`blobs/sha256/<64 hex>`), and `tar` 0.4 reads these entries whole whatever size they
+/// declare, so the listing walks the headers itself and checks the size before reading.
+const MAX_EXTENSION_BYTES: u64 = 64 * 1024;
+
+/// The most headers an archive may hold: far more than an image layout has (one per blob),
+/// few enough that the listing stays small.
+const MAX_ENTRIES: usize = 1 << 18;
+
+/// Names longer than this are not listed: no entry an import reads has one
+/// (`blobs/sha512/<128 hex>` is the longest), so the listing keeps short keys only.
+const MAX_LISTED_NAME: usize = 256;
+
+/// A tar block: headers are one, data is padded to a multiple.
+const BLOCK: u64 = 512;
+
 /// Lists the archive's regular files, seeking past their data. A data span past the end of the
-/// file (truncation) or an unreadable header is an error naming the entry.
-pub(super) fn list_entries(path: &Path) -> Result<HashMap<String, Span>, AirgapError> {
+/// file (truncation), an unreadable header or an oversized extension entry is an error naming
+/// the entry.
+pub(crate) fn list_entries(path: &Path) -> Result<HashMap<String, Span>, AirgapError> {
     let open_err = |source| AirgapError::ReadList {
         path: path.to_owned(),
         source,
     };
     let file = std::fs::File::open(path).map_err(open_err)?;
     let file_len = file.metadata().map_err(open_err)?.len();
-    let mut archive = tar::Archive::new(file);
+    read_entries(file, file_len)
+}
+
+/// The listing of [`list_entries`] over any seekable archive of `len` bytes (the fuzz target
+/// lists archives in memory). Headers are read here, 512 bytes at a time, and parsed with
+/// `tar::Header`; GNU long names and PAX records are applied as the `tar` crate and Go's
+/// `archive/tar` apply them (a PAX `size` included), after their size was checked. Sparse
+/// entries are refused: an image layout has none, and their bytes are not where they lie.
+pub(crate) fn read_entries(
+    mut reader: impl Read + Seek,
+    len: u64,
+) -> Result<HashMap<String, Span>, AirgapError> {
     let mut entries = HashMap::new();
+    let mut extensions = Extensions::default();
     let mut previous = String::from("(start of archive)");
-    let iter = archive
-        .entries_with_seek()
-        .map_err(|e| entry_error(&previous, e))?;
-    for entry in iter {
-        let entry = entry.map_err(|e| entry_error(&format!("after {previous}"), e))?;
-        let name = entry
-            .path()
+    let mut position = 0;
+    for _ in 0..=MAX_ENTRIES {
+        let Some(header) = read_header(&mut reader, position)
             .map_err(|e| entry_error(&format!("after {previous}"), e))?
-            .to_string_lossy()
-            .trim_start_matches("./")
-            .to_owned();
-        let span = Span {
-            offset: entry.raw_file_position(),
-            size: entry.size(),
+        else {
+            if extensions.is_empty() {
+                return Ok(entries);
+            }
+            return Err(entry_error(
+                &previous,
+                "describes an entry the archive lacks",
+            ));
         };
-        if span.offset.saturating_add(span.size) > file_len {
-            return Err(entry_error(&name, "truncated: the archive ends inside it"));
+        let kind = header.entry_type();
+        let data = position + BLOCK;
+        if let Some(what) = extension_kind(kind) {
+            let label = format!("{} ({what})", String::from_utf8_lossy(&header.path_bytes()));
+            let size = header.entry_size().map_err(|e| entry_error(&label, e))?;
+            if size > MAX_EXTENSION_BYTES {
+                return Err(entry_error(
+                    &label,
+                    format!("declares {size} bytes; at most {MAX_EXTENSION_BYTES} are accepted"),
+                ));
+            }
+            check_within(data, size, len, &label)?;
+            if kind.is_gnu_longname() || kind.is_pax_local_extensions() {
+                let mut bytes = vec![0; usize::try_from(size).unwrap_or(0)];
+                reader
+                    .read_exact(&mut bytes)
+                    .map_err(|e| entry_error(&label, e))?;
+                extensions
+                    .add(kind, bytes)
+                    .map_err(|reason| entry_error(&label, reason))?;
+            }
+            position = next_header(data, size).map_err(|reason| entry_error(&label, reason))?;
+            previous = label;
+            continue;
         }
-        if entry.header().entry_type().is_file() {
-            entries.insert(name.clone(), span);
+        let header_name = String::from_utf8_lossy(&header.path_bytes()).into_owned();
+        let (name, size) = std::mem::take(&mut extensions)
+            .apply(&header)
+            .map_err(|reason| entry_error(&header_name, reason))?;
+        if kind.is_gnu_sparse() {
+            let declared = header.as_gnu().and_then(|gnu| gnu.real_size().ok());
+            return Err(entry_error(
+                &name,
+                format!(
+                    "a sparse entry (declaring {} bytes): not accepted in an image layout",
+                    declared.unwrap_or(size)
+                ),
+            ));
         }
+        check_within(data, size, len, &name)?;
+        if kind.is_file() && name.len() <= MAX_LISTED_NAME {
+            entries.insert(name.clone(), Span { offset: data, size });
+        }
+        position = next_header(data, size).map_err(|reason| entry_error(&name, reason))?;
         previous = name;
     }
-    Ok(entries)
+    Err(entry_error(
+        &format!("after {previous}"),
+        format!("more than {MAX_ENTRIES} entries"),
+    ))
+}
+
+/// The header at `position`; `None` at the end of the archive (end of file, or a zero block).
+fn read_header(
+    reader: &mut (impl Read + Seek),
+    position: u64,
+) -> Result<Option<tar::Header>, std::io::Error> {
+    reader.seek(SeekFrom::Start(position))?;
+    let mut header = tar::Header::new_old();
+    let block = header.as_mut_bytes();
+    let mut filled = 0;
+    while filled < block.len() {
+        match reader.read(&mut block[filled..]) {
+            Ok(0) if filled == 0 => return Ok(None),
+            Ok(0) => return Err(std::io::Error::other("the archive ends inside a header")),
+            Ok(read) => filled += read,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    if block.iter().all(|byte| *byte == 0) {
+        return Ok(None);
+    }
+    // The checksum counts its own field as spaces (unsigned bytes, as `tar` and Go write it).
+    let sum = block[..148]
+        .iter()
+        .chain(&block[156..])
+        .map(|byte| u32::from(*byte))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    if header.cksum()? != sum {
+        return Err(std::io::Error::other("header checksum mismatch"));
+    }
+    Ok(Some(header))
+}
+
+/// What an extension entry is, `None` for an entry of its own.
+fn extension_kind(kind: tar::EntryType) -> Option<&'static str> {
+    if kind.is_gnu_longname() {
+        Some("GNU long name")
+    } else if kind.is_gnu_longlink() {
+        Some("GNU long link")
+    } else if kind.is_pax_local_extensions() {
+        Some("PAX header")
+    } else if kind.is_pax_global_extensions() {
+        Some("PAX global header")
+    } else {
+        None
+    }
+}
+
+/// Refuses data running past the end of the archive (truncation).
+fn check_within(data: u64, size: u64, len: u64, entry: &str) -> Result<(), AirgapError> {
+    if data.saturating_add(size) > len {
+        return Err(entry_error(entry, "truncated: the archive ends inside it"));
+    }
+    Ok(())
+}
+
+/// Where the header after data of `size` bytes at `data` lies (data is padded to blocks).
+fn next_header(data: u64, size: u64) -> Result<u64, &'static str> {
+    size.checked_next_multiple_of(BLOCK)
+        .and_then(|padded| data.checked_add(padded))
+        .ok_or("size overflow")
+}
+
+/// The GNU long name and PAX records read since the last entry: they describe the next one.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+impl Extensions {
+    fn is_empty(&self) -> bool {
+        self.long_name.is_none() && self.pax.is_none()
+    }
+
+    fn add(&mut self, kind: tar::EntryType, bytes: Vec<u8>) -> Result<(), &'static str> {
+        let slot = if kind.is_gnu_longname() {
+            &mut self.long_name
+        } else {
+            &mut self.pax
+        };
+        if slot.replace(bytes).is_some() {
+            return Err("a second extension of its kind for one entry");
+        }
+        Ok(())
+    }
+
+    /// The name and data size of the entry with `header`: a PAX `path` or GNU long name (both
+    /// at once is ambiguous: tools disagree on which wins) or the header's, and a PAX `size` or
+    /// the header's.
+    fn apply(self, header: &tar::Header) -> Result<(String, u64), String> {
+        let mut pax_path = None;
+        let mut pax_size = None;
+        for record in tar::PaxExtensions::new(self.pax.as_deref().unwrap_or_default()) {
+            let record = record.map_err(|_| "a malformed PAX record".to_owned())?;
+            match record.key_bytes() {
+                b"path" => pax_path = Some(record.value_bytes().to_vec()),
+                b"size" => {
+                    let size = record.value().ok().and_then(|v| v.parse::<u64>().ok());
+                    pax_size = Some(size.ok_or("a PAX size that is not a number")?);
+                }
+                key if key.starts_with(b"GNU.sparse.") => {
+                    return Err("a PAX sparse entry: not accepted in an image layout".to_owned())
+                }
+                _ => {}
+            }
+        }
+        let name = match (self.long_name, pax_path) {
+            (Some(_), Some(_)) => return Err("both a GNU long name and a PAX path".to_owned()),
+            (Some(mut long_name), None) => {
+                while long_name.last() == Some(&0) {
+                    long_name.pop();
+                }
+                long_name
+            }
+            (None, Some(path)) => path,
+            (None, None) => header.path_bytes().into_owned(),
+        };
+        let size = match pax_size {
+            Some(size) => size,
+            None => header.entry_size().map_err(|e| e.to_string())?,
+        };
+        let name = String::from_utf8_lossy(&name);
+        Ok((name.trim_start_matches("./").to_owned(), size))
+    }
 }
 
 /// Reads an entry's data.
@@ -121,6 +332,65 @@ fn read_small(path: &Path, name: &str, span: Span) -> Result<Vec<u8>, AirgapErro
     Ok(bytes)
 }
 
+/// Hashes an entry's data and refuses it unless it is `digest`'s content. Stores nothing.
+fn check_entry(mut reader: impl Read, digest: &Digest) -> Result<(), AirgapError> {
+    let mut check = DigestCheck::default();
+    let mut buffer = vec![0u8; READ_CHUNK];
+    loop {
+        match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => check.update(&buffer[..read]),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(AirgapError::Read(err)),
+        }
+    }
+    let actual = check.digest();
+    if actual != *digest {
+        return Err(AirgapError::DigestMismatch {
+            expected: *digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Whether `media_type` names a manifest: one of the types regcache asks upstreams for, or
+/// another `application/vnd.` type, as a fill takes it (`cache/manifest.rs`).
+fn is_manifest_type(media_type: &MediaType) -> bool {
+    MediaType::ALL_MANIFESTS.contains(&media_type.as_str())
+        || media_type.as_str().starts_with("application/vnd.")
+}
+
+/// What a fill checks of a manifest ([`validate_manifest`] for a manifest type), and that an
+/// index is not declared as an image manifest, nor an image manifest as an index.
+fn check_manifest(bytes: &[u8], media_type: &MediaType) -> Result<(), String> {
+    if !is_manifest_type(media_type) {
+        return Err(format!(
+            "declared as {media_type}, not a manifest media type"
+        ));
+    }
+    validate_manifest(bytes, media_type).map_err(|e| format!("{e} (declared {media_type})"))?;
+    let document: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(|_| "not a JSON object".to_owned())?;
+    let lists_blobs = ["config", "layers", "fsLayers"]
+        .iter()
+        .any(|member| document.contains_key(*member));
+    let index_type = [MediaType::OCI_INDEX, MediaType::DOCKER_LIST].contains(&media_type.as_str());
+    let image_type = media_type.is_schema1()
+        || [MediaType::OCI_MANIFEST, MediaType::DOCKER_MANIFEST].contains(&media_type.as_str());
+    if index_type && lists_blobs {
+        return Err(format!(
+            "declared as {media_type} (an index) but lists blobs"
+        ));
+    }
+    if image_type && document.contains_key("manifests") {
+        return Err(format!(
+            "an index (it lists manifests) declared as {media_type}"
+        ));
+    }
+    Ok(())
+}
+
 /// The archive's entries, by path.
 struct Archive<'a> {
     path: &'a Path,
@@ -129,7 +399,7 @@ struct Archive<'a> {
 
 impl Archive<'_> {
     /// Reads a manifest entry whole and checks it against `digest` (the schema1 rule
-    /// included). `Ok(None)` when the entry is absent.
+    /// included) and as a fill would ([`check_manifest`]). `Ok(None)` when the entry is absent.
     fn verified_manifest(
         &self,
         digest: Digest,
@@ -150,6 +420,7 @@ impl Archive<'_> {
                 format!("digest mismatch: named {digest}, contents {actual}"),
             ));
         }
+        check_manifest(&bytes, &media_type).map_err(|reason| entry_error(&entry, reason))?;
         Ok(Some(Manifest {
             digest,
             media_type,
@@ -158,13 +429,26 @@ impl Archive<'_> {
     }
 }
 
+/// The most manifest bytes one import holds in memory (they are verified before anything is
+/// stored): thousands of images' worth.
+const MAX_PLAN_MANIFEST_BYTES: usize = 256 * 1024 * 1024;
+
+/// A blob entry to load, and the namespaces it goes into.
+struct PlannedBlob {
+    digest: Digest,
+    span: Span,
+    namespaces: Vec<Namespace>,
+}
+
 /// What an import will store, worked out (and the manifests verified) before anything is.
 #[derive(Default)]
 struct Plan {
     /// Verified manifests, with the namespace and repository they go under.
     manifests: Vec<(Namespace, crate::oci::RepoName, Manifest)>,
+    /// Their bytes in all.
+    manifest_bytes: usize,
     /// Blobs to load, by their data's offset in the archive.
-    blobs: BTreeMap<u64, (Namespace, Digest)>,
+    blobs: BTreeMap<u64, PlannedBlob>,
     /// Tags to record: namespace, repository, tag, manifest.
     tags: Vec<(Namespace, crate::oci::RepoName, crate::oci::Tag, Digest)>,
     seen: HashSet<(Namespace, Digest)>,
@@ -173,7 +457,8 @@ struct Plan {
 impl Plan {
     /// Adds the image `image` rooted at `root`: every manifest it reaches in the archive
     /// (children of an index exported for some platforms may be absent), and its blobs, which
-    /// must be in the archive or already in the store (`export --since`).
+    /// must be in the archive (within `cache.max_blob_size` and the size the manifest
+    /// declares) or already in the store (`export --since`).
     fn add_image(
         &mut self,
         archive: &Archive<'_>,
@@ -183,7 +468,9 @@ impl Plan {
         media_type: Option<MediaType>,
         report: &mut ImportReport,
     ) -> Result<(), AirgapError> {
-        let namespace = Namespace::new(cache.upstreams()[image.target.upstream].name());
+        let upstream = &cache.upstreams()[image.target.upstream];
+        let namespace = Namespace::new(upstream.name());
+        let max_blob_size = upstream.max_blob_size();
         let mut queue = vec![(root, media_type)];
         while let Some((digest, media_type)) = queue.pop() {
             if !self.seen.insert((namespace.clone(), digest)) {
@@ -195,13 +482,44 @@ impl Plan {
                 }
                 continue;
             };
+            self.manifest_bytes += manifest.bytes.len();
+            if self.manifest_bytes > MAX_PLAN_MANIFEST_BYTES {
+                return Err(entry_error(
+                    &blob_path(&digest),
+                    format!("the archive's manifests pass {MAX_PLAN_MANIFEST_BYTES} bytes"),
+                ));
+            }
             let (children, layers) = references(&manifest.bytes, &[]);
+            let declared: HashMap<Digest, u64> =
+                declared_sizes(&manifest.bytes).into_iter().collect();
             queue.extend(children.into_iter().map(|child| (child, None)));
             for layer in layers {
                 let entry = blob_path(&layer);
                 match archive.entries.get(&entry) {
                     Some(span) => {
-                        self.blobs.insert(span.offset, (namespace.clone(), layer));
+                        if span.size > max_blob_size {
+                            return Err(entry_error(
+                                &entry,
+                                format!(
+                                    "{} bytes, more than cache.max_blob_size ({max_blob_size})",
+                                    span.size
+                                ),
+                            ));
+                        }
+                        if let Some(size) = declared.get(&layer).filter(|s| **s != span.size) {
+                            return Err(entry_error(
+                                &entry,
+                                format!("{} bytes, but {digest} declares {size}", span.size),
+                            ));
+                        }
+                        let blob = self.blobs.entry(span.offset).or_insert(PlannedBlob {
+                            digest: layer,
+                            span: *span,
+                            namespaces: Vec::new(),
+                        });
+                        if !blob.namespaces.contains(&namespace) {
+                            blob.namespaces.push(namespace.clone());
+                        }
                     }
                     None if cache.store().contains(&namespace, &layer) => {
                         report.blobs_present += 1;
@@ -224,8 +542,36 @@ impl Plan {
         Ok(())
     }
 
+    /// Refuses a plan whose new bytes (blobs not stored yet, manifests) do not fit in the
+    /// storage budget (`storage.max_size` × `high_watermark`), naming the entry that passes it.
+    fn check_budget(&self, cache: &Cache) -> Result<(), AirgapError> {
+        let Some(budget) = cache.storage_budget() else {
+            return Ok(());
+        };
+        let mut total = self.manifest_bytes as u64;
+        for blob in self.blobs.values() {
+            for namespace in &blob.namespaces {
+                if cache.store().contains(namespace, &blob.digest) {
+                    continue;
+                }
+                total = total.saturating_add(blob.span.size);
+                if total > budget {
+                    return Err(entry_error(
+                        &blob_path(&blob.digest),
+                        format!(
+                            "the import's new bytes pass the storage budget \
+                             (storage.max_size × high_watermark: {budget} bytes)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the blobs in archive order (so the first bad one reported is the first in the
-    /// archive), then the manifests, then tags and referrers.
+    /// archive), then the manifests, then tags and referrers. When a blob fails, the blobs this
+    /// import stored are removed again: a refused archive leaves the store as it was.
     fn load(
         self,
         archive: &Archive<'_>,
@@ -233,26 +579,14 @@ impl Plan {
         report: &mut ImportReport,
     ) -> Result<(), AirgapError> {
         let store = cache.store();
-        let mut loaded = HashSet::new();
-        for (offset, (namespace, digest)) in self.blobs {
-            if !loaded.insert((namespace.clone(), digest)) {
-                continue;
+        let mut stored = Vec::new();
+        if let Err(err) = self.load_blobs(archive, store, report, &mut stored) {
+            for (namespace, digest) in &stored {
+                if let Err(remove) = store.remove(namespace, digest) {
+                    tracing::warn!(%digest, error = %remove, "could not remove a blob of a refused import");
+                }
             }
-            if store.contains(&namespace, &digest) {
-                report.blobs_present += 1;
-                continue;
-            }
-            let entry = blob_path(&digest);
-            let span = archive
-                .entries
-                .get(&entry)
-                .copied()
-                .unwrap_or(Span { offset, size: 0 });
-            let reader = open_entry(archive.path, span).map_err(|e| entry_error(&entry, e))?;
-            let size = store_verified(store, &namespace, &digest, Content::Blob, reader)
-                .map_err(|e| entry_error(&entry, e))?;
-            report.blobs += 1;
-            report.bytes += size;
+            return Err(err);
         }
         for (namespace, repo, manifest) in &self.manifests {
             let content = Content::Manifest(&manifest.media_type);
@@ -294,9 +628,103 @@ impl Plan {
         cache.index().flush()?;
         Ok(())
     }
+
+    /// Stores the blobs not stored yet, verified while written, and records each in `stored`.
+    /// A blob already stored is not written again, but the archive's bytes for it are still
+    /// checked against its digest: a tampered archive is refused whatever the store holds.
+    fn load_blobs(
+        &self,
+        archive: &Archive<'_>,
+        store: &Store,
+        report: &mut ImportReport,
+        stored: &mut Vec<(Namespace, Digest)>,
+    ) -> Result<(), AirgapError> {
+        for blob in self.blobs.values() {
+            let entry = blob_path(&blob.digest);
+            for namespace in &blob.namespaces {
+                let reader =
+                    open_entry(archive.path, blob.span).map_err(|e| entry_error(&entry, e))?;
+                if store.contains(namespace, &blob.digest) {
+                    check_entry(reader, &blob.digest).map_err(|e| entry_error(&entry, e))?;
+                    report.blobs_present += 1;
+                    continue;
+                }
+                let size = store_verified(store, namespace, &blob.digest, Content::Blob, reader)
+                    .map_err(|e| entry_error(&entry, e))?;
+                stored.push((namespace.clone(), blob.digest));
+                report.blobs += 1;
+                report.bytes += size;
+            }
+        }
+        Ok(())
+    }
 }
 
-/// Imports the archive at `path` into `cache`'s store and index. Blocking.
+/// An image `index.json` names.
+#[derive(Debug)]
+pub(crate) struct NamedImage {
+    /// The full reference, as written.
+    pub(crate) name: String,
+    /// Its upstream, repository and tag or digest.
+    pub(crate) image: ImageRef,
+    /// The manifest the name points at.
+    pub(crate) root: Digest,
+    /// The type `index.json` declares for it; `None` when it declares none.
+    pub(crate) media_type: Option<MediaType>,
+}
+
+/// Parses `index.json`: the images it names (each resolved to a configured upstream) and how
+/// many it lists without a name.
+///
+/// # Errors
+/// [`AirgapError::Entry`] naming `index.json`: not JSON of an image layout, a name no upstream
+/// takes, a bad digest or media type, or no named image at all (nothing to import).
+pub(crate) fn named_images(
+    resolver: &Resolver,
+    bytes: &[u8],
+) -> Result<(Vec<NamedImage>, usize), AirgapError> {
+    let layout: LayoutIndex =
+        serde_json::from_slice(bytes).map_err(|e| entry_error("index.json", e))?;
+    let mut images = Vec::new();
+    let mut unnamed = 0;
+    for descriptor in &layout.manifests {
+        let Some(name) = descriptor.annotations.get(REF_NAME) else {
+            // Without a name there is no upstream or repository to file it under.
+            unnamed += 1;
+            continue;
+        };
+        let image = ImageRef::parse(resolver, name).map_err(|e| entry_error("index.json", e))?;
+        let root = Digest::parse(&descriptor.digest).map_err(|e| entry_error("index.json", e))?;
+        let declared = descriptor.media_type.as_str();
+        let media_type = match MediaType::from_content_type(declared) {
+            Some(media_type) => Some(media_type),
+            None if declared.is_empty() => None,
+            None => {
+                return Err(entry_error(
+                    "index.json",
+                    format!("{name}: media type {declared:?} is not a manifest media type"),
+                ))
+            }
+        };
+        images.push(NamedImage {
+            name: name.clone(),
+            image,
+            root,
+            media_type,
+        });
+    }
+    if images.is_empty() {
+        return Err(entry_error(
+            "index.json",
+            format!("names no image (no {REF_NAME} annotation): nothing to import"),
+        ));
+    }
+    Ok((images, unnamed))
+}
+
+/// Imports the archive at `path` into `cache`'s store and index. Blocking. Everything is
+/// checked (manifests, sizes, the storage budget) before anything is stored; a blob that fails
+/// its digest while stored takes the blobs stored before it out again.
 ///
 /// # Errors
 /// [`AirgapError::Entry`] naming the first bad entry; others for I/O and unknown upstreams.
@@ -313,22 +741,24 @@ pub fn import(
         .entries
         .get("index.json")
         .ok_or_else(|| entry_error("index.json", "missing: not an OCI image layout"))?;
-    let layout: LayoutIndex = serde_json::from_slice(&read_small(path, "index.json", index_span)?)
-        .map_err(|e| entry_error("index.json", e))?;
-    let mut report = ImportReport::default();
+    let (images, unnamed) = named_images(resolver, &read_small(path, "index.json", index_span)?)?;
+    let mut report = ImportReport {
+        unnamed,
+        ..ImportReport::default()
+    };
     let mut plan = Plan::default();
-    for descriptor in &layout.manifests {
-        let Some(name) = descriptor.annotations.get(REF_NAME) else {
-            // Without a name there is no upstream or repository to file it under.
-            report.unnamed += 1;
-            continue;
-        };
-        let image = ImageRef::parse(resolver, name).map_err(|e| entry_error("index.json", e))?;
-        let root = Digest::parse(&descriptor.digest).map_err(|e| entry_error("index.json", e))?;
-        let media_type = MediaType::from_content_type(&descriptor.media_type);
-        plan.add_image(&archive, cache, &image, root, media_type, &mut report)?;
-        report.images.push(name.clone());
+    for named in images {
+        plan.add_image(
+            &archive,
+            cache,
+            &named.image,
+            named.root,
+            named.media_type,
+            &mut report,
+        )?;
+        report.images.push(named.name);
     }
+    plan.check_budget(cache)?;
     plan.load(&archive, cache, &mut report)?;
     Ok(report)
 }
@@ -400,4 +830,312 @@ async fn remote(stream: tokio::net::UnixStream, archive: PathBuf) -> Result<Impo
     .await
     .map_err(|err| format!("admin socket: {err}"))?;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(archive: &[u8]) -> Result<HashMap<String, Span>, AirgapError> {
+        read_entries(std::io::Cursor::new(archive), archive.len() as u64)
+    }
+
+    #[track_caller]
+    fn check_refused(archive: &[u8], expected: &[&str]) {
+        let message = listed(archive).expect_err("refused").to_string();
+        for part in expected {
+            assert!(message.contains(part), "{message:?} lacks {part:?}");
+        }
+    }
+
+    fn regular(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        builder
+            .append_data(&mut header, name, data)
+            .expect("append");
+    }
+
+    /// Appends a header of `kind` declaring `size` bytes, then `data`, padded to a block.
+    fn raw_entry(out: &mut Vec<u8>, kind: tar::EntryType, name: &str, size: u64, data: &[u8]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        // Written as given (`set_path` would drop the `./` of `././@LongLink`).
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    fn span_data<'a>(archive: &'a [u8], entries: &HashMap<String, Span>, name: &str) -> &'a [u8] {
+        let span = entries[name];
+        &archive[span.offset as usize..span.end() as usize]
+    }
+
+    #[test]
+    fn long_names_and_pax_records_are_applied() {
+        let long = format!("blobs/{}/x", "a".repeat(150));
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "./oci-layout",
+            2,
+            b"{}",
+        );
+        let mut long_name = long.clone().into_bytes();
+        long_name.push(0);
+        let size = long_name.len() as u64;
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            size,
+            &long_name,
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "blobs/aaa",
+            4,
+            b"long",
+        );
+        // A PAX size overrides the header's (as in `tar` and Go): the header says 0.
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "PaxHeaders/index.json",
+            30,
+            b"19 path=index.json\n11 size=12\n",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "x",
+            0,
+            b"{\"a\":\"pax\"}\n",
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "after", 5, b"after");
+        raw_entry(&mut archive, tar::EntryType::Directory, "blobs/", 0, b"");
+        archive.extend_from_slice(&[0; 1024]);
+        let entries = listed(&archive).expect("listed");
+        assert_eq!(span_data(&archive, &entries, "oci-layout"), b"{}");
+        assert_eq!(span_data(&archive, &entries, &long), b"long");
+        assert_eq!(
+            span_data(&archive, &entries, "index.json"),
+            b"{\"a\":\"pax\"}\n"
+        );
+        assert_eq!(span_data(&archive, &entries, "after"), b"after");
+        assert_eq!(entries.len(), 4, "{:?}", entries.keys());
+
+        // An archive `tar` writes lists the same.
+        let mut builder = tar::Builder::new(Vec::new());
+        regular(&mut builder, &long, b"long");
+        let written = builder.into_inner().expect("archive");
+        let entries = listed(&written).expect("listed");
+        assert_eq!(span_data(&written, &entries, &long), b"long");
+    }
+
+    #[test]
+    fn oversized_extension_entries_are_refused_before_they_are_read() {
+        // 256 MiB declared, a few KiB present: refused by the declared size, not truncation.
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            256 << 20,
+            &[b'a'; 8192],
+        );
+        check_refused(&archive, &["././@LongLink (GNU long name)", "268435456"]);
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "PaxHeaders/x",
+            1 << 40,
+            b"",
+        );
+        check_refused(&archive, &["PaxHeaders/x (PAX header)", "at most 65536"]);
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XGlobalHeader,
+            "g",
+            65537,
+            &[b'a'; 65537],
+        );
+        check_refused(&archive, &["PAX global header"]);
+        let mut archive = Vec::new();
+        raw_entry(&mut archive, tar::EntryType::GNULongLink, "k", 1 << 30, b"");
+        check_refused(&archive, &["GNU long link"]);
+    }
+
+    #[test]
+    fn sparse_ambiguous_and_truncated_entries_are_refused() {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNUSparse);
+        header.set_path("blobs/sha256/sparse").expect("path");
+        header.set_size(0);
+        if let Some(gnu) = header.as_gnu_mut() {
+            gnu.set_real_size(2 << 30);
+        }
+        header.set_cksum();
+        check_refused(
+            header.as_bytes(),
+            &["blobs/sha256/sparse", "sparse", "2147483648"],
+        );
+
+        let mut archive = Vec::new();
+        let pax = b"34 GNU.sparse.realsize=2147483648\n";
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "p",
+            pax.len() as u64,
+            pax,
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "blobs/x", 0, b"");
+        check_refused(&archive, &["blobs/x", "sparse"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            3,
+            b"ab\0",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "p",
+            10,
+            b"10 path=c\n",
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "x", 0, b"");
+        check_refused(&archive, &["both a GNU long name and a PAX path"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"ab",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"cd",
+        );
+        check_refused(&archive, &["a second extension"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"ab",
+        );
+        check_refused(&archive, &["describes an entry the archive lacks"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "blobs/big",
+            4096,
+            b"",
+        );
+        check_refused(&archive, &["blobs/big", "truncated"]);
+
+        let mut archive = Vec::new();
+        raw_entry(&mut archive, tar::EntryType::Regular, "a", 0, b"");
+        archive[0] ^= 1;
+        check_refused(&archive, &["checksum"]);
+    }
+
+    #[test]
+    fn manifests_are_checked_as_a_fill_checks_them() {
+        #[track_caller]
+        fn check(json: &str, declared: &str, expected: Result<(), &str>) {
+            let media_type = MediaType::from_content_type(declared).expect("a media type");
+            let result = check_manifest(json.as_bytes(), &media_type);
+            match (result, expected) {
+                (Ok(()), Ok(())) => {}
+                (Err(reason), Err(part)) => assert!(reason.contains(part), "{reason}"),
+                (result, expected) => panic!("{json} as {declared}: {result:?}, not {expected:?}"),
+            }
+        }
+        let image = r#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        let index = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let bare_index = r#"{"schemaVersion":2,"manifests":[]}"#;
+        check(image, MediaType::OCI_MANIFEST, Ok(()));
+        check(image, MediaType::DOCKER_MANIFEST, Ok(()));
+        check(image, "application/vnd.example.artifact.v1+json", Ok(()));
+        check(index, MediaType::OCI_INDEX, Ok(()));
+        check(bare_index, MediaType::DOCKER_LIST, Ok(()));
+        check(image, "text/html", Err("not a manifest media type"));
+        check(image, "application/json", Err("not a manifest media type"));
+        check(
+            "<html></html>",
+            MediaType::OCI_MANIFEST,
+            Err("not a JSON object"),
+        );
+        check(
+            "\u{1f}\u{8b}\u{8}\u{0}",
+            MediaType::OCI_MANIFEST,
+            Err("not a JSON object"),
+        );
+        check(index, MediaType::OCI_MANIFEST, Err("mediaType disagrees"));
+        check(bare_index, MediaType::OCI_MANIFEST, Err("an index"));
+        check(bare_index, MediaType::DOCKER_SCHEMA1, Err("an index"));
+        check(image, MediaType::OCI_INDEX, Err("lists blobs"));
+    }
+
+    #[test]
+    fn an_index_json_naming_nothing_is_refused() {
+        let config = Config::parse(
+            "[[upstream]]\nname = \"registry.test\"\nurl = \"https://registry.test\"\ndefault = true\n",
+        )
+        .expect("config");
+        let resolver = Resolver::for_upstreams(&config.upstreams);
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let descriptor = |media_type: &str, name: Option<&str>| {
+            let annotations = match name {
+                Some(name) => serde_json::json!({ REF_NAME: name }),
+                None => serde_json::json!({}),
+            };
+            serde_json::json!({"mediaType": media_type, "digest": digest, "size": 2, "annotations": annotations})
+        };
+        let index = |descriptors: Vec<serde_json::Value>| {
+            serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": descriptors}))
+                .expect("json")
+        };
+        let refused = |bytes: &[u8]| {
+            named_images(&resolver, bytes)
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(refused(&index(vec![])).contains("names no image"));
+        let unnamed = index(vec![descriptor(MediaType::OCI_MANIFEST, None)]);
+        assert!(refused(&unnamed).contains("names no image"));
+        let odd_type = index(vec![descriptor("not a type", Some("registry.test/a:v1"))]);
+        assert!(refused(&odd_type).contains("not a manifest media type"));
+        let named = index(vec![
+            descriptor(MediaType::OCI_MANIFEST, Some("registry.test/a:v1")),
+            descriptor(MediaType::OCI_MANIFEST, None),
+        ]);
+        let (images, unnamed) = named_images(&resolver, &named).expect("named");
+        assert_eq!((images.len(), unnamed), (1, 1));
+        assert_eq!(images[0].name, "registry.test/a:v1");
+    }
 }

@@ -500,6 +500,12 @@ impl Cache {
         &self.store
     }
 
+    /// The bytes the store may hold before eviction starts (`storage.max_size` ×
+    /// `high_watermark`); `None` without a budget. An import must fit in it.
+    pub fn storage_budget(&self) -> Option<u64> {
+        self.budget.map(|budget| budget.high as u64)
+    }
+
     /// Whether the store is writable and the index readable; `Err` says which is not.
     /// `Ok(Some(problem))`: ready, but the object store is unreachable (reported only).
     ///

@@ -1,7 +1,8 @@
 //! Fuzz targets: one function per parser that takes bytes from a client or an upstream
 //! (references and names, digests, request paths, `Range`, `WWW-Authenticate`, manifests and
-//! indexes, schema1 payload derivation, the config file). Each must never panic and checks the
-//! properties its parser promises.
+//! indexes, schema1 payload derivation, the config file) or from an imported archive (its tar
+//! headers, its `index.json`). Each must never panic and checks the properties its parser
+//! promises.
 //!
 //! libFuzzer drives them from `fuzz/` (`cargo fuzz run <name>`, see `fuzz/README.md`); this
 //! module's tests drive the same functions over a seed corpus and deterministic mutations of
@@ -26,6 +27,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("schema1", schema1),
     ("config", config),
+    ("archive", archive),
+    ("layout_index", layout_index),
 ];
 
 fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -178,6 +181,57 @@ pub fn config(data: &[u8]) {
     let _ = regcache_config::Config::parse(&input);
 }
 
+/// Image layout archives as `regcache import` lists them (tar headers, GNU long names, PAX
+/// records), as given and with every block's header checksum made right, so that mutations
+/// get past it: every entry listed lies inside the archive.
+pub fn archive(data: &[u8]) {
+    check_archive(data);
+    let mut fixed = data.to_vec();
+    for block in fixed.chunks_exact_mut(512) {
+        let mut header = tar::Header::new_old();
+        header.as_mut_bytes().copy_from_slice(block);
+        header.set_cksum();
+        block.copy_from_slice(header.as_bytes());
+    }
+    check_archive(&fixed);
+}
+
+fn check_archive(data: &[u8]) {
+    let len = data.len() as u64;
+    let cursor = std::io::Cursor::new(data);
+    if let Ok(entries) = crate::airgap::import::read_entries(cursor, len) {
+        for (name, span) in &entries {
+            assert!(
+                span.end() <= len,
+                "{name:?} lies past the end of the archive"
+            );
+            assert!(!name.starts_with("./"), "{name:?} is listed with its ./");
+        }
+    }
+}
+
+/// Upstreams the `layout_index` target resolves names against.
+const LAYOUT_CONFIG: &str =
+    "[[upstream]]\nname = \"registry.test\"\nurl = \"https://registry.test\"\n\
+default = true\n[[upstream]]\nname = \"ghcr.io\"\nurl = \"https://ghcr.io\"\n";
+
+/// `index.json` of an imported archive: what it names resolves to a configured upstream, and
+/// an index that names nothing is refused.
+pub fn layout_index(data: &[u8]) {
+    let config = regcache_config::Config::parse(LAYOUT_CONFIG).expect("the fixed config is valid");
+    let resolver = regcache_cache::routing::Resolver::for_upstreams(&config.upstreams);
+    if let Ok((images, _)) = crate::airgap::import::named_images(&resolver, data) {
+        assert!(!images.is_empty(), "an index naming nothing is refused");
+        for named in &images {
+            assert!(named.image.target.upstream < config.upstreams.len());
+            assert_eq!(
+                Digest::parse(&named.root.to_string()).ok(),
+                Some(named.root)
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,7 +261,44 @@ mod tests {
         "application/vnd.docker.distribution.manifest.v2+json; charset=utf-8",
         "[server]\nlisten = \"127.0.0.1:5000\"\n[cache]\nmax_blob_size = \"1GiB\"\n[[upstream]]\nname = \"a.io\"\nurl = \"https://u:p@a.io\"\ntoken_realm_hosts = [\"auth.a.io\"]\n",
         "[[upstream]]\nname = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\ndefault = true\n[[pin]]\nupstream = \"docker.io\"\nrepository = \"library/alpine\"\nreference = \"3.20\"\n",
+        r#"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","size":7,"annotations":{"org.opencontainers.image.ref.name":"registry.test/test/app:v1"}},{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","size":7,"annotations":{"org.opencontainers.image.ref.name":"ghcr.io/org/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}}]}"#,
     ];
+
+    /// Archives as `regcache export` and other tools write them: an image layout, a GNU long
+    /// name, a PAX path and size.
+    fn archive_seeds() -> Vec<Vec<u8>> {
+        fn append(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, name, data)
+                .expect("an in-memory archive");
+        }
+        let mut builder = tar::Builder::new(Vec::new());
+        append(
+            &mut builder,
+            "oci-layout",
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        );
+        let index_json = SEEDS.last().expect("seeds").as_bytes();
+        append(&mut builder, "index.json", index_json);
+        append(
+            &mut builder,
+            "blobs/sha256/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            br#"{"schemaVersion":2,"layers":[]}"#,
+        );
+        append(
+            &mut builder,
+            &format!("blobs/{}/long", "n".repeat(120)),
+            b"long name",
+        );
+        builder
+            .append_pax_extensions([("path", &b"blobs/pax/path"[..]), ("size", &b"3"[..])])
+            .expect("pax");
+        append(&mut builder, "short", b"pax");
+        vec![builder.into_inner().expect("archive")]
+    }
 
     /// A small deterministic generator (xorshift64*), so failures reproduce.
     struct Mutator(u64);
@@ -264,12 +355,13 @@ mod tests {
     #[test]
     fn targets_survive_the_seed_corpus_and_its_mutations() {
         let mut mutator = Mutator(0x5eed_cafe_f00d_d00d);
-        for seed in SEEDS {
+        let seeds = SEEDS.iter().map(|seed| seed.as_bytes().to_vec());
+        for seed in seeds.chain(archive_seeds()) {
             for (_, target) in TARGETS {
-                target(seed.as_bytes());
+                target(&seed);
             }
             for _ in 0..150 {
-                let mutant = mutator.mutate(seed.as_bytes());
+                let mutant = mutator.mutate(&seed);
                 for (name, target) in TARGETS {
                     let outcome = std::panic::catch_unwind(|| target(&mutant));
                     assert!(
