@@ -7,6 +7,8 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod airgap;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod maintenance;
 
 pub use regcache_cache as cache;
@@ -15,7 +17,6 @@ pub use regcache_cluster as cluster;
 pub use regcache_config as config;
 pub use regcache_metrics as metrics;
 pub use regcache_oci as oci;
-pub use regcache_server::fuzzing;
 pub use regcache_store as store;
 pub use regcache_upstream as upstream;
 pub use regcache_upstream::clock;

@@ -7,8 +7,6 @@
 
 #![warn(clippy::unwrap_used)]
 
-#[doc(hidden)]
-pub mod fuzzing;
 mod http;
 mod server;
 
@@ -19,4 +17,20 @@ pub use server::{accept_loop, reload_on_sighup, ListenerOptions, RateLimit, Tls,
 #[doc(hidden)]
 pub fn route_kind(path: &str) -> &'static str {
     http::route::parse(path).kind()
+}
+
+/// Entry points of the server's parsers for the fuzz targets (`regcache::fuzzing`); not a
+/// stable API.
+#[doc(hidden)]
+pub mod fuzz {
+    /// Splits a request path as the router does.
+    pub fn route(path: &str) {
+        let parsed = crate::http::route::parse(path);
+        let _ = (parsed.kind(), parsed.is_admin());
+    }
+
+    /// Parses a `Range` header value as the blob handler does.
+    pub fn parse_range(value: &str) -> regcache_cache::RangeRequest {
+        crate::http::handlers::parse_range(value)
+    }
 }
