@@ -76,7 +76,8 @@ pub fn open_storage(config: &Config) -> Result<(Store, Index), RunError> {
             let local = LocalDisk::open(&config.storage_path)?;
             Store::new(Arc::new(Tier::new(local, Arc::new(bucket))))
         }
-    };
+    }
+    .with_response_buffer(config.response_buffer);
     let index_path: PathBuf = config.storage_path.join("index");
     let (index, moved_aside) = Index::open(&index_path)?;
     if let Some(aside) = moved_aside {
@@ -189,6 +190,7 @@ pub async fn run_with_clock(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         send_timeout: config.send_timeout,
+        max_concurrent_streams: config.max_concurrent_streams,
         tls,
         rate_limit: config
             .rate_limit

@@ -27,6 +27,7 @@ mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
+pub use buffers::ConnectionShare;
 pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;
 pub use s3::S3Backend;
