@@ -162,6 +162,7 @@ pub async fn run_with_clock(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         send_timeout: config.send_timeout,
+        max_concurrent_streams: config.max_concurrent_streams,
         tls,
         rate_limit: config
             .rate_limit

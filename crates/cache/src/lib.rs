@@ -22,6 +22,9 @@ pub use evict::EvictionReport;
 pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use pins::{PinsError, PinsFile};
+/// The response budget share of a connection (`server.response_buffer`): the server scopes
+/// each connection's task with one; store reads wait for their part of the budget.
+pub use regcache_store::ConnectionShare;
 
 use std::sync::Arc;
 use std::time::Duration;

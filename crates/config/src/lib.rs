@@ -175,6 +175,8 @@ struct RawServer {
     idle_timeout: Option<String>,
     send_timeout: Option<String>,
     rate_limit: Option<u32>,
+    max_concurrent_streams: Option<u32>,
+    response_buffer: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,8 +301,13 @@ pub struct Config {
     /// How long a connection with no request in flight is kept open.
     pub idle_timeout: Duration,
     /// How long a response may wait for its client to take the next bytes before the
-    /// connection is dropped (zero: no limit).
+    /// connection is dropped, or its HTTP/2 stream reset (zero: no limit).
     pub send_timeout: Duration,
+    /// HTTP/2 streams a client may have open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes read for responses and not yet sent, across all connections; a response whose
+    /// next chunk does not fit waits.
+    pub response_buffer: usize,
     /// Client authentication and grants (`None`: anyone who reaches the port may pull).
     pub auth: Option<AuthConfig>,
     /// Requests per second per client address on the main listener (`None`: no limit).
@@ -424,6 +431,23 @@ fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duratio
             )
         }),
     }
+}
+
+/// `server.response_buffer`: at least 1 MiB (a few chunks; less would serve one response at a
+/// time), below 4 GiB. Default 32 MiB.
+fn response_buffer(text: Option<&str>) -> Result<usize, ConfigError> {
+    const KEY: &str = "server.response_buffer";
+    let Some(text) = text else {
+        return Ok(32 << 20);
+    };
+    let bytes = text
+        .parse::<bytesize::ByteSize>()
+        .map_err(|err| invalid(KEY, text, format!("expected a size like \"32MiB\": {err}")))?
+        .as_u64();
+    if !(1 << 20..4 << 30).contains(&bytes) {
+        return Err(invalid(KEY, text, "must be at least 1MiB and below 4GiB"));
+    }
+    usize::try_from(bytes).map_err(|_| invalid(KEY, text, "too large for this machine"))
 }
 
 fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
@@ -605,6 +629,18 @@ impl RawConfig {
                 self.server.send_timeout.as_deref(),
                 Duration::from_secs(60),
             )?,
+            max_concurrent_streams: match self.server.max_concurrent_streams {
+                Some(0) => {
+                    return Err(invalid(
+                        "server.max_concurrent_streams",
+                        0,
+                        "must be at least 1",
+                    ))
+                }
+                Some(streams) => streams,
+                None => 32,
+            },
+            response_buffer: response_buffer(self.server.response_buffer.as_deref())?,
             auth: self.auth.map(RawAuth::validate).transpose()?,
             cluster,
             rate_limit: match self.server.rate_limit {
@@ -1393,6 +1429,18 @@ mod tests {
         check_error("[server]\ntls_key = \"/nonexistent\"", "server.tls_key");
         check_error("[server]\nidle_timeout = \"long\"", "server.idle_timeout");
         check_error("[server]\nsend_timeout = \"-1s\"", "server.send_timeout");
+        check_error(
+            "[server]\nmax_concurrent_streams = 0",
+            "server.max_concurrent_streams",
+        );
+        check_error(
+            "[server]\nresponse_buffer = \"64KiB\"",
+            "server.response_buffer",
+        );
+        check_error(
+            "[server]\nresponse_buffer = \"lots\"",
+            "server.response_buffer",
+        );
         check_error("[auth]\nanonymous = [\"alpine\"]", "auth.anonymous");
         check_error(
             "[auth]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"docker.io/[\"]",

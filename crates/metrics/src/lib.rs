@@ -46,6 +46,8 @@ pub struct Metrics {
     pub storage_budget: IntGauge,
     /// Files in the store.
     pub storage_blobs: IntGauge,
+    /// Bytes read for responses and not yet sent (`server.response_buffer` bounds them).
+    pub response_buffer: IntGauge,
     /// Manifests known to the index.
     pub storage_manifests: IntGauge,
     /// Files removed to stay under the budget.
@@ -158,6 +160,10 @@ impl Metrics {
             storage_blobs: register.gauge(
                 "regcache_storage_blobs",
                 "Content files (blobs and manifests) in the store",
+            ),
+            response_buffer: register.gauge(
+                "regcache_response_buffer_bytes",
+                "Bytes read for responses and not yet sent (bounded by server.response_buffer)",
             ),
             storage_manifests: register.gauge(
                 "regcache_storage_manifests",

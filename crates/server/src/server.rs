@@ -5,8 +5,14 @@
 //! Time limits are per connection, never per request (a whole-request limit would cut long blob
 //! pulls): a new connection must finish its TLS handshake and send a first request head within
 //! `header_read_timeout`; a connection with no request in flight is closed after
-//! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`); a connection
-//! whose client stops taking a response for `send_timeout` is dropped (`activity`).
+//! `idle_timeout` (HTTP/1 keep-alive and HTTP/2 alike; HTTP/2 gets a `GOAWAY`); a response
+//! whose client stops taking it for `send_timeout` has its HTTP/1 connection dropped or its
+//! HTTP/2 stream reset (`activity`).
+//!
+//! Memory per connection: hyper's HTTP/1 write queue is capped near one chunk, and HTTP/2 has
+//! at most `max_concurrent_streams` streams, each holding the frame hyper polled before it has
+//! flow-control window; every chunk counts against the store's response budget
+//! (`server.response_buffer`), which bounds them all together.
 
 mod activity;
 mod rate;
@@ -15,7 +21,7 @@ mod tls;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,11 +30,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use activity::{Activity, Closing, Tracked};
+use activity::{Activity, Closing, StreamExecutor, Tracked};
 pub use rate::RateLimit;
 pub use tls::{Tls, TlsError};
 
 use crate::http::{self, AppState};
+use regcache_cache::ConnectionShare;
 
 /// How long a connection closed for idleness may take to finish closing before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -48,6 +55,8 @@ pub struct ListenerOptions {
     pub idle_timeout: Duration,
     /// Time a response may wait for its client to take the next bytes (zero: no limit).
     pub send_timeout: Duration,
+    /// HTTP/2 streams open at once per connection.
+    pub max_concurrent_streams: u32,
     /// TLS, when the listener has it.
     pub tls: Option<Arc<Tls>>,
     /// The per-client-address request rate limit, when configured.
@@ -64,7 +73,7 @@ pub async fn accept_loop(
 ) {
     let connections = Arc::new(Semaphore::new(options.max_connections));
     let tasks = TaskTracker::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(StreamExecutor);
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -80,7 +89,10 @@ pub async fn accept_loop(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
+        // Each stream may hold a chunk while its client grants no window (hyper polls the
+        // body before it has credit): few streams per connection, and the response budget
+        // over all of them.
+        .max_concurrent_streams(options.max_concurrent_streams);
     let builder = Arc::new(builder);
     let options = Arc::new(options);
     loop {
@@ -111,7 +123,8 @@ pub async fn accept_loop(
         let builder = Arc::clone(&builder);
         let options = Arc::clone(&options);
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
+        // Its reads for responses (its HTTP/2 streams' too) count to one share of the budget.
+        tasks.spawn(ConnectionShare::new().scope(async move {
             let connection = Connection {
                 builder: &builder,
                 state,
@@ -137,7 +150,7 @@ pub async fn accept_loop(
                 }
             }
             drop(permit);
-        });
+        }));
     }
     tracing::info!("shutting down: draining open connections");
     tasks.close();
@@ -193,7 +206,7 @@ pub async fn reload_on_sighup(
 
 /// One accepted connection and what serving it needs.
 struct Connection<'a> {
-    builder: &'a auto::Builder<TokioExecutor>,
+    builder: &'a auto::Builder<StreamExecutor>,
     state: Arc<AppState>,
     options: &'a ListenerOptions,
     activity: Arc<Activity>,
@@ -251,7 +264,8 @@ impl Connection<'_> {
             why = activity.closing(options) => Some(why),
         };
         if closing == Some(Closing::Stalled) {
-            // Its responses would never finish: dropping the connection frees what they hold.
+            // Its (HTTP/1) response would never finish: dropping the connection frees what it
+            // holds. HTTP/2 streams are reset one by one instead (`Activity::closing`).
             tracing::info!(
                 %peer,
                 send_timeout = ?options.send_timeout,

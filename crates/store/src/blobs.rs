@@ -14,6 +14,7 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned};
+use super::buffers::{Reserved, ResponseBudget, DEFAULT_RESPONSE_BUFFER};
 use super::{LocalDisk, Namespace, StoreError};
 use regcache_oci::{manifest_digest, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
 
@@ -30,6 +31,8 @@ pub struct Store {
     /// by commits and removals.
     used_bytes: AtomicU64,
     files: AtomicU64,
+    /// What every [`Chunks`] read for a response holds a share of.
+    pub(super) response_budget: Arc<ResponseBudget>,
 }
 
 /// What the store holds.
@@ -142,7 +145,21 @@ impl Store {
             backend,
             used_bytes: AtomicU64::new(0),
             files: AtomicU64::new(0),
+            response_budget: ResponseBudget::new(DEFAULT_RESPONSE_BUFFER),
         }
+    }
+
+    /// The same store with `bytes` for chunks read and not yet sent (`server.response_buffer`,
+    /// see [`ResponseBudget`]).
+    #[must_use]
+    pub fn with_response_buffer(mut self, bytes: usize) -> Self {
+        self.response_budget = ResponseBudget::new(bytes);
+        self
+    }
+
+    /// Bytes read for responses (or other readers of [`Chunks`]) and not yet dropped.
+    pub fn response_buffer_held(&self) -> u64 {
+        self.response_budget.held() as u64
     }
 
     pub(super) fn account_added(&self, len: u64) {
@@ -290,7 +307,11 @@ impl Store {
             let size = source
                 .size()
                 .map_err(StoreError::io("stat", digest.hex()))?;
-            Ok(Some(StoredBlob { source, size }))
+            Ok(Some(StoredBlob {
+                source,
+                size,
+                budget: Arc::clone(&store.response_budget),
+            }))
         })
         .await
     }
@@ -462,6 +483,7 @@ impl Store {
 pub struct StoredBlob {
     source: Box<dyn BlobRead>,
     size: u64,
+    budget: Arc<ResponseBudget>,
 }
 
 impl StoredBlob {
@@ -476,6 +498,7 @@ impl StoredBlob {
             source: Some(self.source),
             position: start,
             end: end.min(self.size),
+            budget: self.budget,
         }
     }
 }
@@ -488,20 +511,40 @@ pub struct Chunks {
     source: Option<Box<dyn BlobRead>>,
     position: u64,
     end: u64,
+    /// Each chunk holds its share from before it is read until it is dropped.
+    budget: Arc<ResponseBudget>,
 }
 
 impl Chunks {
-    pub(super) fn new(source: Box<dyn BlobRead>, start: u64, end: u64) -> Self {
+    pub(super) fn new(
+        source: Box<dyn BlobRead>,
+        start: u64,
+        end: u64,
+        budget: Arc<ResponseBudget>,
+    ) -> Self {
         Self {
             source: Some(source),
             position: start,
             end,
+            budget,
         }
     }
 
     /// Reads exactly `len` bytes at `position`, wherever the chunks are and even past `end`:
-    /// the reader of a growing object keeps its own position (see `writer.rs`).
+    /// the reader of a growing object keeps its own position (see `writer.rs`). Waits for its
+    /// share of the response budget first.
     pub(super) async fn read_at(&mut self, position: u64, len: usize) -> std::io::Result<Bytes> {
+        let reserved = self.budget.reserve(len).await;
+        self.read_reserved(position, len, reserved).await
+    }
+
+    /// [`Chunks::read_at`] with the share already taken.
+    pub(super) async fn read_reserved(
+        &mut self,
+        position: u64,
+        len: usize,
+        reserved: Reserved,
+    ) -> std::io::Result<Bytes> {
         let mut source = self
             .source
             .take()
@@ -511,7 +554,7 @@ impl Chunks {
             None => read_blocking(source, position, len).await?,
         };
         self.source = Some(source);
-        Ok(bytes)
+        Ok(reserved.attach(bytes))
     }
 
     /// The next chunk, `None` at the end.

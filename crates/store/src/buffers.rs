@@ -11,8 +11,19 @@
 //! anonymous mappings of their own, not heap memory: one the pool does not keep goes back to
 //! the system at once instead of staying in the allocator's free lists, so a burst of clients
 //! does not raise the resident size for good.
+//!
+//! [`ResponseBudget`]: the one bound on bytes read for responses and not yet sent, across all
+//! connections and both HTTP versions. A reader takes its share before it reads a chunk (or
+//! takes one from a fill's window) and the share goes back with the last [`Bytes`] of that
+//! chunk, whoever drops it: hyper once the bytes are written, or a reset stream. A reader
+//! without a share waits (its response stalls); it never reads ahead of the budget. Waiters are
+//! served by [`ConnectionShare`], the connection holding least first.
 
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use memmap2::MmapMut;
@@ -115,6 +126,260 @@ impl Drop for Pooled {
     }
 }
 
+/// Bytes shared out by default (`server.response_buffer`).
+pub(crate) const DEFAULT_RESPONSE_BUFFER: usize = 32 << 20;
+
+tokio::task_local! {
+    /// The share of the connection a task serves (see [`ConnectionShare::scope`]).
+    static CONNECTION: ConnectionShare;
+}
+
+/// What one connection holds of the [`ResponseBudget`], all its requests and streams together:
+/// the budget goes first to the connections holding least, so clients that hold chunks they
+/// never take (and queue more) cannot starve the others; they wait behind them.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionShare(Arc<AtomicUsize>);
+
+impl ConnectionShare {
+    /// A connection holding nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The share of the connection the current task serves, if it serves one.
+    pub fn current() -> Option<Self> {
+        CONNECTION.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `future` (a connection, or a stream of one) with the reads it makes for responses
+    /// counted to this share.
+    pub fn scope<F: std::future::Future>(
+        self,
+        future: F,
+    ) -> impl std::future::Future<Output = F::Output> {
+        CONNECTION.scope(self, future)
+    }
+
+    fn held(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The bytes responses may hold at once: chunks read for a response (stored, or followed in a
+/// fill) count from before the read until their last [`Bytes`] is dropped.
+///
+/// Waiters are served connection by connection, the one holding least first (first come,
+/// first served among equals; requests are at most a chunk, so a large one is not starved),
+/// and a waiter costs no memory beyond its entry.
+#[derive(Debug)]
+pub(crate) struct ResponseBudget {
+    total: usize,
+    // A std mutex: a few field updates and a scan of the waiters, never held across an await.
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    available: usize,
+    next_ticket: u64,
+    waiting: HashMap<u64, Waiter>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    share: ConnectionShare,
+    want: usize,
+    waker: Waker,
+    granted: bool,
+}
+
+impl ResponseBudget {
+    /// A budget of `total` bytes (at least one chunk).
+    pub(crate) fn new(total: usize) -> Arc<Self> {
+        let total = total.max(READ_CHUNK);
+        Arc::new(Self {
+            total,
+            state: Mutex::new(BudgetState {
+                available: total,
+                next_ticket: 0,
+                waiting: HashMap::new(),
+            }),
+        })
+    }
+
+    /// Bytes held now.
+    pub(crate) fn held(&self) -> usize {
+        self.total.saturating_sub(lock(&self.state).available)
+    }
+
+    /// Waits for a share of `len` bytes (the whole budget if `len` is larger), counted to the
+    /// current task's connection, to be attached to the bytes read with it.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a cancelled wait holds nothing.
+    pub(crate) fn reserve(self: &Arc<Self>, len: usize) -> Reserving {
+        Reserving {
+            budget: Arc::clone(self),
+            share: ConnectionShare::current().unwrap_or_default(),
+            want: len.min(self.total),
+            ticket: None,
+        }
+    }
+
+    /// Gives `bytes` back on behalf of `share` and hands out what now fits.
+    fn release(&self, share: &ConnectionShare, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        let mut state = lock(&self.state);
+        state.available += bytes;
+        share.0.fetch_sub(bytes, Ordering::Relaxed);
+        state.grant();
+    }
+}
+
+impl BudgetState {
+    /// Grants waiters, the one whose connection holds least first, while the next one fits.
+    fn grant(&mut self) {
+        loop {
+            let next = self
+                .waiting
+                .iter_mut()
+                .filter(|(_, waiter)| !waiter.granted)
+                .min_by_key(|(ticket, waiter)| (waiter.share.held(), **ticket))
+                .map(|(_, waiter)| waiter);
+            let Some(waiter) = next else { return };
+            if waiter.want > self.available {
+                return;
+            }
+            self.available -= waiter.want;
+            waiter.share.0.fetch_add(waiter.want, Ordering::Relaxed);
+            waiter.granted = true;
+            waiter.waker.wake_by_ref();
+        }
+    }
+}
+
+/// A wait for a share of the [`ResponseBudget`] ([`ResponseBudget::reserve`]).
+#[derive(Debug)]
+pub(crate) struct Reserving {
+    budget: Arc<ResponseBudget>,
+    share: ConnectionShare,
+    want: usize,
+    /// Its place among the waiters, once it has one.
+    ticket: Option<u64>,
+}
+
+impl std::future::Future for Reserving {
+    type Output = Reserved;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reserved> {
+        let this = &mut *self;
+        let mut state = lock(&this.budget.state);
+        if let Some(waiter) = this
+            .ticket
+            .and_then(|ticket| state.waiting.get_mut(&ticket))
+        {
+            if !waiter.granted {
+                if !waiter.waker.will_wake(cx.waker()) {
+                    waiter.waker = cx.waker().clone();
+                }
+                return Poll::Pending;
+            }
+        } else {
+            // Enqueued first, even when it fits: the order is the budget's to decide.
+            let ticket = state.next_ticket;
+            state.next_ticket += 1;
+            state.waiting.insert(
+                ticket,
+                Waiter {
+                    share: this.share.clone(),
+                    want: this.want,
+                    waker: cx.waker().clone(),
+                    granted: false,
+                },
+            );
+            this.ticket = Some(ticket);
+            state.grant();
+        }
+        let granted = this
+            .ticket
+            .and_then(|ticket| state.waiting.get(&ticket))
+            .is_some_and(|waiter| waiter.granted);
+        if !granted {
+            return Poll::Pending;
+        }
+        if let Some(ticket) = this.ticket.take() {
+            state.waiting.remove(&ticket);
+        }
+        Poll::Ready(Reserved {
+            budget: Arc::clone(&this.budget),
+            share: this.share.clone(),
+            bytes: this.want,
+        })
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket.take() else {
+            return;
+        };
+        let mut state = lock(&self.budget.state);
+        if let Some(waiter) = state.waiting.remove(&ticket) {
+            if waiter.granted {
+                // Granted but never taken: give it back.
+                state.available += waiter.want;
+                waiter.share.0.fetch_sub(waiter.want, Ordering::Relaxed);
+            }
+            state.grant();
+        }
+    }
+}
+
+/// A share of the [`ResponseBudget`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Reserved {
+    budget: Arc<ResponseBudget>,
+    share: ConnectionShare,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// `bytes`, holding this share (less what they do not need, given back at once) until the
+    /// last [`Bytes`] sharing them is dropped.
+    pub(crate) fn attach(mut self, bytes: Bytes) -> Bytes {
+        let excess = self.bytes.saturating_sub(bytes.len());
+        self.budget.release(&self.share, excess);
+        self.bytes -= excess;
+        if bytes.is_empty() {
+            return bytes;
+        }
+        Bytes::from_owner(Budgeted {
+            bytes,
+            _share: self,
+        })
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.release(&self.share, self.bytes);
+    }
+}
+
+/// Bytes and the share of the budget they hold.
+struct Budgeted {
+    bytes: Bytes,
+    _share: Reserved,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,5 +440,75 @@ mod tests {
         assert_eq!(big.len(), READ_CHUNK + 1);
         drop(big);
         assert_eq!(pool.spare(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_share_is_held_until_the_last_bytes_are_dropped_and_readers_wait_for_it() {
+        let budget = ResponseBudget::new(READ_CHUNK);
+        let chunk = budget
+            .reserve(READ_CHUNK)
+            .await
+            .attach(Bytes::from(vec![1u8; 1000]));
+        // The unused part came back at once.
+        assert_eq!(budget.held(), 1000);
+        let slice = chunk.slice(10..20);
+        drop(chunk);
+        assert_eq!(budget.held(), 1000, "a slice still holds the share");
+        let waiting = budget.reserve(READ_CHUNK);
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), waiting.as_mut())
+                .await
+                .is_err(),
+            "no share while the budget is held"
+        );
+        drop(slice);
+        let reserved = waiting.await;
+        assert_eq!(budget.held(), READ_CHUNK);
+        drop(reserved.attach(Bytes::new()));
+        assert_eq!(budget.held(), 0);
+        // More than the budget asks for all of it, not for what can never come.
+        let all = budget.reserve(10 * READ_CHUNK).await;
+        assert_eq!(budget.held(), READ_CHUNK);
+        // A wait given up holds nothing, granted or not.
+        let mut given_up = Box::pin(budget.reserve(READ_CHUNK));
+        assert!(futures_util::poll!(given_up.as_mut()).is_pending());
+        drop(all);
+        assert_eq!(budget.held(), READ_CHUNK, "granted to the waiter");
+        drop(given_up);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_budget_goes_first_to_the_connection_holding_least() {
+        let budget = ResponseBudget::new(2 * READ_CHUNK);
+        let (greedy, modest) = (ConnectionShare::new(), ConnectionShare::new());
+        let held = greedy
+            .clone()
+            .scope(async {
+                let first = budget.reserve(READ_CHUNK).await;
+                let second = budget.reserve(READ_CHUNK).await;
+                (first, second)
+            })
+            .await;
+        // The greedy connection queues more before the modest one asks.
+        let greedy_wait = greedy
+            .clone()
+            .scope(async { budget.reserve(READ_CHUNK).await });
+        tokio::pin!(greedy_wait);
+        assert!(futures_util::poll!(greedy_wait.as_mut()).is_pending());
+        let modest_wait = modest
+            .clone()
+            .scope(async { budget.reserve(READ_CHUNK).await });
+        tokio::pin!(modest_wait);
+        assert!(futures_util::poll!(modest_wait.as_mut()).is_pending());
+        drop(held.0);
+        let modest_share = modest_wait.await;
+        assert!(futures_util::poll!(greedy_wait.as_mut()).is_pending());
+        assert_eq!((greedy.held(), modest.held()), (READ_CHUNK, READ_CHUNK));
+        drop(held.1);
+        let _greedy_share = greedy_wait.await;
+        drop(modest_share);
+        assert_eq!((greedy.held(), modest.held()), (READ_CHUNK, 0));
     }
 }

@@ -28,6 +28,7 @@ mod writer;
 
 pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
+pub use buffers::ConnectionShare;
 pub use index::{AccessRecord, Index, ManifestRecord, OnCorrupt, ReferrerRecord, TagRecord};
 pub use local::LocalDisk;
 pub use open::{index_path, open_index, open_storage, open_store, IndexAccess};

@@ -37,7 +37,8 @@ pub fn open_store(config: &Config) -> Result<Store, StoreError> {
             let local = LocalDisk::open(&config.storage_path)?;
             Store::new(Arc::new(Tier::new(local, Arc::new(bucket))))
         }
-    })
+    }
+    .with_response_buffer(config.response_buffer))
 }
 
 /// Where the index database of a configuration lives.

@@ -486,13 +486,15 @@ impl PartialReader {
 
     /// Reads up to `len` bytes at the current position, which are known to be in hand: from
     /// the writer's window when it still holds them, else from the staged (or committed)
-    /// object, where everything before the window is.
+    /// object, where everything before the window is. Either way the bytes hold a share of
+    /// the response budget: a slice of the window keeps its whole batch alive.
     async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let reserved = self.partial.store.response_budget.reserve(len).await;
         let len = {
             let window = lock(&self.partial.window);
             if let Some(bytes) = window.slice(self.position, len) {
                 self.position += bytes.len() as u64;
-                return Ok(bytes);
+                return Ok(reserved.attach(bytes));
             }
             // Before the window (a reader behind): read no further than its start, the bytes
             // after it may not be appended yet. Past it cannot happen: the window ends where
@@ -508,10 +510,15 @@ impl PartialReader {
         }
         let chunks = match &mut self.chunks {
             Some(chunks) => chunks,
-            slot @ None => slot.insert(Chunks::new(self.partial.open().await?, 0, u64::MAX)),
+            slot @ None => slot.insert(Chunks::new(
+                self.partial.open().await?,
+                0,
+                u64::MAX,
+                Arc::clone(&self.partial.store.response_budget),
+            )),
         };
         // At this reader's own position: reads from the window moved it on meanwhile.
-        let bytes = chunks.read_at(self.position, len).await?;
+        let bytes = chunks.read_reserved(self.position, len, reserved).await?;
         self.position += bytes.len() as u64;
         Ok(bytes)
     }

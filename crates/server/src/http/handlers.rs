@@ -141,6 +141,9 @@ async fn route_request<B>(
             metrics
                 .storage_manifests
                 .set(i64::try_from(state.cache.index().manifest_count()).unwrap_or(i64::MAX));
+            metrics
+                .response_buffer
+                .set(i64::try_from(state.cache.store().response_buffer_held()).unwrap_or(i64::MAX));
             let mut response = Response::new(body::full(metrics.encode()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -4,9 +4,13 @@
 //! A response is *offered* from the moment its head is ready and again after each frame of its
 //! body has been handed to hyper; it is *taken* when hyper asks for the next frame, which it
 //! does only once the client has made room (TCP window, HTTP/2 flow control). A response
-//! offered and not taken for `send_timeout` means a client that stopped reading: the
-//! connection is dropped. Time the cache itself spends producing a frame (a fill waiting on its
-//! upstream) is never counted against the client.
+//! offered and not taken for `send_timeout` means a client that stopped reading: an HTTP/1
+//! connection is dropped; an HTTP/2 stream is reset alone (each runs in a task of its own, see
+//! [`StreamExecutor`]), so that the frame hyper holds for it until the client grants window
+//! (one chunk, and its share of the response budget) is freed while the connection's other
+//! streams go on. Time the cache itself spends producing a frame (a fill waiting on its
+//! upstream, a read waiting for its share of the response budget) is never counted against
+//! the client.
 //!
 //! Each poll for a frame updates the record once, after the inner body has answered: a frame
 //! with more to come replaces the previous offer (hyper asking for it took that one); anything
@@ -22,9 +26,41 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::ListenerOptions;
 use crate::http;
+use regcache_cache::ConnectionShare;
+
+tokio::task_local! {
+    /// In the task of each HTTP/2 stream (see [`StreamExecutor`]): cancelled, it resets that
+    /// stream.
+    static STREAM_RESET: CancellationToken;
+}
+
+/// Runs each HTTP/2 stream (hyper hands its executor one future per stream) in a task of its
+/// own, counted to its connection's [`ConnectionShare`] of the response budget, that a stall
+/// can end: cancelling it drops the stream's future, so h2 resets the stream
+/// (`RST_STREAM` with `CANCEL`) and what it held is freed, while the connection goes on.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let reset = CancellationToken::new();
+        // Called from the connection's task: the stream's reads count to its connection.
+        let share = ConnectionShare::current().unwrap_or_default();
+        tokio::spawn(share.scope(STREAM_RESET.scope(reset.clone(), async move {
+            tokio::select! {
+                () = stream => {}
+                () = reset.cancelled() => {}
+            }
+        })));
+    }
+}
 
 /// Why a connection is to be closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +100,10 @@ where
         let request_guard = self.activity.begin();
         let response = self.inner.call(request);
         Box::pin(async move {
+            // Polled in the stream's own task on HTTP/2, in the connection's on HTTP/1.
+            if let Ok(reset) = STREAM_RESET.try_with(CancellationToken::clone) {
+                request_guard.on_stream(reset);
+            }
             let response = response.await?;
             // The head is ready: from now on, waiting is the client's.
             request_guard.offered();
@@ -130,6 +170,8 @@ struct ActivityState {
     next_request: u64,
     /// Requests whose response waits for the client, and since when.
     offered: HashMap<u64, Instant>,
+    /// Requests served on an HTTP/2 stream, and how to reset it.
+    streams: HashMap<u64, CancellationToken>,
 }
 
 impl Activity {
@@ -140,6 +182,7 @@ impl Activity {
                 idle_since: Instant::now(),
                 next_request: 0,
                 offered: HashMap::new(),
+                streams: HashMap::new(),
             }),
             changed: Notify::new(),
         }
@@ -188,10 +231,44 @@ impl Activity {
         Some((*oldest + options.send_timeout, Closing::Stalled))
     }
 
-    /// Completes once the connection should be closed, and says why.
+    /// Resets the HTTP/2 streams whose response has waited for the client for
+    /// `send_timeout`; `true` when a response that is not on its own stream (HTTP/1) has too,
+    /// and the connection must go.
+    fn reset_stalled(&self, options: &ListenerOptions) -> bool {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let stalled: Vec<u64> = state
+            .offered
+            .iter()
+            .filter(|(_, since)| **since + options.send_timeout <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut reset = 0usize;
+        for id in stalled {
+            let Some(stream) = state.streams.get(&id) else {
+                return true;
+            };
+            stream.cancel();
+            // Not considered again: the stream's task ends at once and drops the request.
+            state.offered.remove(&id);
+            reset += 1;
+        }
+        drop(state);
+        if reset > 0 {
+            tracing::info!(
+                streams = reset,
+                send_timeout = ?options.send_timeout,
+                "reset HTTP/2 streams whose client stopped taking their response"
+            );
+        }
+        false
+    }
+
+    /// Completes once the connection should be closed, and says why. Resets stalled HTTP/2
+    /// streams on the way (see [`Activity::reset_stalled`]).
     ///
     /// # Cancel safety
-    /// Cancel-safe: it only waits and reads.
+    /// Cancel-safe: it only waits, reads and resets streams that are due.
     pub(super) async fn closing(&self, options: &ListenerOptions) -> Closing {
         loop {
             let changed = self.changed.notified();
@@ -201,6 +278,11 @@ impl Activity {
             match self.deadline(options) {
                 None => changed.await,
                 // Checked again after each wait: a response taken meanwhile moved it.
+                Some((deadline, Closing::Stalled)) if deadline <= Instant::now() => {
+                    if self.reset_stalled(options) {
+                        return Closing::Stalled;
+                    }
+                }
                 Some((deadline, why)) if deadline <= Instant::now() => return why,
                 Some((deadline, _)) => tokio::select! {
                     () = tokio::time::sleep_until(deadline) => {}
@@ -219,6 +301,11 @@ struct InFlight {
 }
 
 impl InFlight {
+    /// It is served on an HTTP/2 stream, which `reset` resets.
+    fn on_stream(&self, reset: CancellationToken) {
+        self.activity.lock().streams.insert(self.id, reset);
+    }
+
     /// Its response waits for the client from now (replacing an earlier offer, which hyper
     /// took by asking for the frame now offered).
     fn offered(&self) {
@@ -247,6 +334,7 @@ impl Drop for InFlight {
         {
             let mut state = self.activity.lock();
             state.offered.remove(&self.id);
+            state.streams.remove(&self.id);
             state.in_flight = state.in_flight.saturating_sub(1);
             state.idle_since = Instant::now();
         }
@@ -268,6 +356,7 @@ mod tests {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 32,
             tls: None,
             rate_limit: None,
         }
@@ -327,6 +416,42 @@ mod tests {
         slow.taken();
         assert_eq!(closing.await, Closing::Stalled);
         assert_eq!(offered.elapsed(), Duration::from_secs(20));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_http2_stream_is_reset_and_the_connection_kept() {
+        let activity = Arc::new(Activity::new());
+        let options = options();
+        let stuck = activity.begin();
+        let reset = CancellationToken::new();
+        stuck.on_stream(reset.clone());
+        let taking = activity.begin();
+        taking.on_stream(CancellationToken::new());
+        let closing = activity.closing(&options);
+        tokio::pin!(closing);
+        stuck.offered();
+        taking.offered();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        taking.taken();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(9), closing.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(!reset.is_cancelled());
+        // The stalled stream is reset 20 s after its offer; the connection stays open.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), closing.as_mut())
+                .await
+                .is_err()
+        );
+        assert!(reset.is_cancelled());
+        // Its task ending drops the request: the connection is idle from then on.
+        drop(stuck);
+        drop(taking);
+        let idle = Instant::now();
+        assert_eq!(closing.await, Closing::Idle);
+        assert_eq!(idle.elapsed(), Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]
