@@ -758,7 +758,7 @@ mod tests {
         let repo = RepoName::parse("a").expect("valid");
         let digest = Digest::of(b"layer");
         {
-            let (index, _) = Index::open(&path).expect("open");
+            let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
             assert!(!index.is_member(&namespace, &repo, &digest).expect("read"));
             index
                 .put_membership(&namespace, &repo, &digest, SystemTime::now())
@@ -769,7 +769,7 @@ mod tests {
                 .expect("put again");
             index.flush().expect("flush");
         }
-        let (index, _) = Index::open(&path).expect("reopen");
+        let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("reopen");
         assert!(index.is_member(&namespace, &repo, &digest).expect("read"));
         // Another digest, another repository (a prefix of it, or one it is a prefix of) or
         // another upstream: not a member.
