@@ -7,7 +7,7 @@
 //! Only `verify --repair` moves a corrupt index aside; the others report it and change nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -78,7 +78,6 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
                 if let Ok(Some(false)) = store.verify(namespace, digest) {
                     corrupt
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
                         .push((namespace.clone(), *digest));
                 }
                 bar.inc(*size);
@@ -91,7 +90,7 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
         bytes: usage.bytes,
         ..VerifyReport::default()
     };
-    for (namespace, digest) in corrupt.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    for (namespace, digest) in corrupt.into_inner() {
         match store.quarantine(&namespace, &digest) {
             Ok(moved) => tracing::warn!(%digest, to = %moved, "corrupt file quarantined"),
             Err(err) => {

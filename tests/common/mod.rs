@@ -23,6 +23,8 @@
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code, unreachable_pub)]
+// Test doubles are plain threads and std locks; the parking_lot rule is for the product.
+#![allow(clippy::disallowed_types)]
 
 pub mod fake;
 pub mod faultproxy;

@@ -2,7 +2,7 @@
 //! when the store cannot be written (disk full). The digest is still verified: the last chunk
 //! is held back until the hash matches, and a mismatch ends the stream with an error.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,13 +23,12 @@ pub(crate) struct StoreTrouble {
 
 impl StoreTrouble {
     pub(crate) fn mark(&self) {
-        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.since.lock() = Some(Instant::now());
     }
 
     pub(crate) fn is_recent(&self) -> bool {
         self.since
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .is_some_and(|at| at.elapsed() < BYPASS_FOR)
     }
 }

@@ -7,7 +7,8 @@
 //! progress is staged, out of eviction's reach.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{BlobBody, Cache, RangeRequest, Target};
@@ -55,7 +56,7 @@ impl AccessLog {
             size,
             last_access: now_millis(),
         };
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.pending.lock();
         pending.insert((namespace.clone(), *digest), record);
     }
 
@@ -83,8 +84,7 @@ impl Cache {
             let mut pending = self
                 .access_log
                 .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+                .lock();
             pending.drain().map(|((ns, d), r)| (ns, d, r)).collect()
         };
         if let Err(err) = self.index.record_access(&entries) {
@@ -126,7 +126,7 @@ impl Cache {
     /// platforms) and blobs, as far as they are cached.
     fn pinned(&self) -> HashSet<(Namespace, Digest)> {
         let mut pinned = HashSet::new();
-        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let pins = self.pins.read().clone();
         for pin in &pins {
             let namespace = &self.namespaces[pin.upstream];
             let root = match &pin.reference {
@@ -237,7 +237,7 @@ impl Cache {
             .ok()
             .map(|m| (m.modified().ok(), m.len()));
         {
-            let mut seen = self.pins_stamp.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = self.pins_stamp.lock();
             if seen.as_ref() == Some(&stamp) {
                 return false;
             }
@@ -256,7 +256,7 @@ impl Cache {
         };
         let mut all = self.config_pins.clone();
         all.extend(from_file);
-        let mut pins = self.pins.write().unwrap_or_else(|p| p.into_inner());
+        let mut pins = self.pins.write();
         let changed = *pins != all;
         *pins = all;
         changed
@@ -292,7 +292,7 @@ impl Cache {
     pub async fn prefetch_pins(self: Arc<Self>) {
         let cache = Arc::clone(&self);
         let _ = tokio::task::spawn_blocking(move || cache.reload_pins()).await;
-        let pins = self.pins.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let pins = self.pins.read().clone();
         for pin in pins {
             let target = Target {
                 upstream: pin.upstream,

@@ -14,7 +14,8 @@
 //! error (the fill's reason) and the client's connection is aborted.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -87,7 +88,7 @@ struct Reservation {
 
 impl Reservation {
     fn fulfil(mut self, fill: &Arc<Fill>) {
-        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.fills.running.lock();
         running.insert(self.key.clone(), Slot::Running(Arc::clone(fill)));
         self.fulfilled = true;
     }
@@ -98,7 +99,7 @@ impl Drop for Reservation {
         if self.fulfilled {
             return;
         }
-        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.fills.running.lock();
         if matches!(running.get(&self.key), Some(Slot::Starting(_))) {
             running.remove(&self.key);
         }
@@ -184,7 +185,7 @@ impl Fills {
         let key = (namespace.clone(), *digest);
         let reservation = loop {
             let mut changed = {
-                let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                let mut running = self.running.lock();
                 match running.get(&key) {
                     Some(Slot::Running(fill)) => {
                         return Ok(Some((Arc::clone(fill), Role::Follower)));
@@ -263,7 +264,7 @@ impl Drop for FillGuard {
                 false
             }
         });
-        let mut running = self.fills.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.fills.running.lock();
         running.remove(&self.key);
     }
 }

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
@@ -80,7 +81,7 @@ where
     where
         F: Future<Output = Result<V, CacheError>> + Send + 'static,
     {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.running.lock();
         if let Some((flight, overdue)) = running.get(&key) {
             return (flight.clone(), Arc::clone(overdue), false);
         }
@@ -95,7 +96,6 @@ where
             flights
                 .running
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .remove(&task_key);
             result
         }));

@@ -364,10 +364,10 @@ pub struct Cache {
     access_log: Arc<evict::AccessLog>,
     /// Pins from the config file, and all pins in force (config plus `pins.toml`).
     config_pins: Vec<regcache_config::PinConfig>,
-    pins: std::sync::RwLock<Vec<regcache_config::PinConfig>>,
+    pins: parking_lot::RwLock<Vec<regcache_config::PinConfig>>,
     pins_file: std::path::PathBuf,
     /// The pins file's (modification time, length) when last read; `Some(None)`: absent.
-    pins_stamp: std::sync::Mutex<Option<evict::PinsStamp>>,
+    pins_stamp: parking_lot::Mutex<Option<evict::PinsStamp>>,
     budget: Option<evict::Budget>,
     /// Set when writing to the store fails (disk full): misses then stream without caching.
     store_trouble: Arc<direct::StoreTrouble>,
@@ -471,9 +471,9 @@ impl Cache {
             metrics,
             access_log: Arc::new(evict::AccessLog::new(budget)),
             config_pins: config.pins.clone(),
-            pins: std::sync::RwLock::new(config.pins.clone()),
+            pins: parking_lot::RwLock::new(config.pins.clone()),
             pins_file: PinsFile::path(config),
-            pins_stamp: std::sync::Mutex::new(None),
+            pins_stamp: parking_lot::Mutex::new(None),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
             budget,

@@ -15,7 +15,8 @@ mod peer;
 mod rendezvous;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -117,7 +118,7 @@ impl Cluster {
         if owner == self.membership.self_id() {
             return None;
         }
-        let mut cooling = self.cooling.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cooling = self.cooling.lock();
         match cooling.get(owner) {
             Some(until) if *until > Instant::now() => {
                 self.metrics
@@ -144,7 +145,7 @@ impl Cluster {
             .peer_fetches
             .with_label_values(&["fallback"])
             .inc();
-        let mut cooling = self.cooling.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cooling = self.cooling.lock();
         cooling.insert(peer.to_owned(), Instant::now() + PEER_COOLDOWN);
     }
 

@@ -3,7 +3,8 @@
 //! every `cluster.resolve_interval`. Members are named `scheme://host:port`, the form
 //! `cluster.self` is written in, so every replica computes the same owners.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use parking_lot::RwLock;
 
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +48,7 @@ impl Membership {
 
     /// The members now.
     pub(crate) fn members(&self) -> Arc<Vec<String>> {
-        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+        Arc::clone(&self.current.read())
     }
 
     /// Whether some peers are DNS names (then [`Membership::refresh`] has work to do).
@@ -71,7 +72,7 @@ impl Membership {
         members.sort();
         members.dedup();
         let count = members.len();
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.write();
         if **current != members {
             tracing::info!(members = ?members, "cluster members changed");
             *current = Arc::new(members);

@@ -22,13 +22,14 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use memmap2::MmapMut;
 
-use super::{lock, READ_CHUNK};
+use super::{READ_CHUNK};
 
 /// Spare buffers kept by default (8 MiB): enough for the chunks of a few dozen connections
 /// to cycle without touching the allocator.
@@ -59,7 +60,7 @@ impl ReadBuffers {
     /// Spare buffers held now.
     #[cfg(test)]
     pub(crate) fn spare(&self) -> usize {
-        lock(&self.spare).len()
+        self.spare.lock().len()
     }
 
     /// Fills `len` bytes with `fill` and returns them as [`Bytes`] whose buffer comes back
@@ -78,7 +79,7 @@ impl ReadBuffers {
             fill(&mut buffer)?;
             return Ok(Bytes::from(buffer));
         }
-        let spare = lock(&self.spare).pop();
+        let spare = self.spare.lock().pop();
         let buffer = match spare {
             Some(buffer) => buffer,
             None => MmapMut::map_anon(READ_CHUNK)?,
@@ -95,7 +96,7 @@ impl ReadBuffers {
     }
 
     fn give_back(&self, buffer: MmapMut) {
-        let mut spare = lock(&self.spare);
+        let mut spare = self.spare.lock();
         if spare.len() < self.keep {
             spare.push(buffer);
         }
@@ -209,7 +210,7 @@ impl ResponseBudget {
 
     /// Bytes held now.
     pub(crate) fn held(&self) -> usize {
-        self.total.saturating_sub(lock(&self.state).available)
+        self.total.saturating_sub(self.state.lock().available)
     }
 
     /// Waits for a share of `len` bytes (the whole budget if `len` is larger), counted to the
@@ -231,7 +232,7 @@ impl ResponseBudget {
         if bytes == 0 {
             return;
         }
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         state.available += bytes;
         share.0.fetch_sub(bytes, Ordering::Relaxed);
         state.grant();
@@ -275,7 +276,7 @@ impl std::future::Future for Reserving {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Reserved> {
         let this = &mut *self;
-        let mut state = lock(&this.budget.state);
+        let mut state = this.budget.state.lock();
         if let Some(waiter) = this
             .ticket
             .and_then(|ticket| state.waiting.get_mut(&ticket))
@@ -325,7 +326,7 @@ impl Drop for Reserving {
         let Some(ticket) = self.ticket.take() else {
             return;
         };
-        let mut state = lock(&self.budget.state);
+        let mut state = self.budget.state.lock();
         if let Some(waiter) = state.waiting.remove(&ticket) {
             if waiter.granted {
                 // Granted but never taken: give it back.

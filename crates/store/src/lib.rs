@@ -36,14 +36,7 @@ pub use s3::S3Backend;
 pub use tier::Tier;
 pub use writer::{BlobWriter, Partial, PartialReader, VerifiedBlob, WriteState};
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 use regcache_oci::Digest;
-
-/// Locks `m`, taking a poisoned lock as is: each critical section leaves the data consistent.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A per-upstream namespace in the store: the upstream's configured name, which config
 /// validation restricts to host characters, so it is safe as a path component.

@@ -259,13 +259,13 @@ pub(super) async fn commit(writer: BlobWriter) {
 #[derive(Debug)]
 struct GatedDisk {
     disk: LocalDisk,
-    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    gate: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
 }
 
 #[derive(Debug)]
 struct GatedWrite {
     staged: Box<dyn StagedWrite>,
-    gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    gate: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
 }
 
 impl StagedWrite for GatedWrite {
@@ -275,8 +275,9 @@ impl StagedWrite for GatedWrite {
 
     fn append(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         let (open, opened) = &*self.gate;
-        let guard = open.lock().expect("gate");
-        drop(opened.wait_while(guard, |open| !*open).expect("gate"));
+        let mut guard = open.lock();
+        opened.wait_while(&mut guard, |open| !*open);
+        drop(guard);
         self.staged.append(bytes)
     }
 
@@ -322,7 +323,7 @@ impl BlobBackend for GatedDisk {
 #[tokio::test]
 async fn a_reader_gets_the_bytes_in_hand_before_they_reach_the_disk() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
     let disk = GatedDisk {
         disk: LocalDisk::open(dir.path()).expect("disk"),
         gate: Arc::clone(&gate),
@@ -344,7 +345,7 @@ async fn a_reader_gets_the_bytes_in_hand_before_they_reach_the_disk() {
     assert_eq!(first, blob(256 * 1024), "the bytes in hand");
     {
         let (open, opened) = &*gate;
-        *open.lock().expect("gate") = true;
+        *open.lock() = true;
         opened.notify_all();
     }
     commit(writing.await.expect("writer")).await;

@@ -17,7 +17,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
@@ -159,12 +160,11 @@ impl BlobBackend for Tier {
         let gate = Arc::clone(
             self.promoting
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .entry(key.clone())
                 .or_default(),
         );
         let result = {
-            let _one_at_a_time = gate.lock().unwrap_or_else(|p| p.into_inner());
+            let _one_at_a_time = gate.lock();
             if self.local.stat(namespace, digest)?.is_some() {
                 // Promoted by the caller we waited for.
                 Ok(Some(0))
@@ -174,7 +174,6 @@ impl BlobBackend for Tier {
         };
         self.promoting
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
         result
     }

@@ -12,7 +12,8 @@
 //! arrives from the network, so network, hashing, disk and the readers all overlap.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -20,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::backend::{BlobRead, StagedId, StagedWrite};
 use super::blobs::{Chunks, DigestCheck};
-use super::{lock, Namespace, Store, StoreError};
+use super::{Namespace, Store, StoreError};
 use regcache_oci::Digest;
 
 /// Bytes hashed and written per blocking call: large enough to amortise the thread hop, small
@@ -250,7 +251,7 @@ impl BlobWriter {
             };
             // The whole buffer moves to the readers (who share `data`), unshared with the next.
             let data: Bytes = std::mem::replace(&mut self.batch, next).freeze();
-            lock(&self.partial.window).batches.push_back(data.clone());
+            self.partial.window.lock().batches.push_back(data.clone());
             self.received += data.len() as u64;
             self.state.send_replace(WriteState::Writing(self.received));
             self.pending.push(data);
@@ -291,7 +292,7 @@ impl BlobWriter {
         let (check, staged) = tokio::join!(hash, append);
         let (check, staged) = (check.map_err(aborted)?, staged.map_err(aborted)??);
         self.written += len;
-        lock(&self.partial.window).trim(self.written, &mut self.spare);
+        self.partial.window.lock().trim(self.written, &mut self.spare);
         Ok((staged, check))
     }
 
@@ -491,7 +492,7 @@ impl PartialReader {
     async fn read(&mut self, len: usize) -> std::io::Result<Bytes> {
         let reserved = self.partial.store.response_budget.reserve(len).await;
         let len = {
-            let window = lock(&self.partial.window);
+            let window = self.partial.window.lock();
             if let Some(bytes) = window.slice(self.position, len) {
                 self.position += bytes.len() as u64;
                 return Ok(reserved.attach(bytes));

@@ -156,7 +156,7 @@ impl TokenResponse {
 /// never goes out with a token that dies in flight.
 #[derive(Debug, Default)]
 pub(crate) struct TokenCache {
-    tokens: std::sync::Mutex<HashMap<String, (String, Instant)>>,
+    tokens: parking_lot::Mutex<HashMap<String, (String, Instant)>>,
 }
 
 /// Margin before expiry at which a token is no longer used.
@@ -167,14 +167,14 @@ const MAX_SCOPES: usize = 10_000;
 impl TokenCache {
     pub(crate) fn get(&self, scope: &str) -> Option<String> {
         // A std mutex: the critical section is a map lookup and never awaits.
-        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let tokens = self.tokens.lock();
         let (token, valid_until) = tokens.get(scope)?;
         (Instant::now() < *valid_until).then(|| token.clone())
     }
 
     pub(crate) fn insert(&self, scope: &str, token: String, lifetime: Duration) {
         let valid_for = lifetime.saturating_sub(EXPIRY_MARGIN.min(lifetime / 2));
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens = self.tokens.lock();
         if tokens.len() >= MAX_SCOPES {
             let now = Instant::now();
             tokens.retain(|_, (_, until)| *until > now);
@@ -186,7 +186,7 @@ impl TokenCache {
     }
 
     pub(crate) fn remove(&self, scope: &str) {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tokens = self.tokens.lock();
         tokens.remove(scope);
     }
 }

@@ -18,7 +18,7 @@
 //! Every decision takes `now` from the breaker's [`Clock`], so the machine is tested with
 //! fabricated instants.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
@@ -155,8 +155,8 @@ impl Breaker {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Whether a request may go out now; see the module doc for who may probe.

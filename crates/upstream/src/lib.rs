@@ -205,7 +205,7 @@ pub struct UpstreamClient {
     answered: moka::future::Cache<RepoName, ()>,
     metrics: std::sync::Arc<Metrics>,
     /// The last failure, for the status page.
-    last_error: std::sync::Mutex<Option<(std::time::SystemTime, String)>>,
+    last_error: parking_lot::Mutex<Option<(std::time::SystemTime, String)>>,
 }
 
 /// Errors building a client from configuration (a bad CA file).
@@ -304,7 +304,7 @@ impl UpstreamClient {
                 .time_to_idle(Duration::from_secs(3600))
                 .build(),
             metrics,
-            last_error: std::sync::Mutex::new(None),
+            last_error: parking_lot::Mutex::new(None),
         })
     }
 
@@ -332,7 +332,6 @@ impl UpstreamClient {
     pub fn last_error(&self) -> Option<(std::time::SystemTime, String)> {
         self.last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
@@ -342,7 +341,7 @@ impl UpstreamClient {
             .upstream_errors
             .with_label_values(&[self.name.as_str(), reason])
             .inc();
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+        *self.last_error.lock() =
             Some((std::time::SystemTime::now(), message));
     }
 

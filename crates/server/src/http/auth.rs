@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
@@ -176,8 +176,8 @@ impl Authenticator {
         }
     }
 
-    fn read_users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
-        self.users.read().unwrap_or_else(|p| p.into_inner())
+    fn read_users(&self) -> parking_lot::RwLockReadGuard<'_, Users> {
+        self.users.read()
     }
 
     /// Reads `auth.htpasswd` again; returns how many users it has, `None` when there is no
@@ -192,7 +192,7 @@ impl Authenticator {
         };
         let entries = load_htpasswd(path)?;
         {
-            let mut users = self.users.write().unwrap_or_else(|p| p.into_inner());
+            let mut users = self.users.write();
             *users = Users::new(users.generation + 1, &entries);
         }
         self.verified.invalidate_all();

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use regcache_cache::{Cache, CachePhase};
@@ -54,7 +54,7 @@ impl StatusBoard {
         status: u16,
         phase: Option<CachePhase>,
     ) {
-        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        let mut board = self.board.lock();
         if board.recent.len() == RECENT {
             board.recent.pop_back();
         }
@@ -69,7 +69,7 @@ impl StatusBoard {
     }
 
     pub(crate) fn record_bytes(&self, upstream: &str, repo: &str, bytes: u64) {
-        let mut board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        let mut board = self.board.lock();
         let full = board.bytes_by_repo.len() >= MAX_REPOS;
         let key = (upstream.to_owned(), repo.to_owned());
         match board.bytes_by_repo.get_mut(&key) {
@@ -84,7 +84,7 @@ impl StatusBoard {
     /// Recent pulls and the top repositories, of the repositories `visible` says the viewer
     /// may see (`(upstream, repository)`).
     fn snapshot(&self, visible: &Visible<'_>) -> (Vec<Pull>, Vec<(RepoKey, u64)>) {
-        let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        let board = self.board.lock();
         let mut top: Vec<_> = board
             .bytes_by_repo
             .iter()

@@ -18,7 +18,8 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -188,8 +189,8 @@ impl Activity {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ActivityState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, ActivityState> {
+        self.state.lock()
     }
 
     pub(super) fn first_request_deadline(&self, options: &ListenerOptions) -> Instant {

@@ -6,7 +6,8 @@
 //! reload that fails (a half-written file, a key that does not match) keeps the old config.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use parking_lot::RwLock;
 
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -75,14 +76,14 @@ impl Tls {
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = Arc::new(build(&self.files)?);
         // A std lock: held for a pointer swap, never across an await.
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.current.write() = config;
         Ok(())
     }
 
     /// An acceptor with the config in force now.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(
-            &self.current.read().unwrap_or_else(|p| p.into_inner()),
+            &self.current.read(),
         ))
     }
 }
