@@ -470,7 +470,7 @@ mod tests {
         }
 
         fn offsets(&self) -> Vec<u64> {
-            self.offsets.lock().expect("lock").clone()
+            self.offsets.lock().clone()
         }
     }
 
@@ -483,11 +483,10 @@ mod tests {
 
         fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
             let script = &self.0;
-            script.offsets.lock().expect("lock").push(offset);
+            script.offsets.lock().push(offset);
             let fault = script
                 .faults
                 .lock()
-                .expect("lock")
                 .pop_front()
                 .unwrap_or(Body::Whole);
             let mut body = script.blob.slice(usize::try_from(offset).expect("small")..);

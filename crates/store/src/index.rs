@@ -107,6 +107,60 @@ pub enum OnCorrupt {
     Refuse,
 }
 
+/// The top level of a database directory as a read-only command found it: every entry, and the
+/// bytes of its small files (sled's `conf`, snapshots of small databases).
+#[derive(Debug)]
+struct AsFound(Vec<(std::ffi::OsString, Option<Vec<u8>>)>);
+
+impl AsFound {
+    /// Files up to this size are kept to be put back.
+    const SMALL: u64 = 1 << 20;
+
+    fn read(dir: &Path) -> Self {
+        let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+        Self(
+            entries
+                .map(|entry| {
+                    let small = entry
+                        .metadata()
+                        .is_ok_and(|m| m.is_file() && m.len() <= Self::SMALL);
+                    let bytes = small
+                        .then(|| std::fs::read(entry.path()).ok())
+                        .flatten();
+                    (entry.file_name(), bytes)
+                })
+                .collect(),
+        )
+    }
+
+    /// Removes what was added and rewrites small files that changed. Best effort: a failure is
+    /// logged, the command fails anyway.
+    fn restore(&self, dir: &Path) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !self.0.iter().any(|(name, _)| *name == entry.file_name()) {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if let Err(err) = removed {
+                    tracing::warn!(path = %path.display(), error = %err, "could not remove what opening the index added");
+                }
+            }
+        }
+        for (name, bytes) in &self.0 {
+            let Some(bytes) = bytes else { continue };
+            let path = dir.join(name);
+            if std::fs::read(&path).ok().as_ref() != Some(bytes) {
+                if let Err(err) = std::fs::write(&path, bytes) {
+                    tracing::warn!(path = %path.display(), error = %err, "could not put back what opening the index changed");
+                }
+            }
+        }
+    }
+}
+
 impl Index {
     /// Opens the database at `path`. If it cannot be opened (corrupt, or written by an
     /// incompatible version), then with [`OnCorrupt::MoveAside`] it is moved aside to
@@ -117,7 +171,14 @@ impl Index {
     /// [`StoreError::IndexLocked`] when another process holds it; [`StoreError::IndexCorrupt`]
     /// with [`OnCorrupt::Refuse`]; [`StoreError`] when even a fresh database cannot be created.
     pub fn open(path: &Path, on_corrupt: OnCorrupt) -> Result<(Self, Option<PathBuf>), StoreError> {
-        match Self::open_at(path) {
+        // sled rewrites its `conf` file (and may add files) before it finds a database
+        // unreadable: a refused open puts back what it found.
+        let found = (on_corrupt == OnCorrupt::Refuse).then(|| AsFound::read(path));
+        let opened = Self::open_at(path);
+        if let (Err(_), Some(found)) = (&opened, found) {
+            found.restore(path);
+        }
+        match opened {
             Ok(index) => Ok((index, None)),
             // sled takes an exclusive lock on its file: another process (a running server)
             // has it.
