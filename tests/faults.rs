@@ -705,20 +705,25 @@ async fn circuit_recovers_after_a_probe_is_abandoned_by_its_client() {
     );
     assert_eq!(transitions(&proxy, "open").await, 1.0);
 
-    // The next miss is the probe: a tag listing (passed through, not run in a task of its
-    // own) whose client gives up while the upstream hangs.
-    fake.set_fault("/tags/list", Fault::Hang);
+    // The next miss is the probe: a referrers listing (passed through, not run in a task of
+    // its own, unlike tag lists, which are walked in a shared task) whose client gives up
+    // while the upstream hangs.
+    fake.set_fault("/referrers/", Fault::Hang);
     let abandoned = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_millis(500))
         .build()
         .expect("reqwest client")
-        .get(format!("{}/v2/{REPO}/tags/list", proxy.url()))
+        .get(format!(
+            "{}/v2/{REPO}/referrers/{}",
+            proxy.url(),
+            image.layer_digest()
+        ))
         .send()
         .await;
     assert!(abandoned.is_err(), "the probe's client gave up");
     assert_eq!(
-        fake.count(|r| r.path.ends_with("/tags/list")),
+        fake.count(|r| r.path.contains("/referrers/")),
         1,
         "the probe reached the upstream"
     );

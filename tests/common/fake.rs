@@ -17,7 +17,9 @@
 //!
 //! The registry serves `GET`/`HEAD` `/v2/`, `/v2/<name>/manifests/<reference>` and
 //! `/v2/<name>/blobs/<digest>` with `Content-Length`, `Content-Type` and
-//! `Docker-Content-Digest`, and honours `Range: bytes=N-` / `bytes=N-M` (`206`). Faults are
+//! `Docker-Content-Digest`, and honours `Range: bytes=N-` / `bytes=N-M` (`206`); with
+//! [`FakeRegistryBuilder::tag_list`], `/v2/<name>/tags/list` in pages (`n`, `last`, `Link`),
+//! however many tags, made up as they are served. Faults are
 //! rules matched against the request path, settable at any time (they live behind the shared
 //! state), so a test can change behaviour between two requests. Every request is recorded.
 //!
@@ -159,6 +161,8 @@ struct State {
     blobs: HashMap<String, Bytes>,
     /// (repository, tag or digest) → (media type, bytes).
     manifests: HashMap<(String, String), (String, Bytes)>,
+    /// repository → its tag list.
+    tag_lists: HashMap<String, TagList>,
     /// `expires_in` of issued tokens, when Bearer auth is required.
     bearer: Option<u64>,
     /// `http://127.0.0.1:PORT/token`.
@@ -179,6 +183,7 @@ impl State {
 pub struct FakeRegistryBuilder {
     blobs: HashMap<String, Bytes>,
     manifests: HashMap<(String, String), (String, Bytes)>,
+    tag_lists: HashMap<String, TagList>,
     bearer: Option<u64>,
     redirect: bool,
 }
@@ -204,6 +209,15 @@ impl FakeRegistryBuilder {
         for key in [reference.to_owned(), sha256_digest(&bytes)] {
             self.manifests.insert((repo.to_owned(), key), entry.clone());
         }
+        self
+    }
+
+    /// Lists `count` tags in `repo` ([`fake_tag`]`(0)` to `fake_tag(count - 1)`, in lexical
+    /// order), `page_size` a page unless the client asks for fewer (`n`), each page but the
+    /// last with a `Link` to the next. Tag list bodies take [`Fault::Trickle`].
+    pub fn tag_list(mut self, repo: &str, count: usize, page_size: usize) -> Self {
+        self.tag_lists
+            .insert(repo.to_owned(), TagList { count, page_size });
         self
     }
 
@@ -239,6 +253,7 @@ impl FakeRegistryBuilder {
         let state = Arc::new(State {
             blobs: self.blobs,
             manifests: self.manifests,
+            tag_lists: self.tag_lists,
             bearer: self.bearer,
             realm: format!("{url}/token"),
             storage: storage_url,
@@ -451,6 +466,12 @@ fn registry(
     if rest.is_empty() {
         return json(StatusCode::OK, Bytes::from_static(b"{}"));
     }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return match state.tag_lists.get(name) {
+            Some(list) => list.page(name, req.uri().query(), fault),
+            None => error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such repository"),
+        };
+    }
     if let Some((name, reference)) = manifest {
         return match state
             .manifests
@@ -483,6 +504,55 @@ fn registry(
         };
     }
     error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path")
+}
+
+/// The `i`-th tag of a [`FakeRegistryBuilder::tag_list`]: `t` and 8 digits, so that numeric
+/// and lexical order agree.
+pub fn fake_tag(i: usize) -> String {
+    format!("t{i:08}")
+}
+
+/// A tag list made up as it is served.
+#[derive(Debug, Clone, Copy)]
+struct TagList {
+    count: usize,
+    page_size: usize,
+}
+
+impl TagList {
+    /// The page after `last` (a [`fake_tag`]), `n` or `page_size` long.
+    fn page(&self, name: &str, query: Option<&str>, fault: Option<&Fault>) -> Response<Body> {
+        let param = |key: &str| {
+            url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.into_owned())
+        };
+        let start = param("last")
+            .and_then(|last| last.strip_prefix('t')?.parse::<usize>().ok())
+            .map_or(0, |last| last + 1)
+            .min(self.count);
+        let size = param("n")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map_or(self.page_size, |n| n.min(self.page_size));
+        let end = (start + size).min(self.count);
+        let tags: Vec<String> = (start..end).map(fake_tag).collect();
+        let body = serde_json::json!({ "name": name, "tags": tags }).to_string();
+        let mut response = json(StatusCode::OK, Bytes::new());
+        if end < self.count && end > start {
+            let link = format!(
+                "</v2/{name}/tags/list?last={}&n={size}>; rel=\"next\"",
+                fake_tag(end - 1)
+            );
+            set(&mut response, header::LINK, &link);
+        }
+        set(
+            &mut response,
+            header::CONTENT_LENGTH,
+            &body.len().to_string(),
+        );
+        *response.body_mut() = shaped(Bytes::from(body), fault);
+        response
+    }
 }
 
 fn authorized(state: &State, req: &Request<Incoming>) -> bool {

@@ -17,6 +17,7 @@ mod peer;
 mod pins;
 mod revalidate;
 pub mod routing;
+mod tag_lists;
 
 pub use evict::EvictionReport;
 pub use grant::DigestKind;
@@ -169,7 +170,7 @@ pub enum CachePhase {
     Revalidated,
     /// A cached tag served because the upstream could not be asked.
     Stale,
-    /// Passed through without caching (tag lists, referrers).
+    /// Passed through without caching (referrers).
     PassThrough,
 }
 
@@ -375,6 +376,8 @@ pub struct Cache {
     upstream_configs: Vec<regcache_config::UpstreamConfig>,
     /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
     cluster: Option<Arc<regcache_cluster::Cluster>>,
+    /// Upstream tag lists: bounded, coalesced and kept briefly.
+    tag_lists: tag_lists::TagLists,
 }
 
 /// Who asks for a blob.
@@ -465,6 +468,7 @@ impl Cache {
                 max_stale: config.max_stale,
             },
             revalidate_timeout: config.revalidate_timeout,
+            tag_lists: tag_lists::TagLists::new(config, clock.clone()),
             clock,
             serve_stale_on_404: config.serve_stale_on_404,
             negative_ttl: config.negative_ttl,

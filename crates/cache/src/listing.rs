@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::tag_lists::{TagCollector, TagListLimits};
 use super::{Cache, CacheError, CachePhase, Manifest, Target};
+use regcache_metrics::Metrics;
 use regcache_oci::{Digest, MediaType, Reference, RepoName, Tag};
 use regcache_store::{Namespace, ReferrerRecord};
-use regcache_upstream::UpstreamError;
+use regcache_upstream::{UpstreamClient, UpstreamError};
 
 /// Upper bound on upstream tag-list pages followed for one answer: enough for any real
 /// repository at Distribution's default page size, and a bound on a looping `Link`.
@@ -99,12 +101,6 @@ struct ConfigField {
     media_type: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct UpstreamTags {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-}
-
 /// The subject a manifest refers to, with its referrer record, if it names one.
 pub(crate) fn referrer_of(manifest: &Manifest) -> Option<(Digest, ReferrerRecord)> {
     let fields: ManifestFields = serde_json::from_slice(&manifest.bytes).ok()?;
@@ -144,11 +140,14 @@ impl Cache {
 
     /// One page of a repository's tags: the upstream's list merged with the cached tags,
     /// sorted; only the cached tags when the upstream is offline or unavailable. `last`
-    /// excludes every tag up to and including it; `n` bounds the page.
+    /// excludes every tag up to and including it; `n` bounds the page. The upstream's list is
+    /// read within `cache.tag_list_max_bytes` and `cache.tag_list_max_tags`, by one walk for
+    /// all concurrent requests, and reused for `cache.tag_list_ttl`.
     ///
     /// # Errors
-    /// [`CacheError`] when the upstream refuses (404 with nothing cached, 401, …), or
-    /// [`CacheError::NotCachedOffline`] when nothing is cached and the upstream is offline.
+    /// [`CacheError`] when the upstream refuses (404 with nothing cached, 401, …),
+    /// [`CacheError::NotCachedOffline`] when nothing is cached and the upstream is offline, or
+    /// [`CacheError::Busy`] when too many tag lists are being read.
     pub async fn tags(
         &self,
         target: &Target,
@@ -156,56 +155,34 @@ impl Cache {
         last: Option<&str>,
     ) -> Result<TagPage, CacheError> {
         let (upstream, namespace) = self.upstream(target);
-        let mut tags: Vec<String> = self
-            .index
-            .repository_tags(namespace, &target.repo)?
-            .iter()
-            .map(|t| t.as_str().to_owned())
-            .collect();
-        let cached_any = !tags.is_empty();
-        let phase = if upstream.is_offline() {
+        // In lexical order, as the index keeps them.
+        let cached = self.index.repository_tags(namespace, &target.repo)?;
+        let cached_any = !cached.is_empty();
+        let (listed, phase) = if upstream.is_offline() {
             if !cached_any {
                 return Err(CacheError::NotCachedOffline {
                     upstream: upstream.name().to_owned(),
                 });
             }
-            CachePhase::Hit
+            (None, CachePhase::Hit)
         } else {
-            match self.upstream_tags(target).await {
-                Ok(upstream_tags) => {
-                    tags.extend(upstream_tags);
-                    CachePhase::PassThrough
-                }
-                Err(err) if cached_any && falls_back(&err) => {
+            let walk = walk_tags(
+                Arc::clone(upstream),
+                target.repo.clone(),
+                self.tag_lists.limits,
+                Arc::clone(&self.metrics),
+            );
+            match self.tag_lists.get(namespace, &target.repo, walk).await {
+                Ok((listed, phase)) => (Some(listed), phase),
+                Err(err) if cached_any && cache_falls_back(&err) => {
                     tracing::warn!(repo = %target.repo, error = %err, "tag list from the cache only");
-                    CachePhase::Stale
+                    (None, CachePhase::Stale)
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         };
-        tags.sort_unstable();
-        tags.dedup();
-        Ok(paginate(tags, n, last, phase))
-    }
-
-    /// Every tag the upstream lists, following its `Link` pagination (bounded).
-    async fn upstream_tags(&self, target: &Target) -> Result<Vec<String>, UpstreamError> {
-        let (upstream, _) = self.upstream(target);
-        let mut tags = Vec::new();
-        let mut query: Option<String> = None;
-        for _ in 0..MAX_TAG_PAGES {
-            let page = upstream
-                .get_pass_through(&target.repo, "tags/list", query.as_deref())
-                .await?;
-            if let Ok(body) = serde_json::from_slice::<UpstreamTags>(&page.bytes) {
-                tags.extend(body.tags.unwrap_or_default());
-            }
-            query = page.link.as_deref().and_then(link_query).map(str::to_owned);
-            if query.is_none() {
-                break;
-            }
-        }
-        Ok(tags)
+        let listed = listed.as_deref().map_or(&[][..], Vec::as_slice);
+        Ok(paginate(listed, &cached, n, last, phase))
     }
 
     /// The referrers of `subject` in a repository: the upstream's referrers API answer (or,
@@ -302,6 +279,62 @@ fn falls_back(err: &UpstreamError) -> bool {
     err.class().unavailable || matches!(err, UpstreamError::NotFound { .. })
 }
 
+/// [`falls_back`] for a tag-list walk's error.
+fn cache_falls_back(err: &CacheError) -> bool {
+    match err.root() {
+        CacheError::Upstream(err) => falls_back(err),
+        _ => false,
+    }
+}
+
+/// Every tag the upstream lists, following its `Link` pagination, sorted: within `limits`,
+/// each page read at most up to what remains of the byte limit and its tags taken as it is
+/// decoded, and at most [`MAX_TAG_PAGES`] pages. A list cut at a limit is what was read
+/// before it, logged and counted once (this runs once per walk, for every request sharing it).
+async fn walk_tags(
+    upstream: Arc<UpstreamClient>,
+    repo: RepoName,
+    limits: TagListLimits,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<Tag>, CacheError> {
+    let mut collector = TagCollector::new(limits);
+    let mut query: Option<String> = None;
+    for page_number in 1..=MAX_TAG_PAGES {
+        let page = upstream
+            .get_tag_page(&repo, query.as_deref(), collector.page_limit())
+            .await?;
+        collector.add_page(&page.bytes, page.cut_short);
+        query = page.link.as_deref().and_then(link_query).map(str::to_owned);
+        if query.is_none() || collector.cut().is_some() {
+            break;
+        }
+        collector.more_follow();
+        if page_number == MAX_TAG_PAGES {
+            collector.stop_at_page_bound();
+        }
+        if collector.cut().is_some() {
+            break;
+        }
+    }
+    let (cut, bytes) = (collector.cut(), collector.bytes_read());
+    let tags = collector.finish();
+    if let Some(cut) = cut {
+        tracing::warn!(
+            upstream = upstream.name(),
+            repo = %repo,
+            limit = cut.as_str(),
+            tags = tags.len(),
+            bytes,
+            "upstream tag list cut at a limit; serving the tags read before it"
+        );
+        metrics
+            .tag_list_truncated
+            .with_label_values(&[upstream.name()])
+            .inc();
+    }
+    Ok(tags)
+}
+
 /// The query of a `Link: </v2/…?last=x&n=y>; rel="next"` header.
 fn link_query(link: &str) -> Option<&str> {
     let start = link.find('<')? + 1;
@@ -310,16 +343,26 @@ fn link_query(link: &str) -> Option<&str> {
     Some(query)
 }
 
-/// The page of sorted, deduplicated `tags` after `last`, at most `n` long.
-fn paginate(tags: Vec<String>, n: Option<usize>, last: Option<&str>, phase: CachePhase) -> TagPage {
-    let start = last.map_or(0, |last| tags.partition_point(|t| t.as_str() <= last));
-    let rest = &tags[start..];
-    let take = n.unwrap_or(rest.len()).min(rest.len());
-    let page: Vec<Tag> = rest[..take]
-        .iter()
-        .filter_map(|t| Tag::parse(t).ok())
+/// The page after `last`, at most `n` long, of the merge of two sorted, deduplicated lists
+/// (the upstream's and the cached tags). Only the page is copied, however long the lists.
+fn paginate(
+    listed: &[Tag],
+    cached: &[Tag],
+    n: Option<usize>,
+    last: Option<&str>,
+    phase: CachePhase,
+) -> TagPage {
+    let after = |tags: &[Tag]| last.map_or(0, |last| tags.partition_point(|t| t.as_str() <= last));
+    let mut rest = Merged {
+        listed: &listed[after(listed)..],
+        cached: &cached[after(cached)..],
+    };
+    let page: Vec<Tag> = rest
+        .by_ref()
+        .take(n.unwrap_or(usize::MAX))
+        .cloned()
         .collect();
-    let next_after = (take < rest.len() && take > 0)
+    let next_after = (!page.is_empty() && rest.next().is_some())
         .then(|| page.last().cloned())
         .flatten();
     TagPage {
@@ -329,17 +372,61 @@ fn paginate(tags: Vec<String>, n: Option<usize>, last: Option<&str>, phase: Cach
     }
 }
 
+/// Two sorted, deduplicated tag lists as one, in order, each tag once.
+struct Merged<'t> {
+    listed: &'t [Tag],
+    cached: &'t [Tag],
+}
+
+impl<'t> Iterator for Merged<'t> {
+    type Item = &'t Tag;
+
+    fn next(&mut self) -> Option<&'t Tag> {
+        let (listed, cached) = (self.listed, self.cached);
+        match (listed.split_first(), cached.split_first()) {
+            (Some((a, listed_rest)), Some((b, cached_rest))) => {
+                if a <= b {
+                    self.listed = listed_rest;
+                }
+                if b <= a {
+                    self.cached = cached_rest;
+                }
+                Some(a.min(b))
+            }
+            (Some((a, rest)), None) => {
+                self.listed = rest;
+                Some(a)
+            }
+            (None, Some((b, rest))) => {
+                self.cached = rest;
+                Some(b)
+            }
+            (None, None) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn tags(names: &[&str]) -> Vec<Tag> {
+        names
+            .iter()
+            .map(|name| Tag::parse(name).expect("a valid tag"))
+            .collect()
+    }
+
     #[track_caller]
     fn check(n: Option<usize>, last: Option<&str>, expected: &[&str], next: Option<&str>) {
-        let tags = ["a", "b", "c", "d"].map(str::to_owned).to_vec();
-        let page = paginate(tags, n, last, CachePhase::Hit);
-        let got: Vec<&str> = page.tags.iter().map(Tag::as_str).collect();
-        assert_eq!(got, expected, "n={n:?} last={last:?}");
-        assert_eq!(page.next_after.as_ref().map(Tag::as_str), next);
+        // a b c d, split between the upstream's list and the cache, overlapping.
+        let (listed, cached) = (tags(&["a", "c", "d"]), tags(&["b", "c"]));
+        for (listed, cached) in [(&listed, &cached), (&cached, &listed)] {
+            let page = paginate(listed, cached, n, last, CachePhase::Hit);
+            let got: Vec<&str> = page.tags.iter().map(Tag::as_str).collect();
+            assert_eq!(got, expected, "n={n:?} last={last:?}");
+            assert_eq!(page.next_after.as_ref().map(Tag::as_str), next);
+        }
     }
 
     #[test]

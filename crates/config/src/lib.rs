@@ -215,6 +215,9 @@ struct RawCache {
     revalidate_timeout: Option<String>,
     stale_while_revalidate: Option<String>,
     max_blob_size: Option<String>,
+    tag_list_max_bytes: Option<String>,
+    tag_list_max_tags: Option<usize>,
+    tag_list_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -286,6 +289,14 @@ pub struct Config {
     /// Past `tag_ttl`, how long a tag is served at once while it is revalidated in the
     /// background (RFC 5861); 0: off.
     pub stale_while_revalidate: Duration,
+    /// The most body bytes read from an upstream for one repository's tag list, all pages
+    /// together; what lies beyond is not read (the list is served as far as it fits).
+    pub tag_list_max_bytes: usize,
+    /// The most tags taken from an upstream for one repository's tag list.
+    pub tag_list_max_tags: usize,
+    /// How long an upstream's tag list is reused for later requests (0: only concurrent
+    /// requests share it).
+    pub tag_list_ttl: Duration,
     /// Log output format.
     pub log_format: LogFormat,
     /// Default log filter (`RUST_LOG` overrides it).
@@ -458,6 +469,23 @@ fn non_zero(key: &str, value: Option<usize>, default: usize) -> Result<usize, Co
     }
 }
 
+/// `cache.tag_list_max_bytes`: a size of at least one byte, 16 MiB when absent.
+fn tag_list_max_bytes(value: Option<&str>) -> Result<usize, ConfigError> {
+    let key = "cache.tag_list_max_bytes";
+    let Some(text) = value else {
+        return Ok(16 << 20);
+    };
+    let size = text
+        .parse::<bytesize::ByteSize>()
+        .map_err(|err| invalid(key, text, format!("expected a size like \"16MiB\": {err}")))?
+        .as_u64();
+    match usize::try_from(size) {
+        Ok(0) => Err(invalid(key, text, "must be at least 1 byte")),
+        Ok(bytes) => Ok(bytes),
+        Err(_) => Err(invalid(key, text, "too large for this machine")),
+    }
+}
+
 impl RawConfig {
     /// Checks every value and builds the typed [`Config`].
     ///
@@ -608,6 +636,17 @@ impl RawConfig {
                 "cache.stale_while_revalidate",
                 self.cache.stale_while_revalidate.as_deref(),
                 Duration::ZERO,
+            )?,
+            tag_list_max_bytes: tag_list_max_bytes(self.cache.tag_list_max_bytes.as_deref())?,
+            tag_list_max_tags: non_zero(
+                "cache.tag_list_max_tags",
+                self.cache.tag_list_max_tags,
+                100_000,
+            )?,
+            tag_list_ttl: duration(
+                "cache.tag_list_ttl",
+                self.cache.tag_list_ttl.as_deref(),
+                Duration::from_secs(30),
             )?,
             log_format,
             log_level: self.log.level.unwrap_or_else(|| "info".to_owned()),
@@ -1402,6 +1441,31 @@ mod tests {
             "[[upstream]]\nname = \"a.io\"\nurl = \"https://u:p@a.io\"\nusername = \"v\"\npassword = \"q\"",
             "not both",
         );
+    }
+
+    #[test]
+    fn tag_list_limits() {
+        let default = Config::load(None).expect("the embedded default is valid");
+        assert_eq!(default.tag_list_max_bytes, 16 << 20);
+        assert_eq!(default.tag_list_max_tags, 100_000);
+        assert_eq!(default.tag_list_ttl, Duration::from_secs(30));
+        let config = Config::parse(
+            "[cache]\ntag_list_max_bytes = \"1KiB\"\ntag_list_max_tags = 10\ntag_list_ttl = \"0s\"",
+        )
+        .expect("valid");
+        assert_eq!(config.tag_list_max_bytes, 1024);
+        assert_eq!(config.tag_list_max_tags, 10);
+        assert_eq!(config.tag_list_ttl, Duration::ZERO);
+        check_error(
+            "[cache]\ntag_list_max_bytes = \"0B\"",
+            "cache.tag_list_max_bytes",
+        );
+        check_error(
+            "[cache]\ntag_list_max_bytes = \"lots\"",
+            "cache.tag_list_max_bytes",
+        );
+        check_error("[cache]\ntag_list_max_tags = 0", "cache.tag_list_max_tags");
+        check_error("[cache]\ntag_list_ttl = \"soon\"", "cache.tag_list_ttl");
     }
 
     #[test]

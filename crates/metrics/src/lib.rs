@@ -40,6 +40,9 @@ pub struct Metrics {
     /// `upstream`: tag revalidations that passed `cache.revalidate_timeout` (the cached tag
     /// was served stale while they went on in the background).
     pub revalidation_deadlines: IntCounterVec,
+    /// `upstream`: tag lists cut at `cache.tag_list_max_bytes` or `cache.tag_list_max_tags`
+    /// (served as far as they were read).
+    pub tag_list_truncated: IntCounterVec,
     /// Bytes of verified files in the store.
     pub storage_used: IntGauge,
     /// The configured budget (0: none).
@@ -149,6 +152,11 @@ impl Metrics {
                 "Tag revalidations not answered within cache.revalidate_timeout",
                 &["upstream"],
             ),
+            tag_list_truncated: register.counter_vec(
+                "regcache_tag_list_truncated_total",
+                "Upstream tag lists cut at cache.tag_list_max_bytes or cache.tag_list_max_tags",
+                &["upstream"],
+            ),
             storage_used: register.gauge(
                 "regcache_storage_used_bytes",
                 "Bytes of verified content in the store",
@@ -209,6 +217,7 @@ impl Metrics {
         self.upstream_bytes.with_label_values(&[upstream]);
         self.token_fetches.with_label_values(&[upstream]);
         self.revalidation_deadlines.with_label_values(&[upstream]);
+        self.tag_list_truncated.with_label_values(&[upstream]);
         for to in ["open", "closed"] {
             self.breaker_transitions.with_label_values(&[upstream, to]);
         }

@@ -177,6 +177,17 @@ pub struct PassThrough {
     pub bytes: Bytes,
 }
 
+/// One page of a tag list, read up to a limit ([`UpstreamClient::get_tag_page`]).
+#[derive(Debug)]
+pub struct TagPageBody {
+    /// The upstream's `Link` header (the next page), unrewritten.
+    pub link: Option<String>,
+    /// The body, or its first bytes when `cut_short`.
+    pub bytes: Bytes,
+    /// Whether the body went on past the limit (the rest was not read).
+    pub cut_short: bool,
+}
+
 /// A client for one upstream registry.
 #[derive(Debug)]
 pub struct UpstreamClient {
@@ -535,6 +546,58 @@ impl UpstreamClient {
             content_type: header_str(&headers, "content-type").map(str::to_owned),
             link: header_str(&headers, "link").map(str::to_owned),
             bytes,
+        })
+    }
+
+    /// Fetches one page of a repository's tag list (`tags/list?<query>`), reading at most
+    /// `max_bytes` of its body: a longer body is cut there, not refused, and the rest is never
+    /// read, so that the caller keeps the tags that fit.
+    ///
+    /// # Errors
+    /// [`UpstreamError`].
+    pub async fn get_tag_page(
+        &self,
+        repo: &RepoName,
+        query: Option<&str>,
+        max_bytes: usize,
+    ) -> Result<TagPageBody, UpstreamError> {
+        let mut url = self.url(repo, "tags/list");
+        if let Some(query) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(query);
+        }
+        let request = Request {
+            kind: "list",
+            repo,
+            need: Need::Miss,
+        };
+        let response = self
+            .send(
+                request,
+                Method::GET,
+                &url,
+                &[("accept", "application/json")],
+            )
+            .await?;
+        let link = header_str(response.headers(), "link").map(str::to_owned);
+        let mut body = Vec::new();
+        let mut cut_short = false;
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|source| self.unreachable(source))?;
+            let room = max_bytes - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                cut_short = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        self.count_bytes(body.len());
+        Ok(TagPageBody {
+            link,
+            bytes: Bytes::from(body),
+            cut_short,
         })
     }
 
