@@ -6,8 +6,8 @@
 //! so while a server runs they do the file-level part and say that the index part was skipped.
 //! Only `verify --repair` moves a corrupt index aside; the others report it and change nothing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -76,9 +76,7 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
                 };
                 // A file removed meanwhile (eviction by a running server) is not corruption.
                 if let Ok(Some(false)) = store.verify(namespace, digest) {
-                    corrupt
-                        .lock()
-                        .push((namespace.clone(), *digest));
+                    corrupt.lock().push((namespace.clone(), *digest));
                 }
                 bar.inc(*size);
             });

@@ -6,9 +6,9 @@
 //! the store's readers keep their bytes (POSIX unlink semantics on the local disk); a fill in
 //! progress is staged, out of eviction's reach.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{BlobBody, Cache, RangeRequest, Target};
@@ -81,10 +81,7 @@ impl Cache {
     /// Writes buffered accesses to the index.
     pub fn flush_access(&self) {
         let entries: Vec<_> = {
-            let mut pending = self
-                .access_log
-                .pending
-                .lock();
+            let mut pending = self.access_log.pending.lock();
             pending.drain().map(|((ns, d), r)| (ns, d, r)).collect()
         };
         if let Err(err) = self.index.record_access(&entries) {

@@ -13,9 +13,9 @@
 //! the digest is verified; on a mismatch, or when the fill fails, the readers end with an
 //! error (the fill's reason) and the client's connection is aborted.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use parking_lot::Mutex;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -484,11 +484,7 @@ mod tests {
         fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
             let script = &self.0;
             script.offsets.lock().push(offset);
-            let fault = script
-                .faults
-                .lock()
-                .pop_front()
-                .unwrap_or(Body::Whole);
+            let fault = script.faults.lock().pop_front().unwrap_or(Body::Whole);
             let mut body = script.blob.slice(usize::try_from(offset).expect("small")..);
             let mut error = None;
             match fault {

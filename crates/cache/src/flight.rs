@@ -2,12 +2,12 @@
 //! for one key share one upstream request. The work runs in its own task, so a client that
 //! disconnects, or stops waiting at a deadline, does not cancel it for the others.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt as _, Shared};
@@ -93,10 +93,7 @@ where
             let result = work.await.map_err(Arc::new);
             // Removed by the task itself, so a cancelled caller cannot leave a stale
             // entry behind. Joined callers keep their clone of the shared future.
-            flights
-                .running
-                .lock()
-                .remove(&task_key);
+            flights.running.lock().remove(&task_key);
             result
         }));
         let flight = async move {

@@ -18,10 +18,10 @@ use tokio::sync::Semaphore;
 
 use super::flight::SingleFlight;
 use super::{CacheError, CachePhase};
-use regcache_upstream::clock::Clock;
 use regcache_config::Config;
 use regcache_oci::{RepoName, Tag};
 use regcache_store::Namespace;
+use regcache_upstream::clock::Clock;
 
 /// Memory for finished tag lists, by weight (about the bytes they hold).
 pub(crate) const TAG_LIST_CACHE_BYTES: u64 = 64 * 1024 * 1024;

@@ -14,9 +14,9 @@ mod membership;
 mod peer;
 mod rendezvous;
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;

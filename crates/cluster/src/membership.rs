@@ -3,8 +3,8 @@
 //! every `cluster.resolve_interval`. Members are named `scheme://host:port`, the form
 //! `cluster.self` is written in, so every replica computes the same owners.
 
-use std::sync::Arc;
 use parking_lot::RwLock;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 

@@ -19,17 +19,17 @@
 //! without a share waits (its response stalls); it never reads ahead of the budget. Waiters are
 //! served by [`ConnectionShare`], the connection holding least first.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use memmap2::MmapMut;
 
-use super::{READ_CHUNK};
+use super::READ_CHUNK;
 
 /// Spare buffers kept by default (8 MiB): enough for the chunks of a few dozen connections
 /// to cycle without touching the allocator.

@@ -124,9 +124,7 @@ impl AsFound {
                     let small = entry
                         .metadata()
                         .is_ok_and(|m| m.is_file() && m.len() <= Self::SMALL);
-                    let bytes = small
-                        .then(|| std::fs::read(entry.path()).ok())
-                        .flatten();
+                    let bytes = small.then(|| std::fs::read(entry.path()).ok()).flatten();
                     (entry.file_name(), bytes)
                 })
                 .collect(),

@@ -15,10 +15,10 @@
 //! - `stage`, `stat` and `remove` touch only the local disk, so the store may call them from
 //!   async code; everything that talks to the bucket runs on the store's blocking threads.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
@@ -157,12 +157,7 @@ impl BlobBackend for Tier {
 
     fn promote(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let key = (namespace.clone(), *digest);
-        let gate = Arc::clone(
-            self.promoting
-                .lock()
-                .entry(key.clone())
-                .or_default(),
-        );
+        let gate = Arc::clone(self.promoting.lock().entry(key.clone()).or_default());
         let result = {
             let _one_at_a_time = gate.lock();
             if self.local.stat(namespace, digest)?.is_some() {
@@ -172,9 +167,7 @@ impl BlobBackend for Tier {
                 self.copy_from_bucket(namespace, digest)
             }
         };
-        self.promoting
-            .lock()
-            .remove(&key);
+        self.promoting.lock().remove(&key);
         result
     }
 

@@ -11,9 +11,9 @@
 //! object), then hashed and appended on two blocking threads at once while the next batch
 //! arrives from the network, so network, hashing, disk and the readers all overlap.
 
+use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use parking_lot::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -292,7 +292,10 @@ impl BlobWriter {
         let (check, staged) = tokio::join!(hash, append);
         let (check, staged) = (check.map_err(aborted)?, staged.map_err(aborted)??);
         self.written += len;
-        self.partial.window.lock().trim(self.written, &mut self.spare);
+        self.partial
+            .window
+            .lock()
+            .trim(self.written, &mut self.spare);
         Ok((staged, check))
     }
 

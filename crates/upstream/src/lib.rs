@@ -341,9 +341,7 @@ impl UpstreamClient {
 
     /// The last failure and when it happened.
     pub fn last_error(&self) -> Option<(std::time::SystemTime, String)> {
-        self.last_error
-            .lock()
-            .clone()
+        self.last_error.lock().clone()
     }
 
     /// Counts an error found by the caller (a digest mismatch) against this upstream.
@@ -352,8 +350,7 @@ impl UpstreamClient {
             .upstream_errors
             .with_label_values(&[self.name.as_str(), reason])
             .inc();
-        *self.last_error.lock() =
-            Some((std::time::SystemTime::now(), message));
+        *self.last_error.lock() = Some((std::time::SystemTime::now(), message));
     }
 
     fn url(&self, repo: &RepoName, tail: &str) -> String {

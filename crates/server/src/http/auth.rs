@@ -12,9 +12,9 @@
 //! longer in `htpasswd` (re-read on `SIGHUP`) is refused.
 //!
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;

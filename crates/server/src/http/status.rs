@@ -2,9 +2,9 @@
 //! kept in memory with fixed bounds, and the HTML page that shows them with upstream health,
 //! cache size and hit ratio. No external assets, no JavaScript.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
-use parking_lot::Mutex;
 use std::time::SystemTime;
 
 use regcache_cache::{Cache, CachePhase};

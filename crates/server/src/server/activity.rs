@@ -16,10 +16,10 @@
 //! with more to come replaces the previous offer (hyper asking for it took that one); anything
 //! else (the cache still producing, the end, an error) clears it.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;

@@ -5,9 +5,9 @@
 //! the session they negotiated, new handshakes get the new certificate (and client CA). A
 //! reload that fails (a half-written file, a key that does not match) keeps the old config.
 
+use parking_lot::RwLock;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use parking_lot::RwLock;
 
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -82,9 +82,7 @@ impl Tls {
 
     /// An acceptor with the config in force now.
     pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(Arc::clone(
-            &self.current.read(),
-        ))
+        TlsAcceptor::from(Arc::clone(&self.current.read()))
     }
 }
 
