@@ -308,6 +308,11 @@ async fn fetch_blob(
             while let Some(chunk) = body.next_chunk().await {
                 size += chunk.map_err(AirgapError::Read)?.len() as u64;
             }
+            // The last byte comes once the digest is verified; the commit follows. A command
+            // that exits now would lose the blob with its runtime.
+            if !body.stored().await {
+                return Err(CacheError::FillAborted.into());
+            }
             Ok((size, true))
         }
     }

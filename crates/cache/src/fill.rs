@@ -406,6 +406,15 @@ impl FillReader {
         }
     }
 
+    /// Whether the fill committed the blob under its digest, once it has finished: a reader
+    /// gets its last byte when the digest is verified, which is before the commit.
+    pub(crate) async fn committed(&mut self) -> bool {
+        self.progress
+            .wait_for(|p| matches!(p.state, FillState::Done | FillState::Failed(_)))
+            .await
+            .is_ok_and(|p| matches!(p.state, FillState::Done))
+    }
+
     /// Why the fill failed (the upstream's or the store's reason, which says more than the
     /// reader's), once the fill task has said it: right after its writer failed.
     async fn failure(&mut self) -> Option<std::io::Error> {

@@ -272,6 +272,16 @@ impl BlobStream {
             StreamSource::Direct(stream) => stream.next_chunk().await,
         }
     }
+
+    /// After the last chunk: whether the blob is now stored (its fill committed it). A stream
+    /// straight from the upstream (store trouble) stores nothing. For callers that need the
+    /// blob kept, not only read (prefetch), before they exit.
+    pub async fn stored(&mut self) -> bool {
+        match &mut self.0 {
+            StreamSource::Fill(reader) => reader.committed().await,
+            StreamSource::Direct(_) => false,
+        }
+    }
 }
 
 /// A blob answer.
