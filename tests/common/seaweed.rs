@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::{ClientOptions, ObjectStore as _};
+use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio::process::{Child, Command};
 

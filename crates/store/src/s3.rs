@@ -23,7 +23,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::Signer as _;
-use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore as _, RetryConfig};
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore as _, ObjectStoreExt as _, RetryConfig,
+};
 use tokio::task::JoinHandle;
 
 use super::backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
@@ -94,10 +96,11 @@ impl Shared {
 
     fn key(&self, namespace: &Namespace, digest: &Digest) -> Path {
         self.prefix
-            .child("blobs")
-            .child(namespace.as_str())
-            .child("sha256")
-            .child(digest.hex())
+            .clone()
+            .join("blobs")
+            .join(namespace.as_str())
+            .join("sha256")
+            .join(digest.hex())
     }
 
     fn unavailable(
@@ -142,6 +145,9 @@ impl S3Backend {
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
             .with_virtual_hosted_style_request(!config.path_style)
+            // One `DELETE` per object (every S3-compatible store has it), not the bulk
+            // `POST ?delete` that `object_store` sends by default since 0.13.
+            .with_disable_bulk_delete(true)
             .with_client_options(
                 ClientOptions::new()
                     .with_connect_timeout(config.timeout)
@@ -298,7 +304,7 @@ impl BlobBackend for S3Backend {
     ) -> Result<(u64, String), StoreError> {
         let shared = &self.shared;
         let key = shared.key(namespace, digest);
-        let target = shared.prefix.child("quarantine").child(format!(
+        let target = shared.prefix.clone().join("quarantine").join(format!(
             "{}-{}",
             namespace.as_str(),
             digest.hex()
@@ -312,8 +318,8 @@ impl BlobBackend for S3Backend {
 
     fn list(&self, visit: &mut dyn FnMut(ListedBlob)) {
         let shared = &self.shared;
-        let blobs = shared.prefix.child("blobs");
-        let depth = blobs.parts().count();
+        let blobs = shared.prefix.clone().join("blobs");
+        let depth = blobs.parts_count();
         shared.run(async {
             let mut listing = shared.client.list(Some(&blobs));
             while let Some(Ok(meta)) = listing.next().await {
@@ -376,7 +382,7 @@ impl BlobBackend for S3Backend {
         // Any answer about a name that need not exist proves the bucket reachable and our
         // credentials accepted.
         let shared = &self.shared;
-        let probe = shared.prefix.child("readyz");
+        let probe = shared.prefix.clone().join("readyz");
         shared
             .call(1, async { found(shared.client.head(&probe).await) })
             .map(|_| None)
@@ -421,10 +427,7 @@ impl BlobRead for ObjectRead {
         }
         if offset != self.position || self.body.is_none() {
             let shared = Arc::clone(&self.shared);
-            let options = GetOptions {
-                range: Some(GetRange::Bounded(offset..self.size)),
-                ..GetOptions::default()
-            };
+            let options = GetOptions::new().with_range(Some(GetRange::Bounded(offset..self.size)));
             let got = shared
                 .call(1, shared.client.get_opts(&self.key, options))
                 .map_err(std::io::Error::other)?;
