@@ -610,13 +610,19 @@ async fn redirect_to_link_local_metadata_is_refused_in_a_private_network() {
     // Allowed, the same redirects reach it: the refusal above was the rule, not the network.
     let allowed = proxy_for(&upstream.url(), &["allow_private_redirects = true"], "").await;
     for letter in ["a", "b"] {
-        let response = get(
-            &allowed,
-            &format!("blobs/sha256:{}", letter.repeat(64)),
-            "*/*",
-        )
-        .await;
-        let _ = response.bytes().await;
+        // The bytes fetched are not the digest: the fill fails, and the 6-byte answer may be
+        // cut before its head is written. Only the metadata endpoint's requests are checked.
+        let answer = client()
+            .get(format!(
+                "{}/v2/app/blobs/sha256:{}",
+                allowed.url(),
+                letter.repeat(64)
+            ))
+            .send()
+            .await;
+        if let Ok(response) = answer {
+            let _ = response.bytes().await;
+        }
     }
     assert_eq!(metadata.requests().len(), 2, "{}", allowed.log());
 }
