@@ -104,42 +104,26 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
     } else {
         IndexAccess::Existing
     };
-    match usable_index(config, access)? {
+    match open_index(config, access) {
         Ok(index) => check_index(&store, &index, repair, &mut report)?,
-        Err(skipped) => {
-            report.index_corrupt = skipped.corrupt;
-            report.index_skipped = Some(skipped.reason);
+        Err(err) if skips_index(&err) => {
+            report.index_corrupt = matches!(err, StoreError::IndexCorrupt { .. });
+            report.index_skipped = Some(err.to_string());
         }
+        Err(err) => return Err(err),
     }
     Ok(report)
 }
 
-/// Why a command went on without the index.
-struct Skipped {
-    reason: String,
-    corrupt: bool,
-}
-
-/// Opens the index as `access` allows; a database that is missing, held by a running server
-/// or corrupt (not repairing) is a reason to skip the index part, anything else an error.
-fn usable_index(
-    config: &Config,
-    access: IndexAccess,
-) -> Result<Result<Index, Skipped>, StoreError> {
-    match open_index(config, access) {
-        Ok(index) => Ok(Ok(index)),
-        Err(err @ (StoreError::IndexMissing { .. } | StoreError::IndexLocked { .. })) => {
-            Ok(Err(Skipped {
-                reason: err.to_string(),
-                corrupt: false,
-            }))
-        }
-        Err(err @ StoreError::IndexCorrupt { .. }) => Ok(Err(Skipped {
-            reason: err.to_string(),
-            corrupt: true,
-        })),
-        Err(err) => Err(err),
-    }
+/// Whether a failure to open the index only means skipping the index part: the database is
+/// missing, held by a running server, or corrupt (not repairing).
+fn skips_index(err: &StoreError) -> bool {
+    matches!(
+        err,
+        StoreError::IndexMissing { .. }
+            | StoreError::IndexLocked { .. }
+            | StoreError::IndexCorrupt { .. }
+    )
 }
 
 fn check_index(
@@ -222,20 +206,24 @@ pub struct GcReport {
 pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
     let store = open_store(config)?;
     let mut report = GcReport::default();
-    let index = usable_index(config, IndexAccess::Existing)?;
-    let min_age = if index.is_ok() {
+    let index = match open_index(config, IndexAccess::Existing) {
+        Ok(index) => Some(index),
+        Err(err) if skips_index(&err) => {
+            report.index_skipped = Some(err.to_string());
+            None
+        }
+        Err(err) => return Err(err),
+    };
+    let min_age = if index.is_some() {
         Duration::ZERO
     } else {
         Duration::from_secs(3600)
     };
     (report.temp_files, report.temp_bytes) = store.discard_staged(min_age)?;
-    match index {
-        Ok(index) => {
-            let mut verify = VerifyReport::default();
-            check_index(&store, &index, false, &mut verify)?;
-            report.orphan_entries = verify.dropped_entries;
-        }
-        Err(skipped) => report.index_skipped = Some(skipped.reason),
+    if let Some(index) = index {
+        let mut verify = VerifyReport::default();
+        check_index(&store, &index, false, &mut verify)?;
+        report.orphan_entries = verify.dropped_entries;
     }
     Ok(report)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::fake::{FakeRegistry, Fault};
 use common::faultproxy::{FaultProxy, Mode};
 use common::images::{self, seeded_bytes};
-use common::proxy::{TestProxy, UpstreamSpec};
+use common::proxy::{run_regcache, TestProxy, UpstreamSpec};
 use common::regclient::sha256_digest;
 use common::seaweed::Seaweed;
 use common::upstream::{Auth, Upstream};
@@ -432,14 +432,7 @@ async fn two_replicas_filling_one_digest_at_once_leave_one_correct_object() {
 /// Runs a maintenance command of the regcache binary against `config`: (exit status, stdout,
 /// stderr).
 async fn maintenance(args: &[&str], config: &Path) -> (Option<i32>, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("run regcache");
+    let output = run_regcache(args, config).await;
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::images::{self, Pushed};
-use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::proxy::{run_regcache, skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
 use common::regclient::sha256_digest;
 use common::upstream::{Auth, Upstream};
 use tokio::process::Command;
@@ -77,14 +77,7 @@ async fn pull(proxy: &TestProxy, image: &Pushed) {
 
 /// Runs a maintenance command of the regcache binary; returns (exit success, stdout).
 async fn regcache(args: &[&str], config: &Path) -> (bool, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .expect("run regcache");
+    let output = run_regcache(args, config).await;
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -371,13 +364,7 @@ async fn verify_repair_rebuilds_a_corrupt_index_and_ls_and_gc_report() {
     // nothing in the storage directory; verify without --repair too.
     let before = storage_snapshot(&proxy.storage());
     for args in [&["ls"][..], &["verify"][..]] {
-        let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
-            .args(args)
-            .arg("--config")
-            .arg(proxy.config_path())
-            .output()
-            .await
-            .expect("run regcache");
+        let output = run_regcache(args, proxy.config_path()).await;
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),

@@ -296,6 +296,19 @@ pub fn config_text(
     config
 }
 
+/// Runs a command of the regcache binary (`verify`, `gc`, `ls`, `pin`...) against the config
+/// file `config`; its whole output.
+pub async fn run_regcache(args: &[&str], config: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .expect("run regcache")
+}
+
 /// Runs `skopeo copy --all --preserve-digests docker://<image> dir:<dest>` through a plain-HTTP
 /// registry and returns (success, stderr).
 pub async fn skopeo_copy(image: &str, dest: &Path, extra: &[&str]) -> (bool, String) {

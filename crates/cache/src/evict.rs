@@ -16,8 +16,8 @@ use regcache_config::PinConfig;
 use regcache_oci::{references, Digest, Reference, MAX_MANIFEST_BYTES};
 use regcache_store::{AccessRecord, Namespace, Usage};
 
-/// What the pins file looked like when last read: (modification time, length), `None` when it
-/// was absent.
+/// What the pins file looked like when last read: (modification time, length); `None` when it
+/// is absent or was never read, both of which mean the configured pins alone.
 pub(crate) type PinsStamp = Option<(Option<std::time::SystemTime>, u64)>;
 
 /// How often buffered accesses are written, the budget checked and the pins file re-read.
@@ -233,12 +233,8 @@ impl Cache {
         let stamp = std::fs::metadata(&self.pins_file)
             .ok()
             .map(|m| (m.modified().ok(), m.len()));
-        {
-            let mut seen = self.pins_stamp.lock();
-            if seen.as_ref() == Some(&stamp) {
-                return false;
-            }
-            *seen = Some(stamp);
+        if std::mem::replace(&mut *self.pins_stamp.lock(), stamp) == stamp {
+            return false;
         }
         let from_file = super::PinsFile::read(&self.pins_file).and_then(|file| {
             file.validate(&self.upstream_configs)

@@ -377,8 +377,8 @@ pub struct Cache {
     config_pins: Vec<regcache_config::PinConfig>,
     pins: parking_lot::RwLock<Vec<regcache_config::PinConfig>>,
     pins_file: std::path::PathBuf,
-    /// The pins file's (modification time, length) when last read; `Some(None)`: absent.
-    pins_stamp: parking_lot::Mutex<Option<evict::PinsStamp>>,
+    /// The pins file's (modification time, length) when last read.
+    pins_stamp: parking_lot::Mutex<evict::PinsStamp>,
     budget: Option<evict::Budget>,
     /// Set when writing to the store fails (disk full): misses then stream without caching.
     store_trouble: Arc<direct::StoreTrouble>,

@@ -230,7 +230,7 @@ impl Cache {
         }
         for record in self.index.referrers(namespace, &target.repo, subject)? {
             // An evicted referrer is not listed as if it could be served.
-            if !self.store.contains(namespace, &record.digest) {
+            if !self.store.holds(namespace, &record.digest).await {
                 continue;
             }
             let descriptor = Descriptor::from(&record);

@@ -100,7 +100,7 @@ fn manifest_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
 
 /// What [`Index::open`] does with a database it cannot read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnCorrupt {
+pub(crate) enum OnCorrupt {
     /// Move it aside and start a new one (the server).
     MoveAside,
     /// Leave it as it is and fail (read-only commands).
@@ -168,7 +168,10 @@ impl Index {
     /// # Errors
     /// [`StoreError::IndexLocked`] when another process holds it; [`StoreError::IndexCorrupt`]
     /// with [`OnCorrupt::Refuse`]; [`StoreError`] when even a fresh database cannot be created.
-    pub fn open(path: &Path, on_corrupt: OnCorrupt) -> Result<(Self, Option<PathBuf>), StoreError> {
+    pub(crate) fn open(
+        path: &Path,
+        on_corrupt: OnCorrupt,
+    ) -> Result<(Self, Option<PathBuf>), StoreError> {
         // sled rewrites its `conf` file (and may add files) before it finds a database
         // unreadable: a refused open puts back what it found.
         let found = (on_corrupt == OnCorrupt::Refuse).then(|| AsFound::read(path));

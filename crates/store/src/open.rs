@@ -42,7 +42,7 @@ pub fn open_store(config: &Config) -> Result<Store, StoreError> {
 }
 
 /// Where the index database of a configuration lives.
-pub fn index_path(config: &Config) -> PathBuf {
+fn index_path(config: &Config) -> PathBuf {
     config.storage_path.join("index")
 }
 
