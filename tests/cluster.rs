@@ -239,7 +239,7 @@ async fn an_owner_that_hangs_or_answers_5xx_is_passed_over() {
     // from the upstream itself.
     let (first, second) = (bind().await, bind().await);
     let ids = [url_of(&first), url_of(&second)];
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let dead = format!("http://127.0.0.1:{}", common::reserve_port());
     let _failing = replica(first, &dead, &ids[0], &ids, "").await;
     let asking = replica(second, &url, &ids[1], &ids, "").await;
     asking

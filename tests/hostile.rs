@@ -61,24 +61,7 @@ async fn proxy_for(url: &str, upstream_lines: &[&str], extra_toml: &str) -> Test
     for line in upstream_lines {
         spec = spec.with(line);
     }
-    // The harness hands the proxy a port that was free a moment ago; a listener of a test
-    // running in parallel may take it first (the proxy then exits, and the readiness probe
-    // reached that other listener). Start again on another port then.
-    for _ in 0..5 {
-        let proxy = TestProxy::start(std::slice::from_ref(&spec), extra_toml).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = proxy.log();
-            if log.contains("regcache listening") {
-                return proxy;
-            }
-            if log.contains("Address already in use") || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    panic!("regcache did not start on a free port in five tries");
+    TestProxy::start(std::slice::from_ref(&spec), extra_toml).await
 }
 
 /// Files under the store's `blobs/` and `tmp/`.

@@ -1144,7 +1144,7 @@ async fn status_page_switch_and_metrics_listener() {
         "the status page is on by default"
     );
 
-    let admin_port = common::free_port();
+    let admin_port = common::reserve_port();
     proxy.edit_config(|config| {
         config.replacen(
             "[server]\n",

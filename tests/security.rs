@@ -806,7 +806,7 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     );
     // The harness's readiness probe has no client certificate: start it by hand.
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = common::free_port();
+    let port = common::reserve_port();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_lines}[storage]\npath = \"{}\"\n\
          [[upstream]]\nname = \"{UPSTREAM_NAME}\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",

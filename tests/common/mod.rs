@@ -41,17 +41,37 @@ pub mod upstream;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
-/// released). Prefer binding `127.0.0.1:0` yourself when the listener is in
-/// process; use this to hand a port to a child process.
-pub fn free_port() -> u16 {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("local address of a bound listener")
-        .port()
+/// A TCP port on 127.0.0.1 for a child process to listen on (regcache, the upstream
+/// registry, SeaweedFS), also across its restarts.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), so neither
+/// another test's `127.0.0.1:0` listener nor any outgoing connection's source port can take
+/// one while the child is down or not yet listening; within this process no port is handed
+/// out twice; and each one was bindable a moment ago (no other program listens there). Test
+/// binaries start at different offsets (by process id), for leftovers of a previous binary.
+pub fn reserve_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(FIRST);
+    assert!(
+        span >= 1_000,
+        "ip_local_port_range starts at {ephemeral_low}: the tests need ports {FIRST}.. below it"
+    );
+    let offset = std::process::id().wrapping_mul(997) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "every test port below {ephemeral_low} is taken");
+        let port = u16::try_from(FIRST + (offset + n) % span).expect("below 65536");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Panics with a clear message unless the executable `name` is on `PATH`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tokio::process::{Child, Command};
 
-use super::free_port;
+use super::reserve_port;
 
 /// One `[[upstream]]` of the proxy's config.
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ impl TestProxy {
     ) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = storage.unwrap_or_else(|| dir.path().join("data"));
-        let port = free_port();
+        let port = reserve_port();
         let config = config_text(port, &storage, upstreams, server_lines, extra_toml);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write proxy config");

@@ -13,7 +13,7 @@ use object_store::{ClientOptions, ObjectStore as _, ObjectStoreExt as _};
 use sha2::{Digest as _, Sha256};
 use tokio::process::{Child, Command};
 
-use super::{free_port, require_tool};
+use super::{require_tool, reserve_port};
 
 /// The access key every test store enforces.
 pub const ACCESS_KEY: &str = "regcache-test";
@@ -41,7 +41,7 @@ impl Seaweed {
                 .tempdir()
                 .expect("temp dir for SeaweedFS"),
             bucket: bucket.to_owned(),
-            ports: (0..12).map(|_| free_port()).collect(),
+            ports: (0..12).map(|_| reserve_port()).collect(),
         };
         store.spawn().await;
         store

@@ -1,5 +1,5 @@
 //! A real upstream registry: CNCF Distribution 2.8 (`docker-registry`) as a
-//! child process on `127.0.0.1:<free port>`, storage in a temporary directory,
+//! child process on `127.0.0.1:<reserved port>`, storage in a temporary directory,
 //! optionally behind basic auth (bcrypt htpasswd) or token auth (the
 //! in-process [`TokenServer`]).
 //!
@@ -34,7 +34,7 @@ use tempfile::TempDir;
 
 use super::regclient::{RegistryClient, HARNESS_USER_AGENT};
 use super::token::{TokenConfig, TokenServer, ISSUER, SERVICE};
-use super::{free_port, require_tool};
+use super::{require_tool, reserve_port};
 
 /// How long to wait for `GET /v2/` to answer after starting.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -143,7 +143,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Starts a registry with `auth` on a free port and waits (at most 15 s)
+    /// Starts a registry with `auth` on a reserved port and waits (at most 15 s)
     /// until `GET /v2/` answers. Panics with the registry's log on failure.
     pub async fn start(auth: Auth) -> Upstream {
         Upstream::try_start(auth)
@@ -170,7 +170,7 @@ impl Upstream {
             ignored: Mutex::new(Vec::new()),
         };
         up.write_auth_files()?;
-        up.start_on_free_port().await?;
+        up.start_on_reserved_port().await?;
         Ok(up)
     }
 
@@ -352,10 +352,10 @@ impl Upstream {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    async fn start_on_free_port(&mut self) -> Result<()> {
+    async fn start_on_reserved_port(&mut self) -> Result<()> {
         let mut last_err = None;
         for _ in 0..3 {
-            self.port = free_port();
+            self.port = reserve_port();
             match self.spawn_and_wait().await {
                 Ok(()) => return Ok(()),
                 Err(e) if self.registry_log_tail(5).contains("address already in use") => {
