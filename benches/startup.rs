@@ -21,7 +21,8 @@ fn synthetic_store(dir: &std::path::Path) -> Config {
     ))
     .expect("valid config");
     let (_store, index) =
-        regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve).expect("open");
+        regcache::store::open_storage(&config.storage, regcache::store::IndexAccess::Serve)
+            .expect("open");
     let namespace = Namespace::new("registry.test");
     let mut records = Vec::new();
     for i in 0..BLOBS {
@@ -59,7 +60,7 @@ fn startup(c: &mut Criterion) {
     group.bench_function("ready_to_listen", |b| {
         b.iter(|| {
             let (store, index) =
-                regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve)
+                regcache::store::open_storage(&config.storage, regcache::store::IndexAccess::Serve)
                     .expect("open");
             store
                 .discard_staged(std::time::Duration::ZERO)
@@ -70,7 +71,8 @@ fn startup(c: &mut Criterion) {
     });
     group.finish();
     let (store, index) =
-        regcache::store::open_storage(&config, regcache::store::IndexAccess::Serve).expect("open");
+        regcache::store::open_storage(&config.storage, regcache::store::IndexAccess::Serve)
+            .expect("open");
     let cache = Cache::new(&config, store, index, Arc::new(Metrics::new())).expect("cache");
     let started = Instant::now();
     let usage = cache.register_existing_files();

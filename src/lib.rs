@@ -90,11 +90,13 @@ pub async fn run_with_clock(
 ) -> Result<(), RunError> {
     // TLS files are checked before anything else starts.
     let tls = config
+        .server
         .tls
         .as_ref()
         .map(|files| server::Tls::new(files).map(Arc::new))
         .transpose()?;
-    let (store, index) = store::open_storage(&config, store::IndexAccess::Serve)?;
+    let (store, index) = store::open_storage(&config.storage, store::IndexAccess::Serve)?;
+    let store = store.with_response_buffer(config.server.response_buffer);
     let (removed, _) = store.discard_staged(std::time::Duration::ZERO)?;
     if removed > 0 {
         tracing::info!(removed, "removed temp files left by an earlier run");
@@ -146,28 +148,18 @@ pub async fn run_with_clock(
         Arc::clone(&cache),
         resolver,
         metrics,
-        &config,
+        &config.server,
+        &config.storage,
+        config.auth.as_ref(),
     ));
     let address = listener.local_addr().ok();
     tracing::info!(
         address = ?address,
-        storage = %config.storage_path.display(),
+        storage = %config.storage.path.display(),
         upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "regcache listening"
     );
-    let main_options = server::ListenerOptions {
-        kind: server::Listener::Main,
-        max_connections: config.max_connections,
-        drain_timeout: config.shutdown_timeout,
-        header_read_timeout: config.header_read_timeout,
-        idle_timeout: config.idle_timeout,
-        send_timeout: config.send_timeout,
-        max_concurrent_streams: config.max_concurrent_streams,
-        tls,
-        rate_limit: config
-            .rate_limit
-            .map(|rate| Arc::new(server::RateLimit::new(rate))),
-    };
+    let main_options = server::ListenerOptions::main(&config.server, tls);
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
     }
@@ -178,14 +170,7 @@ pub async fn run_with_clock(
             shutdown.clone(),
         ));
     }
-    // The metrics listener stays plain HTTP: it is meant for a private address.
-    let admin_options = server::ListenerOptions {
-        kind: server::Listener::Admin,
-        max_connections: 64,
-        tls: None,
-        rate_limit: None,
-        ..main_options.clone()
-    };
+    let admin_options = main_options.admin();
     let admin = metrics_listener.map(|listener| {
         tokio::spawn(server::accept_loop(
             listener,

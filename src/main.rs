@@ -212,7 +212,7 @@ fn edit_pins(
         }
     };
     let upstream = &config.upstreams[resolved.upstream].name;
-    let path = PinsFile::path(config);
+    let path = PinsFile::path(&config.storage);
     let mut file = match PinsFile::read(&path) {
         Err(PinsError::Invalid(err)) => {
             eprintln!("regcache: {}: {err}", path.display());
@@ -241,13 +241,13 @@ fn edit_pins(
 
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     // Colours only on a terminal: log files and journald get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match config.log_format {
+    match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
@@ -260,10 +260,10 @@ fn serve(
     offline: bool,
 ) -> anyhow::Result<ExitCode> {
     if let Some(listen) = listen {
-        config.listen = listen;
+        config.server.listen = listen;
     }
     if let Some(storage) = storage {
-        config.storage_path = storage;
+        config.storage.path = storage;
     }
     if offline {
         for upstream in &mut config.upstreams {
@@ -276,10 +276,10 @@ fn serve(
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
-            .with_context(|| format!("binding server.listen = {}", config.listen))?;
-        let metrics_listener = match config.metrics_listen {
+            .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
+        let metrics_listener = match config.server.metrics_listen {
             Some(address) => Some(
                 tokio::net::TcpListener::bind(address)
                     .await

@@ -49,7 +49,7 @@ impl VerifyReport {
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyReport, StoreError> {
-    let store = open_store(config)?;
+    let store = open_store(&config.storage)?;
     let mut files = Vec::new();
     let usage = store.scan(|blob| files.push((blob.namespace, blob.digest, blob.size)));
     let bar = if progress {
@@ -104,7 +104,7 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
     } else {
         IndexAccess::Existing
     };
-    match open_index(config, access) {
+    match open_index(&config.storage, access) {
         Ok(index) => check_index(&store, &index, repair, &mut report)?,
         Err(err) if skips_index(&err) => {
             report.index_corrupt = matches!(err, StoreError::IndexCorrupt { .. });
@@ -204,9 +204,9 @@ pub struct GcReport {
 /// # Errors
 /// [`StoreError`] when the store cannot be opened.
 pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
-    let store = open_store(config)?;
+    let store = open_store(&config.storage)?;
     let mut report = GcReport::default();
-    let index = match open_index(config, IndexAccess::Existing) {
+    let index = match open_index(&config.storage, IndexAccess::Existing) {
         Ok(index) => Some(index),
         Err(err) if skips_index(&err) => {
             report.index_skipped = Some(err.to_string());
@@ -254,8 +254,8 @@ pub struct ListedTag {
 /// # Errors
 /// [`StoreError`]: the store cannot be opened, the index is missing, corrupt or in use.
 pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
-    let store = open_store(config)?;
-    let index = open_index(config, IndexAccess::Existing)?;
+    let store = open_store(&config.storage)?;
+    let index = open_index(&config.storage, IndexAccess::Existing)?;
     let access: std::collections::HashMap<(Namespace, Digest), u64> = index
         .access_records()?
         .into_iter()

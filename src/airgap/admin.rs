@@ -79,7 +79,7 @@ pub enum Reply {
 
 /// Where the admin socket of a store lives.
 pub fn socket_path(config: &Config) -> PathBuf {
-    config.storage_path.join("admin").join("socket")
+    config.storage.path.join("admin").join("socket")
 }
 
 /// Serves the admin socket until `shutdown`. Failing to bind is logged, not fatal: the cache

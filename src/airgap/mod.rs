@@ -248,7 +248,7 @@ pub fn open_cache(
     config: &Config,
     access: crate::store::IndexAccess,
 ) -> Result<Arc<Cache>, crate::RunError> {
-    let (store, index) = crate::store::open_storage(config, access)?;
+    let (store, index) = crate::store::open_storage(&config.storage, access)?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     Ok(Arc::new(Cache::new(config, store, index, metrics)?))
 }

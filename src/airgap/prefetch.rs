@@ -335,7 +335,7 @@ pub fn main(config: &Config, args: PrefetchArgs) -> ExitCode {
     let options = Options {
         platforms: args.select.platforms,
         referrers: args.select.referrers,
-        jobs: args.jobs.clamp(1, config.max_concurrent_fills.max(1)),
+        jobs: args.jobs.clamp(1, config.cache.max_concurrent_fills.max(1)),
     };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,

@@ -357,7 +357,7 @@ mod tests {
         ))
         .expect("config");
         let (store, index) =
-            regcache_store::open_storage(&config, regcache_store::IndexAccess::Serve)
+            regcache_store::open_storage(&config.storage, regcache_store::IndexAccess::Serve)
                 .expect("storage");
         let namespace = Namespace::new("registry.test");
         let mut records = Vec::new();

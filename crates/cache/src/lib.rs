@@ -450,10 +450,10 @@ impl Cache {
             .iter()
             .map(|u| Namespace::new(&u.name))
             .collect();
-        let budget = config.max_size.map(|max| evict::Budget {
+        let budget = config.storage.max_size.map(|max| evict::Budget {
             max,
-            high: max as f64 * config.high_watermark,
-            low: max as f64 * config.low_watermark,
+            high: max as f64 * config.storage.high_watermark,
+            low: max as f64 * config.storage.low_watermark,
         });
         let manifests = moka::future::Cache::builder()
             .max_capacity(MANIFEST_CACHE_BYTES)
@@ -466,27 +466,27 @@ impl Cache {
             index,
             manifests,
             fills: Arc::new(Fills::default()),
-            fill_permits: Arc::new(Semaphore::new(config.max_concurrent_fills)),
+            fill_permits: Arc::new(Semaphore::new(config.cache.max_concurrent_fills)),
             manifest_flights: Arc::default(),
             negative: moka::future::Cache::builder()
                 .max_capacity(100_000)
-                .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
+                .time_to_live(config.cache.negative_ttl.max(Duration::from_millis(1)))
                 .build(),
             freshness: revalidate::Freshness {
-                tag_ttl: config.tag_ttl,
-                stale_while_revalidate: config.stale_while_revalidate,
-                max_stale: config.max_stale,
+                tag_ttl: config.cache.tag_ttl,
+                stale_while_revalidate: config.cache.stale_while_revalidate,
+                max_stale: config.cache.max_stale,
             },
-            revalidate_timeout: config.revalidate_timeout,
-            tag_lists: tag_lists::TagLists::new(config, clock.clone()),
+            revalidate_timeout: config.cache.revalidate_timeout,
+            tag_lists: tag_lists::TagLists::new(&config.cache, clock.clone()),
             clock,
-            serve_stale_on_404: config.serve_stale_on_404,
-            negative_ttl: config.negative_ttl,
+            serve_stale_on_404: config.cache.serve_stale_on_404,
+            negative_ttl: config.cache.negative_ttl,
             metrics,
             access_log: Arc::new(evict::AccessLog::new(budget)),
             config_pins: config.pins.clone(),
             pins: parking_lot::RwLock::new(config.pins.clone()),
-            pins_file: PinsFile::path(config),
+            pins_file: PinsFile::path(&config.storage),
             pins_stamp: parking_lot::Mutex::new(None),
             upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),

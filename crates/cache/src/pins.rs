@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use regcache_config::{Config, ConfigError, PinConfig, RawPin, UpstreamConfig};
+use regcache_config::{ConfigError, PinConfig, RawPin, StorageConfig, UpstreamConfig};
 
 /// The pins added with `regcache pin`.
 #[derive(Debug, Default, serde::Deserialize, serde::Serialize)]
@@ -44,8 +44,8 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 
 impl PinsFile {
     /// Where `regcache pin` keeps its pins.
-    pub fn path(config: &Config) -> PathBuf {
-        config.storage_path.join("pins.toml")
+    pub fn path(storage: &StorageConfig) -> PathBuf {
+        storage.path.join("pins.toml")
     }
 
     /// Reads the file; a missing file has no pins.

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 
 use super::flight::SingleFlight;
 use super::{CacheError, CachePhase};
-use regcache_config::Config;
+use regcache_config::CacheConfig;
 use regcache_oci::{RepoName, Tag};
 use regcache_store::Namespace;
 use regcache_upstream::clock::Clock;
@@ -278,7 +278,7 @@ pub(crate) struct TagLists {
 }
 
 impl TagLists {
-    pub(crate) fn new(config: &Config, clock: Clock) -> Self {
+    pub(crate) fn new(config: &CacheConfig, clock: Clock) -> Self {
         Self {
             limits: TagListLimits {
                 max_bytes: config.tag_list_max_bytes,
@@ -456,9 +456,9 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_gets_share_one_walk_and_the_ttl_reuses_it() {
-        let config = Config::load(None).expect("the embedded default is valid");
+        let config = regcache_config::Config::load(None).expect("the embedded default is valid");
         let clock = Clock::adjustable();
-        let lists = Arc::new(TagLists::new(&config, clock.clone()));
+        let lists = Arc::new(TagLists::new(&config.cache, clock.clone()));
         let namespace = Namespace::new("up");
         let repo = RepoName::parse("a/b").expect("a valid name");
         let walks = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use super::{duration, invalid, value_or_file, ConfigError, Secret};
+use crate::values::{duration, invalid, value_or_file, ConfigError, Secret};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

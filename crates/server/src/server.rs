@@ -36,6 +36,7 @@ pub use tls::{Tls, TlsError};
 
 use crate::http::{self, AppState};
 use regcache_cache::ConnectionShare;
+use regcache_config::ServerConfig;
 
 /// How long a connection closed for idleness may take to finish closing before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -61,6 +62,37 @@ pub struct ListenerOptions {
     pub tls: Option<Arc<Tls>>,
     /// The per-client-address request rate limit, when configured.
     pub rate_limit: Option<Arc<RateLimit>>,
+}
+
+impl ListenerOptions {
+    /// The main listener's options: the `[server]` limits and timeouts, `tls` (loaded from
+    /// `server.tls_*`), and the per-address rate limit.
+    pub fn main(server: &ServerConfig, tls: Option<Arc<Tls>>) -> Self {
+        Self {
+            kind: http::Listener::Main,
+            max_connections: server.max_connections,
+            drain_timeout: server.shutdown_timeout,
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
+            max_concurrent_streams: server.max_concurrent_streams,
+            tls,
+            rate_limit: server.rate_limit.map(|rate| Arc::new(RateLimit::new(rate))),
+        }
+    }
+
+    /// The metrics listener's options: the main listener's timeouts, a few connections, plain
+    /// HTTP (it is meant for a private address) and no rate limit.
+    #[must_use]
+    pub fn admin(&self) -> Self {
+        Self {
+            kind: http::Listener::Admin,
+            max_connections: 64,
+            tls: None,
+            rate_limit: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// Accepts connections until `shutdown` is cancelled, then drains open connections for up to

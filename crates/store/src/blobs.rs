@@ -152,7 +152,7 @@ impl Store {
     /// The same store with `bytes` for chunks read and not yet sent (`server.response_buffer`,
     /// see [`ResponseBudget`]).
     #[must_use]
-    pub(crate) fn with_response_buffer(mut self, bytes: usize) -> Self {
+    pub fn with_response_buffer(mut self, bytes: usize) -> Self {
         self.response_budget = ResponseBudget::new(bytes);
         self
     }

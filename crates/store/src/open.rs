@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use regcache_config::{Config, StorageBackend};
+use regcache_config::{StorageBackend, StorageConfig};
 
 use crate::index::OnCorrupt;
 use crate::{Index, LocalDisk, S3Backend, Store, StoreError, Tier};
@@ -28,22 +28,21 @@ pub enum IndexAccess {
 ///
 /// # Errors
 /// [`StoreError`] when the storage directory or the bucket client cannot be set up.
-pub fn open_store(config: &Config) -> Result<Store, StoreError> {
-    Ok(match &config.storage_backend {
-        StorageBackend::Local => Store::open_local(&config.storage_path)?,
+pub fn open_store(storage: &StorageConfig) -> Result<Store, StoreError> {
+    Ok(match &storage.backend {
+        StorageBackend::Local => Store::open_local(&storage.path)?,
         StorageBackend::S3(s3) => {
             let bucket = S3Backend::new(s3)?;
             tracing::debug!(bucket = bucket.name(), "blobs go to the object store");
-            let local = LocalDisk::open(&config.storage_path)?;
+            let local = LocalDisk::open(&storage.path)?;
             Store::new(Arc::new(Tier::new(local, Arc::new(bucket))))
         }
-    }
-    .with_response_buffer(config.response_buffer))
+    })
 }
 
 /// Where the index database of a configuration lives.
-fn index_path(config: &Config) -> PathBuf {
-    config.storage_path.join("index")
+fn index_path(storage: &StorageConfig) -> PathBuf {
+    storage.path.join("index")
 }
 
 /// Opens the index database under the configured storage path, as `access` allows.
@@ -52,8 +51,8 @@ fn index_path(config: &Config) -> PathBuf {
 /// [`StoreError::IndexMissing`] and [`StoreError::IndexCorrupt`] (with
 /// [`IndexAccess::Existing`]); [`StoreError::IndexLocked`] when another process (a running
 /// server) holds it; [`StoreError`] when even a fresh database cannot be created.
-pub fn open_index(config: &Config, access: IndexAccess) -> Result<Index, StoreError> {
-    let path = index_path(config);
+pub fn open_index(storage: &StorageConfig, access: IndexAccess) -> Result<Index, StoreError> {
+    let path = index_path(storage);
     if access == IndexAccess::Existing && !path.exists() {
         return Err(StoreError::IndexMissing {
             path: path.display().to_string(),
@@ -81,8 +80,11 @@ fn log_moved_aside(aside: &Path) {
 ///
 /// # Errors
 /// As theirs.
-pub fn open_storage(config: &Config, access: IndexAccess) -> Result<(Store, Index), StoreError> {
-    let store = open_store(config)?;
-    let index = open_index(config, access)?;
+pub fn open_storage(
+    storage: &StorageConfig,
+    access: IndexAccess,
+) -> Result<(Store, Index), StoreError> {
+    let store = open_store(storage)?;
+    let index = open_index(storage, access)?;
     Ok((store, index))
 }

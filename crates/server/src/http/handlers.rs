@@ -14,7 +14,7 @@ use regcache_cache::routing::Resolver;
 use regcache_cache::{
     Asker, BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
 };
-use regcache_config::Config;
+use regcache_config::{AuthConfig, ServerConfig, StorageConfig};
 use regcache_metrics::Metrics;
 use regcache_oci::{Digest, Reference};
 
@@ -45,22 +45,24 @@ impl AppState {
         cache: Arc<Cache>,
         resolver: Resolver,
         metrics: Arc<Metrics>,
-        config: &Config,
+        server: &ServerConfig,
+        storage: &StorageConfig,
+        auth: Option<&AuthConfig>,
     ) -> Self {
         metrics
             .storage_budget
-            .set(i64::try_from(config.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
+            .set(i64::try_from(storage.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
         Self {
             cache,
             resolver,
             metrics,
             board: StatusBoard::default(),
             next_request_id: std::sync::atomic::AtomicU64::new(1),
-            status_page: config.status_page,
-            budget: config.max_size,
-            auth: config.auth.as_ref().map(super::auth::Authenticator::new),
+            status_page: server.status_page,
+            budget: storage.max_size,
+            auth: auth.map(super::auth::Authenticator::new),
             blob_redirects: matches!(
-                &config.storage_backend,
+                &storage.backend,
                 regcache_config::StorageBackend::S3(s3) if s3.redirect
             ),
         }

@@ -1,0 +1,263 @@
+//! Validation of whole files: defaults, the example, and every message naming its key.
+
+use std::time::Duration;
+
+use super::auth::parse_htpasswd;
+use super::storage::RawS3;
+use super::*;
+
+#[test]
+fn embedded_default_is_a_docker_hub_mirror() {
+    let config = Config::load(None).expect("the embedded default is valid");
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:5000");
+    assert_eq!(config.upstreams.len(), 1);
+    assert_eq!(config.upstreams[0].name, "docker.io");
+    assert!(config.upstreams[0].default);
+}
+
+#[test]
+fn example_file_parses() {
+    let text = include_str!("../../../config.toml.example");
+    let config = Config::parse(text).expect("config.toml.example is valid");
+    assert!(!config.upstreams.is_empty());
+}
+
+#[track_caller]
+fn check_error(toml: &str, expected_fragment: &str) {
+    let message = Config::parse(toml)
+        .expect_err("config must be rejected")
+        .to_string();
+    assert!(message.contains(expected_fragment), "{message}");
+}
+
+#[test]
+fn bad_values_name_the_key() {
+    check_error("[server]\nlisten = \"nowhere\"", "server.listen");
+    check_error("[server]\nbogus = 1", "bogus");
+    check_error("[storage]\nmax_size = \"lots\"", "storage.max_size");
+    check_error("[storage]\nlow_watermark = 0.99", "storage.low_watermark");
+    check_error("[cache]\ntag_ttl = \"soon\"", "cache.tag_ttl");
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"ftp://x\"",
+        "upstream.a.io.url",
+    );
+    check_error(
+        "[[upstream]]\nname = \"A B\"\nurl = \"http://x\"",
+        "upstream.name",
+    );
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ndefault = true\n[[upstream]]\nname = \"b.io\"\nurl = \"http://y\"\ndefault = true",
+        "upstream.default",
+    );
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"",
+        "upstream.a.io.username",
+    );
+}
+
+#[test]
+fn the_s3_backend_is_checked_and_its_secret_never_printed() {
+    check_error("[storage]\nbackend = \"s3\"", "storage.backend");
+    check_error("[storage]\nbackend = \"nfs\"", "storage.backend");
+    check_error("[storage.s3]\nbucket = \"b\"", "storage.backend");
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nregion = \"x\"",
+        "storage.s3.bucket",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"B_b\"",
+        "storage.s3.bucket",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"ftp://x\"",
+        "storage.s3.endpoint",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nprefix = \"a/../b\"",
+        "storage.s3.prefix",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nredirect_ttl = \"30d\"",
+        "storage.s3.redirect_ttl",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ntimeout = \"0s\"",
+        "storage.s3.timeout",
+    );
+    check_error(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ncredentials_file = \"/nonexistent/creds\"",
+        "storage.s3.credentials_file",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("credentials");
+    std::fs::write(
+        &file,
+        "[default]\naws_access_key_id = AKID\naws_secret_access_key = s3cr3t-value\n",
+    )
+    .expect("write");
+    let config = Config::parse(&format!(
+        "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:8333\"\nprefix = \"/cache/\"\npath_style = true\ncredentials_file = \"{}\"",
+        file.display()
+    ))
+    .expect("valid");
+    let StorageBackend::S3(s3) = &config.storage.backend else {
+        panic!("expected the s3 backend");
+    };
+    assert_eq!(s3.prefix, "cache");
+    assert_eq!(s3.region, "us-east-1");
+    assert!(s3.path_style && !s3.redirect);
+    let (id, secret) = s3.credentials.as_ref().expect("credentials");
+    assert_eq!((id.as_str(), secret.expose()), ("AKID", "s3cr3t-value"));
+    assert!(!format!("{config:?}").contains("s3cr3t"));
+    std::fs::write(&file, "AWS_ACCESS_KEY_ID=AKID\n").expect("write");
+    check_error(
+        &format!(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\ncredentials_file = \"{}\"",
+            file.display()
+        ),
+        "needs both",
+    );
+    // The environment: both variables or neither.
+    let raw = || RawS3 {
+        bucket: Some("b".to_owned()),
+        ..RawS3::default()
+    };
+    let only_id = |name: &str| (name == "AWS_ACCESS_KEY_ID").then(|| "AKID".to_owned());
+    let message = raw().validate(only_id).expect_err("half").to_string();
+    assert!(message.contains("AWS_SECRET_ACCESS_KEY"), "{message}");
+    let both = |name: &str| Some(format!("{name}-value"));
+    let s3 = raw().validate(both).expect("valid");
+    assert_eq!(
+        s3.credentials.map(|(id, _)| id).as_deref(),
+        Some("AWS_ACCESS_KEY_ID-value")
+    );
+    assert!(raw()
+        .validate(|_| None)
+        .expect("valid")
+        .credentials
+        .is_none());
+}
+
+#[test]
+fn passwords_in_urls_become_credentials() {
+    let config =
+        Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"https://robot:hunter%402@a.io/\"")
+            .expect("valid");
+    let upstream = &config.upstreams[0];
+    assert!(!format!("{config:?}").contains("hunter"));
+    assert_eq!(upstream.url.as_str(), "https://a.io/");
+    let (user, password) = upstream.credentials.as_ref().expect("taken from the url");
+    assert_eq!((user.as_str(), password.expose()), ("robot", "hunter@2"));
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"https://u:hunter2@a.io:x/\"",
+        "https://<redacted>@a.io:x/",
+    );
+    let message =
+        Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"https://u:hunter2@a.io:x/\"")
+            .expect_err("bad port")
+            .to_string();
+    assert!(!message.contains("hunter2"), "{message}");
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"https://u:p@a.io\"\nusername = \"v\"\npassword = \"q\"",
+        "not both",
+    );
+}
+
+#[test]
+fn tag_list_limits() {
+    let default = Config::load(None).expect("the embedded default is valid");
+    assert_eq!(default.cache.tag_list_max_bytes, 16 << 20);
+    assert_eq!(default.cache.tag_list_max_tags, 100_000);
+    assert_eq!(default.cache.tag_list_ttl, Duration::from_secs(30));
+    let config = Config::parse(
+        "[cache]\ntag_list_max_bytes = \"1KiB\"\ntag_list_max_tags = 10\ntag_list_ttl = \"0s\"",
+    )
+    .expect("valid");
+    assert_eq!(config.cache.tag_list_max_bytes, 1024);
+    assert_eq!(config.cache.tag_list_max_tags, 10);
+    assert_eq!(config.cache.tag_list_ttl, Duration::ZERO);
+    check_error(
+        "[cache]\ntag_list_max_bytes = \"0B\"",
+        "cache.tag_list_max_bytes",
+    );
+    check_error(
+        "[cache]\ntag_list_max_bytes = \"lots\"",
+        "cache.tag_list_max_bytes",
+    );
+    check_error("[cache]\ntag_list_max_tags = 0", "cache.tag_list_max_tags");
+    check_error("[cache]\ntag_list_ttl = \"soon\"", "cache.tag_list_ttl");
+}
+
+#[test]
+fn hostile_upstream_limits() {
+    let config = Config::parse(
+        "[cache]\nmax_blob_size = \"1MiB\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ntoken_realm_hosts = [\"Auth.A.io\"]",
+    )
+    .expect("valid");
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.max_blob_size, 1024 * 1024);
+    assert_eq!(upstream.token_realm_hosts, ["auth.a.io"]);
+    assert_eq!(upstream.allow_private_redirects, None);
+    let default = Config::load(None).expect("the embedded default is valid");
+    assert_eq!(default.upstreams[0].max_blob_size, 64 << 30);
+    check_error("[cache]\nmax_blob_size = \"huge\"", "cache.max_blob_size");
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\ntoken_realm_hosts = [\"http://evil\"]",
+        "upstream.a.io.token_realm_hosts",
+    );
+}
+
+#[test]
+fn front_door_keys() {
+    check_error("[server]\ntls_cert = \"/etc/hostname\"", "server.tls_cert");
+    check_error("[server]\ntls_key = \"/nonexistent\"", "server.tls_key");
+    check_error("[server]\nidle_timeout = \"long\"", "server.idle_timeout");
+    check_error("[server]\nsend_timeout = \"-1s\"", "server.send_timeout");
+    check_error(
+        "[server]\nmax_concurrent_streams = 0",
+        "server.max_concurrent_streams",
+    );
+    check_error(
+        "[server]\nresponse_buffer = \"64KiB\"",
+        "server.response_buffer",
+    );
+    check_error(
+        "[server]\nresponse_buffer = \"lots\"",
+        "server.response_buffer",
+    );
+    check_error("[auth]\nanonymous = [\"alpine\"]", "auth.anonymous");
+    check_error(
+        "[auth]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"docker.io/[\"]",
+        "auth.grant.pull",
+    );
+    check_error("[auth]\ntoken_ttl = \"0s\"", "auth.token_ttl");
+    check_error("[auth]\nrealm = \"ftp://x\"", "auth.realm");
+    let config = Config::parse(
+        "[auth]\nanonymous = [\"docker.io/library/*\"]\n[[auth.grant]]\nusers = [\"*\"]\npull = [\"ghcr.io/**\"]",
+    )
+    .expect("valid");
+    let auth = config.auth.expect("[auth] turns authentication on");
+    assert_eq!(auth.token_ttl, Duration::from_secs(300));
+    assert_eq!(auth.grants.len(), 1);
+    assert!(Config::load(None).expect("default").auth.is_none());
+}
+
+#[test]
+fn htpasswd_takes_bcrypt_only() {
+    let users = parse_htpasswd("# comment\n\nalice:$2y$05$abcdefghijklmnopqrstuu\n")
+        .expect("bcrypt entries");
+    assert_eq!(users.len(), 1);
+    assert_eq!(users[0].0, "alice");
+    let err = parse_htpasswd("bob:{SHA}abc").expect_err("SHA1 is refused");
+    assert!(err.contains("line 1") && err.contains("bob"), "{err}");
+    assert!(parse_htpasswd("a:$2y$x\na:$2y$y").is_err());
+}
+
+#[test]
+fn secrets_are_redacted() {
+    let config = Config::parse(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"\npassword = \"hunter2\"",
+    )
+    .expect("valid");
+    assert!(!format!("{config:?}").contains("hunter2"));
+}

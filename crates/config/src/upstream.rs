@@ -1,0 +1,235 @@
+//! `[[upstream]]` tables: the allow-list of registries the cache pulls from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::values::{duration, invalid, non_zero, value_or_file, ConfigError, Secret};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstream {
+    name: String,
+    url: String,
+    #[serde(default)]
+    default: bool,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    offline: Option<bool>,
+    breaker_threshold: Option<usize>,
+    breaker_cooldown: Option<String>,
+    #[serde(default)]
+    token_realm_hosts: Vec<String>,
+    allow_private_redirects: Option<bool>,
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The registry host clients name (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    pub name: String,
+    /// Where requests go.
+    pub url: Url,
+    /// Whether un-prefixed requests go here.
+    pub default: bool,
+    /// Basic credentials, also used to obtain bearer tokens.
+    pub credentials: Option<(String, Secret)>,
+    /// Extra PEM CA certificates trusted for this upstream.
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Longest silence while reading an upstream response.
+    pub idle_timeout: Duration,
+    /// Never contact this upstream; serve only what is cached.
+    pub offline: bool,
+    /// Consecutive failures after which the upstream is marked down.
+    pub breaker_threshold: u32,
+    /// How long an upstream marked down is not asked.
+    pub breaker_cooldown: Duration,
+    /// Hosts besides the upstream's own to which its credentials may go when its token
+    /// challenge names them as the realm (the built-in entries for well-known registries are
+    /// added by the client).
+    pub token_realm_hosts: Vec<String>,
+    /// Whether redirects may lead to loopback, link-local or private addresses. `None`: only
+    /// when the upstream itself lives on such an address.
+    pub allow_private_redirects: Option<bool>,
+    /// The largest blob accepted from this upstream (`cache.max_blob_size`); a longer body is
+    /// cut and its fill fails.
+    pub max_blob_size: u64,
+}
+
+/// Names are unique and at most one upstream is the default.
+pub(crate) fn check_upstream_set(upstreams: &[UpstreamConfig]) -> Result<(), ConfigError> {
+    for (index, upstream) in upstreams.iter().enumerate() {
+        if upstreams[..index].iter().any(|u| u.name == upstream.name) {
+            return Err(invalid("upstream.name", &upstream.name, "configured twice"));
+        }
+    }
+    let defaults: Vec<&str> = upstreams
+        .iter()
+        .filter(|u| u.default)
+        .map(|u| u.name.as_str())
+        .collect();
+    if defaults.len() > 1 {
+        return Err(invalid(
+            "upstream.default",
+            defaults.join(", "),
+            "only one upstream may be the default",
+        ));
+    }
+    Ok(())
+}
+
+/// A registry host: `host` or `host:port`, lower-case letters, digits, `.`, `-`.
+fn valid_registry_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (name, None),
+    };
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+impl RawUpstream {
+    /// Checks one `[[upstream]]`; `max_blob_size` is `cache.max_blob_size`.
+    pub(crate) fn validate(self, max_blob_size: u64) -> Result<UpstreamConfig, ConfigError> {
+        let key = |field: &str| format!("upstream.{}.{field}", self.name);
+        if !valid_registry_name(&self.name) {
+            return Err(invalid(
+                "upstream.name",
+                &self.name,
+                "expected a registry host like \"docker.io\" or \"registry.local:5000\"",
+            ));
+        }
+        let shown_url = redact_userinfo(&self.url);
+        let mut url = Url::parse(&self.url)
+            .map_err(|err| invalid(key("url"), &shown_url, err.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(invalid(
+                key("url"),
+                &shown_url,
+                "expected an http:// or https:// URL",
+            ));
+        }
+        let url_credentials = take_userinfo(&mut url);
+        if url_credentials.is_some() && (self.username.is_some() || self.password.is_some()) {
+            return Err(invalid(
+                key("url"),
+                &shown_url,
+                "give credentials in the url or as username/password, not both",
+            ));
+        }
+        let password = value_or_file(
+            &key(""),
+            "password",
+            self.password.as_deref(),
+            self.password_file.as_deref(),
+        )?;
+        let credentials = match (self.username.clone(), password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => url_credentials,
+            (Some(user), None) => {
+                return Err(invalid(
+                    key("username"),
+                    user,
+                    "needs password or password_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(key("password"), "<redacted>", "needs username"))
+            }
+        };
+        if let Some(path) = &self.ca_file {
+            if !path.is_file() {
+                return Err(invalid(key("ca_file"), path.display(), "no such file"));
+            }
+        }
+        Ok(UpstreamConfig {
+            connect_timeout: duration(
+                &key("connect_timeout"),
+                self.connect_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                &key("idle_timeout"),
+                self.idle_timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            name: self.name.clone(),
+            url,
+            default: self.default,
+            credentials,
+            ca_file: self.ca_file,
+            offline: self.offline.unwrap_or(false),
+            breaker_threshold: u32::try_from(non_zero(
+                &key("breaker_threshold"),
+                self.breaker_threshold,
+                5,
+            )?)
+            .unwrap_or(u32::MAX),
+            breaker_cooldown: duration(
+                &key("breaker_cooldown"),
+                self.breaker_cooldown.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            token_realm_hosts: self
+                .token_realm_hosts
+                .iter()
+                .map(|host| {
+                    let host = host.trim().to_ascii_lowercase();
+                    if host.is_empty() || host.contains(['/', ':', '@', ' ']) {
+                        return Err(invalid(
+                            key("token_realm_hosts"),
+                            &host,
+                            "expected a host name like \"auth.example.com\"",
+                        ));
+                    }
+                    Ok(host)
+                })
+                .collect::<Result<_, _>>()?,
+            allow_private_redirects: self.allow_private_redirects,
+            max_blob_size,
+        })
+    }
+}
+
+/// The URL with any `user:password@` replaced, for messages: a password written into an
+/// upstream's url is never printed.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Removes `user:password@` from the URL and returns it as credentials (percent-decoded), so
+/// that it goes only where credentials go and is never printed with the URL.
+fn take_userinfo(url: &mut Url) -> Option<(String, Secret)> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = decode(url.username());
+    let password = Secret::new(decode(url.password().unwrap_or_default()));
+    // Both cannot fail for an http(s) URL with a host, checked before.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Some((user, password))
+}
