@@ -198,7 +198,7 @@ pub fn archive(data: &[u8]) {
 fn check_archive(data: &[u8]) {
     let len = data.len() as u64;
     let cursor = std::io::Cursor::new(data);
-    if let Ok(entries) = crate::airgap::import::read_entries(cursor, len) {
+    if let Ok(entries) = crate::airgap::entries::read_entries(cursor, len) {
         for (name, span) in &entries {
             assert!(
                 span.end() <= len,

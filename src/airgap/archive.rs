@@ -114,7 +114,7 @@ pub async fn export(
     output: &Path,
 ) -> Result<usize, AirgapError> {
     let skip: HashSet<String> = match since {
-        Some(old) => super::import::list_entries(old)?.into_keys().collect(),
+        Some(old) => super::entries::list_entries(old)?.into_keys().collect(),
         None => HashSet::new(),
     };
     let mut walked: Vec<(ImageRef, Walked)> = Vec::new();

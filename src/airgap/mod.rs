@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod archive;
+pub(crate) mod entries;
 pub mod import;
 pub mod prefetch;
 mod progress;

@@ -9,10 +9,12 @@
 //! `cache.max_blob_size`.
 
 pub(crate) mod auth;
+mod body;
 mod breaker;
 mod class;
 pub mod clock;
 pub mod egress;
+mod error;
 
 use std::time::Duration;
 
@@ -24,9 +26,12 @@ use reqwest::RequestBuilder;
 
 use crate::clock::Clock;
 use auth::{parse_challenge, Challenge, CredentialScope, TokenCache, TokenResponse};
+pub use body::blob_extent;
+use body::limit_body;
 pub use breaker::Need;
 use breaker::{Breaker, Transition};
 pub use class::{Answer, ErrorClass, Health, Origin};
+pub use error::UpstreamError;
 use regcache_config::{Secret, UpstreamConfig};
 use regcache_metrics::Metrics;
 use regcache_oci::{declared_sizes, Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
@@ -55,84 +60,6 @@ struct Request<'a> {
     kind: &'static str,
     repo: &'a RepoName,
     need: Need,
-}
-
-/// Why an upstream request failed. What each variant means for retries, the circuit breaker,
-/// serving stale, metrics and the client is decided once, in [`UpstreamError::class`].
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    /// The upstream is configured offline; it is never contacted.
-    #[error("upstream {upstream} is offline (configured)")]
-    Offline {
-        /// The upstream's name.
-        upstream: String,
-    },
-    /// The connection could not be made, or broke, or timed out.
-    #[error("upstream {upstream} unreachable: {source}")]
-    Unreachable {
-        /// The upstream's name.
-        upstream: String,
-        /// The network failure.
-        #[source]
-        source: reqwest::Error,
-    },
-    /// The upstream says the manifest, blob or repository does not exist.
-    #[error("upstream {upstream} has no such content")]
-    NotFound {
-        /// The upstream's name.
-        upstream: String,
-    },
-    /// The upstream refused our credentials (or we have none).
-    #[error("upstream {upstream} denied access ({status})")]
-    Denied {
-        /// The upstream's name.
-        upstream: String,
-        /// 401 or 403.
-        status: StatusCode,
-    },
-    /// The upstream is rate-limiting us.
-    #[error("upstream {upstream} is rate-limiting (429)")]
-    TooManyRequests {
-        /// The upstream's name.
-        upstream: String,
-        /// Its `Retry-After`, passed on to the client.
-        retry_after: Option<String>,
-    },
-    /// Any other unexpected status.
-    #[error("upstream {upstream} answered {status}")]
-    Status {
-        /// The upstream's name.
-        upstream: String,
-        /// The status.
-        status: StatusCode,
-    },
-    /// A manifest or listing was larger than regcache buffers, or a blob larger than
-    /// `cache.max_blob_size` or its own `Content-Length`.
-    #[error("upstream {upstream} sent more than {limit} bytes")]
-    TooLarge {
-        /// The upstream's name.
-        upstream: String,
-        /// The limit.
-        limit: usize,
-    },
-    /// The upstream failed repeatedly and is not asked again until the cooldown passes.
-    #[error("upstream {upstream} is marked down after repeated failures (retry in {retry_in:?})")]
-    CircuitOpen {
-        /// The upstream's name.
-        upstream: String,
-        /// Until the next probe.
-        retry_in: Duration,
-    },
-    /// The token endpoint failed.
-    #[error("upstream {upstream} token endpoint {realm} failed: {reason}")]
-    Token {
-        /// The upstream's name.
-        upstream: String,
-        /// The realm URL.
-        realm: String,
-        /// What went wrong.
-        reason: String,
-    },
 }
 
 /// A manifest as the upstream sent it.
@@ -896,48 +823,6 @@ impl UpstreamClient {
     }
 }
 
-/// Where a successful blob answer to a request from byte `requested` starts, and the blob's
-/// total size when known: a 206 starts at `requested` and names the total in `Content-Range`
-/// (`bytes a-b/total`); any other answer is the whole blob, its `Content-Length` the total.
-pub fn blob_extent(response: &reqwest::Response, requested: u64) -> (u64, Option<u64>) {
-    if response.status() == StatusCode::PARTIAL_CONTENT {
-        let total = header_str(response.headers(), "content-range")
-            .and_then(|v| v.rsplit_once('/'))
-            .and_then(|(_, total)| total.parse().ok());
-        (requested, total)
-    } else {
-        (0, response.content_length())
-    }
-}
-
-/// Cuts a blob body at byte `limit` (counting from `offset`, the position of its first byte):
-/// the bytes up to the limit pass, then the stream ends with `too_large` if more arrive.
-fn limit_body(
-    body: impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static,
-    offset: u64,
-    limit: u64,
-    too_large: UpstreamError,
-) -> impl Stream<Item = Result<Bytes, UpstreamError>> + Send + 'static {
-    let state = (Box::pin(body), offset, Some(too_large));
-    futures_util::stream::unfold(state, move |(mut body, position, too_large)| async move {
-        let too_large = too_large?;
-        if position > limit {
-            // Nothing more is taken from this body.
-            return Some((Err(too_large), (body, position, None)));
-        }
-        let mut chunk = match body.next().await? {
-            Ok(chunk) => chunk,
-            Err(err) => return Some((Err(err), (body, position, Some(too_large)))),
-        };
-        let next = position + chunk.len() as u64;
-        if next > limit {
-            // The allowed part first; the next poll reports the excess.
-            chunk.truncate(usize::try_from(limit - position).unwrap_or(usize::MAX));
-        }
-        Some((Ok(chunk), (body, next, Some(too_large))))
-    })
-}
-
 /// Up to `max` of random delay, so that retries from many requests spread out.
 fn jitter(max: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -947,7 +832,7 @@ fn jitter(max: Duration) -> Duration {
     max.mul_f64(f64::from(nanos % 1000) / 1000.0)
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
@@ -970,44 +855,6 @@ fn accept_header(client_accept: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn collect_limited(chunks: &[&'static str], offset: u64, limit: u64) -> Vec<String> {
-        let body = futures_util::stream::iter(
-            chunks
-                .iter()
-                .map(|chunk| Ok(Bytes::from_static(chunk.as_bytes())))
-                .collect::<Vec<_>>(),
-        );
-        let too_large = UpstreamError::TooLarge {
-            upstream: "u".to_owned(),
-            limit: 0,
-        };
-        limit_body(body, offset, limit, too_large)
-            .map(|item| match item {
-                Ok(chunk) => String::from_utf8_lossy(&chunk).into_owned(),
-                Err(_) => "ERR".to_owned(),
-            })
-            .collect()
-            .await
-    }
-
-    #[tokio::test]
-    async fn blob_bodies_are_cut_at_the_limit() {
-        assert_eq!(collect_limited(&["abc", "def"], 0, 6).await, ["abc", "def"]);
-        assert_eq!(
-            collect_limited(&["abc", "def", "ghi"], 0, 7).await,
-            ["abc", "def", "g", "ERR"]
-        );
-        assert_eq!(
-            collect_limited(&["abc", "def", "ghi"], 0, 6).await,
-            ["abc", "def", "", "ERR"]
-        );
-        assert_eq!(
-            collect_limited(&["abc", "def"], 4, 7).await,
-            ["abc", "", "ERR"]
-        );
-        assert_eq!(collect_limited(&["abc"], 0, 1_000).await, ["abc"]);
-    }
 
     #[test]
     fn accept_is_forwarded_only_when_it_names_manifest_types() {
