@@ -158,7 +158,7 @@ impl BlobSource for UpstreamBlob {
 /// What the leader task needs.
 pub(crate) struct FillJob {
     pub(crate) metrics: Arc<regcache_metrics::Metrics>,
-    pub(crate) access_log: Arc<super::evict::AccessLog>,
+    pub(crate) access_log: Arc<super::upkeep::AccessLog>,
     pub(crate) store_trouble: Arc<super::direct::StoreTrouble>,
     pub(crate) store: Arc<Store>,
     pub(crate) source: Box<dyn BlobSource>,
@@ -439,7 +439,7 @@ mod tests {
 
     use super::*;
     use crate::direct::StoreTrouble;
-    use crate::evict::AccessLog;
+    use crate::upkeep::AccessLog;
 
     /// Body faults, one per request, in order.
     #[derive(Debug, Clone, Copy)]

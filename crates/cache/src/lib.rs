@@ -7,7 +7,6 @@
 //! fill verifies).
 
 mod direct;
-mod evict;
 mod fill;
 mod flight;
 mod grant;
@@ -18,14 +17,15 @@ mod pins;
 mod revalidate;
 pub mod routing;
 mod tag_lists;
+mod upkeep;
 
-pub use evict::EvictionReport;
 pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use pins::{PinsError, PinsFile};
 /// The response budget share of a connection (`server.response_buffer`): the server scopes
 /// each connection's task with one; store reads wait for their part of the budget.
 pub use regcache_store::ConnectionShare;
+pub use upkeep::EvictionReport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -372,18 +372,12 @@ pub struct Cache {
     serve_stale_on_404: bool,
     negative_ttl: Duration,
     metrics: Arc<Metrics>,
-    access_log: Arc<evict::AccessLog>,
-    /// Pins from the config file, and all pins in force (config plus `pins.toml`).
-    config_pins: Vec<regcache_config::PinConfig>,
-    pins: parking_lot::RwLock<Vec<regcache_config::PinConfig>>,
-    pins_file: std::path::PathBuf,
-    /// The pins file's (modification time, length) when last read.
-    pins_stamp: parking_lot::Mutex<evict::PinsStamp>,
-    budget: Option<evict::Budget>,
+    /// Access records, the disk budget and eviction.
+    upkeep: upkeep::Upkeep,
+    /// The pins in force and what they protect.
+    pins: pins::Pins,
     /// Set when writing to the store fails (disk full): misses then stream without caching.
     store_trouble: Arc<direct::StoreTrouble>,
-    /// For validating `pins.toml` when it changes.
-    upstream_configs: Vec<regcache_config::UpstreamConfig>,
     /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
     cluster: Option<Arc<regcache_cluster::Cluster>>,
     /// Upstream tag lists: bounded, coalesced and kept briefly.
@@ -450,11 +444,7 @@ impl Cache {
             .iter()
             .map(|u| Namespace::new(&u.name))
             .collect();
-        let budget = config.storage.max_size.map(|max| evict::Budget {
-            max,
-            high: max as f64 * config.storage.high_watermark,
-            low: max as f64 * config.storage.low_watermark,
-        });
+        let store = Arc::new(store);
         let manifests = moka::future::Cache::builder()
             .max_capacity(MANIFEST_CACHE_BYTES)
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
@@ -462,7 +452,14 @@ impl Cache {
         Ok(Self {
             upstreams,
             namespaces,
-            store: Arc::new(store),
+            upkeep: upkeep::Upkeep::new(
+                &config.storage,
+                Arc::clone(&store),
+                index.clone(),
+                Arc::clone(&metrics),
+            ),
+            pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
+            store,
             index,
             manifests,
             fills: Arc::new(Fills::default()),
@@ -483,14 +480,7 @@ impl Cache {
             serve_stale_on_404: config.cache.serve_stale_on_404,
             negative_ttl: config.cache.negative_ttl,
             metrics,
-            access_log: Arc::new(evict::AccessLog::new(budget)),
-            config_pins: config.pins.clone(),
-            pins: parking_lot::RwLock::new(config.pins.clone()),
-            pins_file: PinsFile::path(&config.storage),
-            pins_stamp: parking_lot::Mutex::new(None),
-            upstream_configs: config.upstreams.clone(),
             store_trouble: Arc::default(),
-            budget,
             cluster: None,
         })
     }
@@ -520,7 +510,7 @@ impl Cache {
     /// The bytes the store may hold before eviction starts (`storage.max_size` ×
     /// `high_watermark`); `None` without a budget. An import must fit in it.
     pub fn storage_budget(&self) -> Option<u64> {
-        self.budget.map(|budget| budget.high as u64)
+        self.upkeep.high_watermark()
     }
 
     /// Whether the store is writable and the index readable; `Err` says which is not.
@@ -594,7 +584,7 @@ impl Cache {
                 .map_err(|_| CacheError::Busy)?;
             Ok(fill::FillJob {
                 metrics: Arc::clone(&self.metrics),
-                access_log: Arc::clone(&self.access_log),
+                access_log: Arc::clone(self.upkeep.access_log()),
                 store_trouble: Arc::clone(&self.store_trouble),
                 store: Arc::clone(&self.store),
                 source: self.blob_source(target, digest, asker),
@@ -726,7 +716,7 @@ impl Cache {
             return Ok(None);
         };
         let size = stored.size();
-        self.access_log.touch(namespace, digest, size);
+        self.upkeep.touch(namespace, digest, size);
         let range = match range.resolve(size) {
             Ok(range) => range,
             Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
@@ -739,4 +729,101 @@ impl Cache {
             phase,
         })))
     }
+
+    /// Writes buffered accesses to the index. Blocking.
+    pub fn flush_access(&self) {
+        self.upkeep.flush_access();
+    }
+
+    /// Walks the store at start: counts usage and gives every blob file without an access
+    /// record one dated by its modification time. Blocking.
+    pub fn register_existing_files(&self) -> regcache_store::Usage {
+        self.upkeep.register_existing_files()
+    }
+
+    /// Evicts least-recently-used blobs when usage is above the high watermark, down to the
+    /// low watermark, keeping what the pins protect. Blocking.
+    pub fn evict_if_needed(&self) -> EvictionReport {
+        self.upkeep.evict_if_needed(|| {
+            self.pins
+                .protected(&self.namespaces, &self.index, &self.store)
+        })
+    }
+
+    /// Runs until `shutdown`: flushes accesses and enforces the budget every few seconds, or
+    /// at once when a fill pushes usage past the high watermark; picks up new pins.
+    pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+                () = self.upkeep.over_budget() => {}
+            }
+            // Access records, eviction and the pins file are disk work: off the async workers.
+            let cache = Arc::clone(&self);
+            let pins_changed = tokio::task::spawn_blocking(move || {
+                cache.flush_access();
+                cache.evict_if_needed();
+                cache.pins.reload()
+            })
+            .await
+            .unwrap_or(false);
+            if pins_changed {
+                tokio::spawn(Arc::clone(&self).prefetch_pins());
+            }
+        }
+        let cache = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || cache.flush_access()).await;
+    }
+
+    /// Fetches every pinned image that is not fully cached. Best effort: failures are logged
+    /// and retried at the next start.
+    pub async fn prefetch_pins(self: Arc<Self>) {
+        let cache = Arc::clone(&self);
+        let _ = tokio::task::spawn_blocking(move || cache.pins.reload()).await;
+        for pin in self.pins.current() {
+            if let Err(err) = self.prefetch_pin(&pin).await {
+                tracing::warn!(repo = %pin.repository, reference = %pin.reference, error = %err, "could not prefetch pinned image");
+            }
+        }
+    }
+
+    /// Pulls one pinned image through the cache (the chosen platforms of an index), waiting
+    /// for each blob's fill to commit.
+    async fn prefetch_pin(
+        self: &Arc<Self>,
+        pin: &regcache_config::PinConfig,
+    ) -> Result<(), CacheError> {
+        let target = Target {
+            upstream: pin.upstream,
+            repo: pin.repository.clone(),
+        };
+        let root = self.manifest(&target, &pin.reference, &[]).await?;
+        let mut walk = regcache_oci::ImageWalk::new(root.manifest.digest, &pin.platforms);
+        while let Some(digest) = walk.next_manifest() {
+            let answer = if digest == root.manifest.digest {
+                Arc::clone(&root.manifest)
+            } else {
+                self.manifest(&target, &regcache_oci::Reference::Digest(digest), &[])
+                    .await?
+                    .manifest
+            };
+            walk.read(&answer.bytes);
+        }
+        for blob in walk.into_blobs() {
+            if let Ok(mut answer) = self.blob(&target, &blob, RangeRequest::Full).await? {
+                if let BlobBody::Filling(_) = answer.body {
+                    while let Some(chunk) = answer.body.next_chunk().await {
+                        chunk.map_err(|_| CacheError::FillAborted)?;
+                    }
+                }
+            }
+        }
+        tracing::info!(repo = %pin.repository, reference = %pin.reference, "pinned image cached");
+        Ok(())
+    }
 }
+
+/// How often buffered accesses are written, the budget checked and the pins file re-read.
+/// Each is cheap: a batch write, an atomic compare, a small file read.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);

@@ -317,7 +317,7 @@ impl Cache {
     ) -> Result<Option<Arc<Manifest>>, CacheError> {
         let key = (namespace.clone(), *digest);
         if let Some(manifest) = self.manifests.get(&key).await {
-            self.access_log
+            self.upkeep
                 .touch(namespace, digest, manifest.bytes.len() as u64);
             return Ok(Some(manifest));
         }
@@ -358,7 +358,7 @@ impl Cache {
             media_type,
             bytes,
         });
-        self.access_log
+        self.upkeep
             .touch(namespace, digest, manifest.bytes.len() as u64);
         self.manifests.insert(key, Arc::clone(&manifest)).await;
         Ok(Some(manifest))
@@ -400,7 +400,7 @@ impl Cache {
         )?;
         self.note_referrer(namespace, &target.repo, &manifest);
         let manifest = Arc::new(manifest);
-        self.access_log
+        self.upkeep
             .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);
         self.manifests
             .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))

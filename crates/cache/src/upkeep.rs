@@ -1,5 +1,5 @@
-//! The disk budget: access tracking, least-recently-used eviction between the high and low
-//! watermarks, and pinned images that are never evicted (and are fetched when missing).
+//! Upkeep of the disk budget: access tracking, and least-recently-used eviction between the
+//! high and low watermarks (what pins protect is skipped; the cache asks [`crate::pins`]).
 //!
 //! Accesses are buffered in memory and written to the index in batches, so a cache hit costs a
 //! map insert, not a database write. Removing a blob that a client is still reading is safe:
@@ -9,20 +9,12 @@
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{BlobBody, Cache, RangeRequest, Target};
-use regcache_config::PinConfig;
-use regcache_oci::{references, Digest, Reference, MAX_MANIFEST_BYTES};
-use regcache_store::{AccessRecord, Namespace, Usage};
-
-/// What the pins file looked like when last read: (modification time, length); `None` when it
-/// is absent or was never read, both of which mean the configured pins alone.
-pub(crate) type PinsStamp = Option<(Option<std::time::SystemTime>, u64)>;
-
-/// How often buffered accesses are written, the budget checked and the pins file re-read.
-/// Each is cheap: a batch write, an atomic compare, a small file read.
-const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(2);
+use regcache_config::StorageConfig;
+use regcache_metrics::Metrics;
+use regcache_oci::Digest;
+use regcache_store::{AccessRecord, Index, Namespace, Store, Usage};
 
 fn now_millis() -> u64 {
     let millis = SystemTime::now()
@@ -33,9 +25,10 @@ fn now_millis() -> u64 {
 }
 
 /// Accesses not yet written to the index, and the signal that usage passed the high mark.
+/// Shared with the fills, which note what they wrote.
 #[derive(Debug, Default)]
 pub(crate) struct AccessLog {
-    // A std mutex: one insert per blob request, never held across an await.
+    // One insert per blob request, never held across an await.
     pending: Mutex<HashMap<(Namespace, Digest), AccessRecord>>,
     over_budget: tokio::sync::Notify,
     /// The high watermark in bytes, when there is a budget.
@@ -77,11 +70,71 @@ pub struct EvictionReport {
     pub bytes: u64,
 }
 
-impl Cache {
+/// The budget in bytes at each watermark.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub(crate) max: u64,
+    pub(crate) high: f64,
+    pub(crate) low: f64,
+}
+
+/// The upkeep service: owns the access log and the budget; reads and removes through the
+/// store and index handles it shares with the rest of the cache.
+#[derive(Debug)]
+pub(crate) struct Upkeep {
+    store: Arc<Store>,
+    index: Index,
+    metrics: Arc<Metrics>,
+    budget: Option<Budget>,
+    access: Arc<AccessLog>,
+}
+
+impl Upkeep {
+    /// The budget of `[storage]` (`max_size` and the watermarks) over this store and index.
+    pub(crate) fn new(
+        storage: &StorageConfig,
+        store: Arc<Store>,
+        index: Index,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let budget = storage.max_size.map(|max| Budget {
+            max,
+            high: max as f64 * storage.high_watermark,
+            low: max as f64 * storage.low_watermark,
+        });
+        Self {
+            store,
+            index,
+            metrics,
+            budget,
+            access: Arc::new(AccessLog::new(budget)),
+        }
+    }
+
+    /// The access log, for the fills (which note what they wrote).
+    pub(crate) fn access_log(&self) -> &Arc<AccessLog> {
+        &self.access
+    }
+
+    /// Notes that a blob was served.
+    pub(crate) fn touch(&self, namespace: &Namespace, digest: &Digest, size: u64) {
+        self.access.touch(namespace, digest, size);
+    }
+
+    /// The bytes the store may hold before eviction starts, when there is a budget.
+    pub(crate) fn high_watermark(&self) -> Option<u64> {
+        self.budget.map(|budget| budget.high as u64)
+    }
+
+    /// Resolves when a fill pushed usage past the high watermark.
+    pub(crate) async fn over_budget(&self) {
+        self.access.over_budget.notified().await;
+    }
+
     /// Writes buffered accesses to the index.
-    pub fn flush_access(&self) {
+    pub(crate) fn flush_access(&self) {
         let entries: Vec<_> = {
-            let mut pending = self.access_log.pending.lock();
+            let mut pending = self.access.pending.lock();
             pending.drain().map(|((ns, d), r)| (ns, d, r)).collect()
         };
         if let Err(err) = self.index.record_access(&entries) {
@@ -92,7 +145,7 @@ impl Cache {
     /// Walks the store at start: counts usage and gives every blob file without an access
     /// record one dated by its modification time (files written by an older version, or before
     /// the index was rebuilt). Blocking.
-    pub fn register_existing_files(&self) -> Usage {
+    pub(crate) fn register_existing_files(&self) -> Usage {
         let mut missing = Vec::new();
         let usage = self.store.scan(|blob| {
             let known = self
@@ -119,46 +172,13 @@ impl Cache {
         usage
     }
 
-    /// Every digest the configured pins protect: their manifests, children (for the chosen
-    /// platforms) and blobs, as far as they are cached.
-    fn pinned(&self) -> HashSet<(Namespace, Digest)> {
-        let mut pinned = HashSet::new();
-        let pins = self.pins.read().clone();
-        for pin in &pins {
-            let namespace = &self.namespaces[pin.upstream];
-            let root = match &pin.reference {
-                Reference::Digest(digest) => Some(*digest),
-                Reference::Tag(tag) => self
-                    .index
-                    .tag(namespace, &pin.repository, tag)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.digest),
-            };
-            let mut queue: Vec<Digest> = root.into_iter().collect();
-            while let Some(digest) = queue.pop() {
-                if !pinned.insert((namespace.clone(), digest)) {
-                    continue;
-                }
-                let Ok(Some(bytes)) =
-                    self.store
-                        .read_small_blocking(namespace, &digest, MAX_MANIFEST_BYTES)
-                else {
-                    continue;
-                };
-                let (children, blobs) = references(&bytes, &pin.platforms);
-                queue.extend(children);
-                for blob in blobs {
-                    pinned.insert((namespace.clone(), blob));
-                }
-            }
-        }
-        pinned
-    }
-
     /// Evicts least-recently-used blobs when usage is above the high watermark, down to the
-    /// low watermark. Pinned content is skipped. Blocking (file removals, index scan).
-    pub fn evict_if_needed(&self) -> EvictionReport {
+    /// low watermark. What `protected` returns (pinned images; asked only when eviction runs) is
+    /// skipped. Blocking (file removals, index scan).
+    pub(crate) fn evict_if_needed(
+        &self,
+        protected: impl FnOnce() -> HashSet<(Namespace, Digest)>,
+    ) -> EvictionReport {
         let mut report = EvictionReport::default();
         let Some(budget) = self.budget else {
             return report;
@@ -175,8 +195,8 @@ impl Cache {
                 return report;
             }
         };
-        let pinned = self.pinned();
-        candidates.retain(|(ns, digest, _)| !pinned.contains(&(ns.clone(), *digest)));
+        let protected = protected();
+        candidates.retain(|(ns, digest, _)| !protected.contains(&(ns.clone(), *digest)));
         candidates.sort_by_key(|(_, _, record)| record.last_access);
         let mut used = used;
         let mut evicted_manifests = HashSet::new();
@@ -226,118 +246,12 @@ impl Cache {
         );
         report
     }
-
-    /// Re-reads `pins.toml` (written by `regcache pin`) when its modification time or length
-    /// changed since the last read; returns whether the pins changed. Blocking.
-    fn reload_pins(&self) -> bool {
-        let stamp = std::fs::metadata(&self.pins_file)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()));
-        if std::mem::replace(&mut *self.pins_stamp.lock(), stamp) == stamp {
-            return false;
-        }
-        let from_file = super::PinsFile::read(&self.pins_file).and_then(|file| {
-            file.validate(&self.upstream_configs)
-                .map_err(super::PinsError::from)
-        });
-        let from_file = match from_file {
-            Ok(pins) => pins,
-            Err(err) => {
-                tracing::warn!(file = %self.pins_file.display(), error = %err, "ignoring the pins file");
-                return false;
-            }
-        };
-        let mut all = self.config_pins.clone();
-        all.extend(from_file);
-        let mut pins = self.pins.write();
-        let changed = *pins != all;
-        *pins = all;
-        changed
-    }
-
-    /// Runs until `shutdown`: flushes accesses and enforces the budget every few seconds, or
-    /// at once when a fill pushes usage past the high watermark; picks up new pins.
-    pub async fn maintain(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
-                () = self.access_log.over_budget.notified() => {}
-            }
-            // Access records, eviction and the pins file are disk work: off the async workers.
-            let cache = Arc::clone(&self);
-            let pins_changed = tokio::task::spawn_blocking(move || {
-                cache.flush_access();
-                cache.evict_if_needed();
-                cache.reload_pins()
-            })
-            .await
-            .unwrap_or(false);
-            if pins_changed {
-                tokio::spawn(Arc::clone(&self).prefetch_pins());
-            }
-        }
-        self.flush_access();
-    }
-
-    /// Fetches every pinned image that is not fully cached. Best effort: failures are logged
-    /// and retried at the next start.
-    pub async fn prefetch_pins(self: Arc<Self>) {
-        let cache = Arc::clone(&self);
-        let _ = tokio::task::spawn_blocking(move || cache.reload_pins()).await;
-        let pins = self.pins.read().clone();
-        for pin in pins {
-            let target = Target {
-                upstream: pin.upstream,
-                repo: pin.repository.clone(),
-            };
-            if let Err(err) = self.prefetch(&target, &pin).await {
-                tracing::warn!(repo = %pin.repository, reference = %pin.reference, error = %err, "could not prefetch pinned image");
-            }
-        }
-    }
-
-    async fn prefetch(
-        self: &Arc<Self>,
-        target: &Target,
-        pin: &PinConfig,
-    ) -> Result<(), super::CacheError> {
-        let root = self.manifest(target, &pin.reference, &[]).await?;
-        let mut queue = vec![root.manifest];
-        while let Some(manifest) = queue.pop() {
-            let (children, blobs) = references(&manifest.bytes, &pin.platforms);
-            for child in children {
-                let answer = self
-                    .manifest(target, &Reference::Digest(child), &[])
-                    .await?;
-                queue.push(answer.manifest);
-            }
-            for blob in blobs {
-                if let Ok(mut answer) = self.blob(target, &blob, RangeRequest::Full).await? {
-                    if let BlobBody::Filling(_) = answer.body {
-                        while let Some(chunk) = answer.body.next_chunk().await {
-                            chunk.map_err(|_| super::CacheError::FillAborted)?;
-                        }
-                    }
-                }
-            }
-        }
-        tracing::info!(repo = %pin.repository, reference = %pin.reference, "pinned image cached");
-        Ok(())
-    }
-}
-
-/// The budget in bytes at each watermark.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Budget {
-    pub(crate) max: u64,
-    pub(crate) high: f64,
-    pub(crate) low: f64,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Cache;
 
     #[test]
     fn eviction_removes_least_recently_used_blobs_down_to_the_low_mark_and_skips_pins() {
