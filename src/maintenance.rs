@@ -13,7 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::oci::{manifest_digest, references, sniff_media_type, Digest, MAX_MANIFEST_BYTES};
+use crate::oci::{manifest_digest, sniff_media_type, Digest, ImageWalk, MAX_MANIFEST_BYTES};
 use crate::store::{
     open_index, open_store, Index, IndexAccess, ManifestRecord, Namespace, Store, StoreError,
 };
@@ -265,12 +265,18 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
     for (namespace, repo, tag, record) in index.tags()? {
         let mut cached_bytes = 0;
         let mut last_access = 0;
-        let mut queue = vec![record.digest];
-        let mut seen = std::collections::HashSet::new();
-        while let Some(digest) = queue.pop() {
-            if !seen.insert(digest) {
-                continue;
+        let mut walk = ImageWalk::new(record.digest, &[]);
+        while let Some(digest) = walk.next_manifest() {
+            if index.manifest(&namespace, &digest).ok().flatten().is_some() {
+                if let Ok(Some(bytes)) =
+                    store.read_small_anywhere(&namespace, &digest, MAX_MANIFEST_BYTES)
+                {
+                    walk.read(&bytes);
+                }
             }
+        }
+        let manifests = walk.manifests().to_vec();
+        for digest in manifests.into_iter().chain(walk.into_blobs()) {
             let Ok(Some(size)) = store.stat_anywhere(&namespace, &digest) else {
                 continue;
             };
@@ -281,14 +287,6 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
                     .copied()
                     .unwrap_or(0),
             );
-            if index.manifest(&namespace, &digest).ok().flatten().is_some() {
-                if let Ok(Some(bytes)) =
-                    store.read_small_anywhere(&namespace, &digest, MAX_MANIFEST_BYTES)
-                {
-                    let (children, blobs) = references(&bytes, &[]);
-                    queue.extend(children.into_iter().chain(blobs));
-                }
-            }
         }
         listed.push(ListedTag {
             upstream: namespace.as_str().to_owned(),

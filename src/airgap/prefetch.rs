@@ -3,7 +3,7 @@
 //! to each manifest. Resumable by construction: what is already stored is a cache hit, so a
 //! rerun fetches only what is missing.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::{AirgapError, ImageRef};
 use crate::cache::{BlobBody, Cache, CacheError, Manifest, RangeRequest, Target};
 use crate::config::Config;
-use crate::oci::{references, Digest, Reference, Tag};
+use crate::oci::{Digest, ImageWalk, Reference, Tag};
 use crate::routing::Resolver;
 
 /// How long to wait for a fill permit when the cache is at `cache.max_concurrent_fills`
@@ -174,41 +174,39 @@ pub(super) async fn walk(
         schema_tags: Vec::new(),
         blobs: Vec::new(),
     };
-    let mut seen = HashSet::new();
-    let mut queue: Vec<Arc<Manifest>> = vec![root];
-    while let Some(manifest) = queue.pop() {
-        if !seen.insert(manifest.digest) {
-            continue;
-        }
-        let (children, layers) = references(&manifest.bytes, &options.platforms);
-        walked.blobs.extend(layers);
-        let mut next: Vec<Digest> = children;
+    let mut walk = ImageWalk::new(root.digest, &options.platforms);
+    // Manifests already in hand (the root, tag-schema manifests) are not fetched again.
+    let mut in_hand: HashMap<Digest, Arc<Manifest>> = HashMap::from([(root.digest, root)]);
+    while let Some(digest) = walk.next_manifest() {
+        let manifest = match in_hand.remove(&digest) {
+            Some(manifest) => manifest,
+            None => {
+                cache
+                    .manifest(target, &Reference::Digest(digest), &[])
+                    .await?
+                    .manifest
+            }
+        };
+        walk.read(&manifest.bytes);
         if options.referrers {
             let list = cache.referrers(target, &manifest.digest, None).await?;
-            let found: Vec<Digest> = list
+            for found in list
                 .manifests
                 .iter()
                 .filter_map(|d| Digest::parse(&d.digest).ok())
-                .collect();
-            walked.referrers.extend(&found);
-            next.extend(found);
+            {
+                walked.referrers.push(found);
+                walk.also(found);
+            }
             for (tag, tagged) in schema_tags(cache, target, &manifest.digest).await {
-                if !seen.contains(&tagged.digest) {
-                    queue.push(Arc::clone(&tagged));
-                }
+                in_hand.insert(tagged.digest, Arc::clone(&tagged));
+                walk.also(tagged.digest);
                 walked.schema_tags.push((tag, tagged));
             }
         }
         walked.manifests.push(manifest);
-        for digest in next.into_iter().filter(|d| !seen.contains(d)) {
-            let answer = cache
-                .manifest(target, &Reference::Digest(digest), &[])
-                .await?;
-            queue.push(answer.manifest);
-        }
     }
-    let mut unique = HashSet::new();
-    walked.blobs.retain(|digest| unique.insert(*digest));
+    walked.blobs = walk.into_blobs();
     Ok(walked)
 }
 
