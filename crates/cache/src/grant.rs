@@ -40,12 +40,6 @@ pub(crate) fn record(index: &Index, namespace: &Namespace, repo: &RepoName, dige
 }
 
 impl Cache {
-    /// Records that the upstream served or confirmed `digest` under the repository of `target`.
-    pub(crate) fn confirm_member(&self, target: &Target, digest: &Digest) {
-        let (_, namespace) = self.upstream(target);
-        record(&self.index, namespace, &target.repo, digest);
-    }
-
     /// Whether `digest` belongs to the repository of `target`: the upstream served or confirmed
     /// it there before (recorded in the index), or says so now (a `HEAD` under the repository,
     /// recorded). An offline upstream confirms nothing: unknown is `false`.
@@ -59,8 +53,12 @@ impl Cache {
         digest: &Digest,
         kind: DigestKind,
     ) -> Result<bool, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
-        if self.index.is_member(namespace, &target.repo, digest)? {
+        let (upstream, namespace) = self.parts.upstream(target);
+        if self
+            .parts
+            .index
+            .is_member(namespace, &target.repo, digest)?
+        {
             return Ok(true);
         }
         if upstream.is_offline() {
@@ -75,7 +73,7 @@ impl Cache {
         };
         match confirmed {
             Ok(true) => {
-                self.confirm_member(target, digest);
+                self.parts.confirm_member(target, digest);
                 Ok(true)
             }
             Ok(false) | Err(UpstreamError::NotFound { .. } | UpstreamError::Offline { .. }) => {

@@ -12,6 +12,7 @@ mod flight;
 mod grant;
 mod listing;
 mod manifest;
+mod parts;
 mod peer;
 mod pins;
 mod revalidate;
@@ -351,35 +352,22 @@ pub type RangedAnswer = Result<BlobAnswer, RangeNotSatisfiable>;
 /// The cache, shared by all requests.
 #[derive(Debug)]
 pub struct Cache {
-    upstreams: Vec<Arc<UpstreamClient>>,
-    namespaces: Vec<Namespace>,
-    store: Arc<Store>,
-    index: Index,
-    /// Hot manifests by (namespace, digest), weighed by size.
-    manifests: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
+    /// Upstream clients, store, index, metrics and clock: what every service uses.
+    parts: Arc<parts::Parts>,
+    /// Manifests: the hot layer, coalesced lookups, tag freshness, the negative cache.
+    manifests: Arc<manifest::Manifests>,
+    /// Blob fills in progress, shared by every client of the same blob.
     fills: Arc<Fills>,
+    /// Bounds the fills running at once (`cache.max_concurrent_fills`).
     fill_permits: Arc<Semaphore>,
-    manifest_flights: Arc<flight::SingleFlight<manifest::FlightKey, manifest::FlightValue>>,
-    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0), with
-    /// when it said so on `clock` (moka's own expiry, on real time, only bounds memory).
-    negative: moka::future::Cache<(Namespace, RepoName, regcache_oci::Tag), std::time::Instant>,
-    /// When a cached tag is served, revalidated, or given up.
-    freshness: revalidate::Freshness,
-    /// How long a client waits for a revalidation before it is served the cached tag stale.
-    revalidate_timeout: Duration,
-    /// What "now" is for tag ages (tests advance it).
-    clock: Clock,
-    serve_stale_on_404: bool,
-    negative_ttl: Duration,
-    metrics: Arc<Metrics>,
-    /// Access records, the disk budget and eviction.
-    upkeep: upkeep::Upkeep,
-    /// The pins in force and what they protect.
-    pins: pins::Pins,
     /// Set when writing to the store fails (disk full): misses then stream without caching.
     store_trouble: Arc<direct::StoreTrouble>,
     /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
     cluster: Option<Arc<regcache_cluster::Cluster>>,
+    /// Access records, the disk budget and eviction.
+    upkeep: upkeep::Upkeep,
+    /// The pins in force and what they protect.
+    pins: pins::Pins,
     /// Upstream tag lists: bounded, coalesced and kept briefly.
     tag_lists: tag_lists::TagLists,
 }
@@ -394,9 +382,6 @@ pub enum Asker {
     /// here, never forwarded again (no loops).
     Peer,
 }
-
-/// Memory for hot manifests.
-const MANIFEST_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Errors building the cache at start.
 #[derive(Debug, thiserror::Error)]
@@ -444,44 +429,29 @@ impl Cache {
             .iter()
             .map(|u| Namespace::new(&u.name))
             .collect();
-        let store = Arc::new(store);
-        let manifests = moka::future::Cache::builder()
-            .max_capacity(MANIFEST_CACHE_BYTES)
-            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
-            .build();
-        Ok(Self {
+        let parts = Arc::new(parts::Parts {
             upstreams,
             namespaces,
-            upkeep: upkeep::Upkeep::new(
-                &config.storage,
-                Arc::clone(&store),
-                index.clone(),
-                Arc::clone(&metrics),
-            ),
-            pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
-            store,
+            store: Arc::new(store),
             index,
-            manifests,
+            metrics,
+            clock,
+        });
+        let upkeep = upkeep::Upkeep::new(&config.storage, Arc::clone(&parts));
+        Ok(Self {
+            manifests: Arc::new(manifest::Manifests::new(
+                &config.cache,
+                Arc::clone(&parts),
+                Arc::clone(upkeep.access_log()),
+            )),
             fills: Arc::new(Fills::default()),
             fill_permits: Arc::new(Semaphore::new(config.cache.max_concurrent_fills)),
-            manifest_flights: Arc::default(),
-            negative: moka::future::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(config.cache.negative_ttl.max(Duration::from_millis(1)))
-                .build(),
-            freshness: revalidate::Freshness {
-                tag_ttl: config.cache.tag_ttl,
-                stale_while_revalidate: config.cache.stale_while_revalidate,
-                max_stale: config.cache.max_stale,
-            },
-            revalidate_timeout: config.cache.revalidate_timeout,
-            tag_lists: tag_lists::TagLists::new(&config.cache, clock.clone()),
-            clock,
-            serve_stale_on_404: config.cache.serve_stale_on_404,
-            negative_ttl: config.cache.negative_ttl,
-            metrics,
             store_trouble: Arc::default(),
             cluster: None,
+            upkeep,
+            pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
+            tag_lists: tag_lists::TagLists::new(&config.cache, parts.clock.clone()),
+            parts,
         })
     }
 
@@ -499,12 +469,12 @@ impl Cache {
 
     /// The index, for flushing at shutdown.
     pub fn index(&self) -> &Index {
-        &self.index
+        &self.parts.index
     }
 
     /// The blob store (usage figures, the start-up scan).
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.parts.store
     }
 
     /// The bytes the store may hold before eviction starts (`storage.max_size` ×
@@ -519,8 +489,12 @@ impl Cache {
     /// # Errors
     /// A description of the first failing part.
     pub async fn check_ready(&self) -> Result<Option<String>, String> {
-        self.index.check().map_err(|e| format!("index: {e}"))?;
-        self.store
+        self.parts
+            .index
+            .check()
+            .map_err(|e| format!("index: {e}"))?;
+        self.parts
+            .store
             .check_writable()
             .await
             .map_err(|e| format!("store: {e}"))
@@ -528,14 +502,21 @@ impl Cache {
 
     /// The upstream clients, in config order (health for the status page).
     pub fn upstreams(&self) -> &[Arc<UpstreamClient>] {
-        &self.upstreams
+        &self.parts.upstreams
     }
 
-    fn upstream(&self, target: &Target) -> (&Arc<UpstreamClient>, &Namespace) {
-        (
-            &self.upstreams[target.upstream],
-            &self.namespaces[target.upstream],
-        )
+    /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest
+    /// of a type the client does not take is fetched again with the client's `Accept`.
+    ///
+    /// # Errors
+    /// [`CacheError`].
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &regcache_oci::Reference,
+        accept: &[String],
+    ) -> Result<ManifestAnswer, CacheError> {
+        self.manifests.get(target, reference, accept).await
     }
 
     /// A blob, from the store or through a (shared) fill.
@@ -563,7 +544,7 @@ impl Cache {
         range: RangeRequest,
         asker: Asker,
     ) -> Result<RangedAnswer, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         if let (Some(cluster), Asker::Peer) = (&self.cluster, asker) {
             cluster.metrics().served_to_peers.inc();
         }
@@ -583,10 +564,10 @@ impl Cache {
                 .try_acquire_owned()
                 .map_err(|_| CacheError::Busy)?;
             Ok(fill::FillJob {
-                metrics: Arc::clone(&self.metrics),
+                metrics: Arc::clone(&self.parts.metrics),
                 access_log: Arc::clone(self.upkeep.access_log()),
                 store_trouble: Arc::clone(&self.store_trouble),
-                store: Arc::clone(&self.store),
+                store: Arc::clone(&self.parts.store),
                 source: self.blob_source(target, digest, asker),
                 namespace: namespace.clone(),
                 digest: *digest,
@@ -598,12 +579,12 @@ impl Cache {
         }
         let joined = match self
             .fills
-            .join_or_start(&self.store, namespace, digest, start)
+            .join_or_start(&self.parts.store, namespace, digest, start)
             .await
         {
             Err(CacheError::Store(err)) => {
                 tracing::warn!(error = %err, "cannot create a temp file; streaming without caching");
-                self.metrics.store_write_errors.inc();
+                self.parts.metrics.store_write_errors.inc();
                 self.store_trouble.mark();
                 return self.blob_direct(target, digest).await;
             }
@@ -645,8 +626,8 @@ impl Cache {
     /// cannot say: the request is then answered as usual (from the local tier when it has the
     /// blob).
     pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<Presigned> {
-        let (_, namespace) = self.upstream(target);
-        match self.store.presigned_get(namespace, digest).await {
+        let (_, namespace) = self.parts.upstream(target);
+        match self.parts.store.presigned_get(namespace, digest).await {
             Ok(location) => location,
             Err(err) => {
                 tracing::warn!(error = %err, %digest, "cannot redirect to the object store; serving the blob");
@@ -663,12 +644,12 @@ impl Cache {
         digest: &Digest,
         asker: Asker,
     ) -> Box<dyn fill::BlobSource> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         let blob = fill::UpstreamBlob {
             upstream: Arc::clone(upstream),
             repo: target.repo.clone(),
             digest: *digest,
-            index: self.index.clone(),
+            index: self.parts.index.clone(),
             namespace: namespace.clone(),
         };
         let owner = match (&self.cluster, asker) {
@@ -691,9 +672,9 @@ impl Cache {
         target: &Target,
         digest: &Digest,
     ) -> Result<RangedAnswer, CacheError> {
-        let (upstream, _) = self.upstream(target);
+        let (upstream, _) = self.parts.upstream(target);
         let response = upstream.get_blob(&target.repo, digest, 0).await?;
-        self.confirm_member(target, digest);
+        self.parts.confirm_member(target, digest);
         Ok(Ok(BlobAnswer {
             size: response.total_size,
             range: None,
@@ -712,7 +693,7 @@ impl Cache {
         range: RangeRequest,
         phase: CachePhase,
     ) -> Result<Option<RangedAnswer>, CacheError> {
-        let Some(stored) = self.store.open(namespace, digest).await? else {
+        let Some(stored) = self.parts.store.open(namespace, digest).await? else {
             return Ok(None);
         };
         let size = stored.size();
@@ -746,7 +727,7 @@ impl Cache {
     pub fn evict_if_needed(&self) -> EvictionReport {
         self.upkeep.evict_if_needed(|| {
             self.pins
-                .protected(&self.namespaces, &self.index, &self.store)
+                .protected(&self.parts.namespaces, &self.parts.index, &self.parts.store)
         })
     }
 

@@ -14,7 +14,7 @@ use super::tag_lists::{TagCollector, TagListLimits};
 use super::{Cache, CacheError, CachePhase, Manifest, Target};
 use regcache_metrics::Metrics;
 use regcache_oci::{Digest, MediaType, Reference, RepoName, Tag};
-use regcache_store::{Namespace, ReferrerRecord};
+use regcache_store::{Index, Namespace, ReferrerRecord};
 use regcache_upstream::{UpstreamClient, UpstreamError};
 
 /// Upper bound on upstream tag-list pages followed for one answer: enough for any real
@@ -122,6 +122,22 @@ pub(crate) fn referrer_of(manifest: &Manifest) -> Option<(Digest, ReferrerRecord
 }
 
 /// The tag a registry without the referrers API lists a subject's referrers under.
+/// Records a freshly stored manifest in the referrers index when it names a subject.
+/// Best effort: a failure is logged, and only costs the referrers listing this entry.
+pub(crate) fn note_referrer(
+    index: &Index,
+    namespace: &Namespace,
+    repo: &RepoName,
+    manifest: &Manifest,
+) {
+    let Some((subject, record)) = referrer_of(manifest) else {
+        return;
+    };
+    if let Err(err) = index.put_referrer(namespace, repo, &subject, &record) {
+        tracing::warn!(digest = %manifest.digest, error = %err, "could not index a referrer");
+    }
+}
+
 fn fallback_tag(subject: &Digest) -> Option<Tag> {
     Tag::parse(&format!("sha256-{}", subject.hex())).ok()
 }
@@ -130,12 +146,7 @@ impl Cache {
     /// Records a freshly stored manifest in the referrers index when it names a subject.
     /// Best effort: a failure is logged, and only costs the referrers listing this entry.
     pub fn note_referrer(&self, namespace: &Namespace, repo: &RepoName, manifest: &Manifest) {
-        let Some((subject, record)) = referrer_of(manifest) else {
-            return;
-        };
-        if let Err(err) = self.index.put_referrer(namespace, repo, &subject, &record) {
-            tracing::warn!(digest = %manifest.digest, error = %err, "could not index a referrer");
-        }
+        note_referrer(&self.parts.index, namespace, repo, manifest);
     }
 
     /// One page of a repository's tags: the upstream's list merged with the cached tags,
@@ -154,9 +165,9 @@ impl Cache {
         n: Option<usize>,
         last: Option<&str>,
     ) -> Result<TagPage, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         // In lexical order, as the index keeps them.
-        let cached = self.index.repository_tags(namespace, &target.repo)?;
+        let cached = self.parts.index.repository_tags(namespace, &target.repo)?;
         let cached_any = !cached.is_empty();
         let (listed, phase) = if upstream.is_offline() {
             if !cached_any {
@@ -170,7 +181,7 @@ impl Cache {
                 Arc::clone(upstream),
                 target.repo.clone(),
                 self.tag_lists.limits,
-                Arc::clone(&self.metrics),
+                Arc::clone(&self.parts.metrics),
             );
             match self.tag_lists.get(namespace, &target.repo, walk).await {
                 Ok((listed, phase)) => (Some(listed), phase),
@@ -199,7 +210,7 @@ impl Cache {
         subject: &Digest,
         artifact_type: Option<&str>,
     ) -> Result<ReferrerList, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         let mut by_digest: BTreeMap<String, Descriptor> = BTreeMap::new();
         let mut phase = CachePhase::Hit;
         if !upstream.is_offline() {
@@ -228,9 +239,13 @@ impl Cache {
                     .or_insert(descriptor);
             }
         }
-        for record in self.index.referrers(namespace, &target.repo, subject)? {
+        for record in self
+            .parts
+            .index
+            .referrers(namespace, &target.repo, subject)?
+        {
             // An evicted referrer is not listed as if it could be served.
-            if !self.store.holds(namespace, &record.digest).await {
+            if !self.parts.store.holds(namespace, &record.digest).await {
                 continue;
             }
             let descriptor = Descriptor::from(&record);

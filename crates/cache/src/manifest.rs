@@ -4,10 +4,14 @@
 //! stale — and served stale when the upstream cannot be asked in time.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use super::revalidate::Verdict;
-use super::{Cache, CacheError, CachePhase, Manifest, ManifestAnswer, Target};
+use super::flight::SingleFlight;
+use super::parts::Parts;
+use super::revalidate::{Freshness, Verdict};
+use super::upkeep::AccessLog;
+use super::{CacheError, CachePhase, Manifest, ManifestAnswer, Target};
+use regcache_config::CacheConfig;
 use regcache_oci::{
     manifest_digest, sniff_media_type, validate_manifest, Digest, MediaType, Reference, RepoName,
     Tag, MAX_MANIFEST_BYTES,
@@ -26,13 +30,65 @@ pub(crate) enum FlightKey {
 /// The shared result of a coalesced lookup.
 pub(crate) type FlightValue = (Arc<Manifest>, CachePhase);
 
-impl Cache {
+/// Hot manifests kept in memory, in bytes.
+const HOT_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Tags remembered as absent upstream (`cache.negative_ttl`), at most.
+const NEGATIVE_ENTRIES: u64 = 100_000;
+
+/// The manifests service: the hot layer in memory, coalesced lookups, tag freshness and the
+/// negative cache, over the store and index in [`Parts`].
+#[derive(Debug)]
+pub(crate) struct Manifests {
+    parts: Arc<Parts>,
+    /// Notes each manifest served or stored (it counts against the disk budget too).
+    access: Arc<AccessLog>,
+    /// Hot manifests by (namespace, digest), weighed by size.
+    hot: moka::future::Cache<(Namespace, Digest), Arc<Manifest>>,
+    flights: Arc<SingleFlight<FlightKey, FlightValue>>,
+    /// Tags the upstream recently said do not exist (only with `cache.negative_ttl` > 0), with
+    /// when it said so on the clock (moka's own expiry, on real time, only bounds memory).
+    negative: moka::future::Cache<(Namespace, RepoName, Tag), std::time::Instant>,
+    /// When a cached tag is served, revalidated, or given up.
+    freshness: Freshness,
+    /// How long a client waits for a revalidation before it is served the cached tag stale.
+    revalidate_timeout: Duration,
+    serve_stale_on_404: bool,
+    negative_ttl: Duration,
+}
+
+impl Manifests {
+    /// The service for `[cache]`'s freshness settings.
+    pub(crate) fn new(config: &CacheConfig, parts: Arc<Parts>, access: Arc<AccessLog>) -> Self {
+        Self {
+            parts,
+            access,
+            hot: moka::future::Cache::builder()
+                .max_capacity(HOT_MANIFEST_BYTES)
+                .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len()).unwrap_or(u32::MAX))
+                .build(),
+            flights: Arc::default(),
+            negative: moka::future::Cache::builder()
+                .max_capacity(NEGATIVE_ENTRIES)
+                .time_to_live(config.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            freshness: Freshness {
+                tag_ttl: config.tag_ttl,
+                stale_while_revalidate: config.stale_while_revalidate,
+                max_stale: config.max_stale,
+            },
+            revalidate_timeout: config.revalidate_timeout,
+            serve_stale_on_404: config.serve_stale_on_404,
+            negative_ttl: config.negative_ttl,
+        }
+    }
+
     /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest
     /// of a type the client does not take is fetched again with the client's `Accept`.
     ///
     /// # Errors
     /// [`CacheError`].
-    pub async fn manifest(
+    pub(crate) async fn get(
         self: &Arc<Self>,
         target: &Target,
         reference: &Reference,
@@ -50,7 +106,7 @@ impl Cache {
         digest: &Digest,
         accept: &[String],
     ) -> Result<ManifestAnswer, CacheError> {
-        let (_, namespace) = self.upstream(target);
+        let (_, namespace) = self.parts.upstream(target);
         if let Some(manifest) = self.local_manifest(namespace, digest).await? {
             return Ok(ManifestAnswer {
                 manifest,
@@ -81,8 +137,8 @@ impl Cache {
         tag: &Tag,
         accept: &[String],
     ) -> Result<ManifestAnswer, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
-        let record = self.index.tag(namespace, &target.repo, tag)?;
+        let (upstream, namespace) = self.parts.upstream(target);
+        let record = self.parts.index.tag(namespace, &target.repo, tag)?;
         let cached = match &record {
             Some(record) => self
                 .local_manifest(namespace, &record.digest)
@@ -93,6 +149,7 @@ impl Cache {
         };
         let verdict = cached.as_ref().map(|(_, confirmed_at)| {
             let age = self
+                .parts
                 .clock
                 .now()
                 .duration_since(*confirmed_at)
@@ -112,11 +169,9 @@ impl Cache {
         }
         let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());
         let remembered_404 = cached.is_none()
-            && self
-                .negative
-                .get(&negative_key)
-                .await
-                .is_some_and(|at| self.clock.instant().duration_since(at) < self.negative_ttl);
+            && self.negative.get(&negative_key).await.is_some_and(|at| {
+                self.parts.clock.instant().duration_since(at) < self.negative_ttl
+            });
         if remembered_404 {
             return Err(CacheError::Upstream(Arc::new(UpstreamError::NotFound {
                 upstream: upstream.name().to_owned(),
@@ -136,7 +191,7 @@ impl Cache {
                 reason = %why,
                 "serving the cached manifest stale"
             );
-            self.metrics.stale_served.inc();
+            self.parts.metrics.stale_served.inc();
             Ok(ManifestAnswer {
                 manifest,
                 phase: CachePhase::Stale,
@@ -152,7 +207,7 @@ impl Cache {
                     %tag,
                     "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
                 );
-                self.metrics.stale_served.inc();
+                self.parts.metrics.stale_served.inc();
                 return Ok(ManifestAnswer {
                     manifest,
                     phase: CachePhase::Stale,
@@ -182,7 +237,7 @@ impl Cache {
         let not_found = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::NotFound { .. }));
         if not_found && !self.negative_ttl.is_zero() {
             self.negative
-                .insert(negative_key, self.clock.instant())
+                .insert(negative_key, self.parts.clock.instant())
                 .await;
         }
         match cached {
@@ -196,7 +251,7 @@ impl Cache {
         }
     }
 
-    /// The key and the work of a tag's revalidation (or first fetch), for [`Cache::coalesced`].
+    /// The key and the work of a tag's revalidation (or first fetch), for [`Manifests::coalesced`].
     fn revalidation(
         self: &Arc<Self>,
         target: &Target,
@@ -208,7 +263,7 @@ impl Cache {
         FlightKey,
         impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
     ) {
-        let (_, namespace) = self.upstream(target);
+        let (_, namespace) = self.parts.upstream(target);
         let key = FlightKey::Tag(
             namespace.clone(),
             target.repo.clone(),
@@ -240,13 +295,15 @@ impl Cache {
         cached_digest: Option<Digest>,
         need: Need,
     ) -> Result<FlightValue, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         let confirm = |digest: Digest| {
             let record = TagRecord {
                 digest,
-                confirmed_at: self.clock.now(),
+                confirmed_at: self.parts.clock.now(),
             };
-            self.index.put_tag(namespace, &target.repo, tag, &record)
+            self.parts
+                .index
+                .put_tag(namespace, &target.repo, tag, &record)
         };
         if let Some(cached_digest) = cached_digest {
             let head = upstream
@@ -255,7 +312,7 @@ impl Cache {
             if head.is_some_and(|(digest, _)| digest == cached_digest) {
                 if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
                     confirm(cached_digest)?;
-                    self.confirm_member(target, &cached_digest);
+                    self.parts.confirm_member(target, &cached_digest);
                     return Ok((manifest, CachePhase::Revalidated));
                 }
             }
@@ -279,11 +336,11 @@ impl Cache {
         key: FlightKey,
         work: impl std::future::Future<Output = Result<FlightValue, CacheError>> + Send + 'static,
     ) -> Result<ManifestAnswer, CacheError> {
-        let (result, leader) = self.manifest_flights.run(key, work).await;
+        let (result, leader) = self.flights.run(key, work).await;
         shared_answer(result, leader)
     }
 
-    /// [`Cache::coalesced`] waiting at most `cache.revalidate_timeout`; `None` (counted in
+    /// [`Manifests::coalesced`] waiting at most `cache.revalidate_timeout`; `None` (counted in
     /// `regcache_revalidation_deadline_total`) when the deadline passed or had already passed
     /// for an earlier client of the same run, which goes on in the background.
     async fn coalesced_within(
@@ -293,13 +350,14 @@ impl Cache {
         upstream: &str,
     ) -> Option<Result<ManifestAnswer, CacheError>> {
         match self
-            .manifest_flights
+            .flights
             .run_within(key, work, self.revalidate_timeout)
             .await
         {
             Some((result, leader)) => Some(shared_answer(result, leader)),
             None => {
-                self.metrics
+                self.parts
+                    .metrics
                     .revalidation_deadlines
                     .with_label_values(&[upstream])
                     .inc();
@@ -316,20 +374,21 @@ impl Cache {
         digest: &Digest,
     ) -> Result<Option<Arc<Manifest>>, CacheError> {
         let key = (namespace.clone(), *digest);
-        if let Some(manifest) = self.manifests.get(&key).await {
-            self.upkeep
+        if let Some(manifest) = self.hot.get(&key).await {
+            self.access
                 .touch(namespace, digest, manifest.bytes.len() as u64);
             return Ok(Some(manifest));
         }
-        let record = self.index.manifest(namespace, digest)?;
+        let record = self.parts.index.manifest(namespace, digest)?;
         let Some(bytes) = self
+            .parts
             .store
             .read_small(namespace, digest, MAX_MANIFEST_BYTES)
             .await?
         else {
             if record.is_some() {
                 tracing::warn!(%digest, "indexed manifest missing from the store; will refetch");
-                self.index.remove_manifest(namespace, digest)?;
+                self.parts.index.remove_manifest(namespace, digest)?;
             }
             return Ok(None);
         };
@@ -342,11 +401,11 @@ impl Cache {
         };
         if manifest_digest(&bytes, &media_type) != *digest {
             tracing::warn!(%digest, "cached manifest is corrupt; removing it");
-            self.store.remove(namespace, digest)?;
-            self.index.remove_manifest(namespace, digest)?;
+            self.parts.store.remove(namespace, digest)?;
+            self.parts.index.remove_manifest(namespace, digest)?;
             return Ok(None);
         }
-        self.index.put_manifest(
+        self.parts.index.put_manifest(
             namespace,
             digest,
             &ManifestRecord {
@@ -358,9 +417,9 @@ impl Cache {
             media_type,
             bytes,
         });
-        self.upkeep
+        self.access
             .touch(namespace, digest, manifest.bytes.len() as u64);
-        self.manifests.insert(key, Arc::clone(&manifest)).await;
+        self.hot.insert(key, Arc::clone(&manifest)).await;
         Ok(Some(manifest))
     }
 
@@ -374,7 +433,7 @@ impl Cache {
         accept: &[String],
         need: Need,
     ) -> Result<Arc<Manifest>, CacheError> {
-        let (upstream, namespace) = self.upstream(target);
+        let (upstream, namespace) = self.parts.upstream(target);
         if upstream.is_offline() {
             return Err(CacheError::NotCachedOffline {
                 upstream: upstream.name().to_owned(),
@@ -385,24 +444,24 @@ impl Cache {
             .await?;
         let manifest = verify_manifest(fetched, expected)?;
         // The upstream served this manifest under the repository: its word on membership.
-        self.confirm_member(target, &manifest.digest);
-        let store = Arc::clone(&self.store);
+        self.parts.confirm_member(target, &manifest.digest);
+        let store = Arc::clone(&self.parts.store);
         let (ns, digest, bytes) = (namespace.clone(), manifest.digest, manifest.bytes.clone());
         tokio::task::spawn_blocking(move || store.put_verified(&ns, &digest, &bytes))
             .await
             .map_err(|_| CacheError::FillAborted)??;
-        self.index.put_manifest(
+        self.parts.index.put_manifest(
             namespace,
             &manifest.digest,
             &ManifestRecord {
                 media_type: manifest.media_type.clone(),
             },
         )?;
-        self.note_referrer(namespace, &target.repo, &manifest);
+        super::listing::note_referrer(&self.parts.index, namespace, &target.repo, &manifest);
         let manifest = Arc::new(manifest);
-        self.upkeep
+        self.access
             .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);
-        self.manifests
+        self.hot
             .insert((namespace.clone(), manifest.digest), Arc::clone(&manifest))
             .await;
         Ok(manifest)

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use regcache_config::StorageConfig;
-use regcache_metrics::Metrics;
 use regcache_oci::Digest;
-use regcache_store::{AccessRecord, Index, Namespace, Store, Usage};
+use regcache_store::{AccessRecord, Namespace, Usage};
+
+use crate::parts::Parts;
 
 fn now_millis() -> u64 {
     let millis = SystemTime::now()
@@ -82,30 +83,21 @@ pub(crate) struct Budget {
 /// store and index handles it shares with the rest of the cache.
 #[derive(Debug)]
 pub(crate) struct Upkeep {
-    store: Arc<Store>,
-    index: Index,
-    metrics: Arc<Metrics>,
+    parts: Arc<Parts>,
     budget: Option<Budget>,
     access: Arc<AccessLog>,
 }
 
 impl Upkeep {
     /// The budget of `[storage]` (`max_size` and the watermarks) over this store and index.
-    pub(crate) fn new(
-        storage: &StorageConfig,
-        store: Arc<Store>,
-        index: Index,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(crate) fn new(storage: &StorageConfig, parts: Arc<Parts>) -> Self {
         let budget = storage.max_size.map(|max| Budget {
             max,
             high: max as f64 * storage.high_watermark,
             low: max as f64 * storage.low_watermark,
         });
         Self {
-            store,
-            index,
-            metrics,
+            parts,
             budget,
             access: Arc::new(AccessLog::new(budget)),
         }
@@ -137,7 +129,7 @@ impl Upkeep {
             let mut pending = self.access.pending.lock();
             pending.drain().map(|((ns, d), r)| (ns, d, r)).collect()
         };
-        if let Err(err) = self.index.record_access(&entries) {
+        if let Err(err) = self.parts.index.record_access(&entries) {
             tracing::warn!(error = %err, "could not record blob accesses");
         }
     }
@@ -147,8 +139,9 @@ impl Upkeep {
     /// the index was rebuilt). Blocking.
     pub(crate) fn register_existing_files(&self) -> Usage {
         let mut missing = Vec::new();
-        let usage = self.store.scan(|blob| {
+        let usage = self.parts.store.scan(|blob| {
             let known = self
+                .parts
                 .index
                 .has_access(&blob.namespace, &blob.digest)
                 .unwrap_or(true);
@@ -166,7 +159,7 @@ impl Upkeep {
                 missing.push((blob.namespace, blob.digest, record));
             }
         });
-        if let Err(err) = self.index.record_access(&missing) {
+        if let Err(err) = self.parts.index.record_access(&missing) {
             tracing::warn!(error = %err, "could not record existing blobs");
         }
         usage
@@ -183,12 +176,12 @@ impl Upkeep {
         let Some(budget) = self.budget else {
             return report;
         };
-        let used = self.store.usage().bytes;
+        let used = self.parts.store.usage().bytes;
         if (used as f64) <= budget.high {
             return report;
         }
         self.flush_access();
-        let mut candidates = match self.index.access_records() {
+        let mut candidates = match self.parts.index.access_records() {
             Ok(records) => records,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot read access records; eviction skipped");
@@ -204,19 +197,20 @@ impl Upkeep {
             if (used as f64) <= budget.low {
                 break;
             }
-            match self.store.remove(&namespace, &digest) {
+            match self.parts.store.remove(&namespace, &digest) {
                 Ok(removed) => {
                     let size = removed.unwrap_or(0);
-                    let _ = self.index.remove_access(&namespace, &digest);
+                    let _ = self.parts.index.remove_access(&namespace, &digest);
                     // An evicted manifest takes its index record and the tags pointing at it.
                     if self
+                        .parts
                         .index
                         .manifest(&namespace, &digest)
                         .ok()
                         .flatten()
                         .is_some()
                     {
-                        let _ = self.index.remove_manifest(&namespace, &digest);
+                        let _ = self.parts.index.remove_manifest(&namespace, &digest);
                         evicted_manifests.insert((namespace.clone(), digest));
                     }
                     used = used.saturating_sub(size);
@@ -230,14 +224,14 @@ impl Upkeep {
             }
         }
         if !evicted_manifests.is_empty() {
-            for (namespace, repo, tag, record) in self.index.tags().unwrap_or_default() {
+            for (namespace, repo, tag, record) in self.parts.index.tags().unwrap_or_default() {
                 if evicted_manifests.contains(&(namespace.clone(), record.digest)) {
-                    let _ = self.index.remove_tag(&namespace, &repo, &tag);
+                    let _ = self.parts.index.remove_tag(&namespace, &repo, &tag);
                 }
             }
         }
-        self.metrics.evictions.inc_by(report.files);
-        self.metrics.evicted_bytes.inc_by(report.bytes);
+        self.parts.metrics.evictions.inc_by(report.files);
+        self.parts.metrics.evicted_bytes.inc_by(report.bytes);
         tracing::info!(
             files = report.files,
             bytes = report.bytes,
