@@ -12,14 +12,14 @@
 //! `[auth]` later needs no re-confirmation; they are checked only with `[auth]`
 //! (`http/front_door.rs`). Unknown while the upstream is offline: not a member, never served.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use regcache_oci::{Digest, RepoName};
 use regcache_store::{Index, Namespace};
 use regcache_upstream::{Need, UpstreamError};
 
-use super::{Cache, CacheError, Target};
+use super::parts::Parts;
+use super::{CacheError, Target};
 
 /// Whether a digest names a blob or a manifest (the upstream is asked differently).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,47 +39,35 @@ pub(crate) fn record(index: &Index, namespace: &Namespace, repo: &RepoName, dige
     }
 }
 
-impl Cache {
-    /// Whether `digest` belongs to the repository of `target`: the upstream served or confirmed
-    /// it there before (recorded in the index), or says so now (a `HEAD` under the repository,
-    /// recorded). An offline upstream confirms nothing: unknown is `false`.
-    ///
-    /// # Errors
-    /// [`CacheError::Upstream`] when the upstream had to be asked and could not answer (down,
-    /// not offline: the client may retry); [`CacheError::Store`] when the index cannot be read.
-    pub async fn belongs_to(
-        self: &Arc<Self>,
-        target: &Target,
-        digest: &Digest,
-        kind: DigestKind,
-    ) -> Result<bool, CacheError> {
-        let (upstream, namespace) = self.parts.upstream(target);
-        if self
-            .parts
-            .index
-            .is_member(namespace, &target.repo, digest)?
-        {
-            return Ok(true);
+/// [`crate::Cache::belongs_to`].
+pub(crate) async fn belongs_to(
+    parts: &Parts,
+    target: &Target,
+    digest: &Digest,
+    kind: DigestKind,
+) -> Result<bool, CacheError> {
+    let (upstream, namespace) = parts.upstream(target);
+    if parts.index.is_member(namespace, &target.repo, digest)? {
+        return Ok(true);
+    }
+    if upstream.is_offline() {
+        return Ok(false);
+    }
+    let confirmed = match kind {
+        DigestKind::Blob => upstream.has_blob(&target.repo, digest).await,
+        DigestKind::Manifest => upstream
+            .head_manifest(&target.repo, &digest.to_string(), &[], Need::Miss)
+            .await
+            .map(|found| found.is_some_and(|(answered, _)| answered == *digest)),
+    };
+    match confirmed {
+        Ok(true) => {
+            parts.confirm_member(target, digest);
+            Ok(true)
         }
-        if upstream.is_offline() {
-            return Ok(false);
+        Ok(false) | Err(UpstreamError::NotFound { .. } | UpstreamError::Offline { .. }) => {
+            Ok(false)
         }
-        let confirmed = match kind {
-            DigestKind::Blob => upstream.has_blob(&target.repo, digest).await,
-            DigestKind::Manifest => upstream
-                .head_manifest(&target.repo, &digest.to_string(), &[], Need::Miss)
-                .await
-                .map(|found| found.is_some_and(|(answered, _)| answered == *digest)),
-        };
-        match confirmed {
-            Ok(true) => {
-                self.parts.confirm_member(target, digest);
-                Ok(true)
-            }
-            Ok(false) | Err(UpstreamError::NotFound { .. } | UpstreamError::Offline { .. }) => {
-                Ok(false)
-            }
-            Err(err) => Err(err.into()),
-        }
+        Err(err) => Err(err.into()),
     }
 }

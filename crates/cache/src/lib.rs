@@ -6,6 +6,7 @@
 //! when they are committed (and, while a fill runs, by holding back the final byte until the
 //! fill verifies).
 
+mod blobs;
 mod direct;
 mod fill;
 mod flight;
@@ -32,9 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 
-use fill::{FillReader, Fills, Role};
+use fill::FillReader;
 use regcache_config::Config;
 use regcache_metrics::Metrics;
 use regcache_oci::{Digest, MediaType, RepoName};
@@ -356,20 +356,14 @@ pub struct Cache {
     parts: Arc<parts::Parts>,
     /// Manifests: the hot layer, coalesced lookups, tag freshness, the negative cache.
     manifests: Arc<manifest::Manifests>,
-    /// Blob fills in progress, shared by every client of the same blob.
-    fills: Arc<Fills>,
-    /// Bounds the fills running at once (`cache.max_concurrent_fills`).
-    fill_permits: Arc<Semaphore>,
-    /// Set when writing to the store fails (disk full): misses then stream without caching.
-    store_trouble: Arc<direct::StoreTrouble>,
-    /// The other replicas, which fill the blobs they own (`None`: this replica is alone).
-    cluster: Option<Arc<regcache_cluster::Cluster>>,
+    /// Blobs: the store, shared fills, the owner replica, uncached streams.
+    blobs: blobs::Blobs,
     /// Access records, the disk budget and eviction.
     upkeep: upkeep::Upkeep,
     /// The pins in force and what they protect.
     pins: pins::Pins,
-    /// Upstream tag lists: bounded, coalesced and kept briefly.
-    tag_lists: tag_lists::TagLists,
+    /// Tag lists and referrers.
+    listings: listing::Listings,
 }
 
 /// Who asks for a blob.
@@ -438,19 +432,25 @@ impl Cache {
             clock,
         });
         let upkeep = upkeep::Upkeep::new(&config.storage, Arc::clone(&parts));
+        let manifests = Arc::new(manifest::Manifests::new(
+            &config.cache,
+            Arc::clone(&parts),
+            Arc::clone(upkeep.access_log()),
+        ));
         Ok(Self {
-            manifests: Arc::new(manifest::Manifests::new(
+            listings: listing::Listings::new(
+                &config.cache,
+                Arc::clone(&parts),
+                Arc::clone(&manifests),
+            ),
+            manifests,
+            blobs: blobs::Blobs::new(
                 &config.cache,
                 Arc::clone(&parts),
                 Arc::clone(upkeep.access_log()),
-            )),
-            fills: Arc::new(Fills::default()),
-            fill_permits: Arc::new(Semaphore::new(config.cache.max_concurrent_fills)),
-            store_trouble: Arc::default(),
-            cluster: None,
+            ),
             upkeep,
             pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
-            tag_lists: tag_lists::TagLists::new(&config.cache, parts.clock.clone()),
             parts,
         })
     }
@@ -458,13 +458,13 @@ impl Cache {
     /// Makes blob misses go through `cluster`: the replica that owns a blob fills it.
     #[must_use]
     pub fn with_cluster(mut self, cluster: Option<Arc<regcache_cluster::Cluster>>) -> Self {
-        self.cluster = cluster;
+        self.blobs.set_cluster(cluster);
         self
     }
 
     /// The cluster, when `[cluster]` is configured.
     pub fn cluster(&self) -> Option<&Arc<regcache_cluster::Cluster>> {
-        self.cluster.as_ref()
+        self.blobs.cluster()
     }
 
     /// The index, for flushing at shutdown.
@@ -519,6 +519,66 @@ impl Cache {
         self.manifests.get(target, reference, accept).await
     }
 
+    /// One page of a repository's tags: the upstream's list merged with the cached tags,
+    /// sorted; only the cached tags when the upstream is offline or unavailable. `last`
+    /// excludes every tag up to and including it; `n` bounds the page. The upstream's list is
+    /// read within `cache.tag_list_max_bytes` and `cache.tag_list_max_tags`, by one walk for
+    /// all concurrent requests, and reused for `cache.tag_list_ttl`.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the upstream refuses (404 with nothing cached, 401, …),
+    /// [`CacheError::NotCachedOffline`] when nothing is cached and the upstream is offline, or
+    /// [`CacheError::Busy`] when too many tag lists are being read.
+    pub async fn tags(
+        &self,
+        target: &Target,
+        n: Option<usize>,
+        last: Option<&str>,
+    ) -> Result<TagPage, CacheError> {
+        self.listings.tags(target, n, last).await
+    }
+
+    /// The manifests that name `subject` in this repository: the upstream's referrers API (or,
+    /// where it has none or cannot be asked, the `sha256-<hex>` fallback tag's index through
+    /// the cache) and the cached manifests naming `subject`, merged; filtered by
+    /// `artifact_type` when given.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the upstream refuses access; an upstream without the API, offline
+    /// or down is answered from the cache.
+    pub async fn referrers(
+        &self,
+        target: &Target,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<ReferrerList, CacheError> {
+        self.listings
+            .referrers(target, subject, artifact_type)
+            .await
+    }
+
+    /// Records a freshly stored manifest in the referrers index when it names a subject.
+    /// Best effort: a failure is logged, and only costs the referrers listing this entry.
+    pub fn note_referrer(&self, namespace: &Namespace, repo: &RepoName, manifest: &Manifest) {
+        listing::note_referrer(&self.parts.index, namespace, repo, manifest);
+    }
+
+    /// Whether `digest` belongs to the repository of `target`: the upstream served or confirmed
+    /// it there before (recorded in the index), or says so now (a `HEAD` under the repository,
+    /// recorded). An offline upstream confirms nothing: unknown is `false`.
+    ///
+    /// # Errors
+    /// [`CacheError::Upstream`] when the upstream had to be asked and could not answer (down,
+    /// not offline: the client may retry); [`CacheError::Store`] when the index cannot be read.
+    pub async fn belongs_to(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        kind: DigestKind,
+    ) -> Result<bool, CacheError> {
+        grant::belongs_to(&self.parts, target, digest, kind).await
+    }
+
     /// A blob, from the store or through a (shared) fill.
     ///
     /// # Errors
@@ -544,81 +604,7 @@ impl Cache {
         range: RangeRequest,
         asker: Asker,
     ) -> Result<RangedAnswer, CacheError> {
-        let (upstream, namespace) = self.parts.upstream(target);
-        if let (Some(cluster), Asker::Peer) = (&self.cluster, asker) {
-            cluster.metrics().served_to_peers.inc();
-        }
-        if let Some(answer) = self
-            .blob_from_store(namespace, digest, range, CachePhase::Hit)
-            .await?
-        {
-            return Ok(answer);
-        }
-        if upstream.is_offline() {
-            return Err(CacheError::NotCachedOffline {
-                upstream: upstream.name().to_owned(),
-            });
-        }
-        let start = || {
-            let permit = Arc::clone(&self.fill_permits)
-                .try_acquire_owned()
-                .map_err(|_| CacheError::Busy)?;
-            Ok(fill::FillJob {
-                metrics: Arc::clone(&self.parts.metrics),
-                access_log: Arc::clone(self.upkeep.access_log()),
-                store_trouble: Arc::clone(&self.store_trouble),
-                store: Arc::clone(&self.parts.store),
-                source: self.blob_source(target, digest, asker),
-                namespace: namespace.clone(),
-                digest: *digest,
-                permit,
-            })
-        };
-        if self.store_trouble.is_recent() {
-            return self.blob_direct(target, digest).await;
-        }
-        let joined = match self
-            .fills
-            .join_or_start(&self.parts.store, namespace, digest, start)
-            .await
-        {
-            Err(CacheError::Store(err)) => {
-                tracing::warn!(error = %err, "cannot create a temp file; streaming without caching");
-                self.parts.metrics.store_write_errors.inc();
-                self.store_trouble.mark();
-                return self.blob_direct(target, digest).await;
-            }
-            other => other?,
-        };
-        let Some((fill, role)) = joined else {
-            // Committed by a fill that just finished.
-            return self
-                .blob_from_store(namespace, digest, range, CachePhase::Coalesced)
-                .await?
-                .ok_or(CacheError::FillAborted);
-        };
-        let phase = match role {
-            Role::Leader => CachePhase::Miss,
-            Role::Follower => CachePhase::Coalesced,
-        };
-        let progress = fill::wait_started(&fill).await?;
-        let (start, end, range) = match (progress.size, range) {
-            (Some(size), range) => match range.resolve(size) {
-                Ok(Some(r)) => (r.start, Some(r.end), Some(r)),
-                Ok(None) => (0, Some(size), None),
-                Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
-            },
-            // Unknown size: ranges cannot be checked yet; send the whole blob.
-            (None, _) => (0, None, None),
-        };
-        Ok(Ok(BlobAnswer {
-            size: progress.size,
-            range,
-            body: BlobBody::Filling(BlobStream(StreamSource::Fill(FillReader::new(
-                &fill, start, end,
-            )))),
-            phase,
-        }))
+        self.blobs.get(target, digest, range, asker).await
     }
 
     /// Where a client may fetch a cached blob directly (a short-lived presigned URL of the
@@ -626,89 +612,7 @@ impl Cache {
     /// cannot say: the request is then answered as usual (from the local tier when it has the
     /// blob).
     pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<Presigned> {
-        let (_, namespace) = self.parts.upstream(target);
-        match self.parts.store.presigned_get(namespace, digest).await {
-            Ok(location) => location,
-            Err(err) => {
-                tracing::warn!(error = %err, %digest, "cannot redirect to the object store; serving the blob");
-                None
-            }
-        }
-    }
-
-    /// Where a fill gets the blob: the owner replica when it is another one (and the asker is
-    /// not a peer), else the upstream.
-    fn blob_source(
-        &self,
-        target: &Target,
-        digest: &Digest,
-        asker: Asker,
-    ) -> Box<dyn fill::BlobSource> {
-        let (upstream, namespace) = self.parts.upstream(target);
-        let blob = fill::UpstreamBlob {
-            upstream: Arc::clone(upstream),
-            repo: target.repo.clone(),
-            digest: *digest,
-            index: self.parts.index.clone(),
-            namespace: namespace.clone(),
-        };
-        let owner = match (&self.cluster, asker) {
-            (Some(cluster), Asker::Client) => cluster
-                .remote_owner(upstream.name(), digest)
-                .map(|owner| (cluster, owner)),
-            _ => None,
-        };
-        match owner {
-            Some((cluster, owner)) => {
-                Box::new(peer::PeerSource::new(Arc::clone(cluster), owner, blob))
-            }
-            None => Box::new(blob),
-        }
-    }
-
-    /// Streams a blob from the upstream without caching it (the store cannot be written).
-    async fn blob_direct(
-        &self,
-        target: &Target,
-        digest: &Digest,
-    ) -> Result<RangedAnswer, CacheError> {
-        let (upstream, _) = self.parts.upstream(target);
-        let response = upstream.get_blob(&target.repo, digest, 0).await?;
-        self.parts.confirm_member(target, digest);
-        Ok(Ok(BlobAnswer {
-            size: response.total_size,
-            range: None,
-            body: BlobBody::Filling(BlobStream(StreamSource::Direct(direct::DirectStream::new(
-                response.body,
-                *digest,
-            )))),
-            phase: CachePhase::Miss,
-        }))
-    }
-
-    async fn blob_from_store(
-        &self,
-        namespace: &Namespace,
-        digest: &Digest,
-        range: RangeRequest,
-        phase: CachePhase,
-    ) -> Result<Option<RangedAnswer>, CacheError> {
-        let Some(stored) = self.parts.store.open(namespace, digest).await? else {
-            return Ok(None);
-        };
-        let size = stored.size();
-        self.upkeep.touch(namespace, digest, size);
-        let range = match range.resolve(size) {
-            Ok(range) => range,
-            Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
-        };
-        let (start, end) = range.map_or((0, size), |r| (r.start, r.end));
-        Ok(Some(Ok(BlobAnswer {
-            size: Some(size),
-            range,
-            body: BlobBody::Stored(stored.chunks(start, end)),
-            phase,
-        })))
+        self.blobs.redirect(target, digest).await
     }
 
     /// Writes buffered accesses to the index. Blocking.

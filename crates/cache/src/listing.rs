@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::tag_lists::{TagCollector, TagListLimits};
-use super::{Cache, CacheError, CachePhase, Manifest, Target};
+use super::manifest::Manifests;
+use super::parts::Parts;
+use super::tag_lists::{TagCollector, TagListLimits, TagLists};
+use super::{CacheError, CachePhase, Manifest, Target};
+use regcache_config::CacheConfig;
 use regcache_metrics::Metrics;
 use regcache_oci::{Digest, MediaType, Reference, RepoName, Tag};
 use regcache_store::{Index, Namespace, ReferrerRecord};
@@ -142,11 +145,24 @@ fn fallback_tag(subject: &Digest) -> Option<Tag> {
     Tag::parse(&format!("sha256-{}", subject.hex())).ok()
 }
 
-impl Cache {
-    /// Records a freshly stored manifest in the referrers index when it names a subject.
-    /// Best effort: a failure is logged, and only costs the referrers listing this entry.
-    pub fn note_referrer(&self, namespace: &Namespace, repo: &RepoName, manifest: &Manifest) {
-        note_referrer(&self.parts.index, namespace, repo, manifest);
+/// The listings service: tag lists (the upstream's, through [`TagLists`], merged with the
+/// cached tags) and referrers.
+#[derive(Debug)]
+pub(crate) struct Listings {
+    parts: Arc<Parts>,
+    /// For the `sha256-<hex>` fallback tag of referrers.
+    manifests: Arc<Manifests>,
+    tag_lists: TagLists,
+}
+
+impl Listings {
+    /// The service over the shared parts, with `[cache]`'s tag-list limits.
+    pub(crate) fn new(config: &CacheConfig, parts: Arc<Parts>, manifests: Arc<Manifests>) -> Self {
+        Self {
+            tag_lists: TagLists::new(config, parts.clock.clone()),
+            parts,
+            manifests,
+        }
     }
 
     /// One page of a repository's tags: the upstream's list merged with the cached tags,
@@ -159,7 +175,7 @@ impl Cache {
     /// [`CacheError`] when the upstream refuses (404 with nothing cached, 401, …),
     /// [`CacheError::NotCachedOffline`] when nothing is cached and the upstream is offline, or
     /// [`CacheError::Busy`] when too many tag lists are being read.
-    pub async fn tags(
+    pub(crate) async fn tags(
         &self,
         target: &Target,
         n: Option<usize>,
@@ -204,8 +220,8 @@ impl Cache {
     /// # Errors
     /// [`CacheError`] when the upstream refuses access; an upstream without the API, offline
     /// or down is answered from the cache.
-    pub async fn referrers(
-        self: &Arc<Self>,
+    pub(crate) async fn referrers(
+        &self,
         target: &Target,
         subject: &Digest,
         artifact_type: Option<&str>,
@@ -268,16 +284,16 @@ impl Cache {
 
     /// The descriptors of the `sha256-<hex>` tag-schema index, through the cache (so they are
     /// cached too, and served offline). Absent or unreadable: none.
-    async fn fallback_referrers(
-        self: &Arc<Self>,
-        target: &Target,
-        subject: &Digest,
-    ) -> Vec<Descriptor> {
+    async fn fallback_referrers(&self, target: &Target, subject: &Digest) -> Vec<Descriptor> {
         let Some(tag) = fallback_tag(subject) else {
             return Vec::new();
         };
         let accept = [MediaType::OCI_INDEX.to_owned()];
-        match self.manifest(target, &Reference::Tag(tag), &accept).await {
+        match self
+            .manifests
+            .get(target, &Reference::Tag(tag), &accept)
+            .await
+        {
             Ok(answer) if answer.manifest.media_type.as_str() == MediaType::OCI_INDEX => {
                 serde_json::from_slice::<ManifestFields>(&answer.manifest.bytes)
                     .map(|fields| fields.manifests)

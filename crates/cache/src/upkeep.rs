@@ -103,14 +103,10 @@ impl Upkeep {
         }
     }
 
-    /// The access log, for the fills (which note what they wrote).
+    /// The access log, shared with the services that serve (manifests, blobs) and the fills
+    /// (which note what they wrote).
     pub(crate) fn access_log(&self) -> &Arc<AccessLog> {
         &self.access
-    }
-
-    /// Notes that a blob was served.
-    pub(crate) fn touch(&self, namespace: &Namespace, digest: &Digest, size: u64) {
-        self.access.touch(namespace, digest, size);
     }
 
     /// The bytes the store may hold before eviction starts, when there is a budget.
