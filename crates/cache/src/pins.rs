@@ -233,3 +233,113 @@ impl Pins {
         protected
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regcache_config::Config;
+    use regcache_oci::Tag;
+    use regcache_store::{IndexAccess, TagRecord};
+
+    /// A config with one upstream and the storage under `dir`.
+    fn config(dir: &Path, pins: &str) -> Config {
+        Config::parse(&format!(
+            "[storage]\npath = {:?}\n[[upstream]]\nname = \"registry.test\"\n\
+             url = \"http://127.0.0.1:9\"\ndefault = true\n{pins}",
+            dir.display().to_string()
+        ))
+        .expect("config")
+    }
+
+    #[test]
+    fn the_pins_file_is_read_again_only_when_it_changed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(
+            dir.path(),
+            "[[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\nreference = \"v1\"\n",
+        );
+        let pins = Pins::new(&config.pins, &config.storage, &config.upstreams);
+        assert_eq!(pins.current().len(), 1, "the configured pin");
+        assert!(!pins.reload(), "no file: nothing changed");
+
+        let path = PinsFile::path(&config.storage);
+        let mut file = PinsFile::default();
+        assert!(file.add("registry.test", "test/b", "v2", Vec::new()));
+        file.write(&path).expect("write the pins file");
+        assert!(pins.reload(), "a new file is read");
+        let current = pins.current();
+        assert_eq!(current.len(), 2, "configured pins and the file's");
+        assert_eq!(current[1].repository.as_str(), "test/b");
+        assert!(!pins.reload(), "an unchanged file is not read again");
+
+        // An invalid file is ignored: the pins in force stay.
+        std::fs::write(
+            &path,
+            "[[pin]]\nupstream = \"nowhere.test\"\nrepository = \"x\"\nreference = \"v\"\n",
+        )
+        .expect("write");
+        assert!(!pins.reload());
+        assert_eq!(pins.current().len(), 2);
+
+        std::fs::remove_file(&path).expect("remove");
+        assert!(pins.reload(), "a removed file drops its pins");
+        assert_eq!(pins.current().len(), 1);
+    }
+
+    #[test]
+    fn a_pin_protects_its_image_as_far_as_it_is_cached_and_for_its_platforms_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = config(
+            dir.path(),
+            "[[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\nreference = \"v1\"\n\
+             platforms = [\"linux/arm64\"]\n",
+        );
+        let (store, index) =
+            regcache_store::open_storage(&config.storage, IndexAccess::Serve).expect("storage");
+        let namespace = Namespace::new("registry.test");
+        let put = |bytes: &[u8]| {
+            let digest = Digest::of(bytes);
+            store.put_verified(&namespace, &digest, bytes).expect("put");
+            digest
+        };
+        let (config_blob, arm_layer, amd_layer) = (put(b"config"), put(b"arm"), put(b"amd"));
+        let image = |layer: &Digest| {
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_blob}","size":6}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":3}}]}}"#
+            )
+        };
+        let arm = put(image(&arm_layer).as_bytes());
+        let amd = put(image(&amd_layer).as_bytes());
+        let root = put(
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{arm}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}},{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{amd}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+            )
+            .as_bytes(),
+        );
+        let pins = Pins::new(&config.pins, &config.storage, &config.upstreams);
+        let repo = regcache_oci::RepoName::parse("test/a").expect("name");
+        let namespaces = [namespace.clone()];
+        assert!(
+            pins.protected(&namespaces, &index, &store).is_empty(),
+            "a tag not cached protects nothing"
+        );
+        let tag = Tag::parse("v1").expect("tag");
+        let record = TagRecord {
+            digest: root,
+            confirmed_at: std::time::SystemTime::now(),
+        };
+        index
+            .put_tag(&namespace, &repo, &tag, &record)
+            .expect("tag");
+        let protected = pins.protected(&namespaces, &index, &store);
+        for digest in [root, arm, config_blob, arm_layer] {
+            assert!(protected.contains(&(namespace.clone(), digest)), "{digest}");
+        }
+        for digest in [amd, amd_layer] {
+            assert!(
+                !protected.contains(&(namespace.clone(), digest)),
+                "{digest} (amd64)"
+            );
+        }
+    }
+}
