@@ -189,7 +189,7 @@ impl Blobs {
     async fn direct(&self, target: &Target, digest: &Digest) -> Result<RangedAnswer, CacheError> {
         let (upstream, _) = self.parts.upstream(target);
         let response = upstream.get_blob(&target.repo, digest, 0).await?;
-        self.parts.confirm_member(target, digest);
+        self.parts.confirm_member(target, digest).await;
         Ok(Ok(BlobAnswer {
             size: response.total_size,
             range: None,

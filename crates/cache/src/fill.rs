@@ -144,8 +144,18 @@ impl BlobSource for UpstreamBlob {
                 .upstream
                 .get_blob(&self.repo, &self.digest, offset)
                 .await?;
-            // The upstream served the blob under this repository: its word on membership.
-            super::grant::record(&self.index, &self.namespace, &self.repo, &self.digest);
+            // The upstream served the blob under this repository: its word on membership (an
+            // index write, off the async workers).
+            let (index, namespace, repo, digest) = (
+                self.index.clone(),
+                self.namespace.clone(),
+                self.repo.clone(),
+                self.digest,
+            );
+            let _ = tokio::task::spawn_blocking(move || {
+                super::grant::record(&index, &namespace, &repo, &digest);
+            })
+            .await;
             Ok(response)
         })
     }

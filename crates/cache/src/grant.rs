@@ -62,7 +62,7 @@ pub(crate) async fn belongs_to(
     };
     match confirmed {
         Ok(true) => {
-            parts.confirm_member(target, digest);
+            parts.confirm_member(target, digest).await;
             Ok(true)
         }
         Ok(false) | Err(UpstreamError::NotFound { .. } | UpstreamError::Offline { .. }) => {

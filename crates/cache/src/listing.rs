@@ -183,7 +183,12 @@ impl Listings {
     ) -> Result<TagPage, CacheError> {
         let (upstream, namespace) = self.parts.upstream(target);
         // In lexical order, as the index keeps them.
-        let cached = self.parts.index.repository_tags(namespace, &target.repo)?;
+        let cached = {
+            let (namespace, repo) = (namespace.clone(), target.repo.clone());
+            self.parts
+                .on_index(move |index| index.repository_tags(&namespace, &repo))
+                .await?
+        };
         let cached_any = !cached.is_empty();
         let (listed, phase) = if upstream.is_offline() {
             if !cached_any {
@@ -255,11 +260,13 @@ impl Listings {
                     .or_insert(descriptor);
             }
         }
-        for record in self
-            .parts
-            .index
-            .referrers(namespace, &target.repo, subject)?
-        {
+        let indexed = {
+            let (namespace, repo, subject) = (namespace.clone(), target.repo.clone(), *subject);
+            self.parts
+                .on_index(move |index| index.referrers(&namespace, &repo, &subject))
+                .await?
+        };
+        for record in indexed {
             // An evicted referrer is not listed as if it could be served.
             if !self.parts.store.holds(namespace, &record.digest).await {
                 continue;

@@ -301,9 +301,9 @@ impl Manifests {
                 digest,
                 confirmed_at: self.parts.clock.now(),
             };
+            let (namespace, repo, tag) = (namespace.clone(), target.repo.clone(), tag.clone());
             self.parts
-                .index
-                .put_tag(namespace, &target.repo, tag, &record)
+                .on_index(move |index| index.put_tag(&namespace, &repo, &tag, &record))
         };
         if let Some(cached_digest) = cached_digest {
             let head = upstream
@@ -311,8 +311,8 @@ impl Manifests {
                 .await?;
             if head.is_some_and(|(digest, _)| digest == cached_digest) {
                 if let Some(manifest) = self.local_manifest(namespace, &cached_digest).await? {
-                    confirm(cached_digest)?;
-                    self.parts.confirm_member(target, &cached_digest);
+                    confirm(cached_digest).await?;
+                    self.parts.confirm_member(target, &cached_digest).await;
                     return Ok((manifest, CachePhase::Revalidated));
                 }
             }
@@ -320,7 +320,7 @@ impl Manifests {
         let manifest = self
             .fetch_manifest(target, tag.as_str(), None, accept, need)
             .await?;
-        confirm(manifest.digest)?;
+        confirm(manifest.digest).await?;
         let phase = if cached_digest.is_some() {
             CachePhase::Revalidated
         } else {
@@ -388,7 +388,10 @@ impl Manifests {
         else {
             if record.is_some() {
                 tracing::warn!(%digest, "indexed manifest missing from the store; will refetch");
-                self.parts.index.remove_manifest(namespace, digest)?;
+                let (namespace, digest) = (namespace.clone(), *digest);
+                self.parts
+                    .on_index(move |index| index.remove_manifest(&namespace, &digest))
+                    .await?;
             }
             return Ok(None);
         };
@@ -401,17 +404,23 @@ impl Manifests {
         };
         if manifest_digest(&bytes, &media_type) != *digest {
             tracing::warn!(%digest, "cached manifest is corrupt; removing it");
-            self.parts.store.remove(namespace, digest)?;
-            self.parts.index.remove_manifest(namespace, digest)?;
+            let store = Arc::clone(&self.parts.store);
+            let (namespace, digest) = (namespace.clone(), *digest);
+            self.parts
+                .on_index(move |index| {
+                    store.remove(&namespace, &digest)?;
+                    index.remove_manifest(&namespace, &digest)
+                })
+                .await?;
             return Ok(None);
         }
-        self.parts.index.put_manifest(
-            namespace,
-            digest,
-            &ManifestRecord {
-                media_type: media_type.clone(),
-            },
-        )?;
+        let record = ManifestRecord {
+            media_type: media_type.clone(),
+        };
+        let (record_namespace, record_digest) = (namespace.clone(), *digest);
+        self.parts
+            .on_index(move |index| index.put_manifest(&record_namespace, &record_digest, &record))
+            .await?;
         let manifest = Arc::new(Manifest {
             digest: *digest,
             media_type,
@@ -444,20 +453,22 @@ impl Manifests {
             .await?;
         let manifest = verify_manifest(fetched, expected)?;
         // The upstream served this manifest under the repository: its word on membership.
-        self.parts.confirm_member(target, &manifest.digest);
+        self.parts.confirm_member(target, &manifest.digest).await;
+        // The bytes, then their record and referrer entry: file and index work, off the workers.
         let store = Arc::clone(&self.parts.store);
-        let (ns, digest, bytes) = (namespace.clone(), manifest.digest, manifest.bytes.clone());
-        tokio::task::spawn_blocking(move || store.put_verified(&ns, &digest, &bytes))
-            .await
-            .map_err(|_| CacheError::FillAborted)??;
-        self.parts.index.put_manifest(
-            namespace,
-            &manifest.digest,
-            &ManifestRecord {
-                media_type: manifest.media_type.clone(),
-            },
-        )?;
-        super::listing::note_referrer(&self.parts.index, namespace, &target.repo, &manifest);
+        let (ns, repo) = (namespace.clone(), target.repo.clone());
+        let manifest = self
+            .parts
+            .on_index(move |index| {
+                store.put_verified(&ns, &manifest.digest, &manifest.bytes)?;
+                let record = ManifestRecord {
+                    media_type: manifest.media_type.clone(),
+                };
+                index.put_manifest(&ns, &manifest.digest, &record)?;
+                super::listing::note_referrer(index, &ns, &repo, &manifest);
+                Ok(manifest)
+            })
+            .await?;
         let manifest = Arc::new(manifest);
         self.access
             .touch(namespace, &manifest.digest, manifest.bytes.len() as u64);

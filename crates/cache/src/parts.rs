@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use regcache_metrics::Metrics;
 use regcache_oci::Digest;
-use regcache_store::{Index, Namespace, Store};
+use regcache_store::{Index, Namespace, Store, StoreError};
 use regcache_upstream::clock::Clock;
 use regcache_upstream::UpstreamClient;
 
-use crate::{grant, Target};
+use crate::{grant, CacheError, Target};
 
 #[derive(Debug)]
 pub(crate) struct Parts {
@@ -34,9 +34,33 @@ impl Parts {
         )
     }
 
-    /// Records that the upstream served or confirmed `digest` under the repository of `target`.
-    pub(crate) fn confirm_member(&self, target: &Target, digest: &Digest) {
+    /// Records that the upstream served or confirmed `digest` under the repository of `target`
+    /// (an index write, on the blocking pool).
+    pub(crate) async fn confirm_member(&self, target: &Target, digest: &Digest) {
         let (_, namespace) = self.upstream(target);
-        grant::record(&self.index, namespace, &target.repo, digest);
+        let (index, namespace, repo, digest) = (
+            self.index.clone(),
+            namespace.clone(),
+            target.repo.clone(),
+            *digest,
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            grant::record(&index, &namespace, &repo, &digest);
+        })
+        .await;
+    }
+
+    /// Runs `op` on the index on the blocking pool: index writes and scans never run on an
+    /// async worker (sled may wait on its disk). Point reads of hot keys stay inline.
+    pub(crate) async fn on_index<T, F>(&self, op: F) -> Result<T, CacheError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Index) -> Result<T, StoreError> + Send + 'static,
+    {
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || op(&index))
+            .await
+            .map_err(|_| CacheError::FillAborted)?
+            .map_err(CacheError::from)
     }
 }
