@@ -260,7 +260,7 @@ fn write_entries<W: std::io::Write>(
             let answer = handle
                 .block_on(cache.blob(&image.target, digest, RangeRequest::Full))
                 .map_err(|err| not_cached(err.to_string()))?;
-            let Ok(crate::cache::BlobAnswer {
+            let crate::cache::BlobReply::Found(crate::cache::BlobAnswer {
                 body: BlobBody::Stored(chunks),
                 size: Some(len),
                 ..

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{AirgapError, ImageRef};
-use crate::cache::{BlobBody, Cache, CacheError, Manifest, RangeRequest, Target};
+use crate::cache::{BlobBody, BlobReply, Cache, CacheError, Manifest, RangeRequest, Target};
 use crate::config::Config;
 use crate::oci::{Digest, ImageWalk, Reference, Tag};
 use crate::routing::Resolver;
@@ -295,7 +295,7 @@ async fn fetch_blob(
             other => break other?,
         }
     };
-    let Ok(answer) = answer else {
+    let BlobReply::Found(answer) = answer else {
         // A full request has no range to refuse.
         return Err(CacheError::FillAborted.into());
     };

@@ -10,8 +10,8 @@ use super::fill::{self, FillReader, Fills, Role};
 use super::parts::Parts;
 use super::upkeep::AccessLog;
 use super::{
-    direct, peer, Asker, BlobAnswer, BlobBody, BlobStream, CacheError, CachePhase, RangeRequest,
-    RangedAnswer, StreamSource, Target,
+    direct, peer, Asker, BlobAnswer, BlobBody, BlobReply, BlobStream, CacheError, CachePhase,
+    RangeRequest, StreamSource, Target,
 };
 use regcache_config::CacheConfig;
 use regcache_oci::Digest;
@@ -60,14 +60,14 @@ impl Blobs {
     /// back to the upstream when it cannot).
     ///
     /// # Errors
-    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    /// [`CacheError`].
     pub(crate) async fn get(
         &self,
         target: &Target,
         digest: &Digest,
         range: RangeRequest,
         asker: Asker,
-    ) -> Result<RangedAnswer, CacheError> {
+    ) -> Result<BlobReply, CacheError> {
         let (upstream, namespace) = self.parts.upstream(target);
         if let (Some(cluster), Asker::Peer) = (&self.cluster, asker) {
             cluster.metrics().served_to_peers.inc();
@@ -130,12 +130,12 @@ impl Blobs {
             (Some(size), range) => match range.resolve(size) {
                 Ok(Some(r)) => (r.start, Some(r.end), Some(r)),
                 Ok(None) => (0, Some(size), None),
-                Err(unsatisfiable) => return Ok(Err(unsatisfiable)),
+                Err(unsatisfiable) => return Ok(BlobReply::RangeNotSatisfiable(unsatisfiable)),
             },
             // Unknown size: ranges cannot be checked yet; send the whole blob.
             (None, _) => (0, None, None),
         };
-        Ok(Ok(BlobAnswer {
+        Ok(BlobReply::Found(BlobAnswer {
             size: progress.size,
             range,
             body: BlobBody::Filling(BlobStream(StreamSource::Fill(FillReader::new(
@@ -186,11 +186,11 @@ impl Blobs {
     }
 
     /// Streams a blob from the upstream without caching it (the store cannot be written).
-    async fn direct(&self, target: &Target, digest: &Digest) -> Result<RangedAnswer, CacheError> {
+    async fn direct(&self, target: &Target, digest: &Digest) -> Result<BlobReply, CacheError> {
         let (upstream, _) = self.parts.upstream(target);
         let response = upstream.get_blob(&target.repo, digest, 0).await?;
         self.parts.confirm_member(target, digest).await;
-        Ok(Ok(BlobAnswer {
+        Ok(BlobReply::Found(BlobAnswer {
             size: response.total_size,
             range: None,
             body: BlobBody::Filling(BlobStream(StreamSource::Direct(direct::DirectStream::new(
@@ -207,7 +207,7 @@ impl Blobs {
         digest: &Digest,
         range: RangeRequest,
         phase: CachePhase,
-    ) -> Result<Option<RangedAnswer>, CacheError> {
+    ) -> Result<Option<BlobReply>, CacheError> {
         let Some(stored) = self.parts.store.open(namespace, digest).await? else {
             return Ok(None);
         };
@@ -215,10 +215,10 @@ impl Blobs {
         self.access.touch(namespace, digest, size);
         let range = match range.resolve(size) {
             Ok(range) => range,
-            Err(unsatisfiable) => return Ok(Some(Err(unsatisfiable))),
+            Err(unsatisfiable) => return Ok(Some(BlobReply::RangeNotSatisfiable(unsatisfiable))),
         };
         let (start, end) = range.map_or((0, size), |r| (r.start, r.end));
-        Ok(Some(Ok(BlobAnswer {
+        Ok(Some(BlobReply::Found(BlobAnswer {
             size: Some(size),
             range,
             body: BlobBody::Stored(stored.chunks(start, end)),

@@ -346,8 +346,17 @@ pub struct RangeNotSatisfiable {
     pub size: u64,
 }
 
-/// A blob answer, or 416 when the requested range lies outside the blob.
-pub type RangedAnswer = Result<BlobAnswer, RangeNotSatisfiable>;
+/// What a blob request gets: the blob (or the requested part of it), or 416 when the range
+/// lies outside the blob.
+#[derive(Debug)]
+// Returned once per request and matched at once: a box would cost an allocation per blob.
+#[allow(clippy::large_enum_variant)]
+pub enum BlobReply {
+    /// The blob, whole or the requested range.
+    Found(BlobAnswer),
+    /// The requested range lies outside the blob.
+    RangeNotSatisfiable(RangeNotSatisfiable),
+}
 
 /// The cache, shared by all requests.
 #[derive(Debug)]
@@ -582,13 +591,13 @@ impl Cache {
     /// A blob, from the store or through a (shared) fill.
     ///
     /// # Errors
-    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    /// [`CacheError`].
     pub async fn blob(
         &self,
         target: &Target,
         digest: &Digest,
         range: RangeRequest,
-    ) -> Result<RangedAnswer, CacheError> {
+    ) -> Result<BlobReply, CacheError> {
         self.blob_for(target, digest, range, Asker::Client).await
     }
 
@@ -596,14 +605,14 @@ impl Cache {
     /// owns is filled from that replica (which falls back to the upstream when it cannot).
     ///
     /// # Errors
-    /// [`CacheError`]; `Ok(Err(_))` when the range cannot be satisfied.
+    /// [`CacheError`].
     pub async fn blob_for(
         &self,
         target: &Target,
         digest: &Digest,
         range: RangeRequest,
         asker: Asker,
-    ) -> Result<RangedAnswer, CacheError> {
+    ) -> Result<BlobReply, CacheError> {
         self.blobs.get(target, digest, range, asker).await
     }
 
@@ -696,7 +705,9 @@ impl Cache {
             walk.read(&answer.bytes);
         }
         for blob in walk.into_blobs() {
-            if let Ok(mut answer) = self.blob(&target, &blob, RangeRequest::Full).await? {
+            if let BlobReply::Found(mut answer) =
+                self.blob(&target, &blob, RangeRequest::Full).await?
+            {
                 if let BlobBody::Filling(_) = answer.body {
                     while let Some(chunk) = answer.body.next_chunk().await {
                         chunk.map_err(|_| CacheError::FillAborted)?;

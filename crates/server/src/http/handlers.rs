@@ -12,7 +12,8 @@ use super::route::Route;
 use super::status::{self, StatusBoard};
 use regcache_cache::routing::Resolver;
 use regcache_cache::{
-    Asker, BlobAnswer, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest, Target,
+    Asker, BlobAnswer, BlobReply, Cache, CachePhase, DigestKind, ManifestAnswer, RangeRequest,
+    Target,
 };
 use regcache_config::{AuthConfig, ServerConfig, StorageConfig};
 use regcache_metrics::Metrics;
@@ -389,8 +390,8 @@ async fn blob<B>(
         .await
         .map_err(|e| ApiError::from_cache(&e, "BLOB_UNKNOWN"))?;
     let answer = match answer {
-        Ok(answer) => answer,
-        Err(unsatisfiable) => {
+        BlobReply::Found(answer) => answer,
+        BlobReply::RangeNotSatisfiable(unsatisfiable) => {
             let mut err = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 "BLOB_UNKNOWN",
