@@ -428,8 +428,15 @@ async fn slow_trickle_is_served_correctly_and_shared_by_a_second_client() {
             Ok::<_, reqwest::Error>((status, body, Instant::now()))
         })
     };
-    // The first client's fill is under way (the upstream answered, bytes are trickling).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first client's fill is under way: the upstream was asked (and trickles for a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gets(&fake, &digest) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first client's fill never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let second = get(&proxy, &tail).await;
     let second_answered = Instant::now();
     assert_eq!(second.status(), StatusCode::OK, "the second client");
