@@ -213,8 +213,13 @@ async fn wrong_bytes_never_reach_a_client_complete_and_are_not_cached() {
 
     for attempt in 1..=2 {
         if attempt > 1 {
-            // Give the failed fill time to leave, so that this attempt cannot join it.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The failed fill is gone (it leaves the map as it stops counting, with no await
+            // between), so that this attempt cannot join it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while proxy.metric("regcache_fills_in_flight").await != 0.0 {
+                assert!(Instant::now() < deadline, "the failed fill never ended");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let outcome = complete_body(&proxy, &format!("blobs/{digest}")).await;
         assert!(

@@ -296,7 +296,9 @@ impl TestProxy {
             .expect("metrics text")
     }
 
-    /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly.
+    /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly. The listener
+    /// stays the test's: connections made while regcache is down are not refused but wait in
+    /// its backlog for the next start (await such clients only after a restart).
     pub async fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return true;
@@ -315,7 +317,8 @@ impl TestProxy {
         }
     }
 
-    /// SIGKILL (a crash).
+    /// SIGKILL (a crash). Connections it had accepted break; those still in the listener's
+    /// backlog wait for the next start, as in [`TestProxy::stop`].
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
