@@ -6,6 +6,7 @@
 
 #![warn(clippy::unwrap_used)]
 
+pub mod activation;
 pub mod airgap;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use regcache::activation;
 use regcache::cache::{PinsError, PinsFile};
 use regcache::config::{Config, LogFormat};
 use regcache::routing::Resolver;
@@ -35,7 +36,8 @@ enum Command {
     /// Requests are routed by `?ns=<registry>`, then by a first path segment equal to an
     /// upstream name (/v2/ghcr.io/org/app/...), then to the default upstream.
     Serve {
-        /// Override `server.listen` (e.g. 127.0.0.1:5000).
+        /// Override `server.listen` (e.g. 127.0.0.1:5000); a socket handed in by socket
+        /// activation (LISTEN_FDS) is used instead of either.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
         /// Override `storage.path`.
@@ -271,27 +273,48 @@ fn serve(
         }
     }
     init_tracing(&config);
+    // Before the runtime's threads start: it reads and removes environment variables.
+    let inherited = activation::take_from_env()?;
+    if let (Some(_), None) = (&inherited.metrics, config.metrics_listen) {
+        let fd = activation::FIRST_FD + usize::from(inherited.main.is_some());
+        return Err(activation::ActivationError::MetricsNotConfigured(fd).into());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .with_context(|| format!("binding server.listen = {}", config.server.listen))?;
-        let metrics_listener = match config.server.metrics_listen {
-            Some(address) => Some(
+        let listener = match inherited.main {
+            Some(listener) => from_std(listener, "main")?,
+            None => tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| format!("binding server.listen = {}", config.server.listen))?,
+        };
+        let metrics_listener = match (inherited.metrics, config.server.metrics_listen) {
+            (Some(listener), _) => Some(from_std(listener, "metrics")?),
+            (None, Some(address)) => Some(
                 tokio::net::TcpListener::bind(address)
                     .await
                     .with_context(|| format!("binding server.metrics_listen = {address}"))?,
             ),
-            None => None,
+            (None, None) => None,
         };
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         regcache::run(config, listener, metrics_listener, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// An inherited (socket-activated) listener, for the runtime.
+fn from_std(
+    listener: std::net::TcpListener,
+    role: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        .with_context(|| format!("using the inherited {role} listener"))
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

@@ -688,8 +688,22 @@ async fn an_interrupted_prefetch_resumes_without_fetching_again_what_it_stored()
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // Generous time for the fast layer's fill to verify and commit on a loaded machine.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // The fast layer's fill verifies and commits: its file appears under `blobs/` (renamed
+    // into place whole).
+    let fast_file = format!("/sha256/{}/{}", &fast_digest[7..9], &fast_digest[7..]);
+    let committed = || {
+        store_files(&proxy.storage()).iter().any(|(name, size)| {
+            name.starts_with("blobs/") && name.ends_with(&fast_file) && *size == 64 * 1024
+        })
+    };
+    while !committed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fast layer was not committed: {:?}",
+            store_files(&proxy.storage())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     first.kill().await.expect("interrupt the prefetch");
 
     fake.clear_faults();

@@ -239,7 +239,15 @@ async fn an_owner_that_hangs_or_answers_5xx_is_passed_over() {
     // from the upstream itself.
     let (first, second) = (bind().await, bind().await);
     let ids = [url_of(&first), url_of(&second)];
-    let dead = format!("http://127.0.0.1:{}", common::reserve_port());
+    // Bound but never listening: the port is the test's, and every connection is refused.
+    let unreachable = tokio::net::TcpSocket::new_v4().expect("a socket");
+    unreachable
+        .bind(([127, 0, 0, 1], 0).into())
+        .expect("bind 127.0.0.1:0");
+    let dead = format!(
+        "http://{}",
+        unreachable.local_addr().expect("the socket's address")
+    );
     let _failing = replica(first, &dead, &ids[0], &ids, "").await;
     let asking = replica(second, &url, &ids[1], &ids, "").await;
     asking

@@ -213,8 +213,13 @@ async fn wrong_bytes_never_reach_a_client_complete_and_are_not_cached() {
 
     for attempt in 1..=2 {
         if attempt > 1 {
-            // Give the failed fill time to leave, so that this attempt cannot join it.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The failed fill is gone (it leaves the map as it stops counting, with no await
+            // between), so that this attempt cannot join it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while proxy.metric("regcache_fills_in_flight").await != 0.0 {
+                assert!(Instant::now() < deadline, "the failed fill never ended");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let outcome = complete_body(&proxy, &format!("blobs/{digest}")).await;
         assert!(
@@ -428,8 +433,15 @@ async fn slow_trickle_is_served_correctly_and_shared_by_a_second_client() {
             Ok::<_, reqwest::Error>((status, body, Instant::now()))
         })
     };
-    // The first client's fill is under way (the upstream answered, bytes are trickling).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first client's fill is under way: the upstream was asked (and trickles for a second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gets(&fake, &digest) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first client's fill never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let second = get(&proxy, &tail).await;
     let second_answered = Instant::now();
     assert_eq!(second.status(), StatusCode::OK, "the second client");

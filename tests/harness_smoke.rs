@@ -134,6 +134,9 @@ async fn basic_upstream_survives_restart_and_takes_large_layers() {
         "a stopped upstream must not answer"
     );
     up.restart().await;
+    // Back on a new port (see `Upstream::restart`), with the same storage.
+    let user =
+        RegistryClient::with_user_agent(&up.url(), up.creds(), "smoke-test").expect("client");
     assert_eq!(
         user.get_manifest("test/img", "v1")
             .await

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::images;
 use common::pki::Pki;
-use common::proxy::{skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
+use common::proxy::{self, skopeo_copy, verify_dir, TestProxy, UpstreamSpec};
 use common::upstream::{Auth, Upstream};
 use rcgen::{CertificateParams, KeyPair};
 use sha2::Digest as _;
@@ -161,10 +161,9 @@ async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
     // A broken file and a SIGHUP: the certificate in force stays.
     std::fs::write(pki.cert_path(), "not a certificate").expect("break the file");
     send_signal(&proxy, "HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_log(&proxy, "TLS reload failed").await;
     let (_, presented) = tls_connect(&pki, &proxy).await;
     assert_eq!(presented, second_cert);
-    assert!(proxy.log().contains("TLS reload failed"), "{}", proxy.log());
 }
 
 /// Reads until the server closes the connection; returns how long that took.
@@ -806,7 +805,8 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     );
     // The harness's readiness probe has no client certificate: start it by hand.
     let dir = tempfile::tempdir().expect("temp dir");
-    let port = common::reserve_port();
+    let listener = proxy::bind_local();
+    let port = proxy::local_addr(&listener).port();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_lines}[storage]\npath = \"{}\"\n\
          [[upstream]]\nname = \"{UPSTREAM_NAME}\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
@@ -814,10 +814,13 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
     );
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).expect("write config");
-    let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+    let log_path = dir.path().join("regcache.log");
+    let log = std::fs::File::create(&log_path).expect("create the log");
+    let _child = proxy::activated_regcache(&[("http", &listener)])
         .args(["serve", "--config"])
         .arg(&config_path)
-        .stderr(std::process::Stdio::null())
+        .env("NO_COLOR", "1")
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .expect("spawn regcache");
@@ -842,19 +845,18 @@ async fn client_certificates_are_required_when_a_client_ca_is_set() {
         .build()
         .expect("client");
     let url = format!("https://127.0.0.1:{port}/v2/");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let response = loop {
-        match with_cert.get(&url).send().await {
-            Ok(response) => break response,
-            Err(err) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no answer with a client certificate: {err}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    // The socket listens already: the request waits in its backlog until regcache accepts it.
+    let response = with_cert
+        .get(&url)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap_or_else(|err| {
+            panic!(
+                "no answer with a client certificate: {err}; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        });
     assert_eq!(response.status(), 200);
     assert!(without_cert.get(&url).send().await.is_err());
 }

@@ -18,8 +18,15 @@
 //!   upstream;
 //! - [`seaweed`]: a real S3-compatible object store (SeaweedFS) for `[storage] backend = "s3"`.
 //!
-//! Everything listens on 127.0.0.1 only; every wait is bounded in time; child
-//! processes are killed on drop.
+//! Everything listens on 127.0.0.1 only, on ports the kernel chooses, with no bind-and-release
+//! race: regcache gets listeners the test bound (socket activation, `LISTEN_FDS`; see
+//! [`proxy::activated_regcache`]) and keeps across restarts; the upstream registry binds
+//! `127.0.0.1:0` and logs its port; in-process servers bind port 0. SeaweedFS alone, which must
+//! come back on its many ports after a restart, gets them from [`reserve_port`].
+//!
+//! Every wait is bounded in time and waits for something observable (an answer, a log line, a
+//! file, a counter), not a fixed sleep standing in for it; a test whose external tool is missing fails naming it
+//! ([`require_tool`]), never passes silently; child processes are killed on drop.
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code, unreachable_pub)]
@@ -43,8 +50,10 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// A TCP port on 127.0.0.1 for a child process to listen on (regcache, the upstream
-/// registry, SeaweedFS), also across its restarts.
+/// A TCP port on 127.0.0.1 for a child process to bind itself, also across its restarts: only
+/// for SeaweedFS (`weed mini` needs a dozen ports and must come back on the same ones after a
+/// restart in `tests/s3.rs`; it cannot be handed listeners). Everything else binds port 0 (see
+/// the module doc).
 ///
 /// Ports come from below the kernel's ephemeral range (`ip_local_port_range`), so neither
 /// another test's `127.0.0.1:0` listener nor any outgoing connection's source port can take

@@ -1,14 +1,72 @@
 //! The proxy under test: the real `regcache` binary started as a child process with a config
 //! file written here, plus `skopeo` helpers that pull through it and verify what arrived.
+//!
+//! The test binds the proxy's listeners (`127.0.0.1:0`) and hands them in by socket activation
+//! ([`activated_regcache`]): the port is known before the child starts, stays across restarts
+//! (the test keeps the socket open; connections made meanwhile wait in its backlog), and no
+//! other process can take it.
 
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use command_fds::{CommandFdExt as _, FdMapping};
 use sha2::{Digest as _, Sha256};
 use tokio::process::{Child, Command};
 
-use super::reserve_port;
+/// How long a (re)started proxy may take to answer its first `GET /v2/`.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A listener on `127.0.0.1`, port chosen by the kernel, to hand to a child process.
+pub fn bind_local() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0")
+}
+
+/// The address of a listener bound here.
+pub fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().expect("the listener's address")
+}
+
+/// A `regcache` command (add its arguments) that is handed `sockets` by socket activation, as
+/// systemd does: fds 3, 4... in order, `LISTEN_FDS`, `LISTEN_FDNAMES` (the names given,
+/// `metrics` for the metrics listener) and `LISTEN_PID`. The pid is known only once the child
+/// runs, so a shell sets it to its own (`$$`) and then `exec`s regcache, which keeps that pid.
+pub fn activated_regcache(sockets: &[(&str, &TcpListener)]) -> Command {
+    let mut command = Command::new("/bin/sh");
+    command
+        .args([
+            "-c",
+            r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#,
+            env!("CARGO_BIN_EXE_regcache"),
+        ])
+        .env("LISTEN_FDS", sockets.len().to_string())
+        .env(
+            "LISTEN_FDNAMES",
+            sockets
+                .iter()
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(":"),
+        );
+    let mappings = sockets
+        .iter()
+        .zip(3..)
+        .map(|((name, listener), child_fd)| FdMapping {
+            parent_fd: OwnedFd::from(
+                listener
+                    .try_clone()
+                    .unwrap_or_else(|e| panic!("duplicate the {name} listener: {e}")),
+            ),
+            child_fd,
+        })
+        .collect();
+    command
+        .fd_mappings(mappings)
+        .expect("one descriptor per child fd");
+    command
+}
 
 /// One `[[upstream]]` of the proxy's config.
 #[derive(Debug, Clone)]
@@ -51,7 +109,10 @@ impl UpstreamSpec {
 #[derive(Debug)]
 pub struct TestProxy {
     child: Option<Child>,
-    port: u16,
+    /// Handed to every start of the child (`server.listen` names its address).
+    listener: TcpListener,
+    /// Handed in as `metrics` when set ([`TestProxy::bind_metrics_listener`]).
+    metrics_listener: Option<TcpListener>,
     dir: tempfile::TempDir,
     storage: PathBuf,
     config_path: PathBuf,
@@ -95,14 +156,16 @@ impl TestProxy {
     ) -> TestProxy {
         let dir = tempfile::tempdir().expect("temp dir for the proxy");
         let storage = storage.unwrap_or_else(|| dir.path().join("data"));
-        let port = reserve_port();
+        let listener = bind_local();
+        let port = local_addr(&listener).port();
         let config = config_text(port, &storage, upstreams, server_lines, extra_toml);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write proxy config");
         let log_path = dir.path().join("regcache.log");
         let mut proxy = TestProxy {
             child: None,
-            port,
+            listener,
+            metrics_listener: None,
             dir,
             storage,
             config_path,
@@ -119,7 +182,11 @@ impl TestProxy {
             .append(true)
             .open(&self.log_path)
             .expect("open proxy log");
-        let child = Command::new(env!("CARGO_BIN_EXE_regcache"))
+        let mut sockets = vec![("http", &self.listener)];
+        if let Some(metrics) = &self.metrics_listener {
+            sockets.push(("metrics", metrics));
+        }
+        let mut child = activated_regcache(&sockets)
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info,regcache=debug")
@@ -129,26 +196,38 @@ impl TestProxy {
             .kill_on_drop(true)
             .spawn()
             .expect("spawn regcache");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let client = self.client();
-        while Instant::now() < deadline {
-            if client
-                .get(format!("{}/v2/", self.url()))
-                .send()
-                .await
-                .is_ok()
-            {
-                return;
+        // The socket listens already: the first request waits in its backlog until regcache
+        // accepts it, unless regcache exits first.
+        let probe = self
+            .client()
+            .get(format!("{}/v2/", self.url()))
+            .timeout(READY_TIMEOUT)
+            .send();
+        tokio::select! {
+            answer = probe => {
+                if let Err(err) = answer {
+                    panic!("regcache did not answer GET /v2/ ({err}); log:\n{}", self.log());
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            status = child.wait() => {
+                panic!("regcache exited before answering ({status:?}); log:\n{}", self.log());
+            }
         }
-        panic!("regcache did not answer within 15 s; log:\n{}", self.log());
+        self.child = Some(child);
+    }
+
+    /// Binds a metrics listener on `127.0.0.1:0`, handed in as `metrics` from the next
+    /// (re)start on; its address, for `server.metrics_listen`.
+    pub fn bind_metrics_listener(&mut self) -> SocketAddr {
+        let listener = bind_local();
+        let address = local_addr(&listener);
+        self.metrics_listener = Some(listener);
+        address
     }
 
     /// `127.0.0.1:PORT`
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        local_addr(&self.listener).to_string()
     }
 
     /// `http://127.0.0.1:PORT` (`https://` when the proxy serves TLS)
@@ -217,7 +296,9 @@ impl TestProxy {
             .expect("metrics text")
     }
 
-    /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly.
+    /// SIGTERM, then wait (bounded) for exit; returns whether it exited cleanly. The listener
+    /// stays the test's: connections made while regcache is down are not refused but wait in
+    /// its backlog for the next start (await such clients only after a restart).
     pub async fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else {
             return true;
@@ -236,7 +317,8 @@ impl TestProxy {
         }
     }
 
-    /// SIGKILL (a crash).
+    /// SIGKILL (a crash). Connections it had accepted break; those still in the listener's
+    /// backlog wait for the next start, as in [`TestProxy::stop`].
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;

@@ -1,5 +1,5 @@
 //! A real upstream registry: CNCF Distribution 2.8 (`docker-registry`) as a
-//! child process on `127.0.0.1:<reserved port>`, storage in a temporary directory,
+//! child process on `127.0.0.1:0` (it logs the port it got), storage in a temporary directory,
 //! optionally behind basic auth (bcrypt htpasswd) or token auth (the
 //! in-process [`TokenServer`]).
 //!
@@ -33,8 +33,8 @@ use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 
 use super::regclient::{RegistryClient, HARNESS_USER_AGENT};
+use super::require_tool;
 use super::token::{TokenConfig, TokenServer, ISSUER, SERVICE};
-use super::{require_tool, reserve_port};
 
 /// How long to wait for `GET /v2/` to answer after starting.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -127,6 +127,9 @@ pub struct Upstream {
     auth: Auth,
     token: Option<TokenServer>,
     child: Option<Child>,
+    /// Ports of stopped registries, held bound (never listening) so that connections to them
+    /// are refused and no other test's listener gets them while a proxy still points there.
+    held_ports: Vec<tokio::net::TcpSocket>,
     /// Access-log line ranges left out of the counters (e.g. skopeo's).
     ignored: Mutex<Vec<Range<usize>>>,
 }
@@ -143,7 +146,7 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// Starts a registry with `auth` on a reserved port and waits (at most 15 s)
+    /// Starts a registry with `auth` on a port the kernel chooses and waits (at most 15 s)
     /// until `GET /v2/` answers. Panics with the registry's log on failure.
     pub async fn start(auth: Auth) -> Upstream {
         Upstream::try_start(auth)
@@ -167,10 +170,11 @@ impl Upstream {
             auth,
             token,
             child: None,
+            held_ports: Vec::new(),
             ignored: Mutex::new(Vec::new()),
         };
         up.write_auth_files()?;
-        up.start_on_reserved_port().await?;
+        up.spawn_and_wait().await?;
         Ok(up)
     }
 
@@ -235,9 +239,11 @@ impl Upstream {
         RegistryClient::new(&self.url(), self.creds()).expect("building a registry client")
     }
 
-    /// Kills the registry and waits for it; storage and logs stay.
+    /// Kills the registry and waits for it; storage and logs stay. Its port stays the test's
+    /// (bound, not listening): connections to it are refused.
     pub async fn stop(&mut self) {
         self.kill_child();
+        self.hold_port();
     }
 
     /// Freezes the registry (SIGSTOP): connections are still accepted by the
@@ -265,13 +271,22 @@ impl Upstream {
         assert!(status.success(), "kill {sig} {pid} failed");
     }
 
-    /// Starts the registry again on the same port with the same storage
-    /// (stopping it first if it runs); waits until it answers (at most 15 s).
+    /// Starts the registry again with the same storage (stopping it first if it runs), on a
+    /// new port: [`Upstream::url`] changes. Waits until it answers (at most 15 s).
+    ///
+    /// Not the same port: Distribution binds its own socket (it cannot be handed one), and a
+    /// port the kernel chose is in the ephemeral range, where any outgoing connection may take
+    /// it while the registry is down. No test needs the old address back (the one that restarts
+    /// it, in `harness_smoke.rs`, asks again at the new `url()`); one that did would need a
+    /// forwarder of its own in front, on a listener it keeps.
     pub async fn restart(&mut self) {
-        self.kill_child();
+        if self.child.is_some() {
+            self.kill_child();
+            self.hold_port();
+        }
         self.spawn_and_wait()
             .await
-            .unwrap_or_else(|e| panic!("restarting the upstream on {}: {e:#}", self.addr()));
+            .unwrap_or_else(|e| panic!("restarting the upstream (was {}): {e:#}", self.addr()));
     }
 
     /// GETs of `/v2/<any>/blobs/<digest>` answered 200 or 206.
@@ -352,24 +367,12 @@ impl Upstream {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
-    async fn start_on_reserved_port(&mut self) -> Result<()> {
-        let mut last_err = None;
-        for _ in 0..3 {
-            self.port = reserve_port();
-            match self.spawn_and_wait().await {
-                Ok(()) => return Ok(()),
-                Err(e) if self.registry_log_tail(5).contains("address already in use") => {
-                    last_err = Some(e)
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no free port found")))
-    }
-
+    /// Starts `docker-registry` on `127.0.0.1:0` and learns its port from its log.
     async fn spawn_and_wait(&mut self) -> Result<()> {
         self.write_config()?;
         let config = self.dir.path().join("config.yml");
+        // This start's lines of the log (appended across restarts) begin here.
+        let log_start = std::fs::metadata(self.registry_log_path()).map_or(0, |m| m.len());
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -379,7 +382,7 @@ impl Upstream {
             .spawn()
             .context("spawning docker-registry")?;
         self.child = Some(child);
-        if let Err(e) = self.wait_ready().await {
+        if let Err(e) = self.wait_ready(log_start).await {
             self.kill_child();
             let tail = self.registry_log_tail(20);
             bail!("{e:#}\n--- registry.log (tail) ---\n{tail}");
@@ -396,16 +399,12 @@ impl Upstream {
             .with_context(|| format!("opening {}", path.display()))
     }
 
-    /// Polls `GET /v2/` until any HTTP answer, the child's exit, or 15 s.
-    async fn wait_ready(&mut self) -> Result<()> {
-        let probe = reqwest::Client::builder()
-            .no_proxy()
-            .user_agent(format!("{HARNESS_USER_AGENT} probe"))
-            .timeout(Duration::from_secs(1))
-            .build()?;
-        let url = format!("{}/v2/", self.url());
+    /// Waits (at most 15 s in all) for the `listening on 127.0.0.1:PORT` line that Distribution
+    /// logs once its socket listens (with the port the kernel chose), then for the answer to
+    /// `GET /v2/`.
+    async fn wait_ready(&mut self, log_start: u64) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        while Instant::now() < deadline {
+        self.port = loop {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -413,18 +412,47 @@ impl Upstream {
             {
                 bail!("docker-registry exited early ({status})");
             }
-            if let Ok(resp) = probe.get(&url).send().await {
-                // Another server that took the port would lack this header.
-                ensure!(
-                    resp.headers()
-                        .contains_key("docker-distribution-api-version"),
-                    "{url} answered, but not as a Distribution registry"
-                );
-                return Ok(());
+            let log = std::fs::read(self.registry_log_path()).unwrap_or_default();
+            let this_start = log.get(usize::try_from(log_start)?..).unwrap_or_default();
+            if let Some(port) = listening_port(&String::from_utf8_lossy(this_start)) {
+                break port;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            ensure!(
+                Instant::now() < deadline,
+                "docker-registry did not log `listening on` within {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let probe = reqwest::Client::builder()
+            .no_proxy()
+            .user_agent(format!("{HARNESS_USER_AGENT} probe"))
+            .timeout(deadline.saturating_duration_since(Instant::now()))
+            .build()?;
+        let url = format!("{}/v2/", self.url());
+        let resp = probe
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("{url} did not answer"))?;
+        ensure!(
+            resp.headers()
+                .contains_key("docker-distribution-api-version"),
+            "{url} answered, but not as a Distribution registry"
+        );
+        Ok(())
+    }
+
+    /// Best effort: a registry's connections in TIME_WAIT do not stop it (`SO_REUSEADDR`).
+    fn hold_port(&mut self) {
+        let Ok(socket) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        let bound = socket
+            .set_reuseaddr(true)
+            .and_then(|()| socket.bind(([127, 0, 0, 1], self.port).into()));
+        if bound.is_ok() {
+            self.held_ports.push(socket);
         }
-        bail!("{url} did not answer within {READY_TIMEOUT:?}")
     }
 
     fn kill_child(&mut self) {
@@ -436,7 +464,7 @@ impl Upstream {
     }
 
     fn write_config(&self) -> Result<()> {
-        let yaml = config_yaml(self.dir.path(), self.port, &self.auth_yaml());
+        let yaml = config_yaml(self.dir.path(), &self.auth_yaml());
         let path = self.dir.path().join("config.yml");
         std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))
     }
@@ -505,10 +533,20 @@ async fn start_token_server(auth: &Auth) -> Result<Option<TokenServer>> {
     Ok(Some(TokenServer::start(config).await?))
 }
 
+/// The port in Distribution's `listening on 127.0.0.1:PORT` log line, if it is in `log`.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        let (_, rest) = line.split_once("listening on 127.0.0.1:")?;
+        let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+        digits.parse().ok().filter(|port| *port != 0)
+    })
+}
+
 /// Distribution's config: filesystem storage, deletes and schema1 enabled,
-/// `info` text logging, no upload purging, 127.0.0.1 only; layers with
-/// `http(s)` `urls` (foreign, non-distributable) accepted, as Docker Hub does.
-fn config_yaml(dir: &Path, port: u16, auth_yaml: &str) -> String {
+/// `info` text logging, no upload purging, 127.0.0.1 only, port chosen by the
+/// kernel; layers with `http(s)` `urls` (foreign, non-distributable) accepted,
+/// as Docker Hub does.
+fn config_yaml(dir: &Path, auth_yaml: &str) -> String {
     let storage = dir.join("storage");
     format!(
         "version: 0.1
@@ -528,7 +566,7 @@ storage:
     uploadpurging:
       enabled: false
 http:
-  addr: 127.0.0.1:{port}
+  addr: 127.0.0.1:0
   secret: regcache-test-upstream-secret
   headers:
     X-Content-Type-Options: [nosniff]
