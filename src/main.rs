@@ -275,7 +275,7 @@ fn serve(
     init_tracing(&config);
     // Before the runtime's threads start: it reads and removes environment variables.
     let inherited = activation::take_from_env()?;
-    if let (Some(_), None) = (&inherited.metrics, config.metrics_listen) {
+    if let (Some(_), None) = (&inherited.metrics, config.server.metrics_listen) {
         let fd = activation::FIRST_FD + usize::from(inherited.main.is_some());
         return Err(activation::ActivationError::MetricsNotConfigured(fd).into());
     }

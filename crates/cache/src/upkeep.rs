@@ -7,13 +7,13 @@
 //! progress is staged, out of eviction's reach.
 
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use regcache_config::StorageConfig;
 use regcache_oci::Digest;
-use regcache_store::{AccessRecord, Namespace, Usage};
+use regcache_store::{AccessRecord, Namespace, Usage, MAX_BATCH};
 
 use crate::parts::Parts;
 
@@ -70,6 +70,15 @@ pub struct EvictionReport {
     /// Bytes removed.
     pub bytes: u64,
 }
+
+/// Eviction victims chosen per round: the oldest this many access records, kept in a bounded
+/// heap while every record streams past (about 100 bytes each; memory does not grow with the
+/// store).
+#[cfg(not(test))]
+const EVICTION_ROUND: usize = 65_536;
+/// Two in unit tests, so that a test's handful of blobs takes several rounds.
+#[cfg(test)]
+const EVICTION_ROUND: usize = 2;
 
 /// The budget in bytes at each watermark.
 #[derive(Debug, Clone, Copy)]
@@ -134,7 +143,14 @@ impl Upkeep {
     /// record one dated by its modification time (files written by an older version, or before
     /// the index was rebuilt). Blocking.
     pub(crate) fn register_existing_files(&self) -> Usage {
-        let mut missing = Vec::new();
+        // Recorded in bounded batches as the walk goes: never a list of the whole store.
+        let mut missing = Vec::with_capacity(MAX_BATCH);
+        let flush = |missing: &mut Vec<_>| {
+            if let Err(err) = self.parts.index.record_access(missing) {
+                tracing::warn!(error = %err, "could not record existing blobs");
+            }
+            missing.clear();
+        };
         let usage = self.parts.store.scan(|blob| {
             let known = self
                 .parts
@@ -153,11 +169,12 @@ impl Upkeep {
                     last_access,
                 };
                 missing.push((blob.namespace, blob.digest, record));
+                if missing.len() >= MAX_BATCH {
+                    flush(&mut missing);
+                }
             }
         });
-        if let Err(err) = self.parts.index.record_access(&missing) {
-            tracing::warn!(error = %err, "could not record existing blobs");
-        }
+        flush(&mut missing);
         usage
     }
 
@@ -177,46 +194,36 @@ impl Upkeep {
             return report;
         }
         self.flush_access();
-        let mut candidates = match self.parts.index.access_records() {
-            Ok(records) => records,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot read access records; eviction skipped");
-                return report;
-            }
-        };
         let protected = protected();
-        candidates.retain(|(ns, digest, _)| !protected.contains(&(ns.clone(), *digest)));
-        candidates.sort_by_key(|(_, _, record)| record.last_access);
         let mut used = used;
         let mut evicted_manifests = HashSet::new();
-        for (namespace, digest, _) in candidates {
-            if (used as f64) <= budget.low {
-                break;
-            }
-            match self.parts.store.remove(&namespace, &digest) {
-                Ok(removed) => {
-                    let size = removed.unwrap_or(0);
-                    let _ = self.parts.index.remove_access(&namespace, &digest);
-                    // An evicted manifest takes its index record and the tags pointing at it.
-                    if self
-                        .parts
-                        .index
-                        .manifest(&namespace, &digest)
-                        .ok()
-                        .flatten()
-                        .is_some()
-                    {
-                        let _ = self.parts.index.remove_manifest(&namespace, &digest);
-                        evicted_manifests.insert((namespace.clone(), digest));
-                    }
-                    used = used.saturating_sub(size);
-                    // A record whose blob was already gone frees nothing.
-                    report.files += u64::from(removed.is_some());
-                    report.bytes += size;
-                }
+        // Rounds of the oldest records (a bounded heap while every record streams past), until
+        // the low watermark, or a round that forgets no record (nothing left, or nothing
+        // removable).
+        while (used as f64) > budget.low {
+            let victims = match self.oldest(&protected) {
+                Ok(victims) => victims,
                 Err(err) => {
-                    tracing::warn!(%digest, error = %err, "eviction could not remove a file")
+                    tracing::warn!(error = %err, "cannot read access records; eviction stopped");
+                    break;
                 }
+            };
+            let mut forgotten = 0usize;
+            for (_, namespace, digest) in victims {
+                if (used as f64) <= budget.low {
+                    break;
+                }
+                let Some(size) = self.evict_one(&namespace, &digest, &mut evicted_manifests) else {
+                    continue;
+                };
+                forgotten += 1;
+                used = used.saturating_sub(size.unwrap_or(0));
+                // A record whose blob was already gone frees nothing.
+                report.files += u64::from(size.is_some());
+                report.bytes += size.unwrap_or(0);
+            }
+            if forgotten == 0 {
+                break;
             }
         }
         if !evicted_manifests.is_empty() {
@@ -235,6 +242,73 @@ impl Upkeep {
             "evicted to stay under the storage budget"
         );
         report
+    }
+
+    /// The oldest [`EVICTION_ROUND`] access records not `protected`, oldest first, chosen in
+    /// one pass over the index with a bounded heap.
+    fn oldest(
+        &self,
+        protected: &HashSet<(Namespace, Digest)>,
+    ) -> Result<Vec<(u64, Namespace, Digest)>, regcache_store::StoreError> {
+        let mut heap: BinaryHeap<(u64, Namespace, Digest)> =
+            BinaryHeap::with_capacity(EVICTION_ROUND + 1);
+        self.parts
+            .index
+            .for_each_access(|namespace, digest, record| {
+                let full = heap.len() >= EVICTION_ROUND;
+                if full
+                    && heap
+                        .peek()
+                        .is_some_and(|(newest, _, _)| record.last_access >= *newest)
+                {
+                    return;
+                }
+                let key = (namespace, digest);
+                if protected.contains(&key) {
+                    return;
+                }
+                heap.push((record.last_access, key.0, key.1));
+                if heap.len() > EVICTION_ROUND {
+                    heap.pop();
+                }
+            })?;
+        Ok(heap.into_sorted_vec())
+    }
+
+    /// Removes one blob and forgets its access record (and, for a manifest, its record; its
+    /// digest goes into `evicted_manifests` for the tags pointing at it). `None` when the
+    /// record could not be forgotten (nothing changed); else what the removal freed (`None`:
+    /// the file was already gone).
+    fn evict_one(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+        evicted_manifests: &mut HashSet<(Namespace, Digest)>,
+    ) -> Option<Option<u64>> {
+        let removed = match self.parts.store.remove(namespace, digest) {
+            Ok(removed) => removed,
+            Err(err) => {
+                tracing::warn!(%digest, error = %err, "eviction could not remove a file");
+                return None;
+            }
+        };
+        if let Err(err) = self.parts.index.remove_access(namespace, digest) {
+            tracing::warn!(%digest, error = %err, "eviction could not forget an access record");
+            return None;
+        }
+        // An evicted manifest takes its index record and the tags pointing at it.
+        if self
+            .parts
+            .index
+            .manifest(namespace, digest)
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            let _ = self.parts.index.remove_manifest(namespace, digest);
+            evicted_manifests.insert((namespace.clone(), *digest));
+        }
+        Some(removed)
     }
 }
 
@@ -305,6 +379,81 @@ mod tests {
             cache.evict_if_needed(),
             EvictionReport::default(),
             "under budget"
+        );
+    }
+}
+
+#[cfg(test)]
+mod rounds {
+    use super::*;
+    use crate::Cache;
+
+    #[test]
+    fn eviction_takes_as_many_rounds_as_it_needs_oldest_first_and_forgets_records_of_lost_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // 10 blobs of 1000 bytes; 8 KiB budget: eviction above 7373 bytes, down to 4096, so
+        // six go, oldest first (three rounds of two here). The oldest record of all has no
+        // file: it is forgotten and frees nothing.
+        let config = regcache_config::Config::parse(&format!(
+            "[storage]\npath = {:?}\nmax_size = \"8KiB\"\nhigh_watermark = 0.9\n\
+             low_watermark = 0.5\n\
+             [[upstream]]\nname = \"registry.test\"\nurl = \"http://127.0.0.1:9\"\n\
+             default = true\n",
+            dir.path().display().to_string()
+        ))
+        .expect("config");
+        let (store, index) =
+            regcache_store::open_storage(&config.storage, regcache_store::IndexAccess::Serve)
+                .expect("storage");
+        let namespace = Namespace::new("registry.test");
+        let blobs: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000]).collect();
+        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+        let lost = Digest::of(b"lost");
+        let mut records = vec![(
+            namespace.clone(),
+            lost,
+            AccessRecord {
+                size: 1000,
+                last_access: 1,
+            },
+        )];
+        for (age, (bytes, digest)) in blobs.iter().zip(&digests).enumerate() {
+            store.put_verified(&namespace, digest, bytes).expect("put");
+            records.push((
+                namespace.clone(),
+                *digest,
+                AccessRecord {
+                    size: 1000,
+                    last_access: 1000 + age as u64,
+                },
+            ));
+        }
+        index.record_access(&records).expect("records");
+        let cache = Cache::new(
+            &config,
+            store,
+            index,
+            Arc::new(regcache_metrics::Metrics::new()),
+        )
+        .expect("cache");
+        let report = cache.evict_if_needed();
+        assert_eq!(
+            report,
+            EvictionReport {
+                files: 6,
+                bytes: 6000
+            }
+        );
+        for (i, digest) in digests.iter().enumerate() {
+            assert_eq!(
+                cache.store().contains(&namespace, digest),
+                i >= 6,
+                "blob {i} (older blobs go first)"
+            );
+        }
+        assert!(
+            !cache.index().has_access(&namespace, &lost).expect("index"),
+            "the record of a lost file is forgotten"
         );
     }
 }

@@ -14,6 +14,7 @@ use crate::values::{duration, invalid, size, ConfigError, Secret};
 pub(crate) struct RawStorage {
     path: Option<PathBuf>,
     max_size: Option<String>,
+    index_cache: Option<String>,
     high_watermark: Option<f64>,
     low_watermark: Option<f64>,
     backend: Option<String>,
@@ -44,6 +45,8 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// The disk budget in bytes (`None`: unlimited).
     pub max_size: Option<u64>,
+    /// The index database's page cache in bytes (`storage.index_cache`, 64 MiB by default).
+    pub index_cache: u64,
     /// Eviction starts above this fraction of `max_size`.
     pub high_watermark: f64,
     /// Eviction stops below this fraction of `max_size`.
@@ -112,10 +115,25 @@ impl RawStorage {
                 "must be below storage.high_watermark",
             ));
         }
+        let index_cache = match self.index_cache.as_deref() {
+            None => 64 << 20,
+            Some(text) => {
+                let bytes = size("storage.index_cache", text, "64MiB")?;
+                if bytes < 1 << 20 {
+                    return Err(invalid(
+                        "storage.index_cache",
+                        text,
+                        "must be at least 1MiB",
+                    ));
+                }
+                bytes
+            }
+        };
         Ok(StorageConfig {
             path: self
                 .path
                 .unwrap_or_else(|| PathBuf::from("./regcache-data")),
+            index_cache,
             backend: validate_storage_backend(self.backend.as_deref(), self.s3, env)?,
             max_size,
             high_watermark,

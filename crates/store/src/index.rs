@@ -14,6 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::{Namespace, StoreError};
 use regcache_oci::{Digest, MediaType, RepoName, Tag};
 
+/// The most entries in one sled batch: a batch is built whole in memory before it is applied.
+pub const MAX_BATCH: usize = 4096;
+
+/// The index's page cache when none is configured (tests): `storage.index_cache`'s default.
+#[cfg(test)]
+const TEST_CACHE_BYTES: u64 = 64 << 20;
+
 /// The sled database.
 #[derive(Debug, Clone)]
 pub struct Index {
@@ -171,11 +178,12 @@ impl Index {
     pub(crate) fn open(
         path: &Path,
         on_corrupt: OnCorrupt,
+        cache_bytes: u64,
     ) -> Result<(Self, Option<PathBuf>), StoreError> {
         // sled rewrites its `conf` file (and may add files) before it finds a database
         // unreadable: a refused open puts back what it found.
         let found = (on_corrupt == OnCorrupt::Refuse).then(|| AsFound::read(path));
-        let opened = Self::open_at(path);
+        let opened = Self::open_at(path, cache_bytes);
         if let (Err(_), Some(found)) = (&opened, found) {
             found.restore(path);
         }
@@ -208,14 +216,17 @@ impl Index {
                 let aside = path.with_extension(format!("corrupt-{stamp}"));
                 std::fs::rename(path, &aside)
                     .map_err(StoreError::io("move aside", path.display()))?;
-                Ok((Self::open_at(path)?, Some(aside)))
+                Ok((Self::open_at(path, cache_bytes)?, Some(aside)))
             }
         }
     }
 
-    fn open_at(path: &Path) -> Result<Self, StoreError> {
+    /// Opens sled with a page cache of `cache_bytes` (`storage.index_cache`; sled's own
+    /// default is 1 GiB, which a large store fills).
+    fn open_at(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(500))
             .open()?;
         let tags = db.open_tree("tags")?;
@@ -344,7 +355,8 @@ impl Index {
         Ok(())
     }
 
-    /// Records blob accesses (batched by the caller).
+    /// Records blob accesses, in sled batches of at most [`MAX_BATCH`] entries (a batch is
+    /// held whole in memory until applied).
     ///
     /// # Errors
     /// [`StoreError::Index`].
@@ -352,11 +364,13 @@ impl Index {
         &self,
         entries: &[(Namespace, Digest, AccessRecord)],
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for (namespace, digest, record) in entries {
-            batch.insert(manifest_key(namespace, digest), &encode_access(*record)[..]);
+        for chunk in entries.chunks(MAX_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (namespace, digest, record) in chunk {
+                batch.insert(manifest_key(namespace, digest), &encode_access(*record)[..]);
+            }
+            self.access.apply_batch(batch)?;
         }
-        self.access.apply_batch(batch)?;
         Ok(())
     }
 
@@ -368,12 +382,28 @@ impl Index {
         Ok(self.access.contains_key(manifest_key(namespace, digest))?)
     }
 
-    /// Every blob's access record (for eviction and listings).
+    /// Every blob's access record, in a `Vec` (for listings of a few; eviction and the
+    /// maintenance commands stream them with [`Index::for_each_access`]).
     ///
     /// # Errors
     /// [`StoreError::Index`].
     pub fn access_records(&self) -> Result<Vec<(Namespace, Digest, AccessRecord)>, StoreError> {
         let mut records = Vec::new();
+        self.for_each_access(|namespace, digest, record| {
+            records.push((namespace, digest, record));
+        })?;
+        Ok(records)
+    }
+
+    /// Visits every blob's access record, one at a time: memory does not grow with the store.
+    /// Undecodable entries are skipped.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn for_each_access(
+        &self,
+        mut visit: impl FnMut(Namespace, Digest, AccessRecord),
+    ) -> Result<(), StoreError> {
         for entry in self.access.iter() {
             let (key, value) = entry?;
             let parsed = split_key(&key).and_then(|parts| match parts.as_slice() {
@@ -383,10 +413,10 @@ impl Index {
                 _ => None,
             });
             if let (Some((namespace, digest)), Some(record)) = (parsed, decode_access(&value)) {
-                records.push((namespace, digest, record));
+                visit(namespace, digest, record);
             }
         }
-        Ok(records)
+        Ok(())
     }
 
     /// Forgets a blob's access record (after eviction or when its file is gone).
@@ -670,199 +700,4 @@ impl Index {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_survive_reopen() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("index");
-        let namespace = Namespace::new("r.test");
-        let repo = RepoName::parse("a/b").expect("valid");
-        let tag = Tag::parse("v1").expect("valid");
-        let digest = Digest::of(b"x");
-        let confirmed_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        {
-            let (index, aside) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
-            assert!(aside.is_none());
-            index
-                .put_tag(
-                    &namespace,
-                    &repo,
-                    &tag,
-                    &TagRecord {
-                        digest,
-                        confirmed_at,
-                    },
-                )
-                .expect("put tag");
-            let media_type = MediaType::from_static(MediaType::OCI_MANIFEST);
-            index
-                .put_manifest(&namespace, &digest, &ManifestRecord { media_type })
-                .expect("put manifest");
-            index.flush().expect("flush");
-        }
-        let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("reopen");
-        let record = index.tag(&namespace, &repo, &tag).expect("read");
-        assert_eq!(
-            record,
-            Some(TagRecord {
-                digest,
-                confirmed_at
-            })
-        );
-        let manifest = index.manifest(&namespace, &digest).expect("read");
-        assert_eq!(
-            manifest.map(|m| m.media_type.to_string()).as_deref(),
-            Some(MediaType::OCI_MANIFEST)
-        );
-    }
-
-    #[test]
-    fn a_locked_database_is_an_error_not_corruption() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("index");
-        let (_held, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
-        assert!(
-            Index::open(&path, OnCorrupt::MoveAside).is_err(),
-            "a second open must fail, not start fresh"
-        );
-        assert!(
-            std::fs::read_dir(dir.path()).expect("list").count() == 1,
-            "nothing was moved aside"
-        );
-    }
-
-    #[test]
-    fn corrupt_database_is_moved_aside() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("index");
-        {
-            let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
-            index.flush().expect("flush");
-        }
-        // Overwrite every file of the database with garbage.
-        for entry in std::fs::read_dir(&path).expect("list") {
-            let entry = entry.expect("entry");
-            if entry.path().is_file() {
-                std::fs::write(entry.path(), b"garbage garbage garbage").expect("write");
-            }
-        }
-        let (_index, aside) = Index::open(&path, OnCorrupt::MoveAside).expect("opens fresh");
-        let aside = aside.expect("the corrupt database was moved aside");
-        assert!(aside.exists());
-    }
-
-    #[test]
-    fn repository_tags_are_sorted_and_scoped() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (index, _) =
-            Index::open(&dir.path().join("index"), OnCorrupt::MoveAside).expect("open");
-        let namespace = Namespace::new("r.test");
-        let record = TagRecord {
-            digest: Digest::of(b"x"),
-            confirmed_at: UNIX_EPOCH,
-        };
-        for (repo, tag) in [
-            ("a", "v2"),
-            ("a", "v10"),
-            ("a", "latest"),
-            ("a/b", "x"),
-            ("ab", "y"),
-        ] {
-            let repo = RepoName::parse(repo).expect("valid");
-            let tag = Tag::parse(tag).expect("valid");
-            index
-                .put_tag(&namespace, &repo, &tag, &record)
-                .expect("put");
-        }
-        let repo = RepoName::parse("a").expect("valid");
-        let tags = index.repository_tags(&namespace, &repo).expect("list");
-        let tags: Vec<&str> = tags.iter().map(Tag::as_str).collect();
-        assert_eq!(tags, ["latest", "v10", "v2"]);
-    }
-
-    #[test]
-    fn referrers_are_listed_by_subject() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (index, _) =
-            Index::open(&dir.path().join("index"), OnCorrupt::MoveAside).expect("open");
-        let namespace = Namespace::new("r.test");
-        let repo = RepoName::parse("a").expect("valid");
-        let subject = Digest::of(b"subject");
-        let record = ReferrerRecord {
-            digest: Digest::of(b"signature"),
-            media_type: MediaType::from_static(MediaType::OCI_MANIFEST),
-            size: 42,
-            artifact_type: Some("application/example".to_owned()),
-            annotations: [("k".to_owned(), "v".to_owned())].into(),
-        };
-        index
-            .put_referrer(&namespace, &repo, &subject, &record)
-            .expect("put");
-        assert_eq!(
-            index.referrers(&namespace, &repo, &subject).expect("list"),
-            [record]
-        );
-        let other = Digest::of(b"other");
-        assert!(index
-            .referrers(&namespace, &repo, &other)
-            .expect("list")
-            .is_empty());
-    }
-
-    #[test]
-    fn memberships_are_scoped_and_survive_reopen() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("index");
-        let namespace = Namespace::new("r.test");
-        let other_namespace = Namespace::new("other.test");
-        let repo = RepoName::parse("a").expect("valid");
-        let digest = Digest::of(b"layer");
-        {
-            let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("open");
-            assert!(!index.is_member(&namespace, &repo, &digest).expect("read"));
-            index
-                .put_membership(&namespace, &repo, &digest, SystemTime::now())
-                .expect("put");
-            // Confirming again is harmless.
-            index
-                .put_membership(&namespace, &repo, &digest, SystemTime::now())
-                .expect("put again");
-            index.flush().expect("flush");
-        }
-        let (index, _) = Index::open(&path, OnCorrupt::MoveAside).expect("reopen");
-        assert!(index.is_member(&namespace, &repo, &digest).expect("read"));
-        // Another digest, another repository (a prefix of it, or one it is a prefix of) or
-        // another upstream: not a member.
-        let not_members = [
-            (&namespace, "a", Digest::of(b"other")),
-            (&namespace, "a/b", digest),
-            (&namespace, "ab", digest),
-            (&other_namespace, "a", digest),
-        ];
-        for (namespace, repo, digest) in not_members {
-            let repo = RepoName::parse(repo).expect("valid");
-            assert!(
-                !index.is_member(namespace, &repo, &digest).expect("read"),
-                "{repo} {digest}"
-            );
-        }
-        let shorter = RepoName::parse("a").expect("valid");
-        let longer = RepoName::parse("a/b").expect("valid");
-        index
-            .put_membership(&namespace, &longer, &digest, SystemTime::now())
-            .expect("put");
-        assert!(index.is_member(&namespace, &longer, &digest).expect("read"));
-        assert!(index
-            .is_member(&namespace, &shorter, &digest)
-            .expect("read"));
-        assert!(!index
-            .is_member(
-                &namespace,
-                &RepoName::parse("a/b/c").expect("valid"),
-                &digest
-            )
-            .expect("read"));
-    }
-}
+mod tests;

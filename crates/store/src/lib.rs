@@ -29,7 +29,7 @@ mod writer;
 pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use buffers::ConnectionShare;
-pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord};
+pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord, MAX_BATCH};
 pub use local::LocalDisk;
 pub use open::{open_index, open_storage, open_store, IndexAccess};
 pub use s3::S3Backend;
@@ -40,7 +40,7 @@ use regcache_oci::Digest;
 
 /// A per-upstream namespace in the store: the upstream's configured name, which config
 /// validation restricts to host characters, so it is safe as a path component.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Namespace(String);
 
 impl Namespace {

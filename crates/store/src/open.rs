@@ -62,7 +62,7 @@ pub fn open_index(storage: &StorageConfig, access: IndexAccess) -> Result<Index,
         IndexAccess::Existing => OnCorrupt::Refuse,
         IndexAccess::Serve | IndexAccess::Repair => OnCorrupt::MoveAside,
     };
-    let (index, moved_aside) = Index::open(&path, on_corrupt)?;
+    let (index, moved_aside) = Index::open(&path, on_corrupt, storage.index_cache)?;
     if let Some(aside) = moved_aside {
         log_moved_aside(&aside);
     }
