@@ -80,6 +80,27 @@ const EVICTION_ROUND: usize = 65_536;
 #[cfg(test)]
 const EVICTION_ROUND: usize = 2;
 
+/// Threads removing one round's victims at once.
+const EVICTION_THREADS: usize = 4;
+
+/// An eviction candidate; ordered by last access first (the heap keeps the oldest).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Victim {
+    last_access: u64,
+    namespace: Namespace,
+    digest: Digest,
+    size: u64,
+}
+
+/// What evicting one blob did.
+#[derive(Debug)]
+struct Evicted {
+    /// The bytes its removal freed (`None`: the file was already gone).
+    freed: Option<u64>,
+    /// Whether it was a manifest (whose tags go too).
+    manifest: bool,
+}
+
 /// The budget in bytes at each watermark.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {
@@ -208,19 +229,32 @@ impl Upkeep {
                     break;
                 }
             };
+            // As many of the oldest as their recorded sizes say are needed, removed by a few
+            // threads at once (file removals and index writes, not CPU); the next round
+            // corrects for records whose size was off.
+            let excess = used as f64 - budget.low;
+            let mut recorded = 0.0;
+            let needed = victims
+                .iter()
+                .take_while(|victim| {
+                    let more = recorded < excess;
+                    recorded += victim.size as f64;
+                    more
+                })
+                .count();
             let mut forgotten = 0usize;
-            for (_, namespace, digest) in victims {
-                if (used as f64) <= budget.low {
-                    break;
-                }
-                let Some(size) = self.evict_one(&namespace, &digest, &mut evicted_manifests) else {
+            for (victim, evicted) in self.evict_all(&victims[..needed]) {
+                let Some(evicted) = evicted else {
                     continue;
                 };
                 forgotten += 1;
-                used = used.saturating_sub(size.unwrap_or(0));
+                used = used.saturating_sub(evicted.freed.unwrap_or(0));
                 // A record whose blob was already gone frees nothing.
-                report.files += u64::from(size.is_some());
-                report.bytes += size.unwrap_or(0);
+                report.files += u64::from(evicted.freed.is_some());
+                report.bytes += evicted.freed.unwrap_or(0);
+                if evicted.manifest {
+                    evicted_manifests.insert((victim.namespace.clone(), victim.digest));
+                }
             }
             if forgotten == 0 {
                 break;
@@ -249,9 +283,8 @@ impl Upkeep {
     fn oldest(
         &self,
         protected: &HashSet<(Namespace, Digest)>,
-    ) -> Result<Vec<(u64, Namespace, Digest)>, regcache_store::StoreError> {
-        let mut heap: BinaryHeap<(u64, Namespace, Digest)> =
-            BinaryHeap::with_capacity(EVICTION_ROUND + 1);
+    ) -> Result<Vec<Victim>, regcache_store::StoreError> {
+        let mut heap: BinaryHeap<Victim> = BinaryHeap::with_capacity(EVICTION_ROUND + 1);
         self.parts
             .index
             .for_each_access(|namespace, digest, record| {
@@ -259,7 +292,7 @@ impl Upkeep {
                 if full
                     && heap
                         .peek()
-                        .is_some_and(|(newest, _, _)| record.last_access >= *newest)
+                        .is_some_and(|newest| record.last_access >= newest.last_access)
                 {
                     return;
                 }
@@ -267,7 +300,12 @@ impl Upkeep {
                 if protected.contains(&key) {
                     return;
                 }
-                heap.push((record.last_access, key.0, key.1));
+                heap.push(Victim {
+                    last_access: record.last_access,
+                    namespace: key.0,
+                    digest: key.1,
+                    size: record.size,
+                });
                 if heap.len() > EVICTION_ROUND {
                     heap.pop();
                 }
@@ -275,16 +313,33 @@ impl Upkeep {
         Ok(heap.into_sorted_vec())
     }
 
-    /// Removes one blob and forgets its access record (and, for a manifest, its record; its
-    /// digest goes into `evicted_manifests` for the tags pointing at it). `None` when the
-    /// record could not be forgotten (nothing changed); else what the removal freed (`None`:
-    /// the file was already gone).
-    fn evict_one(
-        &self,
-        namespace: &Namespace,
-        digest: &Digest,
-        evicted_manifests: &mut HashSet<(Namespace, Digest)>,
-    ) -> Option<Option<u64>> {
+    /// Evicts `victims` on [`EVICTION_THREADS`] threads; each with what
+    /// [`Upkeep::evict_one`] said.
+    fn evict_all<'v>(&self, victims: &'v [Victim]) -> Vec<(&'v Victim, Option<Evicted>)> {
+        let share = victims.len().div_ceil(EVICTION_THREADS).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = victims
+                .chunks(share)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|victim| {
+                                (victim, self.evict_one(&victim.namespace, &victim.digest))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| worker.join().unwrap_or_default())
+                .collect()
+        })
+    }
+
+    /// Removes one blob and forgets its access record (and, for a manifest, its record).
+    /// `None` when the record could not be forgotten (nothing changed).
+    fn evict_one(&self, namespace: &Namespace, digest: &Digest) -> Option<Evicted> {
         let removed = match self.parts.store.remove(namespace, digest) {
             Ok(removed) => removed,
             Err(err) => {
@@ -296,19 +351,21 @@ impl Upkeep {
             tracing::warn!(%digest, error = %err, "eviction could not forget an access record");
             return None;
         }
-        // An evicted manifest takes its index record and the tags pointing at it.
-        if self
+        // An evicted manifest takes its index record (and the tags pointing at it, after).
+        let manifest = self
             .parts
             .index
             .manifest(namespace, digest)
             .ok()
             .flatten()
-            .is_some()
-        {
+            .is_some();
+        if manifest {
             let _ = self.parts.index.remove_manifest(namespace, digest);
-            evicted_manifests.insert((namespace.clone(), *digest));
         }
-        Some(removed)
+        Some(Evicted {
+            freed: removed,
+            manifest,
+        })
     }
 }
 
