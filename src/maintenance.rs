@@ -13,10 +13,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::oci::{manifest_digest, sniff_media_type, Digest, ImageWalk, MAX_MANIFEST_BYTES};
-use crate::store::{
-    open_index, open_store, Index, IndexAccess, ManifestRecord, Namespace, Store, StoreError,
-};
+use crate::oci::{manifest_digest, sniff_media_type, ImageWalk, MAX_MANIFEST_BYTES};
+use crate::store::{open_index, open_store, Index, IndexAccess, ManifestRecord, Store, StoreError};
 
 /// What `verify` found.
 #[derive(Debug, Default, Serialize)]
@@ -138,11 +136,25 @@ fn check_index(
             report.dropped_entries += 1;
         }
     }
-    for (namespace, digest, _) in index.access_records()? {
-        if store.stat_anywhere(&namespace, &digest)?.is_none() {
-            index.remove_access(&namespace, &digest)?;
-            report.dropped_entries += 1;
+    // Streamed: only the records to drop are kept (and the first error, which stops it).
+    let mut gone = Vec::new();
+    let mut failed = None;
+    index.for_each_access(|namespace, digest, _| {
+        if failed.is_some() {
+            return;
         }
+        match store.stat_anywhere(&namespace, &digest) {
+            Ok(Some(_)) => {}
+            Ok(None) => gone.push((namespace, digest)),
+            Err(err) => failed = Some(err),
+        }
+    })?;
+    if let Some(err) = failed {
+        return Err(err);
+    }
+    for (namespace, digest) in gone {
+        index.remove_access(&namespace, &digest)?;
+        report.dropped_entries += 1;
     }
     for (namespace, repo, tag, record) in index.tags()? {
         if store.stat_anywhere(&namespace, &record.digest)?.is_none() {
@@ -256,11 +268,6 @@ pub struct ListedTag {
 pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
     let store = open_store(&config.storage)?;
     let index = open_index(&config.storage, IndexAccess::Existing)?;
-    let access: std::collections::HashMap<(Namespace, Digest), u64> = index
-        .access_records()?
-        .into_iter()
-        .map(|(ns, d, r)| ((ns, d), r.last_access))
-        .collect();
     let mut listed = Vec::new();
     for (namespace, repo, tag, record) in index.tags()? {
         let mut cached_bytes = 0;
@@ -281,12 +288,8 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
                 continue;
             };
             cached_bytes += size;
-            last_access = last_access.max(
-                access
-                    .get(&(namespace.clone(), digest))
-                    .copied()
-                    .unwrap_or(0),
-            );
+            let record = index.access(&namespace, &digest).ok().flatten();
+            last_access = last_access.max(record.map_or(0, |r| r.last_access));
         }
         listed.push(ListedTag {
             upstream: namespace.as_str().to_owned(),

@@ -374,25 +374,27 @@ impl Index {
         Ok(())
     }
 
+    /// A blob's access record, if any (undecodable: none).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn access(
+        &self,
+        namespace: &Namespace,
+        digest: &Digest,
+    ) -> Result<Option<AccessRecord>, StoreError> {
+        Ok(self
+            .access
+            .get(manifest_key(namespace, digest))?
+            .and_then(|raw| decode_access(&raw)))
+    }
+
     /// Whether a blob has an access record.
     ///
     /// # Errors
     /// [`StoreError::Index`].
     pub fn has_access(&self, namespace: &Namespace, digest: &Digest) -> Result<bool, StoreError> {
         Ok(self.access.contains_key(manifest_key(namespace, digest))?)
-    }
-
-    /// Every blob's access record, in a `Vec` (for listings of a few; eviction and the
-    /// maintenance commands stream them with [`Index::for_each_access`]).
-    ///
-    /// # Errors
-    /// [`StoreError::Index`].
-    pub fn access_records(&self) -> Result<Vec<(Namespace, Digest, AccessRecord)>, StoreError> {
-        let mut records = Vec::new();
-        self.for_each_access(|namespace, digest, record| {
-            records.push((namespace, digest, record));
-        })?;
-        Ok(records)
     }
 
     /// Visits every blob's access record, one at a time: memory does not grow with the store.
