@@ -153,9 +153,11 @@ pub async fn run_with_clock(
         &config.storage,
         config.auth.as_ref(),
     ));
-    let address = listener.local_addr().ok();
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |address| address.to_string());
     tracing::info!(
-        address = ?address,
+        %address,
         storage = %config.storage.path.display(),
         upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "regcache listening"
