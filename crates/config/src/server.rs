@@ -74,17 +74,15 @@ pub struct TlsConfig {
 impl RawServer {
     /// Checks every `[server]` value.
     pub(crate) fn validate(self) -> Result<ServerConfig, ConfigError> {
-        let listen_text = self.listen.as_deref().unwrap_or("0.0.0.0:5000");
-        let listen = listen_text
-            .parse()
-            .map_err(|_| invalid("server.listen", listen_text, "expected ADDRESS:PORT"))?;
-        let metrics_listen = match self.metrics_listen.as_deref() {
-            None => None,
-            Some(text) => Some(
-                text.parse()
-                    .map_err(|_| invalid("server.metrics_listen", text, "expected ADDRESS:PORT"))?,
-            ),
-        };
+        let listen = socket_address(
+            "server.listen",
+            self.listen.as_deref().unwrap_or("0.0.0.0:5000"),
+        )?;
+        let metrics_listen = self
+            .metrics_listen
+            .as_deref()
+            .map(|text| socket_address("server.metrics_listen", text))
+            .transpose()?;
         let tls = validate_tls(&self)?;
         Ok(ServerConfig {
             listen,
@@ -136,6 +134,21 @@ impl RawServer {
             },
         })
     }
+}
+
+/// An `IP:PORT` to listen on. A host name is refused with what to write instead: the
+/// listener binds one address, and a name could resolve to several or change.
+fn socket_address(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse().map_err(|_| {
+        let reason = match text.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => format!(
+                "expected an IP address and port, not a host name: \"0.0.0.0:{port}\" listens on \
+                 every interface, \"127.0.0.1:{port}\" on this machine only"
+            ),
+            _ => "expected IP:PORT, e.g. \"0.0.0.0:5000\"".to_owned(),
+        };
+        invalid(key, text, reason)
+    })
 }
 
 /// `server.response_buffer`: at least 1 MiB (a few chunks; less would serve one response at a

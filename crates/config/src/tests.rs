@@ -261,3 +261,20 @@ fn secrets_are_redacted() {
     .expect("valid");
     assert!(!format!("{config:?}").contains("hunter2"));
 }
+
+#[test]
+fn common_mistakes_say_what_to_write_instead() {
+    check_error(
+        "[server]\nlisten = \"localhost:5000\"",
+        "not a host name: \"0.0.0.0:5000\" listens on every interface",
+    );
+    check_error(
+        "[server]\nmetrics_listen = \"metrics.local:9090\"",
+        "\"127.0.0.1:9090\" on this machine only",
+    );
+    check_error("[server]\nlisten = \"5000\"", "expected IP:PORT");
+    check_error(
+        "[[upstream]]\nname = \"docker.io\"\nurl = \"registry-1.docker.io\"\n",
+        "has no scheme: write \"https://registry-1.docker.io\"",
+    );
+}

@@ -111,8 +111,16 @@ impl RawUpstream {
             ));
         }
         let shown_url = redact_userinfo(&self.url);
-        let mut url = Url::parse(&self.url)
-            .map_err(|err| invalid(key("url"), &shown_url, err.to_string()))?;
+        let mut url = Url::parse(&self.url).map_err(|err| {
+            let reason = match err {
+                url::ParseError::RelativeUrlWithoutBase => format!(
+                    "has no scheme: write \"https://{shown_url}\" (or http:// for a registry \
+                     without TLS)"
+                ),
+                other => other.to_string(),
+            };
+            invalid(key("url"), &shown_url, reason)
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(invalid(
                 key("url"),
