@@ -106,6 +106,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if matches!(cli.command, Command::Serve { .. } | Command::CheckConfig) {
+        if let Err(err) = config.check_serving() {
+            eprintln!("regcache: {err}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let result = match cli.command {
         Command::Serve {
             listen,

@@ -584,3 +584,35 @@ async fn a_full_disk_fails_the_fill_cleanly_and_later_pulls_stream_uncached() {
     drop(proxy);
     drop(disk);
 }
+
+#[tokio::test]
+async fn serve_and_check_config_refuse_a_config_without_an_upstream() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:9\"\n[storage]\npath = {:?}\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .expect("write config");
+    for command in ["check-config", "serve"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .await
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{command}: {stderr}");
+        assert!(
+            stderr.contains("no [[upstream]] is configured") && stderr.contains("https://"),
+            "{command}: {stderr}"
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing was created for a config that cannot serve"
+    );
+}

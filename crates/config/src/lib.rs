@@ -111,6 +111,25 @@ impl Config {
         Self::parse(&text)
     }
 
+    /// What serving needs beyond a valid file: at least one `[[upstream]]` (without one every
+    /// request would be refused). The maintenance commands, which read the store only, do not
+    /// ask this.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `upstream`, with an example to add.
+    pub fn check_serving(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(invalid(
+                "upstream",
+                "",
+                "no [[upstream]] is configured, so every pull would be refused: add one, e.g. \
+                 [[upstream]] name = \"docker.io\" url = \"https://registry-1.docker.io\" \
+                 default = true",
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses and validates TOML text.
     ///
     /// # Errors

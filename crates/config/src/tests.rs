@@ -278,3 +278,17 @@ fn common_mistakes_say_what_to_write_instead() {
         "has no scheme: write \"https://registry-1.docker.io\"",
     );
 }
+
+#[test]
+fn serving_needs_an_upstream() {
+    let config = Config::parse("[server]\nlisten = \"127.0.0.1:5000\"").expect("a valid file");
+    let message = config
+        .check_serving()
+        .expect_err("nothing to serve")
+        .to_string();
+    assert!(
+        message.contains("no [[upstream]] is configured"),
+        "{message}"
+    );
+    assert!(Config::load(None).expect("default").check_serving().is_ok());
+}
