@@ -19,7 +19,7 @@ pub const PEER_HEADER: &str = "x-regcache-peer";
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// Connection refused or broken, or a timeout.
-    #[error("peer {peer} unreachable: {source}")]
+    #[error("peer {peer} unreachable: {}", regcache_upstream::network_cause(.source))]
     Unreachable {
         /// The owner's member id.
         peer: String,

@@ -16,7 +16,7 @@ pub enum UpstreamError {
         upstream: String,
     },
     /// The connection could not be made, or broke, or timed out.
-    #[error("upstream {upstream} unreachable: {source}")]
+    #[error("upstream {upstream} unreachable: {}", network_cause(.source))]
     Unreachable {
         /// The upstream's name.
         upstream: String,
@@ -81,4 +81,73 @@ pub enum UpstreamError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// What went wrong on the network, in the words an operator acts on: "connection refused",
+/// "timed out", "name not resolved", or else the innermost cause (a TLS failure reads as
+/// rustls words it, e.g. "invalid peer certificate: UnknownIssuer") — not reqwest's
+/// "error sending request for url (…)".
+pub fn network_cause(err: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    use std::io::ErrorKind;
+    if err.is_timeout() {
+        return "timed out".to_owned();
+    }
+    let mut innermost: &dyn std::error::Error = err;
+    let mut io_kind = None;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        innermost = cause;
+        source = cause.source();
+    }
+    let detail = innermost.to_string();
+    match io_kind {
+        Some(ErrorKind::ConnectionRefused) => "connection refused".to_owned(),
+        Some(ErrorKind::TimedOut) => "timed out".to_owned(),
+        Some(ErrorKind::ConnectionReset) => "connection reset by the upstream".to_owned(),
+        _ if detail.contains("dns error")
+            || detail.contains("failed to lookup address")
+            || detail.contains("Name or service not known")
+            || detail.contains("Temporary failure in name resolution") =>
+        {
+            format!("name not resolved ({detail})")
+        }
+        _ if err.is_connect() => format!("cannot connect: {detail}"),
+        _ => detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_and_an_unknown_name_are_said_plainly() {
+        // Nothing listens on the discard port here (the tests' dead upstream everywhere).
+        let client = reqwest::Client::new();
+        let refused = client
+            .get("http://127.0.0.1:9/v2/")
+            .send()
+            .await
+            .expect_err("nobody listens");
+        let error = UpstreamError::Unreachable {
+            upstream: "registry.test".to_owned(),
+            source: refused,
+        };
+        assert_eq!(
+            error.to_string(),
+            "upstream registry.test unreachable: connection refused"
+        );
+
+        let unresolved = client
+            .get("http://regcache-test.invalid/v2/")
+            .send()
+            .await
+            .expect_err("an .invalid name never resolves");
+        let cause = network_cause(&unresolved);
+        assert!(cause.starts_with("name not resolved"), "{cause}");
+    }
 }

@@ -31,7 +31,7 @@ use body::limit_body;
 pub use breaker::Need;
 use breaker::{Breaker, Transition};
 pub use class::{Answer, ErrorClass, Health, Origin};
-pub use error::UpstreamError;
+pub use error::{network_cause, UpstreamError};
 use regcache_config::{Secret, UpstreamConfig};
 use regcache_metrics::Metrics;
 use regcache_oci::{declared_sizes, Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
