@@ -141,7 +141,8 @@ pub(crate) async fn serve(
         }
     }
     let cache = outcome.phase.map_or("-", CachePhase::as_str);
-    let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    // Microsecond precision: `0.104`, not `0.10389499999999999`.
+    let elapsed_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     span.in_scope(|| match &outcome.error {
         Some((error::Origin::Internal, cause)) => {
             tracing::error!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")
