@@ -284,3 +284,235 @@ pub(crate) fn read_small(path: &Path, name: &str, span: Span) -> Result<Vec<u8>,
         .map_err(|e| entry_error(name, e))?;
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(archive: &[u8]) -> Result<HashMap<String, Span>, AirgapError> {
+        read_entries(std::io::Cursor::new(archive), archive.len() as u64)
+    }
+
+    #[track_caller]
+    fn check_refused(archive: &[u8], expected: &[&str]) {
+        let message = listed(archive).expect_err("refused").to_string();
+        for part in expected {
+            assert!(message.contains(part), "{message:?} lacks {part:?}");
+        }
+    }
+
+    fn regular(builder: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        builder
+            .append_data(&mut header, name, data)
+            .expect("append");
+    }
+
+    /// Appends a header of `kind` declaring `size` bytes, then `data`, padded to a block.
+    fn raw_entry(out: &mut Vec<u8>, kind: tar::EntryType, name: &str, size: u64, data: &[u8]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        // Written as given (`set_path` would drop the `./` of `././@LongLink`).
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    fn span_data<'a>(archive: &'a [u8], entries: &HashMap<String, Span>, name: &str) -> &'a [u8] {
+        let span = entries[name];
+        &archive[span.offset as usize..span.end() as usize]
+    }
+
+    #[test]
+    fn long_names_and_pax_records_are_applied() {
+        let long = format!("blobs/{}/x", "a".repeat(150));
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "./oci-layout",
+            2,
+            b"{}",
+        );
+        let mut long_name = long.clone().into_bytes();
+        long_name.push(0);
+        let size = long_name.len() as u64;
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            size,
+            &long_name,
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "blobs/aaa",
+            4,
+            b"long",
+        );
+        // A PAX size overrides the header's (as in `tar` and Go): the header says 0.
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "PaxHeaders/index.json",
+            30,
+            b"19 path=index.json\n11 size=12\n",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "x",
+            0,
+            b"{\"a\":\"pax\"}\n",
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "after", 5, b"after");
+        raw_entry(&mut archive, tar::EntryType::Directory, "blobs/", 0, b"");
+        archive.extend_from_slice(&[0; 1024]);
+        let entries = listed(&archive).expect("listed");
+        assert_eq!(span_data(&archive, &entries, "oci-layout"), b"{}");
+        assert_eq!(span_data(&archive, &entries, &long), b"long");
+        assert_eq!(
+            span_data(&archive, &entries, "index.json"),
+            b"{\"a\":\"pax\"}\n"
+        );
+        assert_eq!(span_data(&archive, &entries, "after"), b"after");
+        assert_eq!(entries.len(), 4, "{:?}", entries.keys());
+
+        // An archive `tar` writes lists the same.
+        let mut builder = tar::Builder::new(Vec::new());
+        regular(&mut builder, &long, b"long");
+        let written = builder.into_inner().expect("archive");
+        let entries = listed(&written).expect("listed");
+        assert_eq!(span_data(&written, &entries, &long), b"long");
+    }
+
+    #[test]
+    fn oversized_extension_entries_are_refused_before_they_are_read() {
+        // 256 MiB declared, a few KiB present: refused by the declared size, not truncation.
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            256 << 20,
+            &[b'a'; 8192],
+        );
+        check_refused(&archive, &["././@LongLink (GNU long name)", "268435456"]);
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "PaxHeaders/x",
+            1 << 40,
+            b"",
+        );
+        check_refused(&archive, &["PaxHeaders/x (PAX header)", "at most 65536"]);
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XGlobalHeader,
+            "g",
+            65537,
+            &[b'a'; 65537],
+        );
+        check_refused(&archive, &["PAX global header"]);
+        let mut archive = Vec::new();
+        raw_entry(&mut archive, tar::EntryType::GNULongLink, "k", 1 << 30, b"");
+        check_refused(&archive, &["GNU long link"]);
+    }
+
+    #[test]
+    fn sparse_ambiguous_and_truncated_entries_are_refused() {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::GNUSparse);
+        header.set_path("blobs/sha256/sparse").expect("path");
+        header.set_size(0);
+        if let Some(gnu) = header.as_gnu_mut() {
+            gnu.set_real_size(2 << 30);
+        }
+        header.set_cksum();
+        check_refused(
+            header.as_bytes(),
+            &["blobs/sha256/sparse", "sparse", "2147483648"],
+        );
+
+        let mut archive = Vec::new();
+        let pax = b"34 GNU.sparse.realsize=2147483648\n";
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "p",
+            pax.len() as u64,
+            pax,
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "blobs/x", 0, b"");
+        check_refused(&archive, &["blobs/x", "sparse"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            3,
+            b"ab\0",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::XHeader,
+            "p",
+            10,
+            b"10 path=c\n",
+        );
+        raw_entry(&mut archive, tar::EntryType::Regular, "x", 0, b"");
+        check_refused(&archive, &["both a GNU long name and a PAX path"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"ab",
+        );
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"cd",
+        );
+        check_refused(&archive, &["a second extension"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::GNULongName,
+            "././@LongLink",
+            2,
+            b"ab",
+        );
+        check_refused(&archive, &["describes an entry the archive lacks"]);
+
+        let mut archive = Vec::new();
+        raw_entry(
+            &mut archive,
+            tar::EntryType::Regular,
+            "blobs/big",
+            4096,
+            b"",
+        );
+        check_refused(&archive, &["blobs/big", "truncated"]);
+
+        let mut archive = Vec::new();
+        raw_entry(&mut archive, tar::EntryType::Regular, "a", 0, b"");
+        archive[0] ^= 1;
+        check_refused(&archive, &["checksum"]);
+    }
+}
