@@ -374,44 +374,72 @@ mod tests {
     use super::*;
     use crate::Cache;
 
-    #[test]
-    fn eviction_removes_least_recently_used_blobs_down_to_the_low_mark_and_skips_pins() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 3000]).collect();
-        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
-        // 10 KiB budget: eviction above 9216 bytes, down to 7168. The oldest blob is pinned.
+    /// A cache over a store under `dir` with `storage_lines` in `[storage]` (and `extra` TOML
+    /// after the upstream), holding `blobs`, the n-th last accessed at 1000 + n; `lost` records
+    /// (digest, last access) have no file. Returns the cache and the blobs' digests.
+    fn cache_with(
+        dir: &std::path::Path,
+        storage_lines: &str,
+        extra: &str,
+        blobs: &[Vec<u8>],
+        lost: &[(Digest, u64)],
+    ) -> (Cache, Vec<Digest>) {
         let config = regcache_config::Config::parse(&format!(
-            "[storage]\npath = {:?}\nmax_size = \"10KiB\"\nhigh_watermark = 0.9\n\
-             low_watermark = 0.7\n\
+            "[storage]\npath = {:?}\n{storage_lines}\n\
              [[upstream]]\nname = \"registry.test\"\nurl = \"http://127.0.0.1:9\"\n\
-             default = true\n\
-             [[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\n\
-             reference = \"{}\"\n",
-            dir.path().display().to_string(),
-            digests[0]
+             default = true\n{extra}",
+            dir.display().to_string()
         ))
         .expect("config");
         let (store, index) =
             regcache_store::open_storage(&config.storage, regcache_store::IndexAccess::Serve)
                 .expect("storage");
         let namespace = Namespace::new("registry.test");
-        let mut records = Vec::new();
-        for (age, (bytes, digest)) in blobs.iter().zip(&digests).enumerate() {
-            store.put_verified(&namespace, digest, bytes).expect("put");
+        let mut records: Vec<_> = lost
+            .iter()
+            .map(|(digest, last_access)| {
+                let record = AccessRecord {
+                    size: 1000,
+                    last_access: *last_access,
+                };
+                (namespace.clone(), *digest, record)
+            })
+            .collect();
+        let mut digests = Vec::new();
+        for (age, bytes) in blobs.iter().enumerate() {
+            let digest = Digest::of(bytes);
+            store.put_verified(&namespace, &digest, bytes).expect("put");
             let record = AccessRecord {
                 size: bytes.len() as u64,
                 last_access: 1000 + age as u64,
             };
-            records.push((namespace.clone(), *digest, record));
+            records.push((namespace.clone(), digest, record));
+            digests.push(digest);
         }
         index.record_access(&records).expect("records");
-        let cache = Cache::new(
-            &config,
-            store,
-            index,
-            Arc::new(regcache_metrics::Metrics::new()),
-        )
-        .expect("cache");
+        let metrics = Arc::new(regcache_metrics::Metrics::new());
+        let cache = Cache::new(&config, store, index, metrics).expect("cache");
+        (cache, digests)
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_blobs_down_to_the_low_mark_and_skips_pins() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 3000]).collect();
+        // 10 KiB budget: eviction above 9216 bytes, down to 7168. The oldest blob is pinned.
+        let pin = format!(
+            "[[pin]]\nupstream = \"registry.test\"\nrepository = \"test/a\"\n\
+             reference = \"{}\"\n",
+            Digest::of(&blobs[0])
+        );
+        let (cache, digests) = cache_with(
+            dir.path(),
+            "max_size = \"10KiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.7",
+            &pin,
+            &blobs,
+            &[],
+        );
+        let namespace = Namespace::new("registry.test");
         let report = cache.evict_if_needed();
         assert_eq!(
             report,
@@ -438,12 +466,6 @@ mod tests {
             "under budget"
         );
     }
-}
-
-#[cfg(test)]
-mod rounds {
-    use super::*;
-    use crate::Cache;
 
     #[test]
     fn eviction_takes_as_many_rounds_as_it_needs_oldest_first_and_forgets_records_of_lost_files() {
@@ -451,48 +473,16 @@ mod rounds {
         // 10 blobs of 1000 bytes; 8 KiB budget: eviction above 7373 bytes, down to 4096, so
         // six go, oldest first (three rounds of two here). The oldest record of all has no
         // file: it is forgotten and frees nothing.
-        let config = regcache_config::Config::parse(&format!(
-            "[storage]\npath = {:?}\nmax_size = \"8KiB\"\nhigh_watermark = 0.9\n\
-             low_watermark = 0.5\n\
-             [[upstream]]\nname = \"registry.test\"\nurl = \"http://127.0.0.1:9\"\n\
-             default = true\n",
-            dir.path().display().to_string()
-        ))
-        .expect("config");
-        let (store, index) =
-            regcache_store::open_storage(&config.storage, regcache_store::IndexAccess::Serve)
-                .expect("storage");
-        let namespace = Namespace::new("registry.test");
         let blobs: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000]).collect();
-        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
         let lost = Digest::of(b"lost");
-        let mut records = vec![(
-            namespace.clone(),
-            lost,
-            AccessRecord {
-                size: 1000,
-                last_access: 1,
-            },
-        )];
-        for (age, (bytes, digest)) in blobs.iter().zip(&digests).enumerate() {
-            store.put_verified(&namespace, digest, bytes).expect("put");
-            records.push((
-                namespace.clone(),
-                *digest,
-                AccessRecord {
-                    size: 1000,
-                    last_access: 1000 + age as u64,
-                },
-            ));
-        }
-        index.record_access(&records).expect("records");
-        let cache = Cache::new(
-            &config,
-            store,
-            index,
-            Arc::new(regcache_metrics::Metrics::new()),
-        )
-        .expect("cache");
+        let (cache, digests) = cache_with(
+            dir.path(),
+            "max_size = \"8KiB\"\nhigh_watermark = 0.9\nlow_watermark = 0.5",
+            "",
+            &blobs,
+            &[(lost, 1)],
+        );
+        let namespace = Namespace::new("registry.test");
         let report = cache.evict_if_needed();
         assert_eq!(
             report,
