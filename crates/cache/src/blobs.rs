@@ -163,13 +163,11 @@ impl Blobs {
     /// Where a fill gets the blob: the owner replica when it is another one (and the asker is
     /// not a peer), else the upstream.
     fn source(&self, target: &Target, digest: &Digest, asker: Asker) -> Box<dyn fill::BlobSource> {
-        let (upstream, namespace) = self.parts.upstream(target);
+        let (upstream, _) = self.parts.upstream(target);
         let blob = fill::UpstreamBlob {
-            upstream: Arc::clone(upstream),
-            repo: target.repo.clone(),
+            parts: Arc::clone(&self.parts),
+            target: target.clone(),
             digest: *digest,
-            index: self.parts.index.clone(),
-            namespace: namespace.clone(),
         };
         let owner = match (&self.cluster, asker) {
             (Some(cluster), Asker::Client) => cluster

@@ -23,7 +23,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::CacheError;
-use regcache_oci::{Digest, RepoName};
+use regcache_oci::Digest;
 use regcache_store::{
     BlobWriter, Namespace, Partial, PartialReader, Store, StoreError, WriteState,
 };
@@ -125,43 +125,39 @@ pub(crate) trait BlobSource: Send + Sync + 'static {
 
 /// A blob of a repository on an upstream.
 pub(crate) struct UpstreamBlob {
-    pub(crate) upstream: Arc<UpstreamClient>,
-    pub(crate) repo: RepoName,
+    /// The upstream client, and the index where its 2xx is recorded: the blob belongs to the
+    /// target's repository (`grant.rs`).
+    pub(crate) parts: Arc<super::parts::Parts>,
+    pub(crate) target: super::Target,
     pub(crate) digest: Digest,
-    /// Where the upstream's 2xx is recorded: the blob belongs to `repo` (`grant.rs`).
-    pub(crate) index: regcache_store::Index,
-    pub(crate) namespace: Namespace,
+}
+
+impl UpstreamBlob {
+    /// The client of the target's upstream.
+    pub(crate) fn client(&self) -> &Arc<UpstreamClient> {
+        self.parts.upstream(&self.target).0
+    }
 }
 
 impl BlobSource for UpstreamBlob {
     fn name(&self) -> &str {
-        self.upstream.name()
+        self.client().name()
     }
 
     fn get(&self, offset: u64) -> BoxFuture<'_, Result<BlobResponse, UpstreamError>> {
         Box::pin(async move {
             let response = self
-                .upstream
-                .get_blob(&self.repo, &self.digest, offset)
+                .client()
+                .get_blob(&self.target.repo, &self.digest, offset)
                 .await?;
-            // The upstream served the blob under this repository: its word on membership (an
-            // index write, off the async workers).
-            let (index, namespace, repo, digest) = (
-                self.index.clone(),
-                self.namespace.clone(),
-                self.repo.clone(),
-                self.digest,
-            );
-            let _ = tokio::task::spawn_blocking(move || {
-                super::grant::record(&index, &namespace, &repo, &digest);
-            })
-            .await;
+            // The upstream served the blob under this repository: its word on membership.
+            self.parts.confirm_member(&self.target, &self.digest).await;
             Ok(response)
         })
     }
 
     fn digest_mismatch(&self, message: String) {
-        self.upstream.record_error("digest_mismatch", message);
+        self.client().record_error("digest_mismatch", message);
     }
 }
 

@@ -62,14 +62,14 @@ impl PeerSource {
 
     async fn ask_owner(&self, offset: u64) -> Result<Option<BlobResponse>, UpstreamError> {
         const CANNOT_SERVE: &str = "owner replica cannot serve the blob; filling from the upstream";
-        let name = self.upstream.upstream.name();
+        let name = self.upstream.client().name();
         let cluster = &self.owner.cluster;
         let answer = cluster
             .client()
             .get_blob(
                 &self.owner.id,
                 name,
-                &self.upstream.repo,
+                &self.upstream.target.repo,
                 &self.upstream.digest,
                 offset,
             )
@@ -88,7 +88,7 @@ impl PeerSource {
                 return Ok(None);
             }
         };
-        let max_blob_size = self.upstream.upstream.max_blob_size();
+        let max_blob_size = self.upstream.client().max_blob_size();
         if blob.total_size.is_some_and(|total| total > max_blob_size) {
             self.owner.fail(
                 "status",
