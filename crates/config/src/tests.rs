@@ -292,3 +292,18 @@ fn serving_needs_an_upstream() {
     );
     assert!(Config::load(None).expect("default").check_serving().is_ok());
 }
+
+#[test]
+fn the_index_cache_is_a_size_of_at_least_a_mebibyte() {
+    let config = Config::parse("[storage]\nindex_cache = \"16MiB\"").expect("valid");
+    assert_eq!(config.storage.index_cache, 16 << 20);
+    assert_eq!(
+        Config::load(None).expect("default").storage.index_cache,
+        64 << 20
+    );
+    check_error(
+        "[storage]\nindex_cache = \"64KiB\"",
+        "storage.index_cache = \"64KiB\": must be at least 1MiB",
+    );
+    check_error("[storage]\nindex_cache = \"lots\"", "storage.index_cache");
+}
