@@ -170,8 +170,8 @@ fn gc(config: &Config) -> anyhow::Result<ExitCode> {
     init_tracing(config);
     let report = regcache::maintenance::gc(config)?;
     println!(
-        "removed {} temp files ({} bytes) and {} orphan index entries",
-        report.temp_files, report.temp_bytes, report.orphan_entries
+        "removed {} temp files ({} bytes), {} evicted files from the trash and {} orphan index entries",
+        report.temp_files, report.temp_bytes, report.trash_files, report.orphan_entries
     );
     if let Some(reason) = &report.index_skipped {
         println!("index not cleaned: {reason}");

@@ -139,10 +139,10 @@ fn check_index(
     // Streamed: only the records to drop are kept (and the first error, which stops it).
     let mut gone = Vec::new();
     let mut failed = None;
-    index.for_each_access(|namespace, digest, _| {
-        if failed.is_some() {
+    index.for_each_access(|entry| {
+        let Some((namespace, digest)) = entry.blob().filter(|_| failed.is_none()) else {
             return;
-        }
+        };
         match store.stat_anywhere(&namespace, &digest) {
             Ok(Some(_)) => {}
             Ok(None) => gone.push((namespace, digest)),
@@ -152,10 +152,8 @@ fn check_index(
     if let Some(err) = failed {
         return Err(err);
     }
-    for (namespace, digest) in gone {
-        index.remove_access(&namespace, &digest)?;
-        report.dropped_entries += 1;
-    }
+    index.remove_accesses(&gone)?;
+    report.dropped_entries += gone.len() as u64;
     for (namespace, repo, tag, record) in index.tags()? {
         if store.stat_anywhere(&namespace, &record.digest)?.is_none() {
             index.remove_tag(&namespace, &repo, &tag)?;
@@ -204,6 +202,8 @@ pub struct GcReport {
     pub temp_files: usize,
     /// Bytes they held.
     pub temp_bytes: u64,
+    /// Removed blobs unlinked from the store's trash (left by an eviction cut short).
+    pub trash_files: u64,
     /// Index entries whose file was gone.
     pub orphan_entries: u64,
     /// Why the index part did not run, if it did not.
@@ -232,6 +232,7 @@ pub fn gc(config: &Config) -> Result<GcReport, StoreError> {
         Duration::from_secs(3600)
     };
     (report.temp_files, report.temp_bytes) = store.discard_staged(min_age)?;
+    report.trash_files = store.empty_trash()?;
     if let Some(index) = index {
         let mut verify = VerifyReport::default();
         check_index(&store, &index, false, &mut verify)?;

@@ -84,19 +84,6 @@ fn send_signal(proxy: &TestProxy, signal: &str) {
     assert!(status.success());
 }
 
-/// Waits (at most 10 s) until the proxy's log contains `needle`.
-async fn wait_for_log(proxy: &TestProxy, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !proxy.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no \"{needle}\" in the log within 10 s:\n{}",
-            proxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
     let upstream = Upstream::start(Auth::None).await;
@@ -161,7 +148,9 @@ async fn tls_pulls_negotiates_http2_and_reloads_the_certificate_on_sighup() {
     // A broken file and a SIGHUP: the certificate in force stays.
     std::fs::write(pki.cert_path(), "not a certificate").expect("break the file");
     send_signal(&proxy, "HUP");
-    wait_for_log(&proxy, "TLS reload failed").await;
+    proxy
+        .wait_for_log("TLS reload failed", Duration::from_secs(10))
+        .await;
     let (_, presented) = tls_connect(&pki, &proxy).await;
     assert_eq!(presented, second_cert);
 }
@@ -481,7 +470,9 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
     )
     .expect("rewrite htpasswd");
     send_signal(&proxy, "HUP");
-    wait_for_log(&proxy, "htpasswd reloaded").await;
+    proxy
+        .wait_for_log("htpasswd reloaded", Duration::from_secs(10))
+        .await;
     let basic = client
         .get(&team_url)
         .basic_auth("alice", Some("alice-pw"))
@@ -516,7 +507,9 @@ async fn htpasswd_tokens_grants_and_anonymous_patterns_with_skopeo() {
     // A file that does not parse keeps the users in force.
     std::fs::write(dir.path().join("htpasswd"), "bob:plaintext\n").expect("break htpasswd");
     send_signal(&proxy, "HUP");
-    wait_for_log(&proxy, "htpasswd reload failed").await;
+    proxy
+        .wait_for_log("htpasswd reload failed", Duration::from_secs(10))
+        .await;
     assert_eq!(bob_signs_in().await, 200);
 }
 

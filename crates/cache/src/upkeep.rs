@@ -9,7 +9,7 @@
 use parking_lot::Mutex;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use regcache_config::StorageConfig;
 use regcache_oci::Digest;
@@ -72,10 +72,10 @@ pub struct EvictionReport {
 }
 
 /// Eviction victims chosen per round: the oldest this many access records, kept in a bounded
-/// heap while every record streams past (about 100 bytes each; memory does not grow with the
-/// store).
+/// heap while every record streams past (about 100 bytes each, 26 MiB; memory does not grow
+/// with the store, and half of a million blobs goes in two rounds).
 #[cfg(not(test))]
-const EVICTION_ROUND: usize = 65_536;
+const EVICTION_ROUND: usize = 262_144;
 /// Two in unit tests, so that a test's handful of blobs takes several rounds.
 #[cfg(test)]
 const EVICTION_ROUND: usize = 2;
@@ -196,6 +196,8 @@ impl Upkeep {
             }
         });
         flush(&mut missing);
+        // Blobs an earlier process removed but did not get to unlink.
+        self.empty_trash();
         usage
     }
 
@@ -214,6 +216,7 @@ impl Upkeep {
         if (used as f64) <= budget.high {
             return report;
         }
+        let started = Instant::now();
         self.flush_access();
         let protected = protected();
         let mut used = used;
@@ -222,6 +225,7 @@ impl Upkeep {
         // the low watermark, or a round that forgets no record (nothing left, or nothing
         // removable).
         while (used as f64) > budget.low {
+            let round = Instant::now();
             let victims = match self.oldest(&protected) {
                 Ok(victims) => victims,
                 Err(err) => {
@@ -242,12 +246,16 @@ impl Upkeep {
                     more
                 })
                 .count();
-            let mut forgotten = 0usize;
-            for (victim, evicted) in self.evict_all(&victims[..needed]) {
-                let Some(evicted) = evicted else {
-                    continue;
-                };
-                forgotten += 1;
+            let chosen = round.elapsed();
+            let (evicted, failed) = self.evict_all(&victims[..needed]);
+            tracing::debug!(
+                victims = needed,
+                choose_ms = regcache_metrics::log_millis(chosen),
+                remove_ms = regcache_metrics::log_millis(round.elapsed() - chosen),
+                "eviction round"
+            );
+            let forgotten = evicted.len();
+            for (victim, evicted) in evicted {
                 used = used.saturating_sub(evicted.freed.unwrap_or(0));
                 // A record whose blob was already gone frees nothing.
                 report.files += u64::from(evicted.freed.is_some());
@@ -255,6 +263,10 @@ impl Upkeep {
                 if evicted.manifest {
                     evicted_manifests.insert((victim.namespace.clone(), victim.digest));
                 }
+            }
+            if let Some(err) = failed {
+                tracing::warn!(error = %err, "eviction could not forget access records; eviction stopped");
+                break;
             }
             if forgotten == 0 {
                 break;
@@ -273,99 +285,157 @@ impl Upkeep {
             files = report.files,
             bytes = report.bytes,
             budget = budget.max,
+            elapsed_ms = regcache_metrics::log_millis(started.elapsed()),
             "evicted to stay under the storage budget"
         );
+        self.empty_trash();
         report
     }
 
+    /// Unlinks what eviction (or an earlier process) moved to the store's trash. Blocking.
+    fn empty_trash(&self) {
+        let started = Instant::now();
+        match self.parts.store.empty_trash() {
+            Ok(0) => {}
+            Ok(files) => tracing::info!(
+                files,
+                elapsed_ms = regcache_metrics::log_millis(started.elapsed()),
+                "freed the space of removed blobs"
+            ),
+            Err(err) => tracing::warn!(error = %err, "could not empty the store's trash"),
+        }
+    }
+
     /// The oldest [`EVICTION_ROUND`] access records not `protected`, oldest first, chosen in
-    /// one pass over the index with a bounded heap.
+    /// one pass over the index with a bounded heap. A record newer than the heap's newest is
+    /// passed over on its time alone, without decoding its key.
     fn oldest(
         &self,
         protected: &HashSet<(Namespace, Digest)>,
     ) -> Result<Vec<Victim>, regcache_store::StoreError> {
         let mut heap: BinaryHeap<Victim> = BinaryHeap::with_capacity(EVICTION_ROUND + 1);
-        self.parts
-            .index
-            .for_each_access(|namespace, digest, record| {
-                let full = heap.len() >= EVICTION_ROUND;
-                if full
-                    && heap
-                        .peek()
-                        .is_some_and(|newest| record.last_access >= newest.last_access)
-                {
-                    return;
-                }
-                let key = (namespace, digest);
-                if protected.contains(&key) {
-                    return;
-                }
-                heap.push(Victim {
-                    last_access: record.last_access,
-                    namespace: key.0,
-                    digest: key.1,
-                    size: record.size,
-                });
-                if heap.len() > EVICTION_ROUND {
-                    heap.pop();
-                }
-            })?;
+        self.parts.index.for_each_access(|entry| {
+            let record = entry.record;
+            let full = heap.len() >= EVICTION_ROUND;
+            if full
+                && heap
+                    .peek()
+                    .is_some_and(|newest| record.last_access >= newest.last_access)
+            {
+                return;
+            }
+            let Some(key) = entry.blob() else {
+                return;
+            };
+            if protected.contains(&key) {
+                return;
+            }
+            heap.push(Victim {
+                last_access: record.last_access,
+                namespace: key.0,
+                digest: key.1,
+                size: record.size,
+            });
+            if heap.len() > EVICTION_ROUND {
+                heap.pop();
+            }
+        })?;
         Ok(heap.into_sorted_vec())
     }
 
-    /// Evicts `victims` on [`EVICTION_THREADS`] threads; each with what
-    /// [`Upkeep::evict_one`] said.
-    fn evict_all<'v>(&self, victims: &'v [Victim]) -> Vec<(&'v Victim, Option<Evicted>)> {
-        let share = victims.len().div_ceil(EVICTION_THREADS).max(1);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = victims
-                .chunks(share)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|victim| {
-                                (victim, self.evict_one(&victim.namespace, &victim.digest))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|worker| worker.join().unwrap_or_default())
-                .collect()
-        })
+    /// Evicts `victims`, a batch at a time: their access records (and manifest records) are
+    /// forgotten first, then their files removed on [`EVICTION_THREADS`] threads while this
+    /// one forgets the next batch. Record first: a crash in between leaves a file without a
+    /// record, which the next start's walk records again; never a record that says a blob is
+    /// there when its file is gone. Returns what each removal did, and the error that stopped
+    /// the index from forgetting, if one did.
+    fn evict_all<'v>(
+        &self,
+        victims: &'v [Victim],
+    ) -> (
+        Vec<(&'v Victim, Evicted)>,
+        Option<regcache_store::StoreError>,
+    ) {
+        let (work, queue) = std::sync::mpsc::sync_channel::<(&Victim, bool)>(MAX_BATCH);
+        let queue = Mutex::new(queue);
+        let outcomes = Mutex::new(Vec::with_capacity(victims.len()));
+        let failed = std::thread::scope(|scope| {
+            for _ in 0..EVICTION_THREADS {
+                scope.spawn(|| loop {
+                    let next = queue.lock().recv();
+                    let Ok((victim, manifest)) = next else { break };
+                    let freed = self.remove_file(victim);
+                    outcomes.lock().push((victim, freed, manifest));
+                });
+            }
+            let mut failed = None;
+            for batch in victims.chunks(MAX_BATCH) {
+                let blobs: Vec<_> = batch
+                    .iter()
+                    .map(|victim| (victim.namespace.clone(), victim.digest))
+                    .collect();
+                let manifests: Vec<bool> = batch
+                    .iter()
+                    .map(|victim| self.forget_manifest(victim))
+                    .collect();
+                // On disk before any file goes (sled otherwise writes every 500 ms): a crash
+                // must not bring back records of removed files.
+                let forgotten = self.parts.index.remove_accesses(&blobs);
+                if let Err(err) = forgotten.and_then(|()| self.parts.index.flush()) {
+                    failed = Some(err);
+                    break;
+                }
+                for job in batch.iter().zip(manifests) {
+                    if work.send(job).is_err() {
+                        break;
+                    }
+                }
+            }
+            drop(work);
+            failed
+        });
+        // A file that could not be removed is still in the store: its record goes back.
+        let mut kept = Vec::new();
+        let mut evicted = Vec::new();
+        for (victim, freed, manifest) in outcomes.into_inner() {
+            match freed {
+                Ok(freed) => evicted.push((victim, Evicted { freed, manifest })),
+                Err(()) => kept.push((
+                    victim.namespace.clone(),
+                    victim.digest,
+                    AccessRecord {
+                        size: victim.size,
+                        last_access: victim.last_access,
+                    },
+                )),
+            }
+        }
+        if let Err(err) = self.parts.index.record_access(&kept) {
+            tracing::warn!(error = %err, "could not record again blobs eviction could not remove");
+        }
+        (evicted, failed)
     }
 
-    /// Removes one blob and forgets its access record (and, for a manifest, its record).
-    /// `None` when the record could not be forgotten (nothing changed).
-    fn evict_one(&self, namespace: &Namespace, digest: &Digest) -> Option<Evicted> {
-        let removed = match self.parts.store.remove(namespace, digest) {
-            Ok(removed) => removed,
-            Err(err) => {
-                tracing::warn!(%digest, error = %err, "eviction could not remove a file");
-                return None;
-            }
-        };
-        if let Err(err) = self.parts.index.remove_access(namespace, digest) {
-            tracing::warn!(%digest, error = %err, "eviction could not forget an access record");
-            return None;
+    /// Forgets a victim's manifest record, if it is a manifest (its tags go after the round).
+    fn forget_manifest(&self, victim: &Victim) -> bool {
+        let (namespace, digest) = (&victim.namespace, &victim.digest);
+        let manifest = self.parts.index.manifest(namespace, digest);
+        if !matches!(manifest, Ok(Some(_))) {
+            return false;
         }
-        // An evicted manifest takes its index record (and the tags pointing at it, after).
-        let manifest = self
-            .parts
-            .index
-            .manifest(namespace, digest)
-            .ok()
-            .flatten()
-            .is_some();
-        if manifest {
-            let _ = self.parts.index.remove_manifest(namespace, digest);
-        }
-        Some(Evicted {
-            freed: removed,
-            manifest,
-        })
+        let _ = self.parts.index.remove_manifest(namespace, digest);
+        true
+    }
+
+    /// Removes a victim's file: the bytes freed (`None`: it was already gone), or `Err` when
+    /// the file could not be removed (logged).
+    fn remove_file(&self, victim: &Victim) -> Result<Option<u64>, ()> {
+        self.parts
+            .store
+            .remove(&victim.namespace, &victim.digest)
+            .map_err(|err| {
+                tracing::warn!(digest = %victim.digest, error = %err, "eviction could not remove a file");
+            })
     }
 }
 

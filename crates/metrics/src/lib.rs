@@ -9,6 +9,12 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+/// A duration in milliseconds to the microsecond, as log lines give them (`elapsed_ms =
+/// 0.104`, not `0.10389499999999999`).
+pub fn log_millis(elapsed: std::time::Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 /// All metric handles.
 #[derive(Debug, Clone)]
 pub struct Metrics {

@@ -49,6 +49,16 @@ impl Digest {
         Self(hasher.finalize().into())
     }
 
+    /// The 32 bytes of the hash (compact index keys).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The digest whose hash is `bytes` (read back from a compact index key).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     /// The 64 hex characters, without the algorithm.
     pub fn hex(&self) -> String {
         hex::encode(self.0)

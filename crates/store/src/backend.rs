@@ -132,8 +132,9 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     /// The backend's failure other than "not found".
     fn stat(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError>;
 
-    /// Removes a committed object; returns its size, `None` when it was not there. Readers
-    /// that have it open keep reading.
+    /// Removes a committed object from the store (it is no longer served; its space may be
+    /// freed later, by [`BlobBackend::empty_trash`]); returns its size, `None` when it was not
+    /// there. Readers that have it open keep reading.
     ///
     /// # Errors
     /// The backend's failure other than "not found".
@@ -215,6 +216,16 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     fn check_ready(&self) -> Result<Option<String>, StoreError> {
         let probe = Digest::of(b"");
         self.stage(&Namespace::new("readyz"), &probe).map(|_| None)
+    }
+
+    /// Frees what [`BlobBackend::remove`] took out of the store but left for later (the local
+    /// disk's trash); returns how many objects. Blocking; backends that free at once have
+    /// nothing to do.
+    ///
+    /// # Errors
+    /// The backend's failure to list them.
+    fn empty_trash(&self) -> Result<u64, StoreError> {
+        Ok(0)
     }
 
     /// Discards staged objects older than `age` (all of them with `Duration::ZERO`) that a

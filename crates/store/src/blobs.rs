@@ -211,6 +211,15 @@ impl Store {
         self.backend.discard_staged(age)
     }
 
+    /// Frees the space of removed objects the backend left for later (the local disk's
+    /// trash); returns how many. Blocking.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the trash cannot be listed.
+    pub fn empty_trash(&self) -> Result<u64, StoreError> {
+        self.backend.empty_trash()
+    }
+
     /// Whether new objects can be stored (readiness): a probe staged and discarded, and with an
     /// object store, the bucket answering (see [`BlobBackend::check_ready`]: `Ok(Some(_))`
     /// names a problem that does not fail readiness).

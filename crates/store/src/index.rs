@@ -27,8 +27,72 @@ pub struct Index {
     db: sled::Db,
     tags: sled::Tree,
     manifests: sled::Tree,
-    /// Blob files' size and last access, for least-recently-used eviction.
+    /// Blob files' size and last access, for least-recently-used eviction, under compact keys
+    /// ([`blob_key`]).
     access: sled::Tree,
+    /// The access records of an index written before compact keys (`namespace\nsha256:<hex>`
+    /// keys), while a command that may not migrate them (`ls`, `verify`, `gc`, `export`)
+    /// still finds some: read and removed beside the compact ones. The server migrates them at
+    /// open, and then this is `None`.
+    legacy_access: Option<sled::Tree>,
+}
+
+/// The tree of compact access records.
+const ACCESS_TREE: &str = "blob_access";
+/// The tree of access records under text keys (before compact keys).
+const LEGACY_ACCESS_TREE: &str = "access";
+
+/// `namespace\n` + the digest's 32 bytes: a blob's access key. 43 bytes for `docker.io`,
+/// where the text form took 81; unambiguous, as names contain no `\n` and the digest has a
+/// fixed length at the end.
+fn blob_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
+    let name = namespace.as_str().as_bytes();
+    let mut key = Vec::with_capacity(name.len() + 33);
+    key.extend_from_slice(name);
+    key.push(b'\n');
+    key.extend_from_slice(digest.as_bytes());
+    key
+}
+
+/// The blob a [`blob_key`] names.
+fn parse_blob_key(key: &[u8]) -> Option<(Namespace, Digest)> {
+    let split = key.len().checked_sub(33)?;
+    let (name, rest) = key.split_at(split);
+    let (newline, hash) = rest.split_first()?;
+    if *newline != b'\n' {
+        return None;
+    }
+    let namespace = Namespace::new(std::str::from_utf8(name).ok()?);
+    Some((namespace, Digest::from_bytes(hash.try_into().ok()?)))
+}
+
+/// The blob a legacy text key (`namespace\nsha256:<hex>`) names.
+fn parse_legacy_key(key: &[u8]) -> Option<(Namespace, Digest)> {
+    match split_key(key)?.as_slice() {
+        [namespace, digest] => Some((Namespace::new(namespace), Digest::parse(digest).ok()?)),
+        _ => None,
+    }
+}
+
+/// One access record as [`Index::for_each_access`] streams it: the record, and the blob it
+/// belongs to decoded only when asked (eviction looks at most records' times alone).
+#[derive(Debug)]
+pub struct AccessEntry<'k> {
+    /// The record.
+    pub record: AccessRecord,
+    key: &'k [u8],
+    legacy: bool,
+}
+
+impl AccessEntry<'_> {
+    /// The blob the record belongs to (`None`: an undecodable key).
+    pub fn blob(&self) -> Option<(Namespace, Digest)> {
+        if self.legacy {
+            parse_legacy_key(self.key)
+        } else {
+            parse_blob_key(self.key)
+        }
+    }
 }
 
 /// Size and last use of a cached blob.
@@ -188,7 +252,12 @@ impl Index {
             found.restore(path);
         }
         match opened {
-            Ok(index) => Ok((index, None)),
+            Ok(mut index) => {
+                if on_corrupt == OnCorrupt::MoveAside {
+                    index.migrate_access()?;
+                }
+                Ok((index, None))
+            }
             // sled takes an exclusive lock on its file: another process (a running server)
             // has it.
             Err(StoreError::Index(sled::Error::Io(err)))
@@ -231,9 +300,21 @@ impl Index {
             .open()?;
         let tags = db.open_tree("tags")?;
         let manifests = db.open_tree("manifests")?;
-        let access = db.open_tree("access")?;
+        let access = db.open_tree(ACCESS_TREE)?;
+        let legacy_access = if db
+            .tree_names()
+            .iter()
+            .any(|name| &name[..] == LEGACY_ACCESS_TREE.as_bytes())
+        {
+            Some(db.open_tree(LEGACY_ACCESS_TREE)?)
+        } else {
+            None
+        };
         // Reading one record of each tree surfaces corruption now rather than on a request.
-        for tree in [&tags, &manifests, &access] {
+        for tree in [&tags, &manifests, &access]
+            .into_iter()
+            .chain(&legacy_access)
+        {
             if let Some(entry) = tree.iter().next() {
                 entry?;
             }
@@ -243,7 +324,51 @@ impl Index {
             tags,
             manifests,
             access,
+            legacy_access,
         })
+    }
+
+    /// Moves access records under text keys (an index written before compact keys) to compact
+    /// keys, in bounded batches, and drops their tree. Each batch inserts and removes together,
+    /// so a crash part-way leaves every record under one key or the other; the next open
+    /// carries on.
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    fn migrate_access(&mut self) -> Result<(), StoreError> {
+        let Some(legacy) = self.legacy_access.take() else {
+            return Ok(());
+        };
+        let mut moved = 0u64;
+        loop {
+            let mut compact = sled::Batch::default();
+            let mut old = sled::Batch::default();
+            let mut count = 0;
+            for entry in legacy.iter().take(MAX_BATCH) {
+                let (key, value) = entry?;
+                if let Some((namespace, digest)) = parse_legacy_key(&key) {
+                    compact.insert(blob_key(&namespace, &digest), value);
+                }
+                old.remove(key);
+                count += 1;
+            }
+            if count == 0 {
+                break;
+            }
+            // sled has no batch across trees: compact keys first, so that a crash between the
+            // two leaves a record under both keys (read the same), never under none.
+            self.access.apply_batch(compact)?;
+            legacy.apply_batch(old)?;
+            moved += count as u64;
+        }
+        self.db.drop_tree(LEGACY_ACCESS_TREE)?;
+        if moved > 0 {
+            tracing::info!(
+                records = moved,
+                "index access records moved to compact keys"
+            );
+        }
+        Ok(())
     }
 
     /// The record of a tag, if any. An undecodable record reads as absent (it will be
@@ -367,7 +492,7 @@ impl Index {
         for chunk in entries.chunks(MAX_BATCH) {
             let mut batch = sled::Batch::default();
             for (namespace, digest, record) in chunk {
-                batch.insert(manifest_key(namespace, digest), &encode_access(*record)[..]);
+                batch.insert(blob_key(namespace, digest), &encode_access(*record)[..]);
             }
             self.access.apply_batch(batch)?;
         }
@@ -383,10 +508,11 @@ impl Index {
         namespace: &Namespace,
         digest: &Digest,
     ) -> Result<Option<AccessRecord>, StoreError> {
-        Ok(self
-            .access
-            .get(manifest_key(namespace, digest))?
-            .and_then(|raw| decode_access(&raw)))
+        let mut raw = self.access.get(blob_key(namespace, digest))?;
+        if let (None, Some(legacy)) = (&raw, &self.legacy_access) {
+            raw = legacy.get(manifest_key(namespace, digest))?;
+        }
+        Ok(raw.and_then(|raw| decode_access(&raw)))
     }
 
     /// Whether a blob has an access record.
@@ -394,28 +520,36 @@ impl Index {
     /// # Errors
     /// [`StoreError::Index`].
     pub fn has_access(&self, namespace: &Namespace, digest: &Digest) -> Result<bool, StoreError> {
-        Ok(self.access.contains_key(manifest_key(namespace, digest))?)
+        if self.access.contains_key(blob_key(namespace, digest))? {
+            return Ok(true);
+        }
+        match &self.legacy_access {
+            Some(legacy) => Ok(legacy.contains_key(manifest_key(namespace, digest))?),
+            None => Ok(false),
+        }
     }
 
     /// Visits every blob's access record, one at a time: memory does not grow with the store.
-    /// Undecodable entries are skipped.
+    /// Undecodable records are skipped; the blob's name is decoded only when the visitor asks.
     ///
     /// # Errors
     /// [`StoreError::Index`].
     pub fn for_each_access(
         &self,
-        mut visit: impl FnMut(Namespace, Digest, AccessRecord),
+        mut visit: impl FnMut(AccessEntry<'_>),
     ) -> Result<(), StoreError> {
-        for entry in self.access.iter() {
-            let (key, value) = entry?;
-            let parsed = split_key(&key).and_then(|parts| match parts.as_slice() {
-                [namespace, digest] => {
-                    Some((Namespace::new(namespace), Digest::parse(digest).ok()?))
+        let trees = std::iter::once((&self.access, false))
+            .chain(self.legacy_access.iter().map(|tree| (tree, true)));
+        for (tree, legacy) in trees {
+            for entry in tree.iter() {
+                let (key, value) = entry?;
+                if let Some(record) = decode_access(&value) {
+                    visit(AccessEntry {
+                        record,
+                        key: &key,
+                        legacy,
+                    });
                 }
-                _ => None,
-            });
-            if let (Some((namespace, digest)), Some(record)) = (parsed, decode_access(&value)) {
-                visit(namespace, digest, record);
             }
         }
         Ok(())
@@ -426,7 +560,28 @@ impl Index {
     /// # Errors
     /// [`StoreError::Index`].
     pub fn remove_access(&self, namespace: &Namespace, digest: &Digest) -> Result<(), StoreError> {
-        self.access.remove(manifest_key(namespace, digest))?;
+        self.remove_accesses(std::slice::from_ref(&(namespace.clone(), *digest)))
+    }
+
+    /// Forgets many blobs' access records, in sled batches of at most [`MAX_BATCH`].
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn remove_accesses(&self, blobs: &[(Namespace, Digest)]) -> Result<(), StoreError> {
+        for chunk in blobs.chunks(MAX_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (namespace, digest) in chunk {
+                batch.remove(blob_key(namespace, digest));
+            }
+            self.access.apply_batch(batch)?;
+            if let Some(legacy) = &self.legacy_access {
+                let mut batch = sled::Batch::default();
+                for (namespace, digest) in chunk {
+                    batch.remove(manifest_key(namespace, digest));
+                }
+                legacy.apply_batch(batch)?;
+            }
+        }
         Ok(())
     }
 

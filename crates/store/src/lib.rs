@@ -29,7 +29,9 @@ mod writer;
 pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, StagedWrite};
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use buffers::ConnectionShare;
-pub use index::{AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord, MAX_BATCH};
+pub use index::{
+    AccessEntry, AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord, MAX_BATCH,
+};
 pub use local::LocalDisk;
 pub use open::{open_index, open_storage, open_store, IndexAccess};
 pub use s3::S3Backend;

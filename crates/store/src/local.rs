@@ -33,6 +33,8 @@ use regcache_oci::Digest;
 const FILE_MODE: u32 = 0o600;
 /// The mode of the store's directories.
 const DIR_MODE: u32 = 0o700;
+/// Threads unlinking the trash at once (each waits on the device).
+const TRASH_THREADS: usize = 8;
 
 /// Creates `dir` and any missing parents with [`DIR_MODE`].
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
@@ -63,6 +65,8 @@ struct Dirs {
     blobs: PathBuf,
     temp: PathBuf,
     quarantine: PathBuf,
+    /// Removed blobs waiting to be unlinked ([`BlobBackend::empty_trash`]).
+    trash: PathBuf,
 }
 
 impl Dirs {
@@ -91,8 +95,9 @@ impl LocalDisk {
             blobs: root.join("blobs"),
             temp: root.join("tmp"),
             quarantine: root.join("quarantine"),
+            trash: root.join("trash"),
         };
-        for dir in [&dirs.blobs, &dirs.temp] {
+        for dir in [&dirs.blobs, &dirs.temp, &dirs.trash] {
             create_private_dir(dir)?;
         }
         for dir in [root, dirs.blobs.as_path(), dirs.temp.as_path()] {
@@ -178,12 +183,70 @@ impl BlobBackend for LocalDisk {
         Ok(meta.filter(std::fs::Metadata::is_file).map(|m| m.len()))
     }
 
+    /// Moves the file into the trash, where [`BlobBackend::empty_trash`] unlinks it: a rename
+    /// is a directory update, where an unlink also frees the blocks, and on a file system
+    /// mounted with `discard` waits for the device (about 10 000 unlinks/s at best on the
+    /// project's test machine, against 27 000 renames/s). Falls back to unlinking in place.
     fn remove(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let path = self.dirs.blob_path(namespace, digest);
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let Some(meta) =
+            found(std::fs::metadata(&path)).map_err(StoreError::io("stat", path.display()))?
+        else {
+            return Ok(None);
+        };
+        // Spread over the blob layout's 256 prefixes: renames into one directory queue on
+        // its lock, and each waits on a lookup in an ever larger directory.
+        let hex = digest.hex();
+        let bucket = self.dirs.trash.join(&hex[..2]);
+        let trashed = bucket.join(format!("{}-{hex}", namespace.as_str()));
+        let mut moved = std::fs::rename(&path, &trashed);
+        if moved
+            .as_ref()
+            .is_err_and(|err| err.kind() == std::io::ErrorKind::NotFound)
+            && create_private_dir(&bucket).is_ok()
+        {
+            moved = std::fs::rename(&path, &trashed);
+        }
+        if moved.is_ok() {
+            return Ok(Some(meta.len()));
+        }
         let removed =
             found(std::fs::remove_file(&path)).map_err(StoreError::io("remove", path.display()))?;
-        Ok(removed.map(|()| len))
+        Ok(removed.map(|()| meta.len()))
+    }
+
+    fn empty_trash(&self) -> Result<u64, StoreError> {
+        let trash = &self.dirs.trash;
+        let buckets = match found(std::fs::read_dir(trash)) {
+            Ok(Some(buckets)) => parking_lot::Mutex::new(buckets),
+            Ok(None) => return Ok(0),
+            Err(err) => return Err(StoreError::io("list", trash.display())(err)),
+        };
+        let unlinked = AtomicU64::new(0);
+        // Unlinks wait on the device (see `remove`): several threads, each emptying one prefix
+        // directory at a time (listed as it goes: memory does not grow with the trash).
+        std::thread::scope(|scope| {
+            for _ in 0..TRASH_THREADS {
+                scope.spawn(|| loop {
+                    let next = buckets.lock().next();
+                    let Some(bucket) = next else { break };
+                    let Ok(bucket) = bucket else { continue };
+                    let Ok(files) = std::fs::read_dir(bucket.path()) else {
+                        // A file at the top (a store from before the prefixes): unlinked too.
+                        if std::fs::remove_file(bucket.path()).is_ok() {
+                            unlinked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    };
+                    for file in files.flatten() {
+                        if std::fs::remove_file(file.path()).is_ok() {
+                            unlinked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        Ok(unlinked.into_inner())
     }
 
     fn quarantine(
@@ -544,6 +607,65 @@ mod tests {
             1,
             "the read's 256 KiB buffer is back in the pool while the bytes are kept"
         );
+    }
+
+    #[test]
+    fn a_removed_blob_leaves_the_store_at_once_and_its_file_when_the_trash_is_emptied() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let disk = Arc::new(LocalDisk::open(dir.path()).expect("open"));
+        let store = crate::Store::new(Arc::clone(&disk) as Arc<dyn BlobBackend>);
+        let namespace = Namespace::new("registry.test");
+        let blobs: Vec<Vec<u8>> = (0..20u8).map(|n| vec![n; 100 + usize::from(n)]).collect();
+        for bytes in &blobs {
+            store
+                .put_verified(&namespace, &Digest::of(bytes), bytes)
+                .expect("put");
+        }
+        let before = store.usage();
+        let gone = Digest::of(&blobs[3]);
+        let mut reader = disk.open(&namespace, &gone).expect("open").expect("stored");
+        assert_eq!(store.remove(&namespace, &gone).expect("remove"), Some(103));
+        assert_eq!(store.usage().bytes, before.bytes - 103);
+        assert_eq!(store.usage().files, before.files - 1);
+        assert!(disk.stat(&namespace, &gone).expect("stat").is_none());
+        assert!(disk.open(&namespace, &gone).expect("open").is_none());
+        assert_eq!(store.remove(&namespace, &gone).expect("remove"), None);
+        let mut listed = 0;
+        disk.list(&mut |_| listed += 1);
+        assert_eq!(
+            listed,
+            blobs.len() - 1,
+            "the trash is not part of the store"
+        );
+        let trashed = |digest: &Digest| {
+            let hex = digest.hex();
+            let name = format!("registry.test-{hex}");
+            dir.path().join("trash").join(&hex[..2]).join(name)
+        };
+        assert!(trashed(&gone).is_file());
+
+        for bytes in &blobs[5..] {
+            store
+                .remove(&namespace, &Digest::of(bytes))
+                .expect("remove");
+        }
+        assert_eq!(store.empty_trash().expect("empty"), 16);
+        assert!(!trashed(&gone).exists());
+        for bytes in &blobs[5..] {
+            assert!(!trashed(&Digest::of(bytes)).exists());
+        }
+        assert_eq!(
+            &reader
+                .read_at(0, 103)
+                .expect("an open reader keeps its bytes")[..],
+            &blobs[3][..]
+        );
+        for bytes in &blobs[..5] {
+            let digest = Digest::of(bytes);
+            let kept = disk.stat(&namespace, &digest).expect("stat");
+            assert_eq!(kept.is_some(), digest != gone);
+        }
+        assert_eq!(store.empty_trash().expect("empty"), 0);
     }
 
     #[test]

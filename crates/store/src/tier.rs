@@ -155,6 +155,10 @@ impl BlobBackend for Tier {
         self.local.discard_staged(age)
     }
 
+    fn empty_trash(&self) -> Result<u64, StoreError> {
+        self.local.empty_trash()
+    }
+
     fn promote(&self, namespace: &Namespace, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let key = (namespace.clone(), *digest);
         let gate = Arc::clone(self.promoting.lock().entry(key.clone()).or_default());

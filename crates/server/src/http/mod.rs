@@ -141,8 +141,7 @@ pub(crate) async fn serve(
         }
     }
     let cache = outcome.phase.map_or("-", CachePhase::as_str);
-    // Microsecond precision: `0.104`, not `0.10389499999999999`.
-    let elapsed_ms = (elapsed.as_secs_f64() * 1_000_000.0).round() / 1000.0;
+    let elapsed_ms = regcache_metrics::log_millis(elapsed);
     span.in_scope(|| match &outcome.error {
         Some((error::Origin::Internal, cause)) => {
             tracing::error!(%method, %path, status, bytes, cache, elapsed_ms, error = %cause, "request")

@@ -204,3 +204,93 @@ fn memberships_are_scoped_and_survive_reopen() {
         )
         .expect("read"));
 }
+
+/// Writes `records` as an index before compact keys did: text keys in the `access` tree.
+fn write_legacy_access(path: &Path, records: &[(Namespace, Digest, AccessRecord)]) {
+    let db = sled::open(path).expect("sled");
+    let tree = db.open_tree(LEGACY_ACCESS_TREE).expect("tree");
+    for (namespace, digest, record) in records {
+        tree.insert(manifest_key(namespace, digest), &encode_access(*record)[..])
+            .expect("insert");
+    }
+    db.flush().expect("flush");
+}
+
+/// Every access record the index streams, decoded.
+fn all_access(index: &Index) -> Vec<(Namespace, Digest, AccessRecord)> {
+    let mut all = Vec::new();
+    index
+        .for_each_access(|entry| {
+            let (namespace, digest) = entry.blob().expect("decodable key");
+            all.push((namespace, digest, entry.record));
+        })
+        .expect("scan");
+    all.sort_by_key(|(_, digest, _)| *digest);
+    all
+}
+
+#[test]
+fn access_records_under_text_keys_are_read_by_every_command_and_moved_by_the_server() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("index");
+    let namespace = Namespace::new("docker.io");
+    let records: Vec<_> = (0..(MAX_BATCH as u64 + 10))
+        .map(|n| {
+            let digest = Digest::of(&n.to_le_bytes());
+            let record = AccessRecord {
+                size: n,
+                last_access: 1000 + n,
+            };
+            (namespace.clone(), digest, record)
+        })
+        .collect();
+    write_legacy_access(&path, &records);
+    let mut expected = records.clone();
+    expected.sort_by_key(|(_, digest, _)| *digest);
+
+    // A command that may not migrate reads and removes them where they are.
+    {
+        let (index, _) = Index::open(&path, OnCorrupt::Refuse, TEST_CACHE_BYTES).expect("open");
+        assert_eq!(all_access(&index), expected);
+        let (namespace, digest, record) = &records[3];
+        assert_eq!(
+            index.access(namespace, digest).expect("read"),
+            Some(*record)
+        );
+        assert!(index.has_access(namespace, digest).expect("read"));
+        index.remove_access(namespace, digest).expect("remove");
+        assert!(!index.has_access(namespace, digest).expect("read"));
+        index.flush().expect("flush");
+    }
+    expected.retain(|(_, digest, _)| *digest != records[3].1);
+
+    // The server moves them to compact keys (more than one batch) and drops the old tree.
+    {
+        let (index, _) = Index::open(&path, OnCorrupt::MoveAside, TEST_CACHE_BYTES).expect("open");
+        assert!(index.legacy_access.is_none());
+        assert_eq!(all_access(&index), expected);
+        let names = index.db.tree_names();
+        assert!(!names
+            .iter()
+            .any(|name| &name[..] == LEGACY_ACCESS_TREE.as_bytes()));
+        assert_eq!(index.access.len(), expected.len());
+        index.flush().expect("flush");
+    }
+    let (index, _) = Index::open(&path, OnCorrupt::Refuse, TEST_CACHE_BYTES).expect("reopen");
+    assert_eq!(all_access(&index), expected);
+}
+
+#[test]
+fn compact_access_keys_round_trip_and_reject_other_shapes() {
+    let namespace = Namespace::new("registry-1.example:5000");
+    let digest = Digest::of(b"blob");
+    let key = blob_key(&namespace, &digest);
+    assert_eq!(key.len(), namespace.as_str().len() + 33);
+    assert_eq!(parse_blob_key(&key), Some((namespace.clone(), digest)));
+    assert_eq!(parse_blob_key(&key[..key.len() - 1]), None);
+    assert_eq!(parse_blob_key(b"short"), None);
+    assert_eq!(
+        parse_legacy_key(&manifest_key(&namespace, &digest)),
+        Some((namespace, digest))
+    );
+}

@@ -1,0 +1,171 @@
+//! A store of many small blobs under SIGKILL: during the start-up walk that records every
+//! blob in the index, and during an eviction that moves half of them out. After each kill the
+//! index opens (not moved aside), `verify` finds every remaining file whole, and a restarted
+//! server finishes the job: every blob counted, the budget met, the trash emptied.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::proxy::{run_regcache, TestProxy, UpstreamSpec};
+use common::regclient::sha256_digest;
+
+const NAME: &str = "registry.test";
+/// Enough blobs that the walk and the eviction take a while in a debug build (seconds), few
+/// enough to write in a few seconds.
+const BLOBS: usize = 30_000;
+
+/// Writes `count` small blobs, each under its sha256, in the store layout; their total bytes.
+fn seed(storage: &Path, count: usize) -> u64 {
+    let root = storage.join("blobs").join(NAME).join("sha256");
+    let mut total = 0;
+    for n in 0..count {
+        let bytes = format!("index crash test blob {n}\n");
+        let digest = sha256_digest(bytes.as_bytes());
+        let hex = digest.trim_start_matches("sha256:");
+        let dir = root.join(&hex[..2]);
+        std::fs::create_dir_all(&dir).expect("prefix directory");
+        std::fs::write(dir.join(hex), &bytes).expect("seed blob");
+        total += bytes.len() as u64;
+    }
+    total
+}
+
+/// Every file under `dir`, recursively.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+fn blob_files(storage: &Path) -> Vec<PathBuf> {
+    files(&storage.join("blobs").join(NAME))
+}
+
+/// `verify --json` with the server down: clean, and the index was opened (not skipped).
+async fn verify_clean(config: &Path, when: &str) {
+    let output = run_regcache(&["verify", "--json"], config).await;
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{when}: verify found problems:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&report).expect("verify --json");
+    assert!(report["index_skipped"].is_null(), "{when}: {report}");
+    assert_eq!(
+        report["corrupt"].as_array().map(Vec::len),
+        Some(0),
+        "{when}: {report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_the_start_up_walk_and_during_eviction_leaves_an_index_that_carries_on() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let storage = dir.path().join("data");
+    let total = seed(&storage, BLOBS);
+    // No upstream is needed: nothing is fetched.
+    let upstreams = [UpstreamSpec::default_at(NAME, "http://127.0.0.1:9")];
+    let mut proxy = TestProxy::start_with_storage(&upstreams, "", Some(storage.clone())).await;
+
+    // 1. The walk records the blobs in the index in batches, after the server answers: the
+    //    kill lands in it.
+    proxy.kill().await;
+    assert!(
+        !proxy.log().contains("store usage counted"),
+        "the walk of {BLOBS} blobs ended before the kill; the test needs more blobs:\n{}",
+        proxy.log()
+    );
+    verify_clean(proxy.config_path(), "after a kill during the walk").await;
+    proxy.restart_after_crash().await;
+    proxy
+        .wait_for_log(
+            &format!("store usage counted files={BLOBS} bytes={total}"),
+            Duration::from_secs(120),
+        )
+        .await;
+    assert!(
+        !proxy.log().contains("moved it aside"),
+        "the index did not survive the kill:\n{}",
+        proxy.log()
+    );
+    assert!(proxy.stop().await, "clean stop");
+
+    // 2. A budget that forces half of the store out, and a kill while eviction moves files
+    //    out (some gone, not all that must go).
+    let max_size = total;
+    proxy.edit_config(|text| {
+        text.replacen(
+            "[storage]\n",
+            &format!(
+                "[storage]\nmax_size = \"{max_size}B\"\nhigh_watermark = 0.9\nlow_watermark = 0.5\n"
+            ),
+            1,
+        )
+    });
+    proxy.restart_after_crash().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = blob_files(&storage).len();
+        if left < BLOBS {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "eviction did not start:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.kill().await;
+    let left = blob_files(&storage).len();
+    assert!(
+        !proxy
+            .log()
+            .contains("evicted to stay under the storage budget")
+            && left > BLOBS / 2,
+        "eviction ended before the kill ({left} files left):\n{}",
+        proxy.log()
+    );
+    verify_clean(proxy.config_path(), "after a kill during eviction").await;
+
+    // 3. Restarted with the same budget, the server finishes: the store is under the low
+    //    watermark, every file left is whole (verify), and the trash is empty.
+    proxy.restart_after_crash().await;
+    proxy
+        .wait_for_log(
+            "evicted to stay under the storage budget",
+            Duration::from_secs(120),
+        )
+        .await;
+    proxy
+        .wait_for_log("freed the space of removed blobs", Duration::from_secs(120))
+        .await;
+    assert!(proxy.stop().await, "clean stop");
+    let kept: u64 = blob_files(&storage)
+        .iter()
+        .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
+        .sum();
+    assert!(
+        kept <= max_size / 2 && kept > max_size / 4,
+        "{kept} bytes kept of {total}: not evicted down to the low watermark (half)"
+    );
+    assert_eq!(
+        files(&storage.join("trash")),
+        Vec::<PathBuf>::new(),
+        "files left in the trash"
+    );
+    verify_clean(proxy.config_path(), "after the eviction finished").await;
+}
