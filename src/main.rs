@@ -132,10 +132,27 @@ fn main() -> ExitCode {
         }
     };
     result.unwrap_or_else(|err| {
-        tracing::error!("{err:#}");
-        eprintln!("regcache: {err:#}");
+        // Once, on stderr (where the server's log also goes).
+        eprintln!("regcache: {}", describe(&err));
         ExitCode::FAILURE
     })
+}
+
+/// An error and its causes for the terminal, in one line: each cause once (most errors here
+/// already name their source in their own message).
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn verify(config: &Config, repair: bool, json: bool) -> anyhow::Result<ExitCode> {

@@ -48,6 +48,16 @@ impl VerifyReport {
 /// [`StoreError`] when the store cannot be opened.
 pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyReport, StoreError> {
     let store = open_store(&config.storage)?;
+    let access = if repair {
+        IndexAccess::Repair
+    } else {
+        IndexAccess::Existing
+    };
+    // Opened first: a running server (which holds it) stops the command before any work.
+    let index = match open_index(&config.storage, access) {
+        Err(err) if !skips_index(&err) => return Err(err),
+        opened => opened,
+    };
     let mut files = Vec::new();
     let usage = store.scan(|blob| files.push((blob.namespace, blob.digest, blob.size)));
     let bar = if progress {
@@ -97,12 +107,7 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
             .corrupt
             .push(format!("{}/{digest}", namespace.as_str()));
     }
-    let access = if repair {
-        IndexAccess::Repair
-    } else {
-        IndexAccess::Existing
-    };
-    match open_index(&config.storage, access) {
+    match index {
         Ok(index) => check_index(&store, &index, repair, &mut report)?,
         Err(err) if skips_index(&err) => {
             report.index_corrupt = matches!(err, StoreError::IndexCorrupt { .. });
@@ -114,13 +119,12 @@ pub fn verify(config: &Config, repair: bool, progress: bool) -> Result<VerifyRep
 }
 
 /// Whether a failure to open the index only means skipping the index part: the database is
-/// missing, held by a running server, or corrupt (not repairing).
+/// missing or corrupt (not repairing). One a running server holds is an error: the command
+/// would judge a store that changes under it.
 fn skips_index(err: &StoreError) -> bool {
     matches!(
         err,
-        StoreError::IndexMissing { .. }
-            | StoreError::IndexLocked { .. }
-            | StoreError::IndexCorrupt { .. }
+        StoreError::IndexMissing { .. } | StoreError::IndexCorrupt { .. }
     )
 }
 

@@ -276,3 +276,66 @@ fn the_compose_pair_names_each_other_and_its_files_exist() {
     let command = services["seaweedfs"]["command"].to_string();
     assert!(command.contains(&format!("-bucket={bucket}")), "{command}");
 }
+
+/// The image name an operator builds with the README's command: what every deploy file runs.
+fn readme_image() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
+    let command = readme
+        .lines()
+        .find_map(|line| line.split("docker build -f deploy/Dockerfile -t ").nth(1))
+        .expect("the README's docker build command");
+    command
+        .split_whitespace()
+        .next()
+        .expect("an image name")
+        .to_owned()
+}
+
+#[test]
+fn every_deploy_file_runs_the_image_the_readme_builds_and_the_build_context_leaves_out_targets() {
+    let image = readme_image();
+    assert!(
+        image.contains(':'),
+        "the README builds an untagged image: {image}"
+    );
+    let dockerfile = std::fs::read_to_string(repo().join("deploy/Dockerfile")).expect("Dockerfile");
+    assert!(
+        dockerfile.contains(&format!("-t {image} .")),
+        "Dockerfile comment"
+    );
+    for path in manifest_files() {
+        for document in documents(&path) {
+            let containers = &document["spec"]["template"]["spec"]["containers"];
+            for container in containers.as_array().into_iter().flatten() {
+                assert_eq!(
+                    container["image"].as_str(),
+                    Some(image.as_str()),
+                    "{}",
+                    path.display()
+                );
+            }
+        }
+    }
+    let compose = documents(&repo().join("deploy/compose/docker-compose.yml")).remove(0);
+    for (name, service) in compose["services"].as_object().expect("services") {
+        if name.starts_with("regcache") {
+            // The replicas share `x-regcache` through a YAML merge key.
+            let named = service["image"]
+                .as_str()
+                .or(service["<<"]["image"].as_str());
+            assert_eq!(named, Some(image.as_str()), "compose {name}");
+        }
+    }
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    for heavy in [
+        "target",
+        ".git",
+        "loadtest/target",
+        "deploy/validate/node_modules",
+    ] {
+        assert!(
+            ignored.lines().any(|line| line == heavy),
+            ".dockerignore lacks {heavy}"
+        );
+    }
+}

@@ -616,3 +616,32 @@ async fn serve_and_check_config_refuse_a_config_without_an_upstream() {
         "nothing was created for a config that cannot serve"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn maintenance_commands_refuse_a_store_a_server_holds_naming_it_once() {
+    let upstream = Upstream::start(Auth::None).await;
+    let proxy = TestProxy::start(&[UpstreamSpec::default_at(NAME, &upstream.url())], "").await;
+    let pid = proxy.pid().expect("running");
+    for command in [&["ls"][..], &["gc"], &["verify"], &["verify", "--json"]] {
+        let output = run_regcache(command, proxy.config_path()).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command:?} exited 0:\n{stderr}");
+        let sentence = format!("in use by a running regcache server (PID {pid}); stop it");
+        assert_eq!(
+            stderr.matches(&sentence).count(),
+            1,
+            "{command:?}:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("Os {"),
+            "{command:?}: a Debug dump:\n{stderr}"
+        );
+    }
+    // Nothing was judged or removed meanwhile: the server still serves.
+    assert!(proxy
+        .client()
+        .get(format!("{}/v2/", proxy.url()))
+        .send()
+        .await
+        .is_ok());
+}

@@ -8,6 +8,7 @@
 
 use parking_lot::Mutex;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -92,13 +93,19 @@ struct Victim {
     size: u64,
 }
 
-/// What evicting one blob did.
-#[derive(Debug)]
-struct Evicted {
-    /// The bytes its removal freed (`None`: the file was already gone).
-    freed: Option<u64>,
-    /// Whether it was a manifest (whose tags go too).
-    manifest: bool,
+/// What one round of eviction did.
+#[derive(Debug, Default)]
+struct RoundOutcome {
+    /// Access records forgotten (their files removed, or already gone).
+    forgotten: usize,
+    /// Files removed.
+    files: u64,
+    /// Bytes they freed.
+    bytes: u64,
+    /// The evicted manifests (whose tags go too).
+    manifests: Vec<(Namespace, Digest)>,
+    /// The index error that stopped the round, if one did.
+    failed: Option<regcache_store::StoreError>,
 }
 
 /// The budget in bytes at each watermark.
@@ -247,28 +254,22 @@ impl Upkeep {
                 })
                 .count();
             let chosen = round.elapsed();
-            let (evicted, failed) = self.evict_all(&victims[..needed]);
+            let outcome = self.evict_all(&victims[..needed]);
             tracing::debug!(
                 victims = needed,
                 choose_ms = regcache_metrics::log_millis(chosen),
                 remove_ms = regcache_metrics::log_millis(round.elapsed() - chosen),
                 "eviction round"
             );
-            let forgotten = evicted.len();
-            for (victim, evicted) in evicted {
-                used = used.saturating_sub(evicted.freed.unwrap_or(0));
-                // A record whose blob was already gone frees nothing.
-                report.files += u64::from(evicted.freed.is_some());
-                report.bytes += evicted.freed.unwrap_or(0);
-                if evicted.manifest {
-                    evicted_manifests.insert((victim.namespace.clone(), victim.digest));
-                }
-            }
-            if let Some(err) = failed {
+            used = used.saturating_sub(outcome.bytes);
+            report.files += outcome.files;
+            report.bytes += outcome.bytes;
+            evicted_manifests.extend(outcome.manifests);
+            if let Some(err) = outcome.failed {
                 tracing::warn!(error = %err, "eviction could not forget access records; eviction stopped");
                 break;
             }
-            if forgotten == 0 {
+            if outcome.forgotten == 0 {
                 break;
             }
         }
@@ -347,73 +348,76 @@ impl Upkeep {
     /// forgotten first, then their files removed on [`EVICTION_THREADS`] threads while this
     /// one forgets the next batch. Record first: a crash in between leaves a file without a
     /// record, which the next start's walk records again; never a record that says a blob is
-    /// there when its file is gone. Returns what each removal did, and the error that stopped
-    /// the index from forgetting, if one did.
-    fn evict_all<'v>(
-        &self,
-        victims: &'v [Victim],
-    ) -> (
-        Vec<(&'v Victim, Evicted)>,
-        Option<regcache_store::StoreError>,
-    ) {
-        let (work, queue) = std::sync::mpsc::sync_channel::<(&Victim, bool)>(MAX_BATCH);
+    /// there when its file is gone.
+    fn evict_all(&self, victims: &[Victim]) -> RoundOutcome {
+        let (work, queue) = std::sync::mpsc::sync_channel::<&Victim>(MAX_BATCH);
         let queue = Mutex::new(queue);
-        let outcomes = Mutex::new(Vec::with_capacity(victims.len()));
-        let failed = std::thread::scope(|scope| {
+        let (files, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+        let kept = Mutex::new(Vec::new());
+        let mut outcome = RoundOutcome::default();
+        std::thread::scope(|scope| {
             for _ in 0..EVICTION_THREADS {
                 scope.spawn(|| loop {
                     let next = queue.lock().recv();
-                    let Ok((victim, manifest)) = next else { break };
-                    let freed = self.remove_file(victim);
-                    outcomes.lock().push((victim, freed, manifest));
+                    let Ok(victim) = next else { break };
+                    match self.remove_file(victim) {
+                        Ok(Some(freed)) => {
+                            files.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(freed, Ordering::Relaxed);
+                        }
+                        // Already gone: its record is forgotten, nothing freed.
+                        Ok(None) => {}
+                        Err(()) => kept.lock().push(victim),
+                    }
                 });
             }
-            let mut failed = None;
             for batch in victims.chunks(MAX_BATCH) {
                 let blobs: Vec<_> = batch
                     .iter()
                     .map(|victim| (victim.namespace.clone(), victim.digest))
                     .collect();
-                let manifests: Vec<bool> = batch
-                    .iter()
-                    .map(|victim| self.forget_manifest(victim))
-                    .collect();
+                for victim in batch {
+                    if self.forget_manifest(victim) {
+                        outcome
+                            .manifests
+                            .push((victim.namespace.clone(), victim.digest));
+                    }
+                }
                 // On disk before any file goes (sled otherwise writes every 500 ms): a crash
                 // must not bring back records of removed files.
                 let forgotten = self.parts.index.remove_accesses(&blobs);
                 if let Err(err) = forgotten.and_then(|()| self.parts.index.flush()) {
-                    failed = Some(err);
+                    outcome.failed = Some(err);
                     break;
                 }
-                for job in batch.iter().zip(manifests) {
-                    if work.send(job).is_err() {
+                outcome.forgotten += batch.len();
+                for victim in batch {
+                    if work.send(victim).is_err() {
                         break;
                     }
                 }
             }
             drop(work);
-            failed
         });
         // A file that could not be removed is still in the store: its record goes back.
-        let mut kept = Vec::new();
-        let mut evicted = Vec::new();
-        for (victim, freed, manifest) in outcomes.into_inner() {
-            match freed {
-                Ok(freed) => evicted.push((victim, Evicted { freed, manifest })),
-                Err(()) => kept.push((
-                    victim.namespace.clone(),
-                    victim.digest,
-                    AccessRecord {
-                        size: victim.size,
-                        last_access: victim.last_access,
-                    },
-                )),
-            }
-        }
+        let kept: Vec<_> = kept
+            .into_inner()
+            .into_iter()
+            .map(|victim| {
+                let record = AccessRecord {
+                    size: victim.size,
+                    last_access: victim.last_access,
+                };
+                (victim.namespace.clone(), victim.digest, record)
+            })
+            .collect();
+        outcome.forgotten -= kept.len();
         if let Err(err) = self.parts.index.record_access(&kept) {
             tracing::warn!(error = %err, "could not record again blobs eviction could not remove");
         }
-        (evicted, failed)
+        outcome.files = files.into_inner();
+        outcome.bytes = bytes.into_inner();
+        outcome
     }
 
     /// Forgets a victim's manifest record, if it is a manifest (its tags go after the round).

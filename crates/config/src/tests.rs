@@ -295,11 +295,11 @@ fn serving_needs_an_upstream() {
 
 #[test]
 fn the_index_cache_is_a_size_of_at_least_a_mebibyte() {
-    let config = Config::parse("[storage]\nindex_cache = \"16MiB\"").expect("valid");
-    assert_eq!(config.storage.index_cache, 16 << 20);
+    let config = Config::parse("[storage]\nindex_cache = \"64MiB\"").expect("valid");
+    assert_eq!(config.storage.index_cache, 64 << 20);
     assert_eq!(
         Config::load(None).expect("default").storage.index_cache,
-        64 << 20
+        16 << 20
     );
     check_error(
         "[storage]\nindex_cache = \"64KiB\"",

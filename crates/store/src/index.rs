@@ -169,6 +169,20 @@ fn manifest_key(namespace: &Namespace, digest: &Digest) -> Vec<u8> {
     format!("{}\n{digest}", namespace.as_str()).into_bytes()
 }
 
+/// The process holding a lock on `file`, from `/proc/locks` (lines such as
+/// `1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234567 0 EOF`: the pid, then device:inode).
+fn lock_holder(file: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let inode = std::fs::metadata(file).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (pid, device_inode) = (fields.get(4)?, fields.get(5)?);
+        let held = device_inode.rsplit(':').next()?.parse::<u64>().ok()?;
+        (held == inode).then(|| pid.parse().ok()).flatten()
+    })
+}
+
 /// What [`Index::open`] does with a database it cannot read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OnCorrupt {
@@ -259,12 +273,14 @@ impl Index {
                 Ok((index, None))
             }
             // sled takes an exclusive lock on its file: another process (a running server)
-            // has it.
+            // has it. sled reports that as an `Other` error naming the lock.
             Err(StoreError::Index(sled::Error::Io(err)))
-                if err.kind() == std::io::ErrorKind::WouldBlock =>
+                if err.kind() == std::io::ErrorKind::WouldBlock
+                    || err.to_string().contains("could not acquire lock") =>
             {
                 Err(StoreError::IndexLocked {
                     path: path.display().to_string(),
+                    holder: lock_holder(&path.join("db")),
                 })
             }
             // An I/O error is not corruption: permissions, a full disk. Moving the database

@@ -93,10 +93,12 @@ pub enum StoreError {
         source: Box<object_store::Error>,
     },
     /// The index database another process (a running server) holds.
-    #[error("index database {path} is in use by another process (is a server running?)")]
+    #[error("the index database {path} is in use by a running regcache server{}; stop it, then run this command again", holder.map(|pid| format!(" (PID {pid})")).unwrap_or_default())]
     IndexLocked {
         /// The database's directory.
         path: String,
+        /// The process holding it, when the system says (`/proc/locks`).
+        holder: Option<u32>,
     },
     /// The index database cannot be read; a read-only command left it as it is.
     #[error("index database {path} is corrupt; `regcache verify --repair` moves it aside and rebuilds it")]

@@ -53,9 +53,18 @@ fn a_locked_database_is_an_error_not_corruption() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("index");
     let (_held, _) = Index::open(&path, OnCorrupt::MoveAside, TEST_CACHE_BYTES).expect("open");
+    let second = Index::open(&path, OnCorrupt::MoveAside, TEST_CACHE_BYTES);
+    let Err(StoreError::IndexLocked { holder, .. }) = &second else {
+        panic!("a second open must fail as locked, not start fresh: {second:?}");
+    };
+    assert_eq!(*holder, Some(std::process::id()), "the holder is named");
+    let message = second.err().map(|err| err.to_string()).unwrap_or_default();
     assert!(
-        Index::open(&path, OnCorrupt::MoveAside, TEST_CACHE_BYTES).is_err(),
-        "a second open must fail, not start fresh"
+        message.contains(&format!(
+            "running regcache server (PID {})",
+            std::process::id()
+        )),
+        "{message}"
     );
     assert!(
         std::fs::read_dir(dir.path()).expect("list").count() == 1,
