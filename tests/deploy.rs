@@ -339,3 +339,114 @@ fn every_deploy_file_runs_the_image_the_readme_builds_and_the_build_context_leav
         );
     }
 }
+
+/// The unit's `ExecStart`, split into words.
+fn unit_exec_start() -> Vec<String> {
+    let unit = std::fs::read_to_string(repo().join("deploy/regcache.service")).expect("unit");
+    let line = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_systemd_unit_serves_with_the_example_config_as_an_unprivileged_user_in_the_root() {
+    let unit = std::fs::read_to_string(repo().join("deploy/regcache.service")).expect("unit");
+    assert!(
+        unit.lines().any(|l| l == "StateDirectory=regcache"),
+        "{unit}"
+    );
+    assert!(
+        !unit.lines().any(|l| l.starts_with("Environment=RUST_LOG")),
+        "RUST_LOG in the unit overrides log.level"
+    );
+    if let Some(analyze) = common::find_on_path("systemd-analyze") {
+        // The unit as installed, with this build's binary where it says /usr/local/bin.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let copy = dir.path().join("regcache.service");
+        let text = unit.replace("/usr/local/bin/regcache", env!("CARGO_BIN_EXE_regcache"));
+        std::fs::write(&copy, text).expect("unit copy");
+        let verified = Command::new(analyze)
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("run");
+        assert!(
+            verified.status.success(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
+
+    // What systemd would do: a state directory owned by the dynamic user, the config installed
+    // as shipped, the unit's command line run as that user from `/`, handed its socket.
+    let root = tempfile::tempdir().expect("temp dir");
+    let state = root.path().join("state");
+    let binary = root.path().join("regcache");
+    let config = root.path().join("config.toml");
+    std::fs::create_dir(&state).expect("state dir");
+    std::fs::copy(env!("CARGO_BIN_EXE_regcache"), &binary).expect("binary");
+    std::fs::copy(repo().join("config.toml.example"), &config).expect("config");
+    // The effective uid, second on the `Uid:` line.
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let as_root = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    let wrapper: Vec<&str> = if as_root {
+        use std::os::unix::fs::PermissionsExt as _;
+        for path in [root.path(), state.as_path()] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        }
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).expect("chown");
+        vec![
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        Vec::new()
+    };
+    let mut words = unit_exec_start().into_iter();
+    assert_eq!(words.next().as_deref(), Some("/usr/local/bin/regcache"));
+    let args: Vec<String> = words
+        .map(|word| match word.as_str() {
+            "/etc/regcache/config.toml" => config.display().to_string(),
+            "/var/lib/regcache" => state.display().to_string(),
+            _ => word,
+        })
+        .collect();
+    let listener = common::proxy::bind_local();
+    let address = common::proxy::local_addr(&listener);
+    let mut child = common::proxy::activated(&wrapper, &binary, &[("http", &listener)])
+        .args(&args)
+        .current_dir("/")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the unit's command");
+    let client = reqwest::Client::new();
+    let readyz = client
+        .get(format!("http://{address}/readyz"))
+        .timeout(std::time::Duration::from_secs(20))
+        .send()
+        .await;
+    let _ = child.start_kill();
+    let output = child.wait_with_output().await.expect("exit");
+    let status = readyz.map(|r| r.status().as_u16());
+    assert_eq!(
+        status.as_ref().ok(),
+        Some(&200),
+        "not ready: {status:?}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        state.join("blobs").is_dir() && state.join("index").is_dir(),
+        "store not in the state directory"
+    );
+}

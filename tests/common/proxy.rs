@@ -34,13 +34,24 @@ pub fn local_addr(listener: &TcpListener) -> SocketAddr {
 /// `metrics` for the metrics listener) and `LISTEN_PID`. The pid is known only once the child
 /// runs, so a shell sets it to its own (`$$`) and then `exec`s regcache, which keeps that pid.
 pub fn activated_regcache(sockets: &[(&str, &TcpListener)]) -> Command {
-    let mut command = Command::new("/bin/sh");
+    activated(&[], Path::new(env!("CARGO_BIN_EXE_regcache")), sockets)
+}
+
+/// [`activated_regcache`] for the regcache binary at `binary`, run through `wrapper` (a
+/// command that runs its arguments, e.g. `setpriv` to change user; empty for none).
+pub fn activated(wrapper: &[&str], binary: &Path, sockets: &[(&str, &TcpListener)]) -> Command {
+    let (program, wrapper_args) = match wrapper.split_first() {
+        Some((program, args)) => (*program, args),
+        None => ("/bin/sh", &[][..]),
+    };
+    let mut command = Command::new(program);
+    if !wrapper.is_empty() {
+        command.args(wrapper_args).arg("/bin/sh");
+    }
     command
-        .args([
-            "-c",
-            r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#,
-            env!("CARGO_BIN_EXE_regcache"),
-        ])
+        .arg("-c")
+        .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)
+        .arg(binary)
         .env("LISTEN_FDS", sockets.len().to_string())
         .env(
             "LISTEN_FDNAMES",
