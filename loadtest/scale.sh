@@ -22,7 +22,8 @@
 #
 # Settings (environment): SCALE_BLOBS=1000000, INDEX_CACHE (storage.index_cache; default:
 # regcache's), REGCACHE_BIN (default target/release/regcache), LOADTEST_BIN (default
-# loadtest/target/release/loadtest, built when missing), WORK, KEEP_WORK=1.
+# loadtest/target/release/loadtest, built when missing), WORK, KEEP_WORK=1, SCALE_REUSE=1
+# (with WORK and KEEP_WORK: take the blobs a previous run left, whole, instead of seeding).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -93,9 +94,13 @@ stop() { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""; }
 
 field() { sed -n "s/.*$2.* $3=\([0-9.]*\).*/\1/p" "$1" | tail -n1; }
 
-log "seeding $BLOBS blobs"
-"$LOADTEST_BIN" seed-store --dir "$W/data/blobs/registry.test" --count "$BLOBS" >&2
-BYTES=$(du -s --apparent-size -B1 "$W/data/blobs" | cut -f1)
+if [ "${SCALE_REUSE:-0}" = 1 ] && [ -d "$W/data/blobs/registry.test" ]; then
+  log "reusing the blobs under $W/data (index removed)"
+  rm -rf "$W/data/index" "$W/data/trash"
+else
+  log "seeding $BLOBS blobs"
+  "$LOADTEST_BIN" seed-store --dir "$W/data/blobs/registry.test" --count "$BLOBS" >&2
+fi
 
 # startup NAME: starts with no budget, waits for the walk, and sets NAME_READY, NAME_WALK (s
 # from exec), NAME_PEAK and NAME_RSS (MiB); stops.
@@ -112,6 +117,8 @@ startup() {
 log "first start (no index records)"
 config "$W/plain.toml"
 startup FIRST
+# The store's bytes as regcache counts them (files only, not directories).
+BYTES=$(field "$W/FIRST.log" "store usage counted" bytes)
 INDEX_BYTES=$(du -s -B1 "$W/data/index" | cut -f1)
 PER_BLOB=$(awk -v i="$INDEX_BYTES" -v n="$BLOBS" 'BEGIN { printf "%.0f", i / n }')
 

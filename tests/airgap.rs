@@ -585,6 +585,29 @@ async fn a_tampered_or_truncated_archive_is_refused_naming_the_entry() {
         );
     }
 
+    // An image the store does not hold: export says so and how to fetch it (it reads only the
+    // store, so whether the upstream answers is beside the point).
+    let missing = format!("{UPSTREAM_NAME}/test/never-pulled:v1");
+    let none = dir.path().join("none.tar");
+    let output = regcache(&[
+        "export",
+        "--config",
+        path_str(&connected),
+        &missing,
+        "-o",
+        path_str(&none),
+    ])
+    .await;
+    assert!(!output.status.success(), "export of an image not cached");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not cached here")
+            && stderr.contains(&format!("regcache prefetch {missing}"))
+            && !stderr.contains("offline"),
+        "{stderr}"
+    );
+    assert!(!none.exists(), "no archive is left behind");
+
     let mut site = site_proxy(&upstream_url).await;
     let config = site.config_path().to_owned();
     assert!(site.stop().await);

@@ -124,7 +124,10 @@ pub async fn export(
             .await
             .map_err(|err| AirgapError::Image {
                 image: text.clone(),
-                reason: err.to_string(),
+                reason: match &err {
+                    AirgapError::Cache(err) => export_reason(err, text),
+                    other => other.to_string(),
+                },
             })?;
         walked.push((image, image_walk));
     }
@@ -259,14 +262,17 @@ fn write_entries<W: std::io::Write>(
             };
             let answer = handle
                 .block_on(cache.blob(&image.target, digest, RangeRequest::Full))
-                .map_err(|err| not_cached(err.to_string()))?;
+                .map_err(|err| not_cached(export_reason(&err, &image.text)))?;
             let crate::cache::BlobReply::Found(crate::cache::BlobAnswer {
                 body: BlobBody::Stored(chunks),
                 size: Some(len),
                 ..
             }) = answer
             else {
-                return Err(not_cached("not cached".to_owned()));
+                return Err(not_cached(format!(
+                    "not cached here (`regcache prefetch {}` fetches it)",
+                    image.text
+                )));
             };
             let reader = ChunkRead {
                 handle,
@@ -277,6 +283,18 @@ fn write_entries<W: std::io::Write>(
         }
     }
     Ok(())
+}
+
+/// Why `image` cannot be exported, for the operator. Export opens the cache offline (it reads
+/// only the store), so "not cached" is the whole story, and `prefetch` the fix: the upstream
+/// itself may well be reachable.
+fn export_reason(err: &crate::cache::CacheError, image: &str) -> String {
+    match err.root() {
+        crate::cache::CacheError::NotCachedOffline { .. } => format!(
+            "not cached here (export reads only the store; `regcache prefetch {image}` fetches it, with every platform and manifest it names)"
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// A stored blob's chunks as a blocking `Read`, for the tar writer (which runs off the async
