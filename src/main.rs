@@ -202,19 +202,46 @@ fn ls(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&tags)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let row = |upstream: &str, repository: &str, tag: &str, digest: &str, cached: &str| {
-        println!("{upstream:<24} {repository:<40} {tag:<20} {digest:<73} {cached:>12}");
-    };
-    row("UPSTREAM", "REPOSITORY", "TAG", "DIGEST", "CACHED");
-    for tag in tags {
-        let cached = bytesize::ByteSize(tag.cached_bytes).to_string();
-        row(
-            &tag.upstream,
-            &tag.repository,
-            &tag.tag,
-            &tag.digest,
-            &cached,
-        );
+    let header = [
+        "UPSTREAM",
+        "REPOSITORY",
+        "TAG",
+        "DIGEST",
+        "CACHED",
+        "LAST ACCESS",
+    ]
+    .map(String::from);
+    let rows: Vec<[String; 6]> = tags
+        .into_iter()
+        .map(|tag| {
+            [
+                tag.upstream,
+                tag.repository,
+                tag.tag,
+                tag.digest,
+                bytesize::ByteSize(tag.cached_bytes).to_string(),
+                tag.last_access.unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    // Columns as wide as their longest cell: long names and tags do not shift the others.
+    let mut widths = header.clone().map(|cell| cell.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(column, (cell, width))| match column {
+                4 => format!("{cell:>width$}"),
+                _ => format!("{cell:<width$}"),
+            })
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -258,11 +258,11 @@ pub struct ListedTag {
     pub digest: String,
     /// Bytes of the manifest and every cached blob it references (children included).
     pub cached_bytes: u64,
-    /// Last confirmation by the upstream, seconds since the Unix epoch.
-    pub confirmed_at: u64,
-    /// Latest access to any of its blobs, milliseconds since the Unix epoch (0: never
+    /// Last confirmation by the upstream, RFC 3339 in UTC to the second.
+    pub confirmed_at: String,
+    /// Latest access to any of its blobs, RFC 3339 in UTC to the second (`None`: never
     /// recorded).
-    pub last_access: u64,
+    pub last_access: Option<String>,
 }
 
 /// Lists cached tags. Needs the index, so not while a server runs; changes nothing (a corrupt
@@ -302,12 +302,11 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
             tag: tag.to_string(),
             digest: record.digest.to_string(),
             cached_bytes,
-            confirmed_at: record
-                .confirmed_at
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs(),
-            last_access,
+            confirmed_at: humantime::format_rfc3339_seconds(record.confirmed_at).to_string(),
+            last_access: (last_access > 0).then(|| {
+                let at = UNIX_EPOCH + Duration::from_millis(last_access);
+                humantime::format_rfc3339_seconds(at).to_string()
+            }),
         });
     }
     listed.sort_by(|a, b| {

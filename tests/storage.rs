@@ -344,6 +344,32 @@ async fn verify_repair_rebuilds_a_corrupt_index_and_ls_and_gc_report() {
         entry["cached_bytes"].as_u64().unwrap_or(0) > 80_000,
         "{entry}"
     );
+    // Times in one form, RFC 3339 in UTC: confirmed and last used this run (within minutes).
+    let now = std::time::SystemTime::now();
+    for field in ["confirmed_at", "last_access"] {
+        let text = entry[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field}: {entry}"));
+        let at = humantime::parse_rfc3339(text).unwrap_or_else(|e| panic!("{field} {text}: {e}"));
+        let age = now.duration_since(at).unwrap_or_default();
+        assert!(
+            age < Duration::from_secs(600),
+            "{field} {text} is not recent"
+        );
+    }
+    let (ok, table) = regcache(&["ls"], proxy.config_path()).await;
+    assert!(ok, "{table}");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(header.contains("LAST ACCESS"), "{table}");
+    let row = table
+        .lines()
+        .find(|line| line.contains("test/multiarch-oci"))
+        .expect("the tag's row");
+    let last_access = entry["last_access"].as_str().unwrap_or_default();
+    assert!(row.ends_with(last_access), "{row}");
+    // Columns line up whatever the lengths: each column starts where its header does.
+    let digest_at = header.find("DIGEST").expect("DIGEST");
+    assert_eq!(row.find("sha256:"), Some(digest_at), "{table}");
 
     // A stray temp file (as a crash leaves) is removed by gc.
     std::fs::write(
