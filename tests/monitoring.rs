@@ -1058,6 +1058,27 @@ async fn status_page_renders_in_headless_chromium() {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/html")));
 
+    // By digest, shown as clients write it (`repo@sha256:…`); a tag the upstream does not have
+    // (404) is a miss like any other answer.
+    let by_digest = format!(
+        "{}/v2/{}/manifests/{}",
+        proxy.url(),
+        image.repo,
+        image.digest
+    );
+    assert_eq!(get(&by_digest).await.status(), StatusCode::OK);
+    let misses = |scrape: &Scrape| {
+        scrape.sum(
+            "regcache_cache_results_total",
+            &[("kind", "manifest"), ("result", "miss")],
+        )
+    };
+    let before = misses(&scrape(&proxy.url()).await);
+    let unknown = format!("{}/v2/{}/manifests/no-such-tag", proxy.url(), image.repo);
+    assert_eq!(get(&unknown).await.status(), StatusCode::NOT_FOUND);
+    let after = misses(&scrape(&proxy.url()).await);
+    assert_eq!(after, before + 1.0, "a 404 is counted as a miss");
+
     let dir = tempfile::tempdir().expect("temp dir");
     let page = screenshot(&url, dir.path(), "status.png").await;
     let blank = screenshot(
@@ -1106,7 +1127,9 @@ async fn status_page_renders_in_headless_chromium() {
     assert!(top.contains(&image.repo), "top repositories: {top}");
     let recent = element(&dom, "recent", "</table>");
     assert!(
-        recent.contains(&format!("{}:{}", image.repo, image.tag)),
+        recent.contains(&format!("{}:{}", image.repo, image.tag))
+            && recent.contains(&format!("{}@{}", image.repo, image.digest))
+            && !recent.contains(&format!("{}:{}", image.repo, image.digest)),
         "recent pulls: {recent}"
     );
     assert!(

@@ -116,12 +116,19 @@ pub(crate) async fn serve(
         .http_duration
         .with_label_values(&[kind])
         .observe(elapsed.as_secs_f64());
-    if let Some(phase) = outcome.phase {
+    // Content that could not be served (not cached and the upstream offline, unknown, or
+    // failing: 404 or 5xx) is a miss too, so that the hit ratio counts every answer.
+    let unserved = (status == 404 || status >= 500).then_some(CachePhase::Miss);
+    if let Some(phase) = outcome.phase.or(unserved) {
         if matches!(kind, "manifest" | "blob") {
             metrics
                 .cache_results
                 .with_label_values(&[kind, phase.as_str()])
                 .inc();
+        }
+    }
+    if let Some(phase) = outcome.phase {
+        if matches!(kind, "manifest" | "blob") {
             let source = match phase {
                 CachePhase::Miss | CachePhase::Coalesced => "upstream",
                 _ => "cache",

@@ -221,10 +221,16 @@ pub(crate) fn render(
     for pull in recent {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}:{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}{}{}</td><td>{}</td><td>{}</td></tr>",
             ago(pull.at),
             escape(&pull.upstream),
             escape(&pull.repo),
+            // `repo@sha256:…` by digest, `repo:tag` by tag, as clients write them.
+            if pull.reference.contains(':') {
+                "@"
+            } else {
+                ":"
+            },
             escape(&pull.reference),
             pull.status,
             pull.phase
