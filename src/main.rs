@@ -127,7 +127,9 @@ fn main() -> ExitCode {
         Command::Export(args) => Ok(regcache::airgap::archive::main(&config, args)),
         Command::Import(args) => Ok(regcache::airgap::import::main(&config, &args)),
         Command::CheckConfig => {
-            println!("{config:#?}");
+            // The configuration in force, as TOML regcache accepts back, then one line.
+            print!("{}", config.to_toml());
+            println!("# {}", config.summary());
             Ok(ExitCode::SUCCESS)
         }
     };

@@ -21,6 +21,7 @@ mod cluster;
 mod log;
 mod pins;
 mod server;
+mod show;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ pub use cluster::{ClusterConfig, PeerSpec};
 pub use log::{LogConfig, LogFormat};
 pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
+pub use show::REDACTED;
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use upstream::UpstreamConfig;
 pub use values::{ConfigError, Secret};

@@ -307,3 +307,50 @@ fn the_index_cache_is_a_size_of_at_least_a_mebibyte() {
     );
     check_error("[storage]\nindex_cache = \"lots\"", "storage.index_cache");
 }
+
+#[test]
+fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
+    let example = include_str!("../../../config.toml.example");
+    let example = Config::parse(example).expect("the example parses");
+    let extra = "[server]\nlisten = \"127.0.0.1:5000\"\nshutdown_timeout = \"90s\"\n\
+        [storage]\npath = \"/var/lib/regcache\"\nmax_size = \"1500KiB\"\n\
+        [cache]\ntag_ttl = \"7d\"\nrevalidate_timeout = \"250ms\"\n\
+        [[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\ndefault = true\n\
+        username = \"robot\"\npassword = \"hunter2-hunter2\"\n\
+        [cluster]\nself = \"http://10.0.0.1:5000\"\npeers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]\n\
+        secret = \"0123456789abcdef-secret\"\n\
+        [[pin]]\nupstream = \"r.test\"\nrepository = \"org/app\"\nreference = \"1.0\"\nplatforms = [\"linux/amd64\"]\n";
+    let custom = Config::parse(extra).expect("valid");
+    for config in [example, custom] {
+        let shown = config.to_toml();
+        let again = Config::parse(&shown).unwrap_or_else(|err| {
+            panic!("check-config output does not parse back: {err}\n{shown}")
+        });
+        assert_eq!(again.to_toml(), shown, "not a fixed point");
+        assert!(!shown.contains("Some("), "{shown}");
+    }
+    let shown = Config::parse(extra).expect("valid").to_toml();
+    for line in [
+        "shutdown_timeout = \"90s\"",
+        "max_size = \"1500KiB\"",
+        "tag_ttl = \"7d\"",
+        "revalidate_timeout = \"250ms\"",
+        "index_cache = \"16MiB\"",
+        "username = \"robot\"",
+        "peers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]",
+    ] {
+        assert!(shown.contains(line), "no {line} in:\n{shown}");
+    }
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("0123456789abcdef"),
+        "{shown}"
+    );
+    assert_eq!(shown.matches(crate::REDACTED).count(), 2, "{shown}");
+    let summary = Config::parse(extra).expect("valid").summary();
+    assert!(
+        summary.starts_with(
+            "config OK: 1 upstream (r.test), default r.test; listening on 127.0.0.1:5000"
+        ),
+        "{summary}"
+    );
+}
