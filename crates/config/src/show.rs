@@ -26,7 +26,7 @@ fn duration(value: Duration) -> Value {
     ];
     let text = units
         .iter()
-        .find(|(size, _)| millis > 0 && millis % size == 0)
+        .find(|(size, _)| millis > 0 && millis.is_multiple_of(*size))
         .map_or_else(
             || "0s".to_owned(),
             |(size, unit)| format!("{}{unit}", millis / size),
@@ -45,7 +45,7 @@ fn size(bytes: u64) -> Value {
     ];
     let text = units
         .iter()
-        .find(|(unit, _)| bytes > 0 && bytes % unit == 0)
+        .find(|(unit, _)| bytes > 0 && bytes.is_multiple_of(*unit))
         .map_or_else(
             || "0B".to_owned(),
             |(unit, name)| format!("{}{name}", bytes / unit),
