@@ -200,6 +200,10 @@ fn config_map_toml(file: &str) -> String {
 fn config_maps_pass_check_config() {
     let (ok, output) = check_config(&config_map_toml("single.yaml"), &[]);
     assert!(ok, "single.yaml: {output}");
+    // What check-config prints is a config regcache accepts back, and says so.
+    assert!(output.contains("\n# config OK: "), "{output}");
+    let (ok, again) = check_config(&output, &[]);
+    assert!(ok, "check-config's own output: {again}");
 
     // The replicated one, with the pod's environment and its mounted cluster secret.
     let secret_value = of_kind(&repo().join("deploy/kubernetes/replicated.yaml"), "Secret")[0]
