@@ -73,8 +73,8 @@ pub struct EvictionReport {
 }
 
 /// Eviction victims chosen per round: the oldest this many access records, kept in a bounded
-/// heap while every record streams past (about 100 bytes each, 26 MiB; memory does not grow
-/// with the store, and half of a million blobs goes in two rounds).
+/// heap while every record streams past (56 bytes each, 14 MiB; memory does not grow with
+/// the store, and half of a million blobs goes in two rounds).
 #[cfg(not(test))]
 const EVICTION_ROUND: usize = 262_144;
 /// Two in unit tests, so that a test's handful of blobs takes several rounds.
@@ -84,11 +84,12 @@ const EVICTION_ROUND: usize = 2;
 /// Threads removing one round's victims at once.
 const EVICTION_THREADS: usize = 4;
 
-/// An eviction candidate; ordered by last access first (the heap keeps the oldest).
+/// An eviction candidate; ordered by last access first (the heap keeps the oldest). 56 bytes
+/// and no allocation of its own: the namespace is shared by every victim of that upstream.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Victim {
     last_access: u64,
-    namespace: Namespace,
+    namespace: Arc<Namespace>,
     digest: Digest,
     size: u64,
 }
@@ -315,6 +316,8 @@ impl Upkeep {
         protected: &HashSet<(Namespace, Digest)>,
     ) -> Result<Vec<Victim>, regcache_store::StoreError> {
         let mut heap: BinaryHeap<Victim> = BinaryHeap::with_capacity(EVICTION_ROUND + 1);
+        // One per upstream: victims share them.
+        let mut namespaces: Vec<Arc<Namespace>> = Vec::new();
         self.parts.index.for_each_access(|entry| {
             let record = entry.record;
             let full = heap.len() >= EVICTION_ROUND;
@@ -331,9 +334,17 @@ impl Upkeep {
             if protected.contains(&key) {
                 return;
             }
+            let namespace = match namespaces.iter().find(|known| ***known == key.0) {
+                Some(known) => Arc::clone(known),
+                None => {
+                    let new = Arc::new(key.0);
+                    namespaces.push(Arc::clone(&new));
+                    new
+                }
+            };
             heap.push(Victim {
                 last_access: record.last_access,
-                namespace: key.0,
+                namespace,
                 digest: key.1,
                 size: record.size,
             });
@@ -374,13 +385,13 @@ impl Upkeep {
             for batch in victims.chunks(MAX_BATCH) {
                 let blobs: Vec<_> = batch
                     .iter()
-                    .map(|victim| (victim.namespace.clone(), victim.digest))
+                    .map(|victim| (Namespace::clone(&victim.namespace), victim.digest))
                     .collect();
                 for victim in batch {
                     if self.forget_manifest(victim) {
                         outcome
                             .manifests
-                            .push((victim.namespace.clone(), victim.digest));
+                            .push((Namespace::clone(&victim.namespace), victim.digest));
                     }
                 }
                 // On disk before any file goes (sled otherwise writes every 500 ms): a crash
@@ -408,7 +419,7 @@ impl Upkeep {
                     size: victim.size,
                     last_access: victim.last_access,
                 };
-                (victim.namespace.clone(), victim.digest, record)
+                (Namespace::clone(&victim.namespace), victim.digest, record)
             })
             .collect();
         outcome.forgotten -= kept.len();
