@@ -32,25 +32,8 @@ fn seed(storage: &Path, count: usize) -> u64 {
     total
 }
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
-}
-
 fn blob_files(storage: &Path) -> Vec<PathBuf> {
-    files(&storage.join("blobs").join(NAME))
+    common::files_under(&storage.join("blobs").join(NAME))
 }
 
 /// The bytes of every blob file in the store.
@@ -179,7 +162,7 @@ async fn sigkill_during_the_start_up_walk_and_during_eviction_leaves_an_index_th
         "{kept} bytes kept of {left_bytes}: not evicted down to the low watermark (half)"
     );
     assert_eq!(
-        files(&storage.join("trash")),
+        common::files_under(&storage.join("trash")),
         Vec::<PathBuf>::new(),
         "files left in the trash"
     );

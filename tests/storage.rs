@@ -26,19 +26,10 @@ fn cached_path(proxy: &TestProxy, digest: &str) -> std::path::PathBuf {
 }
 
 fn stored_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let meta = entry.metadata().expect("metadata");
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                total += meta.len();
-            }
-        }
-    }
-    total
+    common::files_under(dir)
+        .iter()
+        .map(|path| std::fs::metadata(path).expect("metadata").len())
+        .sum()
 }
 
 /// Every path under `dir` with its length and a hash of its bytes, sorted: equal snapshots

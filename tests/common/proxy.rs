@@ -40,14 +40,14 @@ pub fn activated_regcache(sockets: &[(&str, &TcpListener)]) -> Command {
 /// [`activated_regcache`] for the regcache binary at `binary`, run through `wrapper` (a
 /// command that runs its arguments, e.g. `setpriv` to change user; empty for none).
 pub fn activated(wrapper: &[&str], binary: &Path, sockets: &[(&str, &TcpListener)]) -> Command {
-    let (program, wrapper_args) = match wrapper.split_first() {
-        Some((program, args)) => (*program, args),
-        None => ("/bin/sh", &[][..]),
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg("/bin/sh");
+            command
+        }
+        None => Command::new("/bin/sh"),
     };
-    let mut command = Command::new(program);
-    if !wrapper.is_empty() {
-        command.args(wrapper_args).arg("/bin/sh");
-    }
     command
         .arg("-c")
         .arg(r#"LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@""#)

@@ -34,7 +34,6 @@ pub use cluster::{ClusterConfig, PeerSpec};
 pub use log::{LogConfig, LogFormat};
 pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
-pub use show::REDACTED;
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use upstream::UpstreamConfig;
 pub use values::{ConfigError, Secret};

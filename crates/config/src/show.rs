@@ -12,45 +12,42 @@ use toml::{Table, Value};
 use crate::{Config, LogFormat, PeerSpec, StorageBackend};
 
 /// What a secret is shown as (long enough to pass `cluster.secret`'s minimum).
-pub const REDACTED: &str = "<redacted-secret>";
+pub(crate) const REDACTED: &str = "<redacted-secret>";
+
+/// `value` in the largest of `units` (largest first, the last one 1) that divides it, as
+/// `"<count><unit>"`; zero in the last unit.
+fn in_largest_unit(value: u128, units: &[(u128, &str)]) -> Value {
+    let (size, unit) = units
+        .iter()
+        .find(|(size, _)| value > 0 && value.is_multiple_of(*size))
+        .or(units.last())
+        .copied()
+        .unwrap_or((1, ""));
+    Value::String(format!("{}{unit}", value / size))
+}
 
 /// A duration in the largest unit that divides it: `"7d"`, `"30s"`, `"250ms"`.
 fn duration(value: Duration) -> Value {
-    let millis = value.as_millis();
-    let units: [(u128, &str); 5] = [
+    let units = [
         (86_400_000, "d"),
         (3_600_000, "h"),
         (60_000, "m"),
         (1_000, "s"),
         (1, "ms"),
     ];
-    let text = units
-        .iter()
-        .find(|(size, _)| millis > 0 && millis.is_multiple_of(*size))
-        .map_or_else(
-            || "0s".to_owned(),
-            |(size, unit)| format!("{}{unit}", millis / size),
-        );
-    Value::String(text)
+    in_largest_unit(value.as_millis(), &units)
 }
 
 /// A size in the largest binary unit that divides it: `"16MiB"`, `"1500KiB"`, `"12B"`.
 fn size(bytes: u64) -> Value {
-    let units: [(u64, &str); 5] = [
+    let units = [
         (1 << 40, "TiB"),
         (1 << 30, "GiB"),
         (1 << 20, "MiB"),
         (1 << 10, "KiB"),
         (1, "B"),
     ];
-    let text = units
-        .iter()
-        .find(|(unit, _)| bytes > 0 && bytes.is_multiple_of(*unit))
-        .map_or_else(
-            || "0B".to_owned(),
-            |(unit, name)| format!("{}{name}", bytes / unit),
-        );
-    Value::String(text)
+    in_largest_unit(u128::from(bytes), &units)
 }
 
 fn path(value: &Path) -> Value {

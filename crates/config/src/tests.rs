@@ -345,7 +345,7 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         !shown.contains("hunter2") && !shown.contains("0123456789abcdef"),
         "{shown}"
     );
-    assert_eq!(shown.matches(crate::REDACTED).count(), 2, "{shown}");
+    assert_eq!(shown.matches(crate::show::REDACTED).count(), 2, "{shown}");
     let summary = Config::parse(extra).expect("valid").summary();
     assert!(
         summary.starts_with(

@@ -119,16 +119,14 @@ pub(crate) async fn serve(
     // Content that could not be served (not cached and the upstream offline, unknown, or
     // failing: 404 or 5xx) is a miss too, so that the hit ratio counts every answer.
     let unserved = (status == 404 || status >= 500).then_some(CachePhase::Miss);
-    if let Some(phase) = outcome.phase.or(unserved) {
-        if matches!(kind, "manifest" | "blob") {
+    if matches!(kind, "manifest" | "blob") {
+        if let Some(phase) = outcome.phase.or(unserved) {
             metrics
                 .cache_results
                 .with_label_values(&[kind, phase.as_str()])
                 .inc();
         }
-    }
-    if let Some(phase) = outcome.phase {
-        if matches!(kind, "manifest" | "blob") {
+        if let Some(phase) = outcome.phase {
             let source = match phase {
                 CachePhase::Miss | CachePhase::Coalesced => "upstream",
                 _ => "cache",
