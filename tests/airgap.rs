@@ -1045,7 +1045,8 @@ fn store_files(storage: &Path) -> Vec<(String, u64)> {
         }
     }
     let mut files = Vec::new();
-    for part in ["blobs", "tmp"] {
+    // The trash too: what a refused import stored is gone from the disk, not only the store.
+    for part in ["blobs", "tmp", "trash"] {
         walk(&storage.join(part), storage, &mut files);
     }
     files.sort();

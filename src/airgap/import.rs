@@ -311,6 +311,10 @@ impl Plan {
                     tracing::warn!(%digest, error = %remove, "could not remove a blob of a refused import");
                 }
             }
+            // Their space back now, not at the next start or `gc`.
+            if let Err(empty) = store.empty_trash() {
+                tracing::warn!(error = %empty, "could not empty the store's trash");
+            }
             return Err(err);
         }
         for (namespace, repo, manifest) in &self.manifests {
