@@ -19,7 +19,8 @@
 //! `/v2/<name>/blobs/<digest>` with `Content-Length`, `Content-Type` and
 //! `Docker-Content-Digest`, and honours `Range: bytes=N-` / `bytes=N-M` (`206`); with
 //! [`FakeRegistryBuilder::tag_list`], `/v2/<name>/tags/list` in pages (`n`, `last`, `Link`),
-//! however many tags, made up as they are served. Faults are
+//! however many tags, made up as they are served; with [`FakeRegistryBuilder::rate_limit`],
+//! Docker Hub's pull budget (`ratelimit-*` headers, manifest `GET`s counted). Faults are
 //! rules matched against the request path, settable at any time (they live behind the shared
 //! state), so a test can change behaviour between two requests. Every request is recorded.
 //!
@@ -153,6 +154,8 @@ struct Mutable {
     rules: Vec<Rule>,
     tokens: HashSet<String>,
     issued: usize,
+    /// Manifest `GET`s left in the window, with [`FakeRegistryBuilder::rate_limit`].
+    remaining: Option<u64>,
 }
 
 /// Shared by every connection of both listeners.
@@ -169,6 +172,8 @@ struct State {
     realm: String,
     /// `http://127.0.0.1:PORT` of the storage listener, when blob GETs are redirected.
     storage: Option<String>,
+    /// (limit, window seconds) of the pull budget.
+    rate_limit: Option<(u64, u64)>,
     mutable: Mutex<Mutable>,
 }
 
@@ -186,6 +191,7 @@ pub struct FakeRegistryBuilder {
     tag_lists: HashMap<String, TagList>,
     bearer: Option<u64>,
     redirect: bool,
+    rate_limit: Option<(u64, u64)>,
 }
 
 impl FakeRegistryBuilder {
@@ -235,6 +241,16 @@ impl FakeRegistryBuilder {
         self
     }
 
+    /// Counts manifest `GET`s against a budget of `limit` per `window_secs` window, as Docker
+    /// Hub does: every manifest answer (`HEAD` too, which is not counted) carries
+    /// `ratelimit-limit: <limit>;w=<window>` and `ratelimit-remaining: <left>;w=<window>`; a
+    /// `GET` with nothing left is answered `429` with `Retry-After: 3600`.
+    /// [`FakeRegistry::set_remaining`] moves the count.
+    pub fn rate_limit(mut self, limit: u64, window_secs: u64) -> Self {
+        self.rate_limit = Some((limit, window_secs));
+        self
+    }
+
     /// Binds the listener(s) and starts serving.
     pub async fn start(self) -> FakeRegistry {
         let registry = bind().await;
@@ -257,7 +273,11 @@ impl FakeRegistryBuilder {
             bearer: self.bearer,
             realm: format!("{url}/token"),
             storage: storage_url,
-            mutable: Mutex::default(),
+            rate_limit: self.rate_limit,
+            mutable: Mutex::new(Mutable {
+                remaining: self.rate_limit.map(|(limit, _)| limit),
+                ..Mutable::default()
+            }),
         });
         let mut tasks = vec![tokio::spawn(accept_loop(
             registry,
@@ -345,6 +365,16 @@ impl FakeRegistry {
     /// How many tokens `/token` issued.
     pub fn tokens_issued(&self) -> usize {
         self.state.lock().issued
+    }
+
+    /// Sets the manifest `GET`s left in the window ([`FakeRegistryBuilder::rate_limit`]).
+    pub fn set_remaining(&self, left: u64) {
+        self.state.lock().remaining = Some(left);
+    }
+
+    /// The manifest `GET`s left in the window.
+    pub fn remaining(&self) -> Option<u64> {
+        self.state.lock().remaining
     }
 
     /// Invalidates every token issued so far, as if they had all expired.
@@ -473,7 +503,16 @@ fn registry(
         };
     }
     if let Some((name, reference)) = manifest {
-        return match state
+        let budget = state.rate_limit.map(|(limit, window)| {
+            let mut mutable = state.lock();
+            let left = mutable.remaining.unwrap_or(limit);
+            let spent = req.method() == Method::GET && left > 0;
+            if spent {
+                mutable.remaining = Some(left - 1);
+            }
+            (limit, window, if spent { left - 1 } else { left }, spent)
+        });
+        let mut response = match state
             .manifests
             .get(&(name.to_owned(), reference.to_owned()))
         {
@@ -486,6 +525,27 @@ fn registry(
                 "no such manifest",
             ),
         };
+        if let Some((limit, window, left, spent)) = budget {
+            if req.method() == Method::GET && !spent {
+                response = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TOOMANYREQUESTS",
+                    "You have reached your pull rate limit.",
+                );
+                set(&mut response, header::RETRY_AFTER, "3600");
+            }
+            set(
+                &mut response,
+                "ratelimit-limit",
+                &format!("{limit};w={window}"),
+            );
+            set(
+                &mut response,
+                "ratelimit-remaining",
+                &format!("{left};w={window}"),
+            );
+        }
+        return response;
     }
     if let Some((_, digest)) = blob {
         return match (state.blobs.get(digest), &state.storage) {

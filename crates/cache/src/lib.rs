@@ -40,7 +40,7 @@ use regcache_metrics::Metrics;
 use regcache_oci::{Digest, MediaType, RepoName};
 use regcache_store::{Chunks, Index, Namespace, Presigned, Store, StoreError};
 use regcache_upstream::clock::Clock;
-pub use regcache_upstream::{Answer, ErrorClass, Origin};
+pub use regcache_upstream::{Answer, ErrorClass, Origin, RateLimitView};
 use regcache_upstream::{ClientBuildError, Health, UpstreamClient, UpstreamError};
 
 /// Why the cache could not answer.

@@ -94,10 +94,19 @@ impl Manifests {
         reference: &Reference,
         accept: &[String],
     ) -> Result<ManifestAnswer, CacheError> {
-        match reference {
+        let answer = match reference {
             Reference::Digest(digest) => self.manifest_by_digest(target, digest, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(target, tag, accept).await,
+        };
+        if answer.is_ok() {
+            let (upstream, _) = self.parts.upstream(target);
+            self.parts
+                .metrics
+                .manifests_served
+                .with_label_values(&[upstream.name()])
+                .inc();
         }
+        answer
     }
 
     async fn manifest_by_digest(
@@ -165,6 +174,14 @@ impl Manifests {
         match (&cached, verdict) {
             (Some((manifest, _)), _) if upstream.is_offline() => return fresh(manifest),
             (Some((manifest, _)), Some(Verdict::Fresh)) => return fresh(manifest),
+            // At the rate-limit reserve, what is left goes to misses.
+            (Some((manifest, _)), _) if upstream.budget_is_low() => {
+                self.parts.metrics.stale_served.inc();
+                return Ok(ManifestAnswer {
+                    manifest: Arc::clone(manifest),
+                    phase: CachePhase::Stale,
+                });
+            }
             _ => {}
         }
         let negative_key = (namespace.clone(), target.repo.clone(), tag.clone());

@@ -313,5 +313,15 @@ fn upstream_table(upstream: &crate::UpstreamConfig) -> Table {
     );
     let private = upstream.allow_private_redirects.map(Value::Boolean);
     put(&mut table, "allow_private_redirects", private);
+    table.insert("ratelimit_reserve".into(), int(upstream.ratelimit_reserve));
+    if upstream.max_bandwidth > 0 {
+        table.insert(
+            "max_bandwidth".into(),
+            Value::String(format!(
+                "{}/s",
+                size(upstream.max_bandwidth).as_str().unwrap_or("0B")
+            )),
+        );
+    }
     table
 }

@@ -354,3 +354,29 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         "{summary}"
     );
 }
+
+#[test]
+fn upstream_budgets() {
+    let config = Config::parse(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nratelimit_reserve = 20\nmax_bandwidth = \"20MiB/s\"",
+    )
+    .expect("valid");
+    let upstream = &config.upstreams[0];
+    assert_eq!(upstream.ratelimit_reserve, 20);
+    assert_eq!(upstream.max_bandwidth, 20 << 20);
+    let unset = Config::parse("[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"").expect("valid");
+    assert_eq!(
+        (
+            unset.upstreams[0].ratelimit_reserve,
+            unset.upstreams[0].max_bandwidth
+        ),
+        (0, 0),
+        "no reserve beyond the last request, no cap"
+    );
+    for bad in ["\"20MiB\"", "\"fast/s\"", "\"10B/s\"", "\"5GiB/s\""] {
+        check_error(
+            &format!("[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\nmax_bandwidth = {bad}"),
+            "upstream.a.io.max_bandwidth",
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
-use crate::values::{duration, invalid, non_zero, value_or_file, ConfigError, Secret};
+use crate::values::{duration, invalid, non_zero, size, value_or_file, ConfigError, Secret};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,6 +27,8 @@ pub(crate) struct RawUpstream {
     #[serde(default)]
     token_realm_hosts: Vec<String>,
     allow_private_redirects: Option<bool>,
+    ratelimit_reserve: Option<u64>,
+    max_bandwidth: Option<String>,
 }
 
 /// One upstream registry.
@@ -62,6 +64,12 @@ pub struct UpstreamConfig {
     /// The largest blob accepted from this upstream (`cache.max_blob_size`); a longer body is
     /// cut and its fill fails.
     pub max_blob_size: u64,
+    /// At or under this many requests left in the upstream's rate-limit window
+    /// (`ratelimit-remaining`), cached tags are served without revalidation until it resets.
+    pub ratelimit_reserve: u64,
+    /// All blob fills from this upstream together stay under this many bytes a second; 0: no
+    /// cap.
+    pub max_bandwidth: u64,
 }
 
 /// Names are unique and at most one upstream is the default.
@@ -206,8 +214,30 @@ impl RawUpstream {
                 .collect::<Result<_, _>>()?,
             allow_private_redirects: self.allow_private_redirects,
             max_blob_size,
+            ratelimit_reserve: self.ratelimit_reserve.unwrap_or(0),
+            max_bandwidth: match self.max_bandwidth.as_deref() {
+                None => 0,
+                Some(text) => bandwidth(&key("max_bandwidth"), text)?,
+            },
         })
     }
+}
+
+/// `"20MiB/s"` in bytes a second: at least 1 KiB/s, at most 4 GiB/s.
+fn bandwidth(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let example = "20MiB/s";
+    let Some(amount) = text.trim().strip_suffix("/s") else {
+        return Err(invalid(
+            key,
+            text,
+            format!("expected a rate like \"{example}\""),
+        ));
+    };
+    let rate = size(key, amount.trim(), example)?;
+    if !(1024..=u64::from(u32::MAX)).contains(&rate) {
+        return Err(invalid(key, text, "must be between 1KiB/s and 4GiB/s"));
+    }
+    Ok(rate)
 }
 
 /// The URL with any `user:password@` replaced, for messages: a password written into an

@@ -65,6 +65,14 @@ pub struct Metrics {
     pub evicted_bytes: IntCounter,
     /// Fills that failed to write to disk (the client was still served when possible).
     pub store_write_errors: IntCounter,
+    /// Requests per window the upstream allows (its `ratelimit-limit`).
+    pub upstream_ratelimit_limit: IntGaugeVec,
+    /// Requests left in the upstream's window (its `ratelimit-remaining`).
+    pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Manifest `GET`s sent upstream: what Docker Hub counts as pulls.
+    pub upstream_manifest_gets: IntCounterVec,
+    /// Manifests answered to clients, by upstream, however they were answered.
+    pub manifests_served: IntCounterVec,
 }
 
 /// Buckets from 1 ms to ~2 min: manifest hits are sub-millisecond, cold blob pulls minutes.
@@ -195,6 +203,26 @@ impl Metrics {
                 "regcache_store_write_errors_total",
                 "Blob downloads that could not be written to disk",
             ),
+            upstream_ratelimit_limit: register.gauge_vec(
+                "regcache_upstream_ratelimit_limit",
+                "Requests per window the upstream allows (its ratelimit-limit header); 0 until it sends one",
+                &["upstream"],
+            ),
+            upstream_ratelimit_remaining: register.gauge_vec(
+                "regcache_upstream_ratelimit_remaining",
+                "Requests left in the upstream's window (its ratelimit-remaining header)",
+                &["upstream"],
+            ),
+            upstream_manifest_gets: register.counter_vec(
+                "regcache_upstream_manifest_gets_total",
+                "Manifest GETs sent to the upstream (the requests Docker Hub counts as pulls)",
+                &["upstream"],
+            ),
+            manifests_served: register.counter_vec(
+                "regcache_manifests_served_total",
+                "Manifests answered to clients, from the cache or not",
+                &["upstream"],
+            ),
             registry,
         };
         for kind in ["manifest", "blob"] {
@@ -224,6 +252,12 @@ impl Metrics {
         self.token_fetches.with_label_values(&[upstream]);
         self.revalidation_deadlines.with_label_values(&[upstream]);
         self.tag_list_truncated.with_label_values(&[upstream]);
+        self.upstream_manifest_gets.with_label_values(&[upstream]);
+        self.manifests_served.with_label_values(&[upstream]);
+        // 0 (no limit known) until the upstream sends its headers.
+        self.upstream_ratelimit_limit.with_label_values(&[upstream]);
+        self.upstream_ratelimit_remaining
+            .with_label_values(&[upstream]);
         for to in ["open", "closed"] {
             self.breaker_transitions.with_label_values(&[upstream, to]);
         }
@@ -235,6 +269,7 @@ impl Metrics {
             "5xx",
             "digest_mismatch",
             "circuit_open",
+            "paused",
             "token",
         ] {
             self.upstream_errors.with_label_values(&[upstream, reason]);
@@ -242,6 +277,19 @@ impl Metrics {
         for kind in ["manifest", "blob"] {
             self.upstream_duration.with_label_values(&[upstream, kind]);
         }
+    }
+
+    /// Sets an upstream's rate-limit gauges from its last answer's headers.
+    pub fn set_ratelimit(&self, upstream: &str, limit: Option<u64>, remaining: u64) {
+        let value = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        if let Some(limit) = limit {
+            self.upstream_ratelimit_limit
+                .with_label_values(&[upstream])
+                .set(value(limit));
+        }
+        self.upstream_ratelimit_remaining
+            .with_label_values(&[upstream])
+            .set(value(remaining));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -305,6 +353,10 @@ impl Register<'_> {
 
     fn gauge(&self, name: &str, help: &str) -> IntGauge {
         self.metric(IntGauge::new(name, help).expect("valid literals"))
+    }
+
+    fn gauge_vec(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.metric(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid literals"))
     }
 }
 

@@ -49,6 +49,8 @@ pub enum Answer {
     BadGateway,
     /// 504 `UNAVAILABLE`: the connect or idle timeout passed.
     Timeout,
+    /// 503 `TOOMANYREQUESTS` with `Retry-After`: the upstream is paused after its `429`.
+    Paused,
     /// 503 `UNAVAILABLE` with `Retry-After`: marked down by the circuit breaker.
     MarkedDown,
     /// 503 `UNAVAILABLE`: configured offline.
@@ -153,6 +155,7 @@ impl UpstreamError {
                 true,
                 "circuit_open",
             ),
+            Self::Paused { .. } => upstream(Answer::Paused, false, Health::Unknown, true, "paused"),
             Self::Token { .. } => {
                 upstream(Answer::BadGateway, false, Health::Unknown, true, "token")
             }
@@ -170,6 +173,7 @@ impl UpstreamError {
             | Self::Status { upstream, .. }
             | Self::TooLarge { upstream, .. }
             | Self::CircuitOpen { upstream, .. }
+            | Self::Paused { upstream, .. }
             | Self::Token { upstream, .. } => upstream,
         }
     }
@@ -180,7 +184,7 @@ impl UpstreamError {
     pub fn retry_after(&self) -> Option<String> {
         match self {
             Self::TooManyRequests { retry_after, .. } => retry_after.clone(),
-            Self::CircuitOpen { retry_in, .. } => Some(
+            Self::CircuitOpen { retry_in, .. } | Self::Paused { retry_in, .. } => Some(
                 (retry_in.as_secs() + u64::from(retry_in.subsec_nanos() > 0))
                     .max(1)
                     .to_string(),

@@ -71,6 +71,14 @@ pub enum UpstreamError {
         /// Until the next probe.
         retry_in: Duration,
     },
+    /// The upstream answered `429` and is not asked again until its `Retry-After`.
+    #[error("upstream {upstream} is rate-limiting; not asked again for {}s", retry_in.as_secs().max(1))]
+    Paused {
+        /// The upstream's name.
+        upstream: String,
+        /// Until the pause ends.
+        retry_in: Duration,
+    },
     /// The token endpoint failed.
     #[error("upstream {upstream} token endpoint {realm} failed: {reason}")]
     Token {

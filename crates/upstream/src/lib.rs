@@ -11,10 +11,12 @@
 pub(crate) mod auth;
 mod body;
 mod breaker;
+mod budget;
 mod class;
 pub mod clock;
 pub mod egress;
 mod error;
+mod throttle;
 
 use std::time::Duration;
 
@@ -30,11 +32,14 @@ pub use body::blob_extent;
 use body::limit_body;
 pub use breaker::Need;
 use breaker::{Breaker, Transition};
+pub use budget::RateLimitView;
+use budget::{Budget, Paused};
 pub use class::{Answer, ErrorClass, Health, Origin};
 pub use error::{network_cause, UpstreamError};
 use regcache_config::{Secret, UpstreamConfig};
 use regcache_metrics::Metrics;
 use regcache_oci::{declared_sizes, Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
+use throttle::Throttle;
 
 /// Attempts per idempotent request (the first try and two retries) for connection errors and
 /// 502/503/504.
@@ -138,6 +143,10 @@ pub struct UpstreamClient {
     basic_seen: std::sync::atomic::AtomicBool,
     offline: bool,
     breaker: Breaker,
+    /// What its rate-limit headers say is left, the reserve, the pause after a `429`.
+    budget: Budget,
+    /// `max_bandwidth`: shared by every blob body read from this upstream.
+    throttle: Option<std::sync::Arc<Throttle>>,
     /// Repositories the upstream answered recently: its 5xx on them are its own failures (see
     /// [`Health::FailedUnlessProvoked`]). Bounded.
     answered: moka::future::Cache<RepoName, ()>,
@@ -236,7 +245,13 @@ impl UpstreamClient {
             tokens: TokenCache::default(),
             basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
-            breaker: Breaker::new(config.breaker_threshold, config.breaker_cooldown, clock),
+            breaker: Breaker::new(
+                config.breaker_threshold,
+                config.breaker_cooldown,
+                clock.clone(),
+            ),
+            budget: Budget::new(config.ratelimit_reserve, clock),
+            throttle: Throttle::new(config.max_bandwidth).map(std::sync::Arc::new),
             answered: moka::future::Cache::builder()
                 .max_capacity(ANSWERED_REPOSITORIES)
                 .time_to_idle(Duration::from_secs(3600))
@@ -264,6 +279,17 @@ impl UpstreamClient {
     /// Whether the circuit breaker currently considers the upstream down.
     pub fn is_marked_down(&self) -> bool {
         self.breaker.is_open()
+    }
+
+    /// Whether the upstream's rate-limit budget is at or under `ratelimit_reserve`: cached
+    /// tags are then served without revalidation, so that what is left goes to misses.
+    pub fn budget_is_low(&self) -> bool {
+        self.budget.is_low()
+    }
+
+    /// What the upstream last said about its rate limit, and whether it is paused.
+    pub fn rate_limit(&self) -> RateLimitView {
+        self.budget.view()
     }
 
     /// The last failure and when it happened.
@@ -383,10 +409,26 @@ impl UpstreamClient {
                 source,
             });
         let body = limit_body(body, offset, limit, too_large(limit));
+        let body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>> =
+            match &self.throttle {
+                Some(throttle) => {
+                    let throttle = std::sync::Arc::clone(throttle);
+                    Box::pin(body.then(move |item| {
+                        let throttle = std::sync::Arc::clone(&throttle);
+                        async move {
+                            if let Ok(chunk) = &item {
+                                throttle.take(chunk.len()).await;
+                            }
+                            item
+                        }
+                    }))
+                }
+                None => Box::pin(body),
+            };
         Ok(BlobResponse {
             total_size,
             offset,
-            body: Box::pin(body),
+            body,
         })
     }
 
@@ -581,6 +623,18 @@ impl UpstreamClient {
                 upstream: self.name.clone(),
             });
         }
+        // A paused upstream (after a 429) is not asked at all, probe aside.
+        let admission = match self.budget.admit() {
+            Ok(admission) => admission,
+            Err(Paused(retry_in)) => {
+                let err = UpstreamError::Paused {
+                    upstream: self.name.clone(),
+                    retry_in,
+                };
+                self.record_error("paused", err.to_string());
+                return Err(err);
+            }
+        };
         let permit = match self.breaker.check(request.need) {
             Ok(permit) => permit,
             Err(open) => {
@@ -596,6 +650,12 @@ impl UpstreamClient {
         let max_attempts = if permit.is_probe() { 1 } else { MAX_ATTEMPTS };
         let mut attempt = 1;
         let result = loop {
+            if method == Method::GET && request.kind == "manifest" {
+                self.metrics
+                    .upstream_manifest_gets
+                    .with_label_values(&[self.name.as_str()])
+                    .inc();
+            }
             let timer = self.metrics.upstream_timer(&self.name, request.kind);
             let result = self
                 .send_once(method.clone(), url, request.repo, headers)
@@ -631,7 +691,41 @@ impl UpstreamClient {
             Health::FailedUnlessProvoked | Health::Unknown => None,
         };
         self.breaker_moved(transition);
+        match &result {
+            Err(UpstreamError::TooManyRequests { retry_after, .. }) => {
+                let pause = admission.rate_limited(retry_after.as_deref());
+                tracing::warn!(
+                    upstream = %self.name,
+                    pause_s = pause.as_secs(),
+                    "upstream answered 429; not asked again until its Retry-After (cached tags are served stale, misses get 503)"
+                );
+            }
+            _ => {
+                if admission.not_rate_limited() {
+                    tracing::info!(upstream = %self.name, "upstream answered after its rate-limit pause");
+                }
+            }
+        }
         result
+    }
+
+    /// Reads an answer's rate-limit headers into the budget and the gauges.
+    fn observe_budget(&self, headers: &HeaderMap) {
+        let was_low = self.budget.is_low();
+        let Some((limit, remaining)) = self.budget.observe(headers) else {
+            return;
+        };
+        let low = self.budget.is_low();
+        if low && !was_low {
+            tracing::warn!(
+                upstream = %self.name,
+                remaining,
+                "rate-limit budget at its reserve: cached tags are served without revalidation until the window resets; misses still go out"
+            );
+        } else if was_low && !low {
+            tracing::info!(upstream = %self.name, remaining, "rate-limit budget above its reserve again");
+        }
+        self.metrics.set_ratelimit(&self.name, limit, remaining);
     }
 
     fn breaker_moved(&self, transition: Option<Transition>) {
@@ -784,6 +878,13 @@ impl UpstreamClient {
             .await
             .map_err(|err| token_error(err.to_string()))?;
         let status = response.status();
+        // A token endpoint that rate-limits is the registry rate-limiting: the same pause.
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(UpstreamError::TooManyRequests {
+                upstream: self.name.clone(),
+                retry_after: header_str(response.headers(), "retry-after").map(str::to_owned),
+            });
+        }
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(UpstreamError::Denied {
                 upstream: self.name.clone(),
@@ -804,6 +905,7 @@ impl UpstreamClient {
         &self,
         response: reqwest::Response,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.observe_budget(response.headers());
         let status = response.status();
         if status.is_success() {
             return Ok(response);

@@ -131,6 +131,13 @@ impl ApiError {
                 "UNAVAILABLE",
                 format!("upstream {upstream} timed out"),
             ),
+            Answer::Paused => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "TOOMANYREQUESTS",
+                format!(
+                    "upstream {upstream} is rate-limiting regcache; not asked again until Retry-After"
+                ),
+            ),
             Answer::MarkedDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",
@@ -256,6 +263,16 @@ mod tests {
             "TOOMANYREQUESTS",
             Origin::Upstream,
             Some("7"),
+        );
+        check(
+            upstream(UpstreamError::Paused {
+                upstream: name(),
+                retry_in: Duration::from_millis(29_100),
+            }),
+            503,
+            "TOOMANYREQUESTS",
+            Origin::Upstream,
+            Some("30"),
         );
         check(
             upstream(UpstreamError::CircuitOpen {

@@ -123,6 +123,33 @@ fn ago(at: SystemTime) -> String {
 }
 
 /// The hit ratio so far: hits (including coalesced and revalidated) over all cache answers.
+/// The rate-limit cell: what the upstream said is left, the reserve, a pause.
+fn rate_limit_text(view: &regcache_cache::RateLimitView) -> String {
+    let mut text = match (view.remaining, view.limit) {
+        (Some(left), Some(limit)) => format!("{left} of {limit} left"),
+        (Some(left), None) => format!("{left} left"),
+        _ => "not reported".to_owned(),
+    };
+    if let Some(window) = view.window {
+        let _ = write!(text, " per {}", humantime::format_duration(window));
+    }
+    if view.low {
+        let _ = write!(
+            text,
+            "; at the reserve ({}): cached tags served without revalidation",
+            view.reserve
+        );
+    }
+    if let Some(paused) = view.paused_for.filter(|left| !left.is_zero()) {
+        let _ = write!(
+            text,
+            "; paused after a 429 for {}s more",
+            paused.as_secs().max(1)
+        );
+    }
+    text
+}
+
 pub(crate) fn hit_ratio(metrics: &Metrics) -> Option<f64> {
     let mut hits = 0;
     let mut total = 0;
@@ -186,7 +213,7 @@ pub(crate) fn render(
         bytesize::ByteSize(served_cache),
         bytesize::ByteSize(served_upstream),
     );
-    html.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>health</th><th>last error</th></tr>");
+    html.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>health</th><th>rate limit</th><th>last error</th></tr>");
     for upstream in cache.upstreams() {
         let (class, health) = if upstream.is_offline() {
             ("down", "offline (configured)")
@@ -202,8 +229,9 @@ pub(crate) fn render(
             });
         let _ = write!(
             html,
-            "<tr><td>{}</td><td class=\"{class}\">{health}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td class=\"{class}\">{health}</td><td>{}</td><td>{}</td></tr>",
             escape(upstream.name()),
+            escape(&rate_limit_text(&upstream.rate_limit())),
             escape(&last_error)
         );
     }

@@ -1,0 +1,308 @@
+//! Upstream budgets: rate-limit headers read into metrics and the status page, the reserve
+//! that stops tag revalidation, the pause after a `429` (the registry's or its token
+//! endpoint's), and `max_bandwidth`. Rate limits come from the in-process [`FakeRegistry`]
+//! (a real registry does not count pulls); the bandwidth cap is measured against the real one.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake::{FakeRegistry, Fault, Listener};
+use common::http::{client, oci_error};
+use common::images::{push_oci_image, MT_OCI_MANIFEST};
+use common::inproc::InProcess;
+use common::proxy::UpstreamSpec;
+use common::regclient::sha256_digest;
+use common::upstream::{Auth, Upstream};
+use reqwest::StatusCode;
+
+const UPSTREAM: &str = "fake.test";
+const REPO: &str = "test/app";
+
+/// A manifest naming no blobs of its own (an artifact): enough for tag traffic.
+fn manifest(seed: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "artifactType": "application/vnd.example.budget",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": sha256_digest(b"{}"),
+            "size": 2,
+        },
+        "layers": [],
+        "annotations": {"seed": seed},
+    }))
+    .expect("json")
+}
+
+/// A fake with tags `t1`..`t<tags>` (each its own manifest) and Docker Hub's budget.
+fn fake(tags: usize) -> common::fake::FakeRegistryBuilder {
+    (1..=tags).fold(FakeRegistry::builder().blob(b"{}".to_vec()), |fake, i| {
+        let tag = format!("t{i}");
+        fake.manifest(REPO, &tag, MT_OCI_MANIFEST, manifest(&tag))
+    })
+}
+
+async fn proxy(fake: &FakeRegistry, upstream_lines: &[&str], toml: &str) -> InProcess {
+    let spec = upstream_lines.iter().fold(
+        UpstreamSpec::default_at(UPSTREAM, fake.url()),
+        |spec, line| spec.with(line),
+    );
+    InProcess::start(&[spec], toml).await
+}
+
+async fn get(proxy: &InProcess, tail: &str) -> reqwest::Response {
+    client()
+        .get(format!("{}/v2/{REPO}/{tail}", proxy.url()))
+        .header("accept", MT_OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {tail}: {e}"))
+}
+
+fn is_stale(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get("warning")
+        .and_then(|w| w.to_str().ok())
+        .is_some_and(|w| w.starts_with("110"))
+}
+
+fn registry_requests(fake: &FakeRegistry) -> usize {
+    fake.count(|r| r.on == Listener::Registry)
+}
+
+async fn series(proxy: &InProcess, name: &str) -> f64 {
+    proxy
+        .metric(&format!("{name}{{upstream=\"{UPSTREAM}\"}}"))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budget_is_exported_and_at_the_reserve_cached_tags_are_not_revalidated() {
+    let fake = fake(4).rate_limit(10, 21600).start().await;
+    // Every cached tag is due for revalidation at each pull.
+    let proxy = proxy(
+        &fake,
+        &["ratelimit_reserve = 7"],
+        "[cache]\ntag_ttl = \"0s\"\n",
+    )
+    .await;
+
+    assert_eq!(get(&proxy, "manifests/t1").await.status(), StatusCode::OK);
+    assert_eq!(
+        series(&proxy, "regcache_upstream_ratelimit_limit").await,
+        10.0
+    );
+    assert_eq!(
+        series(&proxy, "regcache_upstream_ratelimit_remaining").await,
+        9.0
+    );
+    // Revalidating t1 costs a HEAD, which the upstream does not count.
+    let response = get(&proxy, "manifests/t1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(!is_stale(&response));
+    assert_eq!(fake.remaining(), Some(9));
+    assert_eq!(
+        fake.count(|r| r.method == http::Method::HEAD && r.path.ends_with("/manifests/t1")),
+        1
+    );
+
+    // Two more misses bring it to the reserve.
+    for tag in ["t2", "t3"] {
+        assert_eq!(
+            get(&proxy, &format!("manifests/{tag}")).await.status(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        series(&proxy, "regcache_upstream_ratelimit_remaining").await,
+        7.0
+    );
+    let before = registry_requests(&fake);
+    for tag in ["t1", "t2", "t3"] {
+        let response = get(&proxy, &format!("manifests/{tag}")).await;
+        assert_eq!(response.status(), StatusCode::OK, "{tag}");
+        assert!(
+            is_stale(&response),
+            "{tag} is served with the stale warning"
+        );
+        assert_eq!(
+            response.bytes().await.expect("body"),
+            manifest(tag),
+            "{tag}"
+        );
+    }
+    assert_eq!(
+        registry_requests(&fake),
+        before,
+        "no revalidation at the reserve"
+    );
+    // A miss still goes out and spends the reserve.
+    assert_eq!(get(&proxy, "manifests/t4").await.status(), StatusCode::OK);
+    assert_eq!(fake.remaining(), Some(6));
+    assert_eq!(
+        series(&proxy, "regcache_upstream_manifest_gets_total").await,
+        4.0,
+        "one GET per miss, none for revalidations"
+    );
+    assert_eq!(
+        series(&proxy, "regcache_manifests_served_total").await,
+        8.0,
+        "every answer counts, whether it cost a GET or not"
+    );
+    let status = client()
+        .get(format!("{}/", proxy.url()))
+        .send()
+        .await
+        .expect("status page")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        status.contains("6 of 10 left per 6h") && status.contains("at the reserve (7)"),
+        "{status}"
+    );
+
+    // A new window: the upstream reports more than the reserve, revalidation resumes.
+    fake.set_remaining(10);
+    assert_eq!(
+        get(&proxy, "manifests/missing").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let response = get(&proxy, "manifests/t1").await;
+    assert!(!is_stale(&response));
+    assert_eq!(
+        fake.count(|r| r.method == http::Method::HEAD && r.path.ends_with("/manifests/t1")),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_429_nothing_is_sent_until_retry_after_then_one_probe() {
+    let fake = fake(2).start().await;
+    let proxy = proxy(&fake, &[], "[cache]\ntag_ttl = \"0s\"\n").await;
+    assert_eq!(get(&proxy, "manifests/t1").await.status(), StatusCode::OK);
+
+    fake.set_fault_times("/manifests/", Fault::too_many_requests("30"), 1);
+    let response = get(&proxy, "manifests/t1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        is_stale(&response),
+        "the 429 is answered with the cached tag"
+    );
+    let sent = registry_requests(&fake);
+
+    // Paused: the cached tag is served stale, a miss fails fast, nothing is sent.
+    let response = get(&proxy, "manifests/t1").await;
+    assert!(is_stale(&response));
+    let miss = get(&proxy, "manifests/t2").await;
+    let retry_after: u64 = miss.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    let (status, code, message) = oci_error(miss).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "TOOMANYREQUESTS")
+    );
+    assert!(message.contains(UPSTREAM), "{message}");
+    let blob = get(&proxy, &format!("blobs/{}", sha256_digest(b"{}"))).await;
+    assert_eq!(blob.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(registry_requests(&fake), sent, "no request while paused");
+    assert_eq!(
+        proxy
+            .metric(&format!(
+                "regcache_upstream_errors_total{{reason=\"paused\",upstream=\"{UPSTREAM}\"}}"
+            ))
+            .await,
+        3.0
+    );
+
+    proxy.clock().advance(Duration::from_secs(30));
+    // The first request after the pause is the probe; its answer ends the pause.
+    assert_eq!(get(&proxy, "manifests/t2").await.status(), StatusCode::OK);
+    assert_eq!(registry_requests(&fake), sent + 1);
+    let response = get(&proxy, "manifests/t1").await;
+    assert!(!is_stale(&response), "revalidated again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_token_endpoint_pauses_the_upstream_and_is_never_a_404() {
+    let fake = fake(1).bearer_auth(300).start().await;
+    fake.set_fault("/token", Fault::too_many_requests("20"));
+    let proxy = proxy(&fake, &[], "").await;
+
+    let response = get(&proxy, "manifests/t1").await;
+    let retry_after = response.headers().get("retry-after").cloned();
+    let (status, code, _) = oci_error(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS")
+    );
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("20")
+    );
+    let tokens_asked = fake.count(|r| r.path == "/token");
+    assert_eq!(tokens_asked, 1);
+
+    let (status, _, _) = oci_error(get(&proxy, "manifests/t1").await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(fake.count(|r| r.path == "/token"), tokens_asked, "paused");
+
+    fake.clear_faults();
+    proxy.clock().advance(Duration::from_secs(20));
+    let response = get(&proxy, "manifests/t1").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.bytes().await.expect("body"), manifest("t1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_bandwidth_holds_a_fill_to_its_rate_and_warm_reads_are_not_capped() {
+    let upstream = Upstream::start(Auth::None).await;
+    push_oci_image(&upstream, "bw/big", "v1", "bandwidth", &[64 << 20]).await;
+    let pushed = upstream
+        .client()
+        .get_manifest("bw/big", "v1")
+        .await
+        .expect("the pushed manifest");
+    let manifest: serde_json::Value = serde_json::from_slice(&pushed.bytes).expect("json");
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("a layer digest")
+        .to_owned();
+    let spec = UpstreamSpec::default_at("registry.test", &upstream.url())
+        .with("max_bandwidth = \"16MiB/s\"");
+    let proxy = InProcess::start(&[spec], "").await;
+    let url = format!("{}/v2/bw/big/blobs/{layer}", proxy.url());
+
+    let fetch = || async {
+        let started = Instant::now();
+        let bytes = client()
+            .get(&url)
+            .send()
+            .await
+            .expect("blob GET")
+            .bytes()
+            .await
+            .expect("blob body");
+        assert_eq!(sha256_digest(&bytes), layer);
+        (started.elapsed(), bytes.len())
+    };
+    let (cold, len) = fetch().await;
+    assert!(len >= 64 << 20, "{len}");
+    let expected = len as f64 / f64::from(16 << 20);
+    assert!(
+        (cold.as_secs_f64() - expected).abs() <= expected * 0.1,
+        "a cold fill of {len} bytes under 16 MiB/s took {cold:?}, expected {expected:.2} s ± 10%"
+    );
+    let (warm, _) = fetch().await;
+    assert!(
+        warm < Duration::from_secs(2),
+        "a warm read is not capped: {warm:?}"
+    );
+}
