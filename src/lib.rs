@@ -11,6 +11,7 @@ pub mod airgap;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod maintenance;
+pub mod schedule;
 
 pub use regcache_cache as cache;
 pub use regcache_cache::routing;
@@ -139,6 +140,7 @@ pub async fn run_with_clock(
     });
     let maintenance = tokio::spawn(Arc::clone(&cache).maintain(shutdown.clone()));
     tokio::spawn(Arc::clone(&cache).prefetch_pins());
+    tokio::spawn(Arc::clone(&cache).run_sync(shutdown.clone()));
     tokio::spawn(airgap::admin::serve(
         Arc::clone(&cache),
         Resolver::for_upstreams(&config.upstreams),

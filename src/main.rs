@@ -92,6 +92,14 @@ enum Command {
     Import(regcache::airgap::import::ImportArgs),
     /// Check a configuration file and print the effective settings (exit 64 if invalid).
     CheckConfig,
+    /// Run every [[sync]] rule now (`--once`), for cron-style sites; the server runs the
+    /// rules on their own schedule. Works while `regcache serve` runs on the store. Exits 75
+    /// when a round stopped at the upstream's rate-limit reserve, 1 when an image failed.
+    Sync {
+        /// Run each rule once, now (required: the schedule itself runs in the server).
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 /// `EX_USAGE`: the configuration (or an image named against it) is invalid.
@@ -126,6 +134,13 @@ fn main() -> ExitCode {
         Command::Prefetch(args) => Ok(regcache::airgap::prefetch::main(&config, args)),
         Command::Export(args) => Ok(regcache::airgap::archive::main(&config, args)),
         Command::Import(args) => Ok(regcache::airgap::import::main(&config, &args)),
+        Command::Sync { once: false } => {
+            eprintln!(
+                "regcache: the [[sync]] schedule runs inside `regcache serve`; `regcache sync --once` runs every rule now"
+            );
+            Ok(ExitCode::from(2))
+        }
+        Command::Sync { once: true } => Ok(regcache::schedule::main(&config)),
         Command::CheckConfig => {
             // The configuration in force, as TOML regcache accepts back, then one line.
             print!("{}", config.to_toml());

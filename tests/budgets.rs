@@ -306,3 +306,54 @@ async fn max_bandwidth_holds_a_fill_to_its_rate_and_warm_reads_are_not_capped() 
         "a warm read is not capped: {warm:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_round_stops_at_the_reserve_and_says_so() {
+    let fake = fake(5).rate_limit(10, 21600).start().await;
+    let proxy = proxy(
+        &fake,
+        &["ratelimit_reserve = 7"],
+        &format!(
+            "[[sync]]\nname = \"budget\"\nrepository = \"{UPSTREAM}/{REPO}\"\ntags = '^t'\n\
+             interval = \"1h\"\n"
+        ),
+    )
+    .await;
+    let kept = "regcache_sync_images{rule=\"budget\"}";
+    for _ in 0..100 {
+        if proxy.metric(kept).await > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // t5, t4, t3 spend 10 → 7: at the reserve the round stops before t2.
+    assert_eq!(proxy.metric(kept).await, 3.0);
+    assert_eq!(fake.remaining(), Some(7));
+    for tag in ["t2", "t1"] {
+        assert_eq!(
+            fake.count(|r| r.path.ends_with(&format!("/manifests/{tag}"))),
+            0,
+            "{tag} is not asked for"
+        );
+    }
+    let status = client()
+        .get(format!("{}/", proxy.url()))
+        .send()
+        .await
+        .expect("status page")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        status.contains("t5, t4, t3")
+            && status.contains("stopped early: upstream fake.test is at its rate-limit reserve"),
+        "{status}"
+    );
+    assert_eq!(
+        proxy
+            .metric("regcache_sync_failures_total{rule=\"budget\"}")
+            .await,
+        0.0,
+        "a stop at the reserve is not a failure"
+    );
+}

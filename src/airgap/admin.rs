@@ -49,6 +49,8 @@ pub enum Request {
         /// The archive.
         archive: PathBuf,
     },
+    /// Run every `[[sync]]` rule now.
+    Sync,
 }
 
 /// What the server answers, line by line.
@@ -69,6 +71,11 @@ pub enum Reply {
     Imported {
         /// What was loaded.
         report: ImportReport,
+    },
+    /// Every sync rule ran once.
+    Synced {
+        /// One report per rule.
+        reports: Vec<crate::cache::SyncReport>,
     },
     /// The request failed as a whole.
     Failed {
@@ -205,6 +212,11 @@ async fn handle(
                 },
             };
             send(&mut write, &reply).await
+        }
+        Request::Sync => {
+            tracing::info!("sync of every rule requested on the admin socket");
+            let reports = cache.sync_now().await;
+            send(&mut write, &Reply::Synced { reports }).await
         }
     }
 }

@@ -554,7 +554,7 @@ async fn remote(stream: tokio::net::UnixStream, archive: PathBuf) -> Result<Impo
     exchange(stream, &Request::Import { archive }, |reply| match reply {
         Reply::Imported { report } => outcome = Ok(report),
         Reply::Failed { message } => outcome = Err(message),
-        Reply::Progress { .. } | Reply::PrefetchDone { .. } => {}
+        Reply::Progress { .. } | Reply::PrefetchDone { .. } | Reply::Synced { .. } => {}
     })
     .await
     .map_err(|err| format!("admin socket: {err}"))?;

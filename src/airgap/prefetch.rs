@@ -370,7 +370,7 @@ async fn remote(
         Reply::Progress { event } => display.show(event),
         Reply::PrefetchDone { failures } => outcome = Ok(failures),
         Reply::Failed { message } => outcome = Err(message),
-        Reply::Imported { .. } => {}
+        Reply::Imported { .. } | Reply::Synced { .. } => {}
     })
     .await
     .map_err(|err| format!("admin socket: {err}"))?;

@@ -17,9 +17,10 @@
 //!
 //! The registry serves `GET`/`HEAD` `/v2/`, `/v2/<name>/manifests/<reference>` and
 //! `/v2/<name>/blobs/<digest>` with `Content-Length`, `Content-Type` and
-//! `Docker-Content-Digest`, and honours `Range: bytes=N-` / `bytes=N-M` (`206`); with
-//! [`FakeRegistryBuilder::tag_list`], `/v2/<name>/tags/list` in pages (`n`, `last`, `Link`),
-//! however many tags, made up as they are served; with [`FakeRegistryBuilder::rate_limit`],
+//! `Docker-Content-Digest`, and honours `Range: bytes=N-` / `bytes=N-M` (`206`);
+//! `/v2/<name>/tags/list` lists the tags of its manifests, or with
+//! [`FakeRegistryBuilder::tag_list`] in pages (`n`, `last`, `Link`) however many tags, made up
+//! as they are served; with [`FakeRegistryBuilder::rate_limit`],
 //! Docker Hub's pull budget (`ratelimit-*` headers, manifest `GET`s counted). Faults are
 //! rules matched against the request path, settable at any time (they live behind the shared
 //! state), so a test can change behaviour between two requests. Every request is recorded.
@@ -499,7 +500,7 @@ fn registry(
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return match state.tag_lists.get(name) {
             Some(list) => list.page(name, req.uri().query(), fault),
-            None => error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such repository"),
+            None => manifest_tags(state, name),
         };
     }
     if let Some((name, reference)) = manifest {
@@ -564,6 +565,22 @@ fn registry(
         };
     }
     error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such path")
+}
+
+/// The tags of `name`'s manifests (those added under a tag), in one page, lexical order.
+fn manifest_tags(state: &State, name: &str) -> Response<Body> {
+    let mut tags: Vec<&str> = state
+        .manifests
+        .keys()
+        .filter(|(repo, reference)| repo == name && !reference.starts_with("sha256:"))
+        .map(|(_, tag)| tag.as_str())
+        .collect();
+    if tags.is_empty() {
+        return error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such repository");
+    }
+    tags.sort_unstable();
+    let body = serde_json::json!({ "name": name, "tags": tags }).to_string();
+    json(StatusCode::OK, Bytes::from(body))
 }
 
 /// The `i`-th tag of a [`FakeRegistryBuilder::tag_list`]: `t` and 8 digits, so that numeric

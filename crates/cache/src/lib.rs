@@ -13,6 +13,7 @@ mod flight;
 mod grant;
 mod listing;
 mod manifest;
+mod mirror;
 mod parts;
 mod peer;
 mod pins;
@@ -23,6 +24,7 @@ mod upkeep;
 
 pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
+pub use mirror::{SyncReport, SyncStatus};
 pub use pins::{PinsError, PinsFile};
 /// The response budget share of a connection (`server.response_buffer`): the server scopes
 /// each connection's task with one; store reads wait for their part of the budget.
@@ -373,6 +375,8 @@ pub struct Cache {
     pins: pins::Pins,
     /// Tag lists and referrers.
     listings: listing::Listings,
+    /// `[[sync]]` rules and their state.
+    mirror: mirror::Mirror,
 }
 
 /// Who asks for a blob.
@@ -460,6 +464,7 @@ impl Cache {
             ),
             upkeep,
             pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
+            mirror: mirror::Mirror::new(&config.syncs, &config.upstreams, &parts.metrics),
             parts,
         })
     }
@@ -682,8 +687,7 @@ impl Cache {
         }
     }
 
-    /// Pulls one pinned image through the cache (the chosen platforms of an index), waiting
-    /// for each blob's fill to commit.
+    /// Pulls one pinned image through the cache (the chosen platforms of an index).
     async fn prefetch_pin(
         self: &Arc<Self>,
         pin: &regcache_config::PinConfig,
@@ -692,31 +696,52 @@ impl Cache {
             upstream: pin.upstream,
             repo: pin.repository.clone(),
         };
-        let root = self.manifest(&target, &pin.reference, &[]).await?;
-        let mut walk = regcache_oci::ImageWalk::new(root.manifest.digest, &pin.platforms);
+        self.prefetch_image(&target, &pin.reference, &pin.platforms)
+            .await?;
+        tracing::info!(repo = %pin.repository, reference = %pin.reference, "pinned image cached");
+        Ok(())
+    }
+
+    /// Pulls one image through the cache as a client would (the chosen platforms of an
+    /// index), draining each blob's fill to its end. Returns the root manifest's digest and
+    /// whether anything came from the upstream (a manifest fetched or a blob filled).
+    async fn prefetch_image(
+        self: &Arc<Self>,
+        target: &Target,
+        reference: &regcache_oci::Reference,
+        platforms: &[String],
+    ) -> Result<(Digest, bool), CacheError> {
+        let root = self.manifest(target, reference, &[]).await?;
+        let mut fetched = root.phase == CachePhase::Miss;
+        let mut walk = regcache_oci::ImageWalk::new(root.manifest.digest, platforms);
         while let Some(digest) = walk.next_manifest() {
             let answer = if digest == root.manifest.digest {
                 Arc::clone(&root.manifest)
             } else {
-                self.manifest(&target, &regcache_oci::Reference::Digest(digest), &[])
-                    .await?
-                    .manifest
+                let answer = self
+                    .manifest(target, &regcache_oci::Reference::Digest(digest), &[])
+                    .await?;
+                fetched |= answer.phase == CachePhase::Miss;
+                answer.manifest
             };
             walk.read(&answer.bytes);
         }
         for blob in walk.into_blobs() {
-            if let BlobReply::Found(mut answer) =
-                self.blob(&target, &blob, RangeRequest::Full).await?
-            {
-                if let BlobBody::Filling(_) = answer.body {
-                    while let Some(chunk) = answer.body.next_chunk().await {
+            if let BlobReply::Found(answer) = self.blob(target, &blob, RangeRequest::Full).await? {
+                if let BlobBody::Filling(mut body) = answer.body {
+                    fetched = true;
+                    while let Some(chunk) = body.next_chunk().await {
                         chunk.map_err(|_| CacheError::FillAborted)?;
+                    }
+                    // The last byte comes once the digest is verified; the commit follows (a
+                    // command that exits now would lose the blob with its runtime).
+                    if !body.stored().await {
+                        return Err(CacheError::FillAborted);
                     }
                 }
             }
         }
-        tracing::info!(repo = %pin.repository, reference = %pin.reference, "pinned image cached");
-        Ok(())
+        Ok((root.manifest.digest, fetched))
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::Manifests;
 use super::parts::Parts;
-use super::tag_lists::{TagCollector, TagListLimits, TagLists};
+use super::tag_lists::{TagCollector, TagListLimits, TagLists, UpstreamTags};
 use super::{CacheError, CachePhase, Manifest, Target};
 use regcache_config::CacheConfig;
 use regcache_metrics::Metrics;
@@ -215,6 +215,24 @@ impl Listings {
         };
         let listed = listed.as_deref().map_or(&[][..], Vec::as_slice);
         Ok(paginate(listed, &cached, n, last, phase))
+    }
+
+    /// The upstream's tags of a repository (lexical order), by the same walk a client's tag
+    /// list takes (pages, limits, shared, reused for `cache.tag_list_ttl`); never the cached
+    /// tags alone: a sync round must not pick from what it already has.
+    ///
+    /// # Errors
+    /// [`CacheError`] when the upstream cannot be asked or refuses.
+    pub(crate) async fn upstream_tags(&self, target: &Target) -> Result<UpstreamTags, CacheError> {
+        let (upstream, namespace) = self.parts.upstream(target);
+        let walk = walk_tags(
+            Arc::clone(upstream),
+            target.repo.clone(),
+            self.tag_lists.limits,
+            Arc::clone(&self.parts.metrics),
+        );
+        let (listed, _) = self.tag_lists.get(namespace, &target.repo, walk).await?;
+        Ok(listed)
     }
 
     /// The referrers of `subject` in a repository: the upstream's referrers API answer (or,

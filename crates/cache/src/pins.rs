@@ -142,6 +142,8 @@ pub(crate) struct Pins {
     stamp: Mutex<PinsStamp>,
     /// For validating the file's pins.
     upstreams: Vec<UpstreamConfig>,
+    /// The images each `[[sync]]` rule keeps, by rule name (set after each round).
+    synced: RwLock<std::collections::BTreeMap<String, Vec<PinConfig>>>,
 }
 
 impl Pins {
@@ -157,12 +159,21 @@ impl Pins {
             file: PinsFile::path(storage),
             stamp: Mutex::new(None),
             upstreams: upstreams.to_vec(),
+            synced: RwLock::default(),
         }
     }
 
-    /// The pins in force.
+    /// The pins in force: configured, from the file, and what sync rules keep.
     pub(crate) fn current(&self) -> Vec<PinConfig> {
-        self.current.read().clone()
+        let mut pins = self.current.read().clone();
+        pins.extend(self.synced.read().values().flatten().cloned());
+        pins
+    }
+
+    /// Sets what the sync rule `rule` keeps (replacing what it kept before: a dropped image is
+    /// unpinned, not deleted).
+    pub(crate) fn set_synced(&self, rule: &str, pins: Vec<PinConfig>) {
+        self.synced.write().insert(rule.to_owned(), pins);
     }
 
     /// Re-reads `pins.toml` (written by `regcache pin`) when its modification time or length

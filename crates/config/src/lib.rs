@@ -23,6 +23,7 @@ mod pins;
 mod server;
 mod show;
 mod storage;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod upstream;
@@ -35,6 +36,7 @@ pub use log::{LogConfig, LogFormat};
 pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
+pub use sync::{tag_version, SyncConfig};
 pub use upstream::UpstreamConfig;
 pub use values::{ConfigError, Secret};
 
@@ -70,6 +72,8 @@ pub struct RawConfig {
     upstream: Vec<upstream::RawUpstream>,
     #[serde(default)]
     pin: Vec<RawPin>,
+    #[serde(default)]
+    sync: Vec<sync::RawSync>,
     auth: Option<auth::RawAuth>,
     cluster: Option<cluster::RawCluster>,
 }
@@ -94,6 +98,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[[pin]]`: images kept cached.
     pub pins: Vec<PinConfig>,
+    /// `[[sync]]`: tags kept mirrored on a schedule.
+    pub syncs: Vec<SyncConfig>,
 }
 
 impl Config {
@@ -169,6 +175,12 @@ impl RawConfig {
             .into_iter()
             .map(|pin| pin.validate(&upstreams))
             .collect::<Result<Vec<_>, _>>()?;
+        let syncs = self
+            .sync
+            .into_iter()
+            .map(|rule| rule.validate(&upstreams))
+            .collect::<Result<Vec<_>, _>>()?;
+        sync::check_sync_set(&syncs)?;
         Ok(Config {
             server,
             storage,
@@ -178,6 +190,7 @@ impl RawConfig {
             cluster,
             log: self.log.validate()?,
             pins,
+            syncs,
         })
     }
 }

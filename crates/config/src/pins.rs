@@ -29,6 +29,21 @@ pub struct PinConfig {
     pub platforms: Vec<String>,
 }
 
+/// Each entry is `os/arch` or `os/arch/variant`.
+pub(crate) fn check_platforms(key: &str, platforms: &[String]) -> Result<(), ConfigError> {
+    for platform in platforms {
+        let parts = platform.split('/').count();
+        if !(2..=3).contains(&parts) || platform.split('/').any(str::is_empty) {
+            return Err(invalid(
+                key,
+                platform,
+                "expected os/arch or os/arch/variant",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl RawPin {
     /// Checks a pin against the configured upstreams.
     ///
@@ -49,16 +64,7 @@ impl RawPin {
             .map_err(|err| invalid("pin.repository", &self.repository, err.to_string()))?;
         let reference = regcache_oci::Reference::parse(&self.reference)
             .map_err(|err| invalid("pin.reference", &self.reference, err.to_string()))?;
-        for platform in &self.platforms {
-            let parts = platform.split('/').count();
-            if !(2..=3).contains(&parts) || platform.split('/').any(str::is_empty) {
-                return Err(invalid(
-                    "pin.platforms",
-                    platform,
-                    "expected os/arch or os/arch/variant",
-                ));
-            }
-        }
+        check_platforms("pin.platforms", &self.platforms)?;
         Ok(PinConfig {
             upstream,
             repository,

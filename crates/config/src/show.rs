@@ -110,6 +110,33 @@ impl Config {
             });
             root.insert("pin".into(), Value::Array(pins.collect()));
         }
+        if !self.syncs.is_empty() {
+            let rules = self.syncs.iter().map(|rule| {
+                let mut table = Table::new();
+                table.insert("name".into(), Value::String(rule.name.clone()));
+                let upstream = &self.upstreams[rule.upstream].name;
+                let repository = format!("{upstream}/{}", rule.repository.as_str());
+                table.insert("repository".into(), Value::String(repository));
+                let tags = rule
+                    .tags
+                    .as_ref()
+                    .map(|re| Value::String(re.as_str().to_owned()));
+                put(&mut table, "tags", tags);
+                let semver = rule
+                    .semver
+                    .as_ref()
+                    .map(|req| Value::String(req.to_string()));
+                put(&mut table, "semver", semver);
+                put(&mut table, "keep", rule.keep.map(int));
+                if !rule.platforms.is_empty() {
+                    table.insert("platforms".into(), strings(&rule.platforms));
+                }
+                table.insert("referrers".into(), Value::Boolean(rule.referrers));
+                table.insert("interval".into(), duration(rule.interval));
+                Value::Table(table)
+            });
+            root.insert("sync".into(), Value::Array(rules.collect()));
+        }
         toml::to_string(&root).unwrap_or_default()
     }
 

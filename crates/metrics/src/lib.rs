@@ -73,6 +73,16 @@ pub struct Metrics {
     pub upstream_manifest_gets: IntCounterVec,
     /// Manifests answered to clients, by upstream, however they were answered.
     pub manifests_served: IntCounterVec,
+    /// `[[sync]]` rules: when each last ran and runs next (Unix seconds), images kept.
+    pub sync_last_run: IntGaugeVec,
+    /// See `sync_last_run`.
+    pub sync_next_run: IntGaugeVec,
+    /// See `sync_last_run`.
+    pub sync_images: IntGaugeVec,
+    /// Images a sync rule fetched (not already cached).
+    pub sync_fetched: IntCounterVec,
+    /// Images a sync rule failed to fetch.
+    pub sync_failures: IntCounterVec,
 }
 
 /// Buckets from 1 ms to ~2 min: manifest hits are sub-millisecond, cold blob pulls minutes.
@@ -223,6 +233,31 @@ impl Metrics {
                 "Manifests answered to clients, from the cache or not",
                 &["upstream"],
             ),
+            sync_last_run: register.gauge_vec(
+                "regcache_sync_last_run_timestamp_seconds",
+                "When each [[sync]] rule's last round ended (0: never)",
+                &["rule"],
+            ),
+            sync_next_run: register.gauge_vec(
+                "regcache_sync_next_run_timestamp_seconds",
+                "When each [[sync]] rule's next round is due (0: at once)",
+                &["rule"],
+            ),
+            sync_images: register.gauge_vec(
+                "regcache_sync_images",
+                "Images each [[sync]] rule keeps (pinned against eviction)",
+                &["rule"],
+            ),
+            sync_fetched: register.counter_vec(
+                "regcache_sync_images_fetched_total",
+                "Images [[sync]] rounds fetched from the upstream (not already cached)",
+                &["rule"],
+            ),
+            sync_failures: register.counter_vec(
+                "regcache_sync_failures_total",
+                "Images (or tag listings) [[sync]] rounds failed to fetch",
+                &["rule"],
+            ),
             registry,
         };
         for kind in ["manifest", "blob"] {
@@ -277,6 +312,41 @@ impl Metrics {
         for kind in ["manifest", "blob"] {
             self.upstream_duration.with_label_values(&[upstream, kind]);
         }
+    }
+
+    /// Creates a sync rule's series at zero.
+    pub fn init_sync_rule(&self, rule: &str) {
+        for vec in [&self.sync_last_run, &self.sync_next_run, &self.sync_images] {
+            vec.with_label_values(&[rule]);
+        }
+        self.sync_fetched.with_label_values(&[rule]);
+        self.sync_failures.with_label_values(&[rule]);
+    }
+
+    /// Sets a sync rule's gauges.
+    pub fn set_sync_state(
+        &self,
+        rule: &str,
+        last_run: Option<u64>,
+        next_run: Option<u64>,
+        images: usize,
+    ) {
+        let value = |v: Option<u64>| v.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        self.sync_last_run
+            .with_label_values(&[rule])
+            .set(value(last_run));
+        self.sync_next_run
+            .with_label_values(&[rule])
+            .set(value(next_run));
+        self.sync_images
+            .with_label_values(&[rule])
+            .set(i64::try_from(images).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one sync round's fetched and failed images.
+    pub fn count_sync_round(&self, rule: &str, fetched: u64, failed: u64) {
+        self.sync_fetched.with_label_values(&[rule]).inc_by(fetched);
+        self.sync_failures.with_label_values(&[rule]).inc_by(failed);
     }
 
     /// Sets an upstream's rate-limit gauges from its last answer's headers.

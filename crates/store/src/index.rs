@@ -872,5 +872,72 @@ impl Index {
     }
 }
 
+/// What a `[[sync]]` rule did last, kept across restarts: when it ran and runs next, the
+/// images it keeps (pinned against eviction until a later round drops them), its counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// When the last round ended (Unix seconds).
+    #[serde(default)]
+    pub last_run: Option<u64>,
+    /// When the next round is due (Unix seconds).
+    #[serde(default)]
+    pub next_run: Option<u64>,
+    /// The images the rule keeps, newest first.
+    #[serde(default)]
+    pub images: Vec<SyncedImage>,
+    /// Images fetched (not already cached) over every round.
+    #[serde(default)]
+    pub fetched: u64,
+    /// Images that failed over every round.
+    #[serde(default)]
+    pub failures: u64,
+    /// How the last round ended, in words.
+    #[serde(default)]
+    pub outcome: String,
+}
+
+/// One image a sync rule keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncedImage {
+    /// The tag it was synced under.
+    pub tag: String,
+    /// The tag's manifest digest when synced.
+    pub digest: String,
+    /// The digests of its referrers fetched with it (signatures, SBOMs).
+    #[serde(default)]
+    pub referrers: Vec<String>,
+}
+
+impl Index {
+    fn sync_tree(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree("sync")?)
+    }
+
+    /// The state of the sync rule `name`, if it ever ran. An undecodable record reads as none
+    /// (the rule runs again at once).
+    ///
+    /// # Errors
+    /// [`StoreError::Index`].
+    pub fn sync_state(&self, name: &str) -> Result<Option<SyncRecord>, StoreError> {
+        let raw = self.sync_tree()?.get(name.as_bytes())?;
+        Ok(raw.and_then(|raw| serde_json::from_slice(&raw).ok()))
+    }
+
+    /// Records the state of the sync rule `name`, durably (flushed).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_sync_state(&self, name: &str, record: &SyncRecord) -> Result<(), StoreError> {
+        let raw = serde_json::to_vec(record).map_err(|source| StoreError::Record {
+            key: name.to_owned(),
+            source,
+        })?;
+        let tree = self.sync_tree()?;
+        tree.insert(name.as_bytes(), raw)?;
+        tree.flush()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests;

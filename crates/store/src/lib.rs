@@ -30,7 +30,8 @@ pub use backend::{BlobBackend, BlobRead, ListedBlob, Presigned, StagedId, Staged
 pub use blobs::{Chunks, DigestCheck, Store, StoredBlob, Usage, READ_CHUNK};
 pub use buffers::ConnectionShare;
 pub use index::{
-    AccessEntry, AccessRecord, Index, ManifestRecord, ReferrerRecord, TagRecord, MAX_BATCH,
+    AccessEntry, AccessRecord, Index, ManifestRecord, ReferrerRecord, SyncRecord, SyncedImage,
+    TagRecord, MAX_BATCH,
 };
 pub use local::LocalDisk;
 pub use open::{open_index, open_storage, open_store, IndexAccess};

@@ -122,6 +122,18 @@ fn ago(at: SystemTime) -> String {
     }
 }
 
+/// `in 5m`, or `due` when `at` has passed.
+fn until(at: SystemTime) -> String {
+    let Ok(left) = at.duration_since(SystemTime::now()) else {
+        return "due".to_owned();
+    };
+    match left.as_secs() {
+        secs @ 0..=59 => format!("in {secs}s"),
+        secs @ 60..=3599 => format!("in {}m", secs / 60),
+        secs => format!("in {}h", secs / 3600),
+    }
+}
+
 /// The hit ratio so far: hits (including coalesced and revalidated) over all cache answers.
 /// The rate-limit cell: what the upstream said is left, the reserve, a pause.
 fn rate_limit_text(view: &regcache_cache::RateLimitView) -> String {
@@ -234,6 +246,32 @@ pub(crate) fn render(
             escape(&rate_limit_text(&upstream.rate_limit())),
             escape(&last_error)
         );
+    }
+    let rules: Vec<_> = cache
+        .sync_status()
+        .into_iter()
+        .filter(|rule| visible(&rule.upstream, &rule.repository))
+        .collect();
+    if !rules.is_empty() {
+        html.push_str("</table><h2>Sync schedules</h2><table id=\"sync\"><tr><th>rule</th><th>repository</th><th>last run</th><th>next run</th><th>images kept</th><th>fetched</th><th>failures</th><th>last outcome</th></tr>");
+        for rule in rules {
+            let record = &rule.record;
+            let at = |secs: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+            let last = record.last_run.map_or("never".to_owned(), |t| ago(at(t)));
+            let next = record.next_run.map_or("now".to_owned(), |t| until(at(t)));
+            let kept: Vec<&str> = record.images.iter().map(|i| i.tag.as_str()).collect();
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}/{}</td><td>{last}</td><td>{next}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&rule.name),
+                escape(&rule.upstream),
+                escape(&rule.repository),
+                escape(&kept.join(", ")),
+                record.fetched,
+                record.failures,
+                escape(&record.outcome),
+            );
+        }
     }
     html.push_str("</table><h2>Top repositories by bytes served</h2><table id=\"top-repos\"><tr><th>upstream</th><th>repository</th><th>served</th></tr>");
     for ((upstream, repo), bytes) in top {
