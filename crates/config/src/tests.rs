@@ -316,10 +316,12 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         [storage]\npath = \"/var/lib/regcache\"\nmax_size = \"1500KiB\"\n\
         [cache]\ntag_ttl = \"7d\"\nrevalidate_timeout = \"250ms\"\n\
         [[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\ndefault = true\n\
-        username = \"robot\"\npassword = \"hunter2-hunter2\"\n\
+        username = \"robot\"\npassword = \"hunter2-hunter2\"\nratelimit_reserve = 20\nmax_bandwidth = \"20MiB/s\"\n\
         [cluster]\nself = \"http://10.0.0.1:5000\"\npeers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]\n\
         secret = \"0123456789abcdef-secret\"\n\
-        [[pin]]\nupstream = \"r.test\"\nrepository = \"org/app\"\nreference = \"1.0\"\nplatforms = [\"linux/amd64\"]\n";
+        [[pin]]\nupstream = \"r.test\"\nrepository = \"org/app\"\nreference = \"1.0\"\nplatforms = [\"linux/amd64\"]\n\
+        [[sync]]\nrepository = \"r.test/org/app\"\nsemver = \">=1.2, <2\"\ntags = '^1\\.'\nkeep = 2\n\
+        platforms = [\"linux/amd64\"]\nreferrers = true\ninterval = \"90m\"\n";
     let custom = Config::parse(extra).expect("valid");
     for config in [example, custom] {
         let shown = config.to_toml();
@@ -338,6 +340,11 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         "index_cache = \"16MiB\"",
         "username = \"robot\"",
         "peers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]",
+        "ratelimit_reserve = 20",
+        "max_bandwidth = \"20MiB/s\"",
+        "repository = \"r.test/org/app\"",
+        "semver = \">=1.2, <2\"",
+        "interval = \"90m\"",
     ] {
         assert!(shown.contains(line), "no {line} in:\n{shown}");
     }
