@@ -165,6 +165,20 @@ async fn the_budget_is_exported_and_at_the_reserve_cached_tags_are_not_revalidat
         "{status}"
     );
 
+    let ready = client()
+        .get(format!("{}/readyz", proxy.url()))
+        .send()
+        .await
+        .expect("readyz")
+        .bytes()
+        .await
+        .expect("body");
+    let ready: serde_json::Value = serde_json::from_slice(&ready).expect("json");
+    assert_eq!(
+        ready["upstreams"][0]["ratelimit"],
+        serde_json::json!({"limit": 10, "remaining": 6, "at_reserve": true, "paused_seconds": null})
+    );
+
     // A new window: the upstream reports more than the reserve, revalidation resumes.
     fake.set_remaining(10);
     assert_eq!(

@@ -240,11 +240,18 @@ async fn readiness(state: &AppState) -> Response<Body> {
         .upstreams()
         .iter()
         .map(|u| {
+            let budget = u.rate_limit();
             serde_json::json!({
                 "name": u.name(),
                 "up": !u.is_marked_down() && !u.is_offline(),
                 "offline": u.is_offline(),
                 "last_error": u.last_error().map(|(_, message)| message),
+                "ratelimit": {
+                    "limit": budget.limit,
+                    "remaining": budget.remaining,
+                    "at_reserve": budget.low,
+                    "paused_seconds": budget.paused_for.map(|left| left.as_secs()),
+                },
             })
         })
         .collect();
