@@ -226,9 +226,10 @@ fn ls(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         "DIGEST",
         "CACHED",
         "LAST ACCESS",
+        "FRESHNESS",
     ]
     .map(String::from);
-    let rows: Vec<[String; 6]> = tags
+    let rows: Vec<[String; 7]> = tags
         .into_iter()
         .map(|tag| {
             [
@@ -238,6 +239,7 @@ fn ls(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
                 tag.digest,
                 bytesize::ByteSize(tag.cached_bytes).to_string(),
                 tag.last_access.unwrap_or_else(|| "-".to_owned()),
+                tag.freshness.unwrap_or_else(|| "-".to_owned()),
             ]
         })
         .collect();

@@ -263,6 +263,9 @@ pub struct ListedTag {
     /// Latest access to any of its blobs, RFC 3339 in UTC to the second (`None`: never
     /// recorded).
     pub last_access: Option<String>,
+    /// Which freshness applies: `tag_rule 1 (ttl never)`, `cache.tag_ttl (1m)` (`None` for
+    /// an upstream no longer configured).
+    pub freshness: Option<String>,
 }
 
 /// Lists cached tags. Needs the index, so not while a server runs; changes nothing (a corrupt
@@ -307,6 +310,11 @@ pub fn list(config: &Config) -> Result<Vec<ListedTag>, StoreError> {
                 let at = UNIX_EPOCH + Duration::from_millis(last_access);
                 humantime::format_rfc3339_seconds(at).to_string()
             }),
+            freshness: config
+                .upstreams
+                .iter()
+                .find(|u| u.name == namespace.as_str())
+                .map(|u| u.freshness_of(tag.as_str(), config.cache.tag_ttl)),
         });
     }
     listed.sort_by(|a, b| {

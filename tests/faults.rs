@@ -786,3 +786,47 @@ async fn a_cached_tag_is_served_stale_at_once_on_429_and_5xx() {
         assert!(elapsed < Duration::from_secs(1), "{fault:?}: {elapsed:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_on_revalidation_serves_the_cached_tag_only_with_serve_stale_on_denied() {
+    let image = Image::new(4096);
+    for serve_stale_on_denied in [false, true] {
+        let fake = image
+            .fake()
+            .manifest(REPO, "v2", MT_OCI_MANIFEST, image.manifest.clone())
+            .start()
+            .await;
+        let proxy = proxy_with(
+            &fake,
+            &[&format!("serve_stale_on_denied = {serve_stale_on_denied}")],
+            "[cache]\ntag_ttl = \"0s\"\n",
+        )
+        .await;
+        assert_eq!(get(&proxy, "manifests/v1").await.status(), StatusCode::OK);
+        // The cache's credentials are revoked: every answer is 401, no challenge to answer.
+        fake.set_fault("/manifests/", Fault::status(401));
+        let response = get(&proxy, "manifests/v1").await;
+        if serve_stale_on_denied {
+            assert_eq!(response.status(), StatusCode::OK);
+            assert!(response.headers()["warning"]
+                .to_str()
+                .is_ok_and(|w| w.starts_with("110")));
+            assert_eq!(response.bytes().await.expect("body"), image.manifest);
+            assert_eq!(
+                proxy
+                    .metric("regcache_stale_served_total{reason=\"denied\"}")
+                    .await,
+                1.0
+            );
+        } else {
+            let (status, code, _) = oci_error(response).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+            );
+        }
+        // A miss has nothing to fall back to.
+        let (status, _, _) = oci_error(get(&proxy, "manifests/v2").await).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{serve_stale_on_denied}");
+    }
+}

@@ -258,7 +258,12 @@ async fn a_hanging_upstream_gets_a_cached_tag_served_stale_within_3s_then_update
             .await,
         1.0
     );
-    assert!(proxy.metric("regcache_stale_served_total").await >= 1.0);
+    assert!(
+        proxy
+            .metric("regcache_stale_served_total{reason=\"deadline\"}")
+            .await
+            >= 1.0
+    );
     // While that revalidation is still out, later clients are not held again.
     let started = Instant::now();
     let (status, digest, warning) = manifest_answer(&proxy.url(), "test/brownout", "v1").await;
@@ -582,4 +587,50 @@ async fn a_missing_tag_is_remembered_for_negative_ttl() {
         (StatusCode::OK, image.digest.clone())
     );
     assert_eq!(gets(&upstream, "test/later", "v1"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tag_rules_keep_versions_for_ever_and_refresh_latest_within_its_ttl() {
+    let upstream = Upstream::start(Auth::None).await;
+    let repo = "test/rules";
+    let release = images::push_oci_image(&upstream, repo, "1.2.3", "release", &[512]).await;
+    let latest = images::push_oci_image(&upstream, repo, "latest", "first", &[512]).await;
+    let spec = UpstreamSpec::default_at(NAME, &upstream.url())
+        .with("[[upstream.tag_rule]]\ntags = '^v?[0-9]+\\.[0-9]+\\.[0-9]+$'\nttl = \"never\"")
+        .with("[[upstream.tag_rule]]\ntags = '^(latest|prod)$'\nttl = \"30s\"");
+    let proxy = InProcess::start(&[spec], "[cache]\ntag_ttl = \"10m\"\n").await;
+    for (tag, image) in [("1.2.3", &release), ("latest", &latest)] {
+        assert_eq!(manifest_digest(&proxy, repo, tag).await.1, image.digest);
+    }
+
+    // A day on, far past cache.tag_ttl: the version is served without asking the upstream.
+    proxy.clock().advance(Duration::from_secs(86_400));
+    let before = upstream.request_count();
+    assert_eq!(
+        manifest_digest(&proxy, repo, "1.2.3").await.1,
+        release.digest
+    );
+    assert_eq!(upstream.request_count(), before, "ttl = \"never\"");
+
+    // latest moves upstream; its rule's 30 s (not the 10 m default) bring the new digest.
+    let moved = images::push_oci_image(&upstream, repo, "latest", "second", &[512]).await;
+    assert_eq!(
+        manifest_digest(&proxy, repo, "latest").await.1,
+        moved.digest,
+        "a day past its 30 s TTL"
+    );
+    let moved_again = images::push_oci_image(&upstream, repo, "latest", "third", &[512]).await;
+    proxy.clock().advance(Duration::from_secs(29));
+    assert_eq!(
+        manifest_digest(&proxy, repo, "latest").await.1,
+        moved.digest,
+        "within 30 s"
+    );
+    proxy.clock().advance(Duration::from_secs(2));
+    assert_eq!(
+        manifest_digest(&proxy, repo, "latest").await.1,
+        moved_again.digest,
+        "past 30 s, well within cache.tag_ttl"
+    );
+    assert_eq!(heads(&upstream, repo, "1.2.3"), 0);
 }

@@ -447,6 +447,7 @@ impl Cache {
         let upkeep = upkeep::Upkeep::new(&config.storage, Arc::clone(&parts));
         let manifests = Arc::new(manifest::Manifests::new(
             &config.cache,
+            &config.upstreams,
             Arc::clone(&parts),
             Arc::clone(upkeep.access_log()),
         ));
@@ -531,6 +532,12 @@ impl Cache {
         accept: &[String],
     ) -> Result<ManifestAnswer, CacheError> {
         self.manifests.get(target, reference, accept).await
+    }
+
+    /// Which freshness applies to `tag` of the upstream named `upstream`, in words:
+    /// `"tag_rule 1 (ttl never)"` or `"cache.tag_ttl (1m)"`; `None` for an unknown upstream.
+    pub fn tag_freshness(&self, upstream: &str, tag: &str) -> Option<String> {
+        self.manifests.freshness_text(upstream, tag)
     }
 
     /// One page of a repository's tags: the upstream's list merged with the cached tags,

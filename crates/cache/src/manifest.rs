@@ -11,7 +11,7 @@ use super::parts::Parts;
 use super::revalidate::{Freshness, Verdict};
 use super::upkeep::AccessLog;
 use super::{CacheError, CachePhase, Manifest, ManifestAnswer, Target};
-use regcache_config::CacheConfig;
+use regcache_config::{CacheConfig, UpstreamConfig};
 use regcache_oci::{
     manifest_digest, sniff_media_type, validate_manifest, Digest, MediaType, Reference, RepoName,
     Tag, MAX_MANIFEST_BYTES,
@@ -55,11 +55,18 @@ pub(crate) struct Manifests {
     revalidate_timeout: Duration,
     serve_stale_on_404: bool,
     negative_ttl: Duration,
+    /// The upstreams' settings, by index: their tag rules and `serve_stale_on_denied`.
+    upstreams: Vec<UpstreamConfig>,
 }
 
 impl Manifests {
     /// The service for `[cache]`'s freshness settings.
-    pub(crate) fn new(config: &CacheConfig, parts: Arc<Parts>, access: Arc<AccessLog>) -> Self {
+    pub(crate) fn new(
+        config: &CacheConfig,
+        upstreams: &[UpstreamConfig],
+        parts: Arc<Parts>,
+        access: Arc<AccessLog>,
+    ) -> Self {
         Self {
             parts,
             access,
@@ -80,6 +87,31 @@ impl Manifests {
             revalidate_timeout: config.revalidate_timeout,
             serve_stale_on_404: config.serve_stale_on_404,
             negative_ttl: config.negative_ttl,
+            upstreams: upstreams.to_vec(),
+        }
+    }
+
+    /// Which freshness applies to `tag` of the upstream named `upstream`, in words (for the
+    /// status page).
+    pub(crate) fn freshness_text(&self, upstream: &str, tag: &str) -> Option<String> {
+        let config = self.upstreams.iter().find(|u| u.name == upstream)?;
+        Some(config.freshness_of(tag, self.freshness.tag_ttl))
+    }
+
+    /// The freshness of `tag` on the upstream `upstream`: the first matching tag rule's TTL
+    /// (`never`: fresh for ever) and `max_stale`, else `[cache]`'s.
+    fn freshness_for(&self, upstream: usize, tag: &Tag) -> Freshness {
+        let rule = self
+            .upstreams
+            .get(upstream)
+            .and_then(|config| config.tag_rule(tag.as_str()));
+        match rule {
+            Some((_, rule)) => Freshness {
+                tag_ttl: rule.ttl.unwrap_or(Duration::MAX),
+                max_stale: rule.max_stale.unwrap_or(self.freshness.max_stale),
+                ..self.freshness
+            },
+            None => self.freshness,
         }
     }
 
@@ -163,7 +195,7 @@ impl Manifests {
                 .now()
                 .duration_since(*confirmed_at)
                 .unwrap_or_default();
-            self.freshness.judge(age)
+            self.freshness_for(target.upstream, tag).judge(age)
         });
         let fresh = |manifest: &Arc<Manifest>| {
             Ok(ManifestAnswer {
@@ -176,7 +208,11 @@ impl Manifests {
             (Some((manifest, _)), Some(Verdict::Fresh)) => return fresh(manifest),
             // At the rate-limit reserve, what is left goes to misses.
             (Some((manifest, _)), _) if upstream.budget_is_low() => {
-                self.parts.metrics.stale_served.inc();
+                self.parts
+                    .metrics
+                    .stale_served
+                    .with_label_values(&["budget"])
+                    .inc();
                 return Ok(ManifestAnswer {
                     manifest: Arc::clone(manifest),
                     phase: CachePhase::Stale,
@@ -200,7 +236,7 @@ impl Manifests {
             None => false,
         };
         let (key, work) = self.revalidation(target, tag, accept, cached.as_ref(), stale_ok);
-        let stale = |manifest: Arc<Manifest>, why: &dyn std::fmt::Display| {
+        let stale = |manifest: Arc<Manifest>, why: &dyn std::fmt::Display, reason: &str| {
             tracing::warn!(
                 upstream = upstream.name(),
                 repo = %target.repo,
@@ -208,7 +244,11 @@ impl Manifests {
                 reason = %why,
                 "serving the cached manifest stale"
             );
-            self.parts.metrics.stale_served.inc();
+            self.parts
+                .metrics
+                .stale_served
+                .with_label_values(&[reason])
+                .inc();
             Ok(ManifestAnswer {
                 manifest,
                 phase: CachePhase::Stale,
@@ -224,7 +264,11 @@ impl Manifests {
                     %tag,
                     "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
                 );
-                self.parts.metrics.stale_served.inc();
+                self.parts
+                    .metrics
+                    .stale_served
+                    .with_label_values(&["revalidating"])
+                    .inc();
                 return Ok(ManifestAnswer {
                     manifest,
                     phase: CachePhase::Stale,
@@ -241,7 +285,7 @@ impl Manifests {
                             "revalidation not answered within {:?}; it goes on in the background",
                             self.revalidate_timeout
                         );
-                        return stale(manifest, &why);
+                        return stale(manifest, &why, "deadline");
                     }
                 }
             }
@@ -257,13 +301,23 @@ impl Manifests {
                 .insert(negative_key, self.parts.clock.instant())
                 .await;
         }
-        match cached {
-            Some((manifest, _))
-                if stale_ok
-                    && (err.class().unavailable || (not_found && self.serve_stale_on_404)) =>
-            {
-                stale(manifest, &err)
-            }
+        let denied = matches!(err.root(), CacheError::Upstream(e) if matches!(**e, UpstreamError::Denied { .. }));
+        let reason = if err.class().unavailable {
+            Some("unavailable")
+        } else if not_found && self.serve_stale_on_404 {
+            Some("not_found")
+        } else if denied
+            && self
+                .upstreams
+                .get(target.upstream)
+                .is_some_and(|u| u.serve_stale_on_denied)
+        {
+            Some("denied")
+        } else {
+            None
+        };
+        match (cached, reason) {
+            (Some((manifest, _)), Some(reason)) if stale_ok => stale(manifest, &err, reason),
             _ => Err(err),
         }
     }

@@ -37,7 +37,7 @@ pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use sync::{tag_version, SyncConfig};
-pub use upstream::UpstreamConfig;
+pub use upstream::{TagRule, UpstreamConfig};
 pub use values::{ConfigError, Secret};
 
 use values::invalid;

@@ -341,6 +341,10 @@ fn upstream_table(upstream: &crate::UpstreamConfig) -> Table {
     let private = upstream.allow_private_redirects.map(Value::Boolean);
     put(&mut table, "allow_private_redirects", private);
     table.insert("ratelimit_reserve".into(), int(upstream.ratelimit_reserve));
+    table.insert(
+        "serve_stale_on_denied".into(),
+        Value::Boolean(upstream.serve_stale_on_denied),
+    );
     if upstream.max_bandwidth > 0 {
         table.insert(
             "max_bandwidth".into(),
@@ -349,6 +353,19 @@ fn upstream_table(upstream: &crate::UpstreamConfig) -> Table {
                 size(upstream.max_bandwidth).as_str().unwrap_or("0B")
             )),
         );
+    }
+    if !upstream.tag_rules.is_empty() {
+        let rules = upstream.tag_rules.iter().map(|rule| {
+            let mut entry = Table::new();
+            entry.insert("tags".into(), Value::String(rule.tags.as_str().to_owned()));
+            let ttl = rule
+                .ttl
+                .map_or_else(|| Value::String("never".into()), duration);
+            entry.insert("ttl".into(), ttl);
+            put(&mut entry, "max_stale", rule.max_stale.map(duration));
+            Value::Table(entry)
+        });
+        table.insert("tag_rule".into(), Value::Array(rules.collect()));
     }
     table
 }

@@ -317,6 +317,9 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         [cache]\ntag_ttl = \"7d\"\nrevalidate_timeout = \"250ms\"\n\
         [[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\ndefault = true\n\
         username = \"robot\"\npassword = \"hunter2-hunter2\"\nratelimit_reserve = 20\nmax_bandwidth = \"20MiB/s\"\n\
+        serve_stale_on_denied = true\n\
+        [[upstream.tag_rule]]\ntags = '^v?[0-9]+\\.[0-9]+\\.[0-9]+$'\nttl = \"never\"\n\
+        [[upstream.tag_rule]]\ntags = '^(latest|prod)$'\nttl = \"30s\"\nmax_stale = \"1h\"\n\
         [cluster]\nself = \"http://10.0.0.1:5000\"\npeers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]\n\
         secret = \"0123456789abcdef-secret\"\n\
         [[pin]]\nupstream = \"r.test\"\nrepository = \"org/app\"\nreference = \"1.0\"\nplatforms = [\"linux/amd64\"]\n\
@@ -342,6 +345,9 @@ fn check_config_prints_toml_that_reads_back_the_same_in_the_example_s_forms() {
         "peers = [\"peers.svc:5000\", \"http://10.0.0.2:5000\"]",
         "ratelimit_reserve = 20",
         "max_bandwidth = \"20MiB/s\"",
+        "serve_stale_on_denied = true",
+        "ttl = \"never\"",
+        "max_stale = \"1h\"",
         "repository = \"r.test/org/app\"",
         "semver = \">=1.2, <2\"",
         "interval = \"90m\"",
@@ -386,4 +392,44 @@ fn upstream_budgets() {
             "upstream.a.io.max_bandwidth",
         );
     }
+}
+
+#[test]
+fn tag_rules_first_match_wins_and_bad_ones_name_their_position() {
+    let config = Config::parse(
+        "[cache]\ntag_ttl = \"2m\"\n[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\n\
+         [[upstream.tag_rule]]\ntags = '^v?[0-9]+\\.[0-9]+\\.[0-9]+$'\nttl = \"never\"\n\
+         [[upstream.tag_rule]]\ntags = '^(latest|prod|stable)$'\nttl = \"30s\"\nmax_stale = \"1h\"\n",
+    )
+    .expect("valid");
+    let upstream = &config.upstreams[0];
+    let (position, rule) = upstream.tag_rule("v1.2.3").expect("semver rule");
+    assert_eq!((position, rule.ttl), (1, None));
+    let (position, rule) = upstream.tag_rule("prod").expect("prod rule");
+    assert_eq!(
+        (position, rule.ttl, rule.max_stale),
+        (
+            2,
+            Some(std::time::Duration::from_secs(30)),
+            Some(std::time::Duration::from_secs(3600))
+        )
+    );
+    assert!(upstream.tag_rule("1.2").is_none());
+    assert_eq!(
+        upstream.freshness_of("1.2.3", config.cache.tag_ttl),
+        "tag_rule 1 (ttl never)"
+    );
+    assert_eq!(
+        upstream.freshness_of("main", config.cache.tag_ttl),
+        "cache.tag_ttl (2m)"
+    );
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\n[[upstream.tag_rule]]\ntags = '^v'\nttl = \"1h\"\n\
+         [[upstream.tag_rule]]\ntags = '(['\nttl = \"1h\"\n",
+        "upstream.a.io.tag_rule[2].tags",
+    );
+    check_error(
+        "[[upstream]]\nname = \"a.io\"\nurl = \"http://x\"\n[[upstream.tag_rule]]\ntags = '^v'\nttl = \"forever\"\n",
+        "upstream.a.io.tag_rule[1].ttl",
+    );
 }

@@ -29,6 +29,41 @@ pub(crate) struct RawUpstream {
     allow_private_redirects: Option<bool>,
     ratelimit_reserve: Option<u64>,
     max_bandwidth: Option<String>,
+    serve_stale_on_denied: Option<bool>,
+    #[serde(default)]
+    tag_rule: Vec<RawTagRule>,
+}
+
+/// An `[[upstream.tag_rule]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTagRule {
+    tags: String,
+    ttl: String,
+    max_stale: Option<String>,
+}
+
+/// How long tags matching a pattern stay fresh: `[[upstream.tag_rule]]`, the first match wins.
+#[derive(Debug, Clone)]
+pub struct TagRule {
+    /// The pattern (unanchored unless written with `^`/`$`).
+    pub tags: regex::Regex,
+    /// Served without asking for this long after the upstream confirmed it; `None`: never
+    /// revalidated once cached (`ttl = "never"`, for tags that never move).
+    pub ttl: Option<Duration>,
+    /// Past the TTL, served stale this long when the upstream cannot be asked (default
+    /// `cache.max_stale`).
+    pub max_stale: Option<Duration>,
+}
+
+impl TagRule {
+    /// `"never"` or the TTL, as written in the example (`"30s"`).
+    pub fn ttl_text(&self) -> String {
+        self.ttl.map_or_else(
+            || "never".to_owned(),
+            |ttl| humantime::format_duration(ttl).to_string(),
+        )
+    }
 }
 
 /// One upstream registry.
@@ -70,6 +105,34 @@ pub struct UpstreamConfig {
     /// All blob fills from this upstream together stay under this many bytes a second; 0: no
     /// cap.
     pub max_bandwidth: u64,
+    /// Whether a `401`/`403` on the revalidation of a cached tag serves the cached copy stale.
+    pub serve_stale_on_denied: bool,
+    /// Freshness by tag pattern, in order; the first match applies, none: `[cache]`'s.
+    pub tag_rules: Vec<TagRule>,
+}
+
+impl UpstreamConfig {
+    /// The first tag rule matching `tag`, with its position (1-based, as `check-config`
+    /// and `regcache ls` name it).
+    pub fn tag_rule(&self, tag: &str) -> Option<(usize, &TagRule)> {
+        self.tag_rules
+            .iter()
+            .enumerate()
+            .find(|(_, rule)| rule.tags.is_match(tag))
+            .map(|(index, rule)| (index + 1, rule))
+    }
+
+    /// Which freshness applies to `tag`, in words: `"tag_rule 1 (ttl never)"`, or
+    /// `"cache.tag_ttl (1m)"` given `[cache]`'s TTL.
+    pub fn freshness_of(&self, tag: &str, default_ttl: Duration) -> String {
+        match self.tag_rule(tag) {
+            Some((position, rule)) => format!("tag_rule {position} (ttl {})", rule.ttl_text()),
+            None => format!(
+                "cache.tag_ttl ({})",
+                humantime::format_duration(default_ttl)
+            ),
+        }
+    }
 }
 
 /// Names are unique and at most one upstream is the default.
@@ -215,10 +278,39 @@ impl RawUpstream {
             allow_private_redirects: self.allow_private_redirects,
             max_blob_size,
             ratelimit_reserve: self.ratelimit_reserve.unwrap_or(0),
+            serve_stale_on_denied: self.serve_stale_on_denied.unwrap_or(false),
+            tag_rules: self
+                .tag_rule
+                .iter()
+                .enumerate()
+                .map(|(index, raw)| raw.validate(&key(&format!("tag_rule[{}]", index + 1))))
+                .collect::<Result<_, _>>()?,
             max_bandwidth: match self.max_bandwidth.as_deref() {
                 None => 0,
                 Some(text) => bandwidth(&key("max_bandwidth"), text)?,
             },
+        })
+    }
+}
+
+impl RawTagRule {
+    /// Checks one rule; `key` is `upstream.<name>.tag_rule[<position>]`.
+    fn validate(&self, key: &str) -> Result<TagRule, ConfigError> {
+        let tags = regex::Regex::new(&self.tags)
+            .map_err(|err| invalid(format!("{key}.tags"), &self.tags, err.to_string()))?;
+        let ttl = match self.ttl.trim() {
+            "never" => None,
+            text => Some(duration(&format!("{key}.ttl"), Some(text), Duration::ZERO)?),
+        };
+        let max_stale = self
+            .max_stale
+            .as_deref()
+            .map(|text| duration(&format!("{key}.max_stale"), Some(text), Duration::ZERO))
+            .transpose()?;
+        Ok(TagRule {
+            tags,
+            ttl,
+            max_stale,
         })
     }
 }

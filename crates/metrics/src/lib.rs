@@ -40,7 +40,7 @@ pub struct Metrics {
     /// Blob downloads in progress.
     pub fills_in_flight: IntGauge,
     /// Tags served stale because the upstream could not be asked.
-    pub stale_served: IntCounter,
+    pub stale_served: IntCounterVec,
     /// `upstream`, `to` (open, closed): circuit breaker state changes.
     pub breaker_transitions: IntCounterVec,
     /// `upstream`: tag revalidations that passed `cache.revalidate_timeout` (the cached tag
@@ -162,9 +162,10 @@ impl Metrics {
                 "regcache_fills_in_flight",
                 "Blob downloads from upstreams in progress",
             ),
-            stale_served: register.counter(
+            stale_served: register.counter_vec(
                 "regcache_stale_served_total",
-                "Tags served stale because the upstream could not be asked",
+                "Tags served stale, by why: unavailable (the upstream could not be asked), deadline (revalidate_timeout), revalidating (stale_while_revalidate), budget (at the rate-limit reserve), not_found (serve_stale_on_404), denied (serve_stale_on_denied)",
+                &["reason"],
             ),
             breaker_transitions: register.counter_vec(
                 "regcache_upstream_breaker_transitions_total",
@@ -267,6 +268,16 @@ impl Metrics {
         }
         for source in ["cache", "upstream"] {
             metrics.served_bytes.with_label_values(&[source]);
+        }
+        for reason in [
+            "unavailable",
+            "deadline",
+            "revalidating",
+            "budget",
+            "not_found",
+            "denied",
+        ] {
+            metrics.stale_served.with_label_values(&[reason]);
         }
         for route in ["manifest", "blob"] {
             metrics.http_duration.with_label_values(&[route]);

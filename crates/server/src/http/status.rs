@@ -283,11 +283,19 @@ pub(crate) fn render(
             bytesize::ByteSize(bytes)
         );
     }
-    html.push_str("</table><h2>Recent pulls</h2><table id=\"recent\"><tr><th>when</th><th>upstream</th><th>image</th><th>status</th><th>cache</th></tr>");
+    html.push_str("</table><h2>Recent pulls</h2><table id=\"recent\"><tr><th>when</th><th>upstream</th><th>image</th><th>status</th><th>cache</th><th>freshness</th></tr>");
     for pull in recent {
+        // A tag's freshness rule; a digest never needs one.
+        let freshness = if pull.reference.contains(':') {
+            String::new()
+        } else {
+            cache
+                .tag_freshness(&pull.upstream, &pull.reference)
+                .unwrap_or_default()
+        };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}{}{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}{}{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             ago(pull.at),
             escape(&pull.upstream),
             escape(&pull.repo),
@@ -299,7 +307,8 @@ pub(crate) fn render(
             },
             escape(&pull.reference),
             pull.status,
-            pull.phase
+            pull.phase,
+            escape(&freshness)
         );
     }
     html.push_str("</table><p><a href=\"/metrics\">metrics</a> · <a href=\"/readyz\">readiness</a></p></body></html>");
