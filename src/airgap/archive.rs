@@ -5,6 +5,14 @@
 //! `org.opencontainers.image.ref.name`; referrers are listed by digest (`…@sha256:…`) so that
 //! `regcache import` knows their repository.
 //!
+//! OCI layout readers (containers/image: skopeo, podman, buildah) take only OCI types in
+//! `index.json`. A Docker manifest or manifest list is therefore named there through a
+//! *wrapper*: a small OCI index written for the archive that lists the Docker manifest (or the
+//! list's own entries, platforms included), so those tools pick the very bytes the upstream
+//! sent; the wrapper's annotations name the real root, which is what `regcache import` files
+//! the tag under (the wrapper itself is never imported). A signed schema1 manifest is named as
+//! it is: only regcache reads it back.
+//!
 //! Streaming: blobs are copied from the store's files into the tar; memory holds the manifests
 //! only. The archive is written under a temporary name and renamed when complete.
 
@@ -24,6 +32,10 @@ use crate::oci::{Digest, MediaType, Reference};
 
 /// The annotation naming an image in an OCI layout's `index.json`.
 pub(super) const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// On a wrapper's descriptor in `index.json`: the digest of the manifest it stands for.
+pub(super) const WRAPPED_ROOT: &str = "io.regcache.export.root";
+/// On a wrapper's descriptor in `index.json`: the media type of the manifest it stands for.
+pub(super) const WRAPPED_MEDIA_TYPE: &str = "io.regcache.export.root.media-type";
 
 /// Arguments of `regcache export`.
 #[derive(Debug, Clone, clap::Args)]
@@ -74,17 +86,62 @@ fn full_reference(cache: &Cache, target: &Target, reference: &Reference) -> Stri
     }
 }
 
-fn descriptor(
-    media_type: &MediaType,
-    digest: &Digest,
-    size: usize,
-    name: String,
-) -> LayoutDescriptor {
-    LayoutDescriptor {
-        media_type: media_type.to_string(),
-        digest: digest.to_string(),
-        size: size as u64,
-        annotations: BTreeMap::from([(REF_NAME.to_owned(), name)]),
+/// The wrapper OCI index standing for a Docker manifest or manifest list (see the module doc);
+/// `None` for any other type.
+fn wrapper(media_type: &MediaType, digest: &Digest, bytes: &[u8]) -> Option<Vec<u8>> {
+    let entries = match media_type.as_str() {
+        MediaType::DOCKER_MANIFEST => vec![serde_json::json!({
+            "mediaType": media_type.as_str(),
+            "digest": digest.to_string(),
+            "size": bytes.len(),
+        })],
+        MediaType::DOCKER_LIST => serde_json::from_slice::<serde_json::Value>(bytes)
+            .ok()?
+            .get("manifests")?
+            .as_array()?
+            .clone(),
+        _ => return None,
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MediaType::OCI_INDEX,
+        "manifests": entries,
+    }))
+    .ok()
+}
+
+/// `index.json` and the wrapper indexes it names (digest, bytes), to be written as blobs.
+struct Layout {
+    index: LayoutIndex,
+    wrappers: Vec<(Digest, Vec<u8>)>,
+}
+
+impl Layout {
+    /// Names a manifest in `index.json`: as it is, or through a wrapper.
+    fn name(&mut self, media_type: &MediaType, digest: &Digest, bytes: &[u8], name: String) {
+        let mut annotations = BTreeMap::from([(REF_NAME.to_owned(), name)]);
+        let descriptor = match wrapper(media_type, digest, bytes) {
+            Some(wrapper) => {
+                let wrapper_digest = Digest::of(&wrapper);
+                annotations.insert(WRAPPED_ROOT.to_owned(), digest.to_string());
+                annotations.insert(WRAPPED_MEDIA_TYPE.to_owned(), media_type.to_string());
+                let descriptor = LayoutDescriptor {
+                    media_type: MediaType::OCI_INDEX.to_owned(),
+                    digest: wrapper_digest.to_string(),
+                    size: wrapper.len() as u64,
+                    annotations,
+                };
+                self.wrappers.push((wrapper_digest, wrapper));
+                descriptor
+            }
+            None => LayoutDescriptor {
+                media_type: media_type.to_string(),
+                digest: digest.to_string(),
+                size: bytes.len() as u64,
+                annotations,
+            },
+        };
+        self.index.manifests.push(descriptor);
     }
 }
 
@@ -131,8 +188,8 @@ pub async fn export(
             })?;
         walked.push((image, image_walk));
     }
-    let layout = layout_index(cache, &walked);
-    let index_json = serde_json::to_vec_pretty(&layout).map_err(|e| AirgapError::Write {
+    let Layout { index, wrappers } = layout_index(cache, &walked);
+    let index_json = serde_json::to_vec_pretty(&index).map_err(|e| AirgapError::Write {
         path: output.to_owned(),
         source: std::io::Error::other(e),
     })?;
@@ -141,7 +198,15 @@ pub async fn export(
     let handle = tokio::runtime::Handle::current();
     let count = walked.len();
     tokio::task::spawn_blocking(move || {
-        write_archive(&handle, &cache, &walked, &index_json, &skip, &output)
+        write_archive(
+            &handle,
+            &cache,
+            &walked,
+            &index_json,
+            &wrappers,
+            &skip,
+            &output,
+        )
     })
     .await
     .map_err(|_| AirgapError::Cache(crate::cache::CacheError::FillAborted))??;
@@ -150,41 +215,39 @@ pub async fn export(
 
 /// `index.json`: each image at its root manifest, named by its full reference; tag-schema
 /// tags (`sha256-<hex>`, `.sig`, …) by theirs; each referrer by digest (so an import knows
-/// its repository).
-fn layout_index(cache: &Cache, walked: &[(ImageRef, Walked)]) -> LayoutIndex {
-    let mut layout = LayoutIndex {
-        schema_version: 2,
-        media_type: Some(MediaType::OCI_INDEX.to_owned()),
-        manifests: Vec::new(),
+/// its repository). Docker types through wrappers (see the module doc).
+fn layout_index(cache: &Cache, walked: &[(ImageRef, Walked)]) -> Layout {
+    let mut layout = Layout {
+        index: LayoutIndex {
+            schema_version: 2,
+            media_type: Some(MediaType::OCI_INDEX.to_owned()),
+            manifests: Vec::new(),
+        },
+        wrappers: Vec::new(),
     };
     for (image, image_walk) in walked {
         let root = &image_walk.root;
         let name = full_reference(cache, &image.target, &image.reference);
-        layout.manifests.push(descriptor(
-            &root.media_type,
-            &root.digest,
-            root.bytes.len(),
-            name,
-        ));
+        layout.name(&root.media_type, &root.digest, &root.bytes, name);
         for (tag, manifest) in &image_walk.schema_tags {
             let name = full_reference(cache, &image.target, &Reference::Tag(tag.clone()));
-            layout.manifests.push(descriptor(
+            layout.name(
                 &manifest.media_type,
                 &manifest.digest,
-                manifest.bytes.len(),
+                &manifest.bytes,
                 name,
-            ));
+            );
         }
         for manifest in &image_walk.manifests {
             if image_walk.referrers.contains(&manifest.digest) {
                 let name =
                     full_reference(cache, &image.target, &Reference::Digest(manifest.digest));
-                layout.manifests.push(descriptor(
+                layout.name(
                     &manifest.media_type,
                     &manifest.digest,
-                    manifest.bytes.len(),
+                    &manifest.bytes,
                     name,
-                ));
+                );
             }
         }
     }
@@ -198,6 +261,7 @@ fn write_archive(
     cache: &Arc<Cache>,
     walked: &[(ImageRef, Walked)],
     index_json: &[u8],
+    wrappers: &[(Digest, Vec<u8>)],
     skip: &HashSet<String>,
     output: &Path,
 ) -> Result<(), AirgapError> {
@@ -208,12 +272,20 @@ fn write_archive(
     let temp = output.with_extension("partial");
     let file = std::fs::File::create(&temp).map_err(write_err)?;
     let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
-    let result =
-        write_entries(handle, cache, walked, index_json, skip, &mut builder).and_then(|()| {
-            let mut writer = builder.into_inner().map_err(write_err)?;
-            writer.flush().map_err(write_err)?;
-            writer.get_ref().sync_all().map_err(write_err)
-        });
+    let result = write_entries(
+        handle,
+        cache,
+        walked,
+        index_json,
+        wrappers,
+        skip,
+        &mut builder,
+    )
+    .and_then(|()| {
+        let mut writer = builder.into_inner().map_err(write_err)?;
+        writer.flush().map_err(write_err)?;
+        writer.get_ref().sync_all().map_err(write_err)
+    });
     match result {
         Ok(()) => std::fs::rename(&temp, output).map_err(write_err),
         Err(err) => {
@@ -228,6 +300,7 @@ fn write_entries<W: std::io::Write>(
     cache: &Arc<Cache>,
     walked: &[(ImageRef, Walked)],
     index_json: &[u8],
+    wrappers: &[(Digest, Vec<u8>)],
     skip: &HashSet<String>,
     builder: &mut tar::Builder<W>,
 ) -> Result<(), AirgapError> {
@@ -240,6 +313,11 @@ fn write_entries<W: std::io::Write>(
     )?;
     append(builder, "index.json", index_json, index_json.len() as u64)?;
     let mut written = HashSet::new();
+    for (digest, bytes) in wrappers {
+        if written.insert(*digest) {
+            append(builder, &blob_path(digest), &bytes[..], bytes.len() as u64)?;
+        }
+    }
     for (image, image_walk) in walked {
         for manifest in &image_walk.manifests {
             if written.insert(manifest.digest) {

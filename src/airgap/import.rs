@@ -22,7 +22,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::archive::{blob_path, LayoutIndex, REF_NAME};
+use super::archive::{blob_path, LayoutIndex, REF_NAME, WRAPPED_MEDIA_TYPE, WRAPPED_ROOT};
 use super::entries::{entry_error, list_entries, open_entry, read_small, Span};
 use super::{store_verified, AirgapError, Content, ImageRef};
 use crate::cache::{Cache, Manifest};
@@ -423,8 +423,18 @@ pub(crate) fn named_images(
             continue;
         };
         let image = ImageRef::parse(resolver, name).map_err(|e| entry_error("index.json", e))?;
-        let root = Digest::parse(&descriptor.digest).map_err(|e| entry_error("index.json", e))?;
-        let declared = descriptor.media_type.as_str();
+        // A wrapper (an export's stand-in for a Docker manifest or list) names its real root.
+        let (root, declared) = match descriptor.annotations.get(WRAPPED_ROOT) {
+            Some(root) => (
+                root,
+                descriptor
+                    .annotations
+                    .get(WRAPPED_MEDIA_TYPE)
+                    .map_or("", String::as_str),
+            ),
+            None => (&descriptor.digest, descriptor.media_type.as_str()),
+        };
+        let root = Digest::parse(root).map_err(|e| entry_error("index.json", e))?;
         let media_type = match MediaType::from_content_type(declared) {
             Some(media_type) => Some(media_type),
             None if declared.is_empty() => None,
