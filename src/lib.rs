@@ -155,6 +155,7 @@ pub async fn run_with_clock(
         &config.storage,
         config.auth.as_ref(),
     ));
+    tokio::spawn(Arc::clone(&state).sample_history(shutdown.clone()));
     let address = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |address| address.to_string());

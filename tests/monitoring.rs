@@ -1132,6 +1132,33 @@ async fn status_page_renders_in_headless_chromium() {
             && !recent.contains(&format!("{}:{}", image.repo, image.digest)),
         "recent pulls: {recent}"
     );
+    // The charts: inline SVG, the minute in progress drawn from the live counters.
+    let requests = element(&dom, "requests", "</figure>");
+    assert!(
+        requests.contains("<svg") && requests.contains("<polyline"),
+        "requests chart: {requests}"
+    );
+    let this_minute: u64 = requests
+        .split("Requests: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in the requests caption: {requests}"));
+    assert!(
+        this_minute >= 5,
+        "the pulls above are this minute's requests: {requests}"
+    );
+    let ratio = element(&dom, "hit-ratio-chart", "</figure>");
+    assert!(
+        (ratio.contains("<polyline") || ratio.contains("<circle"))
+            && ratio.contains(&format!("{percent:.0}% this minute")),
+        "everything so far happened this minute, as the tile says ({percent}%): {ratio}"
+    );
+    let states = element(&dom, "upstream-states", "</figure>");
+    assert!(
+        states.contains(UPSTREAM_NAME) && states.contains("fill=\"#2a2\""),
+        "an up upstream is drawn green: {states}"
+    );
     assert!(
         !dom.contains("<script"),
         "the status page needs no JavaScript"

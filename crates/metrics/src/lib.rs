@@ -360,6 +360,20 @@ impl Metrics {
         self.sync_failures.with_label_values(&[rule]).inc_by(failed);
     }
 
+    /// Every HTTP request answered so far, all routes, methods and statuses.
+    pub fn http_requests_total(&self) -> u64 {
+        use prometheus::core::Collector as _;
+        let total: f64 = self
+            .http_requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|metric| metric.get_counter().get_value())
+            .sum();
+        // A count, well within f64's exact integers.
+        total as u64
+    }
+
     /// Sets an upstream's rate-limit gauges from its last answer's headers.
     pub fn set_ratelimit(&self, upstream: &str, limit: Option<u64>, remaining: u64) {
         let value = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

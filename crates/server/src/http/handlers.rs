@@ -26,6 +26,8 @@ pub struct AppState {
     pub(crate) resolver: Resolver,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) board: StatusBoard,
+    /// The status page's charts: a sample a minute.
+    pub(crate) history: super::history::History,
     /// Request ids: unique per process, short, ordered.
     pub(crate) next_request_id: std::sync::atomic::AtomicU64,
     status_page: bool,
@@ -37,6 +39,18 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Samples the status page's charts once a minute until `shutdown`.
+    pub async fn sample_history(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(super::history::SAMPLE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = every.tick() => self.history.sample(&self.metrics, &self.cache),
+            }
+        }
+    }
+
     /// Whether `[auth]` is on (so `SIGHUP` has an htpasswd file to re-read).
     pub fn authenticates(&self) -> bool {
         self.auth.is_some()
@@ -58,6 +72,7 @@ impl AppState {
             resolver,
             metrics,
             board: StatusBoard::default(),
+            history: super::history::History::default(),
             next_request_id: std::sync::atomic::AtomicU64::new(1),
             status_page: server.status_page,
             budget: storage.max_size,
@@ -167,6 +182,7 @@ async fn route_request<B>(
                 &state.cache,
                 &state.metrics,
                 &state.board,
+                &state.history,
                 state.budget,
                 &visible,
             );

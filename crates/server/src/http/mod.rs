@@ -9,6 +9,7 @@ mod body;
 mod error;
 mod front_door;
 pub(crate) mod handlers;
+mod history;
 pub(crate) mod route;
 mod status;
 

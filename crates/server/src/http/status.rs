@@ -103,7 +103,7 @@ impl StatusBoard {
     }
 }
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -185,6 +185,7 @@ pub(crate) fn render(
     cache: &Cache,
     metrics: &Metrics,
     board: &StatusBoard,
+    history: &super::history::History,
     budget: Option<u64>,
     visible: &Visible<'_>,
 ) -> String {
@@ -199,6 +200,7 @@ pub(crate) fn render(
         "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}",
         "th{background:#f3f3f3}.up{color:#0a0}.down{color:#c00}",
         ".tiles{display:flex;gap:1em;flex-wrap:wrap}",
+        ".charts{display:flex;gap:1.5em;flex-wrap:wrap}figure{margin:0}figcaption{font-size:12px;color:#555}",
         ".tile{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;min-width:12em}",
         ".tile b{display:block;font-size:1.5em}",
         "</style></head><body><h1>regcache</h1>"
@@ -225,6 +227,7 @@ pub(crate) fn render(
         bytesize::ByteSize(served_cache),
         bytesize::ByteSize(served_upstream),
     );
+    history.render(metrics, cache, &mut html);
     html.push_str("<h2>Upstreams</h2><table id=\"upstreams\"><tr><th>name</th><th>health</th><th>rate limit</th><th>last error</th></tr>");
     for upstream in cache.upstreams() {
         let (class, health) = if upstream.is_offline() {
