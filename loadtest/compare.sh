@@ -640,15 +640,48 @@ prefault_memory() {
 [ "$PREFAULT" = 1 ] && prefault_memory
 PAGE_CACHE_BEFORE="$(page_cache_gbs before)"
 log "page-cache write of new data: $PAGE_CACHE_BEFORE GB/s"
+# idle_cpu PIDS: the summed CPU seconds of PIDS (comma-separated) once they are idle again:
+# sampled every 200 ms until five samples in a row (a second) add under 10 ms each (at most
+# 60 s). A cache's work does not end with the client's pull (Distribution's proxy fetches
+# every blob a second time to store it after answering), so a cold pull's cost is counted
+# until then.
+cpu_sum() { local p; for p in ${1//,/ }; do pid_cpu_s "$p"; done | awk '{ s += $1 } END { printf "%.3f", s }'; }
+idle_cpu() {
+  local before now i=0 quiet=0
+  now="$(cpu_sum "$1")"
+  while [ "$i" -lt 300 ] && [ "$quiet" -lt 5 ]; do
+    sleep 0.2
+    before="$now"
+    now="$(cpu_sum "$1")"
+    i=$((i + 1))
+    if awk -v a="$before" -v b="$now" 'BEGIN { exit !(b - a < 0.01) }'; then
+      quiet=$((quiet + 1))
+    else
+      quiet=0
+    fi
+  done
+  echo "$now"
+}
+declare -A RC_IDLE_CPU DIST_IDLE_CPU RC_UP_BYTES DIST_UP_BYTES
 for r in $(seq 1 "$COLD_RUNS"); do
   log "cold pull $r/$COLD_RUNS of a fresh image: straight from the upstream, through regcache, through distribution"
   run_json "pull-upstream-$r" pull --registry "$UP" --repo bench/coldpull --reference "r$r" --pid "$UP_PID"
   mark="$(log_mark)"
+  cpu0="$(idle_cpu "$RC_PID")"
   run_json "pull-regcache-$r" pull --registry "$RC" --repo bench/coldpull --reference "r$r" --pid "$RC_PID,$UP_PID"
+  RC_IDLE_CPU[$r]="$(awk -v a="$cpu0" -v b="$(idle_cpu "$RC_PID")" 'BEGIN { printf "%.2f", b - a }')"
+  sleep 0.5 # let the upstream flush its access log
   layer="$(j "push-coldpull-$r" .large_layer.digest)"
   read -r gets bytes <<<"$(upstream_serves "$mark" "$layer")"
+  RC_UP_BYTES[$r]="$bytes"
+  mark="$(log_mark)"
+  cpu0="$(idle_cpu "$DIST_PID")"
   run_json "pull-dist-$r" pull --registry "$DIST" --repo bench/coldpulldist --reference "r$r" --pid "$DIST_PID,$UP_PID"
-  log "  upstream $(f3 "$(j "pull-upstream-$r" .wall_s)") s, regcache $(f3 "$(j "pull-regcache-$r" .wall_s)") s, distribution $(f3 "$(j "pull-dist-$r" .wall_s)") s; upstream served the layer $gets time(s) to regcache; other work $(j "pull-upstream-$r" .machine.foreign_cpu_s) / $(j "pull-regcache-$r" .machine.foreign_cpu_s) / $(j "pull-dist-$r" .machine.foreign_cpu_s) CPU s"
+  DIST_IDLE_CPU[$r]="$(awk -v a="$cpu0" -v b="$(idle_cpu "$DIST_PID")" 'BEGIN { printf "%.2f", b - a }')"
+  sleep 0.5
+  read -r dgets dbytes <<<"$(upstream_serves "$mark" "$(j "push-coldpull-dist-$r" .large_layer.digest)")"
+  DIST_UP_BYTES[$r]="$dbytes"
+  log "  upstream $(f3 "$(j "pull-upstream-$r" .wall_s)") s, regcache $(f3 "$(j "pull-regcache-$r" .wall_s)") s, distribution $(f3 "$(j "pull-dist-$r" .wall_s)") s; upstream served the layer $gets time(s) ($bytes bytes) to regcache, $dgets time(s) ($dbytes bytes) to distribution; server CPU s until idle: regcache ${RC_IDLE_CPU[$r]}, distribution ${DIST_IDLE_CPU[$r]}; other work $(j "pull-upstream-$r" .machine.foreign_cpu_s) / $(j "pull-regcache-$r" .machine.foreign_cpu_s) / $(j "pull-dist-$r" .machine.foreign_cpu_s) CPU s"
 done
 min_of() { # PREFIX FIELD -> minimum over the cold runs
   local p="$1" f="$2" r
@@ -829,6 +862,10 @@ cpu_row() {
     "$(cpu_of "$4" "$DIST_PID") + $(cpu_of "$4" "$UP_PID") + $(j "$4" .client_cpu_s)" "-" "report" "INFO"
 }
 cpu_row "2 cold pull: CPU s (regcache vs distribution)" pull-upstream-1 pull-regcache-1 pull-dist-1
+row "2 cold pull: server CPU s until idle" "the server alone, from before the pull until it is idle again (run 1)" \
+  "${RC_IDLE_CPU[1]}" "${DIST_IDLE_CPU[1]}" "$(ratio "${RC_IDLE_CPU[1]}" "${DIST_IDLE_CPU[1]}")" "report" "INFO"
+row "2 cold pull: upstream bytes of the layer" "sent by the upstream per cold pull, until idle (run 1; layer ${LAYER_MIB} MiB)" \
+  "${RC_UP_BYTES[1]}" "${DIST_UP_BYTES[1]}" "$(ratio "${RC_UP_BYTES[1]}" "${DIST_UP_BYTES[1]}")" "report" "INFO"
 row "2 page-cache write of new data" "GB/s before the cold pulls / at the end (dd, ${LAYER_MIB} MiB, no fsync)" "$PAGE_CACHE_BEFORE" "$PAGE_CACHE_AFTER" "-" "report" "INFO"
 T1="$(j cold-1 .wall_s)"
 row "3 one cold client (reference)" "1 client; its last chunk waited $(f3 "$(j cold-1 .tail_s.median)") s (verify+commit)" "$(f3 "$T1") s" "-" "-" "-" "INFO"
