@@ -378,6 +378,48 @@ async fn a_sync_round_stops_at_the_reserve_and_says_so() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_rule_of_an_offline_upstream_is_skipped_not_failed() {
+    let fake = fake(2).start().await;
+    let proxy = proxy(
+        &fake,
+        &["offline = true"],
+        &format!("[[sync]]\nname = \"air\"\nrepository = \"{UPSTREAM}/{REPO}\"\n"),
+    )
+    .await;
+    let next_run = "regcache_sync_next_run_timestamp_seconds{rule=\"air\"}";
+    for _ in 0..100 {
+        if proxy.metric(next_run).await > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.metric(next_run).await > 0.0, "the round ran");
+    assert_eq!(
+        proxy
+            .metric("regcache_sync_failures_total{rule=\"air\"}")
+            .await,
+        0.0
+    );
+    let status = client()
+        .get(format!("{}/", proxy.url()))
+        .send()
+        .await
+        .expect("status page")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        status.contains("skipped: upstream fake.test is offline (configured)"),
+        "{status}"
+    );
+    assert_eq!(
+        registry_requests(&fake),
+        0,
+        "an offline upstream is never asked"
+    );
+}
+
 // ---------------------------------------------------------------- sync schedules --
 
 /// The real upstream's name in the sync test.

@@ -251,13 +251,26 @@ impl Cache {
         let kept_before = |tag: &str| previous.images.iter().find(|i| i.tag == tag).cloned();
         let mut kept = Vec::new();
         let (mut fetched, mut failed, mut picked_count) = (0u64, 0u64, 0usize);
-        let outcome = match self.listings.upstream_tags(&target).await {
-            Err(err) => {
+        // An air-gapped site keeps its rules for when the link comes back: not a failure.
+        let listing = if upstream.is_offline() {
+            None
+        } else {
+            Some(self.listings.upstream_tags(&target).await)
+        };
+        let outcome = match listing {
+            None => {
+                kept = previous.images.clone();
+                format!(
+                    "skipped: upstream {} is offline (configured)",
+                    upstream.name()
+                )
+            }
+            Some(Err(err)) => {
                 failed += 1;
                 kept = previous.images.clone();
                 format!("listing the tags failed: {err}")
             }
-            Ok(listed) => {
+            Some(Ok(listed)) => {
                 let picked = rule.pick(&listed);
                 picked_count = picked.len();
                 let mut stopped = None;
