@@ -142,8 +142,11 @@ impl History {
         let now = Totals::read(metrics, cache);
         let upstreams = State::all(cache);
         let mut samples = self.samples.lock();
-        let counts = now.since(samples.last.unwrap_or(now));
-        samples.last = Some(now);
+        // The first call (at start) only sets the baseline: no minute has passed yet.
+        let Some(last) = samples.last.replace(now) else {
+            return;
+        };
+        let counts = now.since(last);
         if samples.minutes.len() == MINUTES {
             samples.minutes.pop_front();
         }
