@@ -360,6 +360,22 @@ impl Metrics {
         self.sync_failures.with_label_values(&[rule]).inc_by(failed);
     }
 
+    /// Manifest and blob answers so far: (every result but `miss`, all of them), the hit
+    /// ratio's two sides.
+    pub fn cache_answers(&self) -> (u64, u64) {
+        let (mut hits, mut total) = (0, 0);
+        for kind in ["manifest", "blob"] {
+            for result in ["hit", "miss", "coalesced", "revalidated", "stale"] {
+                let count = self.cache_results.with_label_values(&[kind, result]).get();
+                total += count;
+                if result != "miss" {
+                    hits += count;
+                }
+            }
+        }
+        (hits, total)
+    }
+
     /// Every HTTP request answered so far, all routes, methods and statuses.
     pub fn http_requests_total(&self) -> u64 {
         use prometheus::core::Collector as _;

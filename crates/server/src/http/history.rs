@@ -32,19 +32,7 @@ struct Totals {
 impl Totals {
     fn read(metrics: &Metrics, cache: &Cache) -> Self {
         let requests = metrics.http_requests_total();
-        let (mut answers, mut hits) = (0, 0);
-        for kind in ["manifest", "blob"] {
-            for result in ["hit", "miss", "coalesced", "revalidated", "stale"] {
-                let count = metrics
-                    .cache_results
-                    .with_label_values(&[kind, result])
-                    .get();
-                answers += count;
-                if result != "miss" {
-                    hits += count;
-                }
-            }
-        }
+        let (hits, answers) = metrics.cache_answers();
         let served = ["cache", "upstream"]
             .iter()
             .map(|source| metrics.served_bytes.with_label_values(&[source]).get())

@@ -163,20 +163,7 @@ fn rate_limit_text(view: &regcache_cache::RateLimitView) -> String {
 }
 
 pub(crate) fn hit_ratio(metrics: &Metrics) -> Option<f64> {
-    let mut hits = 0;
-    let mut total = 0;
-    for kind in ["manifest", "blob"] {
-        for result in ["hit", "miss", "coalesced", "revalidated", "stale"] {
-            let count = metrics
-                .cache_results
-                .with_label_values(&[kind, result])
-                .get();
-            total += count;
-            if result != "miss" {
-                hits += count;
-            }
-        }
-    }
+    let (hits, total) = metrics.cache_answers();
     (total > 0).then(|| hits as f64 / total as f64)
 }
 
