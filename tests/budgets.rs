@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::fake::{FakeRegistry, Fault, Listener};
-use common::http::{client, oci_error};
+use common::http::{client, get_text, oci_error};
 use common::images::{push_oci_image, Pushed, MT_OCI_MANIFEST};
 use common::inproc::InProcess;
 use common::proxy::{run_regcache, TestProxy, UpstreamSpec};
@@ -158,28 +158,14 @@ async fn the_budget_is_exported_and_at_the_reserve_cached_tags_are_not_revalidat
         8.0,
         "every answer counts, whether it cost a GET or not"
     );
-    let status = client()
-        .get(format!("{}/", proxy.url()))
-        .send()
-        .await
-        .expect("status page")
-        .text()
-        .await
-        .expect("text");
+    let status = get_text(&format!("{}/", proxy.url())).await;
     assert!(
         status.contains("6 of 10 left per 6h") && status.contains("at the reserve (7)"),
         "{status}"
     );
 
-    let ready = client()
-        .get(format!("{}/readyz", proxy.url()))
-        .send()
-        .await
-        .expect("readyz")
-        .bytes()
-        .await
-        .expect("body");
-    let ready: serde_json::Value = serde_json::from_slice(&ready).expect("json");
+    let ready: serde_json::Value =
+        serde_json::from_str(&get_text(&format!("{}/readyz", proxy.url())).await).expect("json");
     assert_eq!(
         ready["upstreams"][0]["ratelimit"],
         serde_json::json!({"limit": 10, "remaining": 6, "at_reserve": true, "paused_seconds": null})
@@ -356,14 +342,7 @@ async fn a_sync_round_stops_at_the_reserve_and_says_so() {
             "{tag} is not asked for"
         );
     }
-    let status = client()
-        .get(format!("{}/", proxy.url()))
-        .send()
-        .await
-        .expect("status page")
-        .text()
-        .await
-        .expect("text");
+    let status = get_text(&format!("{}/", proxy.url())).await;
     assert!(
         status.contains("t5, t4, t3")
             && status.contains("stopped early: upstream fake.test is at its rate-limit reserve"),
@@ -401,14 +380,7 @@ async fn a_sync_rule_of_an_offline_upstream_is_skipped_not_failed() {
             .await,
         0.0
     );
-    let status = client()
-        .get(format!("{}/", proxy.url()))
-        .send()
-        .await
-        .expect("status page")
-        .text()
-        .await
-        .expect("text");
+    let status = get_text(&format!("{}/", proxy.url())).await;
     assert!(
         status.contains("skipped: upstream fake.test is offline (configured)"),
         "{status}"
@@ -428,14 +400,7 @@ const NAME: &str = "registry.test";
 const LAYER: usize = 200 * 1024;
 
 fn cached_path(proxy: &TestProxy, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    proxy
-        .storage()
-        .join("blobs")
-        .join(NAME)
-        .join("sha256")
-        .join(&hex[..2])
-        .join(hex)
+    common::blob_file(&proxy.storage(), NAME, digest)
 }
 
 /// Whether every blob and the manifest of `image` is in the store.
@@ -470,18 +435,6 @@ async fn wait_metric(proxy: &TestProxy, name: &str, value: f64) {
         proxy_series(proxy, name).await,
         proxy.log()
     );
-}
-
-async fn proxy_status_page(proxy: &TestProxy) -> String {
-    proxy
-        .client()
-        .get(format!("{}/", proxy.url()))
-        .send()
-        .await
-        .expect("status page")
-        .text()
-        .await
-        .expect("text")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -541,7 +494,7 @@ async fn sync_keeps_the_newest_matching_tags_mirrored_and_pinned_across_restarts
         upstream.count(|e| e.method == "GET" && e.path.contains("/blobs/")),
         blob_gets
     );
-    let page = proxy_status_page(&proxy).await;
+    let page = get_text(&format!("{}/", proxy.url())).await;
     assert!(
         page.contains("1.28.0, 1.27.3, 1.27.0") && page.contains("in 59m"),
         "{page}"

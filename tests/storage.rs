@@ -15,14 +15,7 @@ use tokio::process::Command;
 const NAME: &str = "registry.test";
 
 fn cached_path(proxy: &TestProxy, digest: &str) -> std::path::PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    proxy
-        .storage()
-        .join("blobs")
-        .join(NAME)
-        .join("sha256")
-        .join(&hex[..2])
-        .join(hex)
+    common::blob_file(&proxy.storage(), NAME, digest)
 }
 
 fn stored_bytes(dir: &Path) -> u64 {

@@ -32,3 +32,15 @@ pub async fn oci_error(response: reqwest::Response) -> (StatusCode, String, Stri
     };
     (status, field("code"), field("message"))
 }
+
+/// The body of a `GET` of `url` as text (the status page, `/readyz`).
+pub async fn get_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: body: {e}"))
+}

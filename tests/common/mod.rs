@@ -83,6 +83,18 @@ pub fn reserve_port() -> u16 {
     }
 }
 
+/// Where the store under `storage` keeps `digest` of the upstream named `upstream`
+/// (`blobs/<upstream>/sha256/<2 hex>/<64 hex>`): what a user sees on disk.
+pub fn blob_file(storage: &Path, upstream: &str, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    storage
+        .join("blobs")
+        .join(upstream)
+        .join("sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
 /// Every file under `dir`, recursively (none when it does not exist).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();

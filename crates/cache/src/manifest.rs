@@ -208,15 +208,7 @@ impl Manifests {
             (Some((manifest, _)), Some(Verdict::Fresh)) => return fresh(manifest),
             // At the rate-limit reserve, what is left goes to misses.
             (Some((manifest, _)), _) if upstream.budget_is_low() => {
-                self.parts
-                    .metrics
-                    .stale_served
-                    .with_label_values(&["budget"])
-                    .inc();
-                return Ok(ManifestAnswer {
-                    manifest: Arc::clone(manifest),
-                    phase: CachePhase::Stale,
-                });
+                return Ok(self.served_stale(Arc::clone(manifest), "budget"));
             }
             _ => {}
         }
@@ -244,15 +236,7 @@ impl Manifests {
                 reason = %why,
                 "serving the cached manifest stale"
             );
-            self.parts
-                .metrics
-                .stale_served
-                .with_label_values(&[reason])
-                .inc();
-            Ok(ManifestAnswer {
-                manifest,
-                phase: CachePhase::Stale,
-            })
+            Ok(self.served_stale(manifest, reason))
         };
         let result = match (cached.clone(), verdict) {
             (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
@@ -264,15 +248,7 @@ impl Manifests {
                     %tag,
                     "within stale_while_revalidate; serving the cached manifest and revalidating in the background"
                 );
-                self.parts
-                    .metrics
-                    .stale_served
-                    .with_label_values(&["revalidating"])
-                    .inc();
-                return Ok(ManifestAnswer {
-                    manifest,
-                    phase: CachePhase::Stale,
-                });
+                return Ok(self.served_stale(manifest, "revalidating"));
             }
             (Some((manifest, _)), _) if stale_ok => {
                 // The revalidation runs in its own task (see `SingleFlight`): when the deadline
@@ -319,6 +295,20 @@ impl Manifests {
         match (cached, reason) {
             (Some((manifest, _)), Some(reason)) if stale_ok => stale(manifest, &err, reason),
             _ => Err(err),
+        }
+    }
+
+    /// A cached manifest answered stale (`Warning: 110`), counted under `reason` (a label of
+    /// `regcache_stale_served_total`).
+    fn served_stale(&self, manifest: Arc<Manifest>, reason: &str) -> ManifestAnswer {
+        self.parts
+            .metrics
+            .stale_served
+            .with_label_values(&[reason])
+            .inc();
+        ManifestAnswer {
+            manifest,
+            phase: CachePhase::Stale,
         }
     }
 

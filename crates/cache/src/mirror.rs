@@ -60,8 +60,6 @@ pub struct SyncReport {
 #[derive(Debug)]
 pub(crate) struct Mirror {
     rules: Vec<SyncConfig>,
-    /// Upstream names, by index (for messages).
-    upstream_names: Vec<String>,
     /// Each rule's state, by name; loaded from the index at start.
     states: Mutex<HashMap<String, SyncRecord>>,
     /// One round at a time per upstream.
@@ -85,7 +83,6 @@ impl Mirror {
         }
         Self {
             rules: rules.to_vec(),
-            upstream_names: upstreams.iter().map(|u| u.name.clone()).collect(),
             states: Mutex::default(),
             rounds: upstreams
                 .iter()
@@ -125,14 +122,14 @@ impl Mirror {
         pins
     }
 
-    /// Every rule's state.
-    pub(crate) fn status(&self) -> Vec<SyncStatus> {
+    /// Every rule's state; `upstream_name` names an upstream by its index.
+    pub(crate) fn status(&self, upstream_name: impl Fn(usize) -> String) -> Vec<SyncStatus> {
         let states = self.states.lock();
         self.rules
             .iter()
             .map(|rule| SyncStatus {
                 name: rule.name.clone(),
-                upstream: self.upstream_names[rule.upstream].clone(),
+                upstream: upstream_name(rule.upstream),
                 repository: rule.repository.as_str().to_owned(),
                 record: states.get(&rule.name).cloned().unwrap_or_default(),
             })
@@ -228,7 +225,8 @@ impl Cache {
 
     /// Every `[[sync]]` rule's state, for the status page.
     pub fn sync_status(&self) -> Vec<SyncStatus> {
-        self.mirror.status()
+        self.mirror
+            .status(|index| self.parts.upstreams[index].name().to_owned())
     }
 
     /// One round of one rule; see the module doc.
@@ -275,35 +273,31 @@ impl Cache {
                 picked_count = picked.len();
                 let mut stopped = None;
                 for (position, tag) in picked.iter().enumerate() {
-                    if let Some(why) = budget_stop(&upstream) {
-                        stopped = Some(why);
-                        kept.extend(
-                            picked[position..]
-                                .iter()
-                                .filter_map(|t| kept_before(t.as_str())),
-                        );
-                        break;
-                    }
-                    match self.sync_image(rule, &target, tag).await {
-                        Ok((image, new)) => {
-                            fetched += u64::from(new);
-                            kept.push(image);
-                        }
-                        Err(err) if err.class().answer == Answer::Paused => {
-                            stopped = Some(err.to_string());
-                            kept.extend(
-                                picked[position..]
-                                    .iter()
-                                    .filter_map(|t| kept_before(t.as_str())),
-                            );
-                            break;
-                        }
-                        Err(err) => {
-                            failed += 1;
-                            tracing::warn!(rule = %rule.name, %tag, error = %err, "sync: image not fetched");
-                            kept.extend(kept_before(tag.as_str()));
-                        }
-                    }
+                    let why = match budget_stop(&upstream) {
+                        Some(why) => why,
+                        None => match self.sync_image(rule, &target, tag).await {
+                            Ok((image, new)) => {
+                                fetched += u64::from(new);
+                                kept.push(image);
+                                continue;
+                            }
+                            Err(err) if err.class().answer == Answer::Paused => err.to_string(),
+                            Err(err) => {
+                                failed += 1;
+                                tracing::warn!(rule = %rule.name, %tag, error = %err, "sync: image not fetched");
+                                kept.extend(kept_before(tag.as_str()));
+                                continue;
+                            }
+                        },
+                    };
+                    // Stopped before this tag: the tags not reached keep what earlier rounds kept.
+                    kept.extend(
+                        picked[position..]
+                            .iter()
+                            .filter_map(|t| kept_before(t.as_str())),
+                    );
+                    stopped = Some(why);
+                    break;
                 }
                 match stopped {
                     Some(why) => format!("stopped early: {why}"),

@@ -36,7 +36,7 @@ pub use log::{LogConfig, LogFormat};
 pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
-pub use sync::{tag_version, SyncConfig};
+pub use sync::SyncConfig;
 pub use upstream::{TagRule, UpstreamConfig};
 pub use values::{ConfigError, Secret};
 

@@ -50,7 +50,7 @@ pub struct SyncConfig {
 }
 
 /// `1.27.3` or `v1.27.3` as a version; `None` for any other tag.
-pub fn tag_version(tag: &str) -> Option<semver::Version> {
+fn tag_version(tag: &str) -> Option<semver::Version> {
     semver::Version::parse(tag.strip_prefix('v').unwrap_or(tag)).ok()
 }
 

@@ -58,7 +58,7 @@ pub struct TagRule {
 
 impl TagRule {
     /// `"never"` or the TTL, as written in the example (`"30s"`).
-    pub fn ttl_text(&self) -> String {
+    fn ttl_text(&self) -> String {
         self.ttl.map_or_else(
             || "never".to_owned(),
             |ttl| humantime::format_duration(ttl).to_string(),
