@@ -345,24 +345,16 @@ async fn auth_proxy(upstream: &Upstream, dir: &tempfile::TempDir) -> TestProxy {
 
 /// `skopeo copy` through the proxy with `creds` (`user:password`) or none; whether it worked.
 async fn skopeo_pull(proxy: &TestProxy, image: &images::Pushed, creds: Option<&str>) -> bool {
-    let dest = tempfile::tempdir().expect("temp dir");
-    let creds_arg = creds.map(|c| format!("--src-creds={c}"));
-    let extra: Vec<&str> = creds_arg.iter().map(String::as_str).collect();
-    let (ok, stderr) = skopeo_copy(
-        &format!("{}/{}", proxy.addr(), image.reference),
-        dest.path(),
-        &extra,
-    )
-    .await;
-    if ok {
-        verify_dir(dest.path(), &image.digest);
-    } else {
-        assert!(
-            stderr.contains("unauthorized") || stderr.contains("denied"),
-            "a refusal, not some other failure: {stderr}"
-        );
+    match skopeo_try(proxy, None, image, creds).await {
+        Ok(_) => true,
+        Err(stderr) => {
+            assert!(
+                stderr.contains("unauthorized") || stderr.contains("denied"),
+                "a refusal, not some other failure: {stderr}"
+            );
+            false
+        }
     }
-    ok
 }
 
 /// A token from the proxy's token endpoint for `user:password`.
@@ -887,4 +879,202 @@ async fn offline_pulls_by_digest_work_after_a_restart_and_stay_within_the_grant(
             .expect("GET blob");
         assert_eq!(status_and_code(response).await.0, 404);
     }
+}
+
+/// `skopeo copy` through the proxy (over TLS verified against `pki` when given) with `creds`
+/// (`user:password`) or none: the verified copy when it worked, else skopeo's error.
+async fn skopeo_try(
+    proxy: &TestProxy,
+    pki: Option<&Pki>,
+    image: &images::Pushed,
+    creds: Option<&str>,
+) -> Result<tempfile::TempDir, String> {
+    let dest = tempfile::tempdir().expect("temp dir");
+    let mut extra = Vec::new();
+    if let Some(pki) = pki {
+        let cert_dir = pki.cert_dir();
+        extra.extend([
+            "--src-tls-verify=true".to_owned(),
+            "--src-cert-dir".to_owned(),
+            cert_dir.to_str().expect("utf-8 path").to_owned(),
+        ]);
+    }
+    extra.extend(creds.map(|c| format!("--src-creds={c}")));
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (ok, stderr) = skopeo_copy(
+        &format!("{}/{}", proxy.addr(), image.reference),
+        dest.path(),
+        &extra,
+    )
+    .await;
+    if ok {
+        verify_dir(dest.path(), &image.digest);
+        Ok(dest)
+    } else {
+        Err(stderr)
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    common::files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            std::fs::read(path)
+                .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_credentials_the_upstream_decides_who_reads_what_and_bytes_are_fetched_once() {
+    use common::upstream::TokenReader;
+    let reader = |user: &str, prefix: &str| TokenReader {
+        user: user.to_owned(),
+        password: format!("{user}-Pw-7f3a9c"),
+        pull: vec![prefix.to_owned()],
+    };
+    let mut upstream = Upstream::start(Auth::token_readers(vec![
+        reader("alice", "team-a/"),
+        reader("carol", "team-a/"),
+        reader("bob", "team-b/"),
+    ]))
+    .await;
+    let team_a = images::push_oci_image(&upstream, "team-a/app", "v1", "ta", &[8192, 2048]).await;
+    let team_b = images::push_oci_image(&upstream, "team-b/app", "v1", "tb", &[4096]).await;
+    let pki = Pki::new();
+    pki.issue_server_cert();
+    let proxy = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at(UPSTREAM_NAME, &upstream.url())
+            .with("credentials = \"client\"")
+            .with("client_auth_ttl = \"1s\"")
+            .with("client_auth_offline_grace = \"1h\"")],
+        &pki.server_lines(),
+        "",
+        Some(pki.ca_path()),
+    )
+    .await;
+    let alice = "alice:alice-Pw-7f3a9c";
+
+    // alice pulls team-a with her own credentials (the token flow, over TLS).
+    skopeo_try(&proxy, Some(&pki), &team_a, Some(alice))
+        .await
+        .unwrap_or_else(|err| panic!("alice pulls team-a: {err}\n{}", proxy.log()));
+    // carol too: the bytes are shared, each blob came from the upstream once.
+    skopeo_try(&proxy, Some(&pki), &team_a, Some("carol:carol-Pw-7f3a9c"))
+        .await
+        .unwrap_or_else(|err| panic!("carol pulls team-a: {err}\n{}", proxy.log()));
+    for blob in &team_a.blobs {
+        assert_eq!(upstream.blob_gets(blob), 1, "{blob} fetched once");
+    }
+
+    // bob is refused team-a, cached as it is, and pulls team-b.
+    let refused = skopeo_try(&proxy, Some(&pki), &team_a, Some("bob:bob-Pw-7f3a9c"))
+        .await
+        .expect_err("bob may not read team-a");
+    assert!(refused.contains("unauthorized"), "{refused}");
+    skopeo_try(&proxy, Some(&pki), &team_b, Some("bob:bob-Pw-7f3a9c"))
+        .await
+        .unwrap_or_else(|err| panic!("bob pulls team-b: {err}\n{}", proxy.log()));
+    // Not a byte of team-a for bob: its manifest and a blob straight, and the blob through
+    // team-b, which bob may read (it does not belong there).
+    let bob = token(&proxy, "bob", "bob-Pw-7f3a9c").await;
+    let client = proxy.client();
+    let get = |path: String| {
+        client
+            .get(format!("{}{path}", proxy.url()))
+            .bearer_auth(&bob)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+    };
+    let answer = get(format!("/v2/team-a/app/manifests/{}", team_a.digest))
+        .await
+        .expect("bob asks for team-a's manifest");
+    assert!(answer.headers().contains_key("www-authenticate"));
+    let (status, code, message) = common::http::oci_error(answer).await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (401, "UNAUTHORIZED"),
+        "{message}"
+    );
+    let layer = &team_a.blobs[0];
+    let answer = get(format!("/v2/team-a/app/blobs/{layer}"))
+        .await
+        .expect("bob asks for team-a's blob");
+    assert_eq!(answer.status(), 401);
+    let answer = get(format!("/v2/team-b/app/blobs/{layer}"))
+        .await
+        .expect("bob asks for team-a's blob under team-b");
+    let (status, code, _) = common::http::oci_error(answer).await;
+    assert_eq!((status.as_u16(), code.as_str()), (404, "BLOB_UNKNOWN"));
+
+    // A wrong password: no token, no pull; anonymous clients get what the upstream gives them
+    // (nothing here).
+    let wrong = proxy
+        .client()
+        .get(format!("{}/auth/token?service=regcache", proxy.url()))
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(wrong.status(), 401);
+    assert!(skopeo_try(&proxy, Some(&pki), &team_a, Some("alice:wrong"))
+        .await
+        .is_err());
+    assert!(skopeo_try(&proxy, Some(&pki), &team_a, None).await.is_err());
+
+    // The upstream goes away: alice is served within the grace, bob never, and alice only
+    // what the upstream confirmed for her.
+    upstream.stop().await;
+    // Past client_auth_ttl (1s): the upstream would be asked again, and cannot be.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    skopeo_try(&proxy, Some(&pki), &team_a, Some(alice))
+        .await
+        .unwrap_or_else(|err| panic!("alice within the grace: {err}\n{}", proxy.log()));
+    let refused = skopeo_try(&proxy, Some(&pki), &team_a, Some("bob:bob-Pw-7f3a9c"))
+        .await
+        .expect_err("bob is not served team-a offline either");
+    assert!(!refused.is_empty());
+    let alice_token = token(&proxy, "alice", "alice-Pw-7f3a9c").await;
+    let answer = client
+        .get(format!("{}/v2/team-b/app/manifests/v1", proxy.url()))
+        .bearer_auth(&alice_token)
+        .send()
+        .await
+        .expect("alice asks for team-b offline");
+    let (status, code, message) = common::http::oci_error(answer).await;
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (503, "UNAVAILABLE"),
+        "{message}"
+    );
+    assert!(message.contains("client_auth_offline_grace"), "{message}");
+
+    // Counted, and alice's password is nowhere: not in the log, the metrics or the store.
+    let metrics = proxy.metrics_text().await;
+    for result in ["confirmed", "refused", "grace", "unconfirmed"] {
+        let line = format!(
+            "regcache_client_access_total{{result=\"{result}\",upstream=\"{UPSTREAM_NAME}\"}}"
+        );
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(count > 0, "{line} counted:\n{metrics}");
+    }
+    let password = b"alice-Pw-7f3a9c";
+    assert!(
+        !proxy.log().contains("alice-Pw-7f3a9c"),
+        "password in the log"
+    );
+    assert!(
+        !metrics.contains("alice-Pw-7f3a9c"),
+        "password in the metrics"
+    );
+    assert_eq!(
+        files_containing(&proxy.storage(), password),
+        Vec::<std::path::PathBuf>::new()
+    );
 }

@@ -299,7 +299,9 @@ impl TestProxy {
 
     /// The text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url()))
+        self.client()
+            .get(format!("{}/metrics", self.url()))
+            .send()
             .await
             .expect("scrape /metrics")
             .text()

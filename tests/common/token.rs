@@ -8,9 +8,11 @@
 //! Distribution 2.8 verifies it against its `rootcertbundle`, which is the same
 //! self-signed certificate ([`TokenServer::cert_pem`]).
 //!
-//! Policy: valid credentials get every action they ask for; anonymous
-//! requests get `pull` only (unless `anonymous_pull` is off); wrong credentials
-//! get `401`. Listens on `127.0.0.1` on a port picked by the kernel.
+//! Policy: the configured user gets every action it asks for; each reader
+//! ([`TokenReader`]) gets `pull` on the repositories under its prefixes and
+//! nothing else (a token without that access: the registry answers `401`);
+//! anonymous requests get `pull` only (unless `anonymous_pull` is off); wrong
+//! credentials get `401`. Listens on `127.0.0.1` on a port picked by the kernel.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,6 +52,19 @@ pub struct TokenConfig {
     pub ttl_secs: u64,
     /// Whether anonymous requests get `pull` (true) or nothing (false).
     pub anonymous_pull: bool,
+    /// Users who may only pull, each under its own prefixes.
+    pub readers: Vec<TokenReader>,
+}
+
+/// A user who may pull the repositories under some prefixes, and nothing else.
+#[derive(Debug, Clone)]
+pub struct TokenReader {
+    /// The user name.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// Repository prefixes it may pull (`team-a/`).
+    pub pull: Vec<String>,
 }
 
 /// One `access` claim entry of a token.
@@ -270,7 +285,11 @@ fn authenticate(config: &TokenConfig, req: &Request<Incoming>) -> Result<Option<
     let raw = STANDARD.decode(encoded.trim()).map_err(|_| ())?;
     let raw = String::from_utf8(raw).map_err(|_| ())?;
     let (user, password) = raw.split_once(':').ok_or(())?;
-    if user == config.user && password == config.password {
+    let reader = config
+        .readers
+        .iter()
+        .any(|r| r.user == user && r.password == password);
+    if (user == config.user && password == config.password) || reader {
         Ok(Some(user.to_owned()))
     } else {
         Err(())
@@ -288,9 +307,18 @@ fn grant<'a>(
         .flat_map(|s| s.split(' '))
         .filter_map(parse_scope)
         .filter_map(|mut access| {
-            if user.is_none() {
-                let allowed = config.anonymous_pull;
-                access.actions.retain(|a| allowed && a == "pull");
+            match user {
+                None => {
+                    let allowed = config.anonymous_pull;
+                    access.actions.retain(|a| allowed && a == "pull");
+                }
+                Some(user) if user != config.user => {
+                    let allowed = config.readers.iter().any(|r| {
+                        r.user == user && r.pull.iter().any(|p| access.name.starts_with(p.as_str()))
+                    });
+                    access.actions.retain(|a| allowed && a == "pull");
+                }
+                Some(_) => {}
             }
             (!access.actions.is_empty()).then_some(access)
         })

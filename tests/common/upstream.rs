@@ -34,6 +34,7 @@ use tempfile::TempDir;
 
 use super::regclient::{RegistryClient, HARNESS_USER_AGENT};
 use super::require_tool;
+pub use super::token::TokenReader;
 use super::token::{TokenConfig, TokenServer, ISSUER, SERVICE};
 
 /// How long to wait for `GET /v2/` to answer after starting.
@@ -57,14 +58,19 @@ pub enum Auth {
         /// Its password.
         password: String,
     },
-    /// Docker token auth: anonymous pull, `user` may pull and push.
+    /// Docker token auth: `user` may pull and push, readers pull under their prefixes,
+    /// anonymous clients pull when `anonymous_pull`.
     Token {
-        /// The only user.
+        /// The user who pushes.
         user: String,
         /// Its password.
         password: String,
         /// Token lifetime in seconds.
         ttl_secs: u64,
+        /// Users who may pull only under their prefixes.
+        readers: Vec<TokenReader>,
+        /// Whether anonymous clients may pull.
+        anonymous_pull: bool,
     },
 }
 
@@ -83,6 +89,20 @@ impl Auth {
             user: "harness".into(),
             password: "harness-pw".into(),
             ttl_secs,
+            readers: Vec::new(),
+            anonymous_pull: true,
+        }
+    }
+
+    /// `Auth::Token` where `readers` pull under their prefixes and anonymous clients get
+    /// nothing: an upstream whose users have different rights.
+    pub fn token_readers(readers: Vec<TokenReader>) -> Auth {
+        Auth::Token {
+            user: "harness".into(),
+            password: "harness-pw".into(),
+            ttl_secs: 300,
+            readers,
+            anonymous_pull: false,
         }
     }
 
@@ -520,6 +540,8 @@ async fn start_token_server(auth: &Auth) -> Result<Option<TokenServer>> {
         user,
         password,
         ttl_secs,
+        readers,
+        anonymous_pull,
     } = auth
     else {
         return Ok(None);
@@ -528,7 +550,8 @@ async fn start_token_server(auth: &Auth) -> Result<Option<TokenServer>> {
         user: user.clone(),
         password: password.clone(),
         ttl_secs: *ttl_secs,
-        anonymous_pull: true,
+        anonymous_pull: *anonymous_pull,
+        readers: readers.clone(),
     };
     Ok(Some(TokenServer::start(config).await?))
 }

@@ -169,8 +169,11 @@ impl Blobs {
             target: target.clone(),
             digest: *digest,
         };
+        // An upstream asked with clients' credentials is filled here: a peer is never handed
+        // a client's credentials, and has none of its own for it.
+        let client_mode = upstream.client_mode();
         let owner = match (&self.cluster, asker) {
-            (Some(cluster), Asker::Client) => cluster
+            (Some(cluster), Asker::Client) if !client_mode => cluster
                 .remote_owner(upstream.name(), digest)
                 .map(|owner| (cluster, owner)),
             _ => None,

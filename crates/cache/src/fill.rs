@@ -237,8 +237,10 @@ impl Fills {
         // The span is made here, in the request that started the fill, so that the fill's log
         // lines carry that request's id.
         let span = tracing::info_span!("fill", upstream = job.source.name(), digest = %job.digest);
+        // On behalf of the client that started it (`credentials = "client"` upstreams ask
+        // with the leader's credentials; the bytes are the same for every client).
         tokio::spawn(tracing::Instrument::instrument(
-            run_fill(job, writer, guard),
+            regcache_upstream::caller::carry(run_fill(job, writer, guard)),
             span,
         ));
         Ok(Some((fill, Role::Leader)))

@@ -89,13 +89,17 @@ where
         let task_key = key.clone();
         // In the span of the request that started it, so its upstream calls log that
         // request's id.
-        let handle = tokio::spawn(tracing::Instrument::in_current_span(async move {
-            let result = work.await.map_err(Arc::new);
-            // Removed by the task itself, so a cancelled caller cannot leave a stale
-            // entry behind. Joined callers keep their clone of the shared future.
-            flights.running.lock().remove(&task_key);
-            result
-        }));
+        // On behalf of the caller that started it (whose access was checked, as every
+        // joiner's was).
+        let handle = tokio::spawn(tracing::Instrument::in_current_span(
+            regcache_upstream::caller::carry(async move {
+                let result = work.await.map_err(Arc::new);
+                // Removed by the task itself, so a cancelled caller cannot leave a stale
+                // entry behind. Joined callers keep their clone of the shared future.
+                flights.running.lock().remove(&task_key);
+                result
+            }),
+        ));
         let flight = async move {
             handle
                 .await

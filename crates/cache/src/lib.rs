@@ -6,6 +6,7 @@
 //! when they are committed (and, while a fill runs, by holding back the final byte until the
 //! fill verifies).
 
+mod access;
 mod blobs;
 mod direct;
 mod fill;
@@ -22,6 +23,7 @@ pub mod routing;
 mod tag_lists;
 mod upkeep;
 
+pub use access::AccessProbe;
 pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use mirror::{SyncReport, SyncStatus};
@@ -29,6 +31,8 @@ pub use pins::{PinsError, PinsFile};
 /// The response budget share of a connection (`server.response_buffer`): the server scopes
 /// each connection's task with one; store reads wait for their part of the budget.
 pub use regcache_store::ConnectionShare;
+/// The caller of a request to a `credentials = "client"` upstream (the front door names it).
+pub use regcache_upstream::caller;
 pub use upkeep::EvictionReport;
 
 use std::sync::Arc;
@@ -80,6 +84,26 @@ pub enum CacheError {
     /// The failure of a fill that other requests share.
     #[error(transparent)]
     Shared(Arc<CacheError>),
+    /// `credentials = "client"`: the upstream refused this client the repository (its `401`
+    /// or `403`, passed on).
+    #[error("upstream {upstream} refused {who} access to this repository ({status})")]
+    AccessRefused {
+        /// The upstream's name.
+        upstream: String,
+        /// The client's user name, or "an anonymous client".
+        who: String,
+        /// The upstream's status, 401 or 403.
+        status: http::StatusCode,
+    },
+    /// `credentials = "client"`: the upstream cannot be asked whether this client may read the
+    /// repository, and it did not say so within `client_auth_offline_grace`.
+    #[error("upstream {upstream} cannot confirm this client's access ({cause}), and it did not within client_auth_offline_grace")]
+    AccessUnconfirmed {
+        /// The upstream's name.
+        upstream: String,
+        /// Why it could not be asked.
+        cause: String,
+    },
 }
 
 impl CacheError {
@@ -110,6 +134,8 @@ impl CacheError {
                 ours(Origin::Upstream, Answer::BadContent)
             }
             Self::NotCachedOffline { .. } => ours(Origin::Client, Answer::Unknown),
+            Self::AccessRefused { .. } => ours(Origin::Client, Answer::Unauthorized),
+            Self::AccessUnconfirmed { .. } => ours(Origin::Upstream, Answer::Offline),
             Self::Busy => ours(Origin::Overload, Answer::Busy),
             Self::Store(err) if err.unavailable_store().is_some() => {
                 ours(Origin::Internal, Answer::StoreUnavailable)
@@ -124,7 +150,9 @@ impl CacheError {
     pub fn upstream(&self) -> Option<&str> {
         match self.root() {
             Self::Upstream(err) => Some(err.upstream()),
-            Self::NotCachedOffline { upstream } => Some(upstream),
+            Self::NotCachedOffline { upstream }
+            | Self::AccessRefused { upstream, .. }
+            | Self::AccessUnconfirmed { upstream, .. } => Some(upstream),
             _ => None,
         }
     }
@@ -199,6 +227,15 @@ pub struct Target {
     pub upstream: usize,
     /// The repository name as the upstream knows it.
     pub repo: RepoName,
+}
+
+impl From<routing::Resolved> for Target {
+    fn from(resolved: routing::Resolved) -> Self {
+        Self {
+            upstream: resolved.upstream,
+            repo: resolved.repo,
+        }
+    }
 }
 
 /// A verified manifest.
@@ -377,6 +414,8 @@ pub struct Cache {
     listings: listing::Listings,
     /// `[[sync]]` rules and their state.
     mirror: mirror::Mirror,
+    /// What each client may read of `credentials = "client"` upstreams.
+    access: access::ClientAccess,
 }
 
 /// Who asks for a blob.
@@ -466,6 +505,7 @@ impl Cache {
             upkeep,
             pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
             mirror: mirror::Mirror::new(&config.syncs, &config.upstreams, &parts.metrics),
+            access: access::ClientAccess::new(&config.upstreams, Arc::clone(&parts)),
             parts,
         })
     }
@@ -518,6 +558,48 @@ impl Cache {
     /// The upstream clients, in config order (health for the status page).
     pub fn upstreams(&self) -> &[Arc<UpstreamClient>] {
         &self.parts.upstreams
+    }
+
+    /// Whether the running task's caller (`regcache_upstream::caller`) may be served
+    /// `target`: always for an upstream with its own credentials; with `credentials =
+    /// "client"`, once the upstream confirmed it for that client (asked about `probe` when no
+    /// confirmation is remembered).
+    ///
+    /// # Errors
+    /// [`CacheError::AccessRefused`] (the upstream's 401/403), a 404 from the upstream,
+    /// [`CacheError::AccessUnconfirmed`] when it cannot be asked and no confirmation is recent
+    /// enough, or the upstream's other failures.
+    pub async fn check_access(
+        &self,
+        target: &Target,
+        probe: AccessProbe<'_>,
+    ) -> Result<(), CacheError> {
+        self.access.check(target, probe).await
+    }
+
+    /// Whether the upstream of `target` accepts the running task's caller's login (a
+    /// `docker login` with no repository named); `Ok` for an upstream with its own
+    /// credentials.
+    ///
+    /// # Errors
+    /// [`CacheError::AccessRefused`] when it refuses them; any failure to ask.
+    pub async fn check_login(&self, target: &Target) -> Result<(), CacheError> {
+        let (client, _) = self.parts.upstream(target);
+        if !client.client_mode() {
+            return Ok(());
+        }
+        match client.check_login().await {
+            Ok(()) => Ok(()),
+            Err(UpstreamError::Denied { status, .. }) => Err(CacheError::AccessRefused {
+                upstream: client.name().to_owned(),
+                who: caller::current().map_or_else(
+                    || "an anonymous client".to_owned(),
+                    |c| format!("user {}", c.user()),
+                ),
+                status,
+            }),
+            Err(err) => Err(CacheError::Upstream(Arc::new(err))),
+        }
     }
 
     /// A manifest by tag or digest. `accept` is the client's `Accept` values: a cached manifest

@@ -242,7 +242,9 @@ impl Manifests {
             (Some((manifest, _)), Some(Verdict::ServeAndRevalidate)) => {
                 // RFC 5861: answer now, let the revalidation update the tag for the next client.
                 let this = Arc::clone(self);
-                tokio::spawn(async move { this.coalesced(key, work).await });
+                tokio::spawn(regcache_upstream::caller::carry(async move {
+                    this.coalesced(key, work).await
+                }));
                 tracing::debug!(
                     repo = %target.repo,
                     %tag,

@@ -37,7 +37,7 @@ pub use pins::{PinConfig, RawPin};
 pub use server::{ServerConfig, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use sync::SyncConfig;
-pub use upstream::{TagRule, UpstreamConfig};
+pub use upstream::{ClientAuth, TagRule, UpstreamConfig};
 pub use values::{ConfigError, Secret};
 
 use values::invalid;
@@ -162,6 +162,16 @@ impl RawConfig {
             .map(|raw| raw.validate(cache.max_blob_size))
             .collect::<Result<Vec<_>, ConfigError>>()?;
         upstream::check_upstream_set(&upstreams)?;
+        if let Some(client) = upstreams.iter().find(|u| u.client_auth.is_some()) {
+            if server.tls.is_none() {
+                return Err(invalid(
+                    format!("upstream.{}.credentials", client.name),
+                    "client",
+                    "requires [server.tls]: clients send regcache the passwords they use on \
+                     the upstream",
+                ));
+            }
+        }
         let cluster = self.cluster.map(|raw| raw.validate(env)).transpose()?;
         if self.auth.is_some() && cluster.as_ref().is_some_and(|c| c.secret.is_none()) {
             return Err(invalid(

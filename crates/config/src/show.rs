@@ -325,6 +325,14 @@ fn upstream_table(upstream: &crate::UpstreamConfig) -> Table {
         table.insert("username".into(), Value::String(username.clone()));
         table.insert("password".into(), Value::String(REDACTED.into()));
     }
+    if let Some(client) = &upstream.client_auth {
+        table.insert("credentials".into(), Value::String("client".into()));
+        table.insert("client_auth_ttl".into(), duration(client.ttl));
+        table.insert(
+            "client_auth_offline_grace".into(),
+            duration(client.offline_grace),
+        );
+    }
     put(&mut table, "ca_file", upstream.ca_file.as_deref().map(path));
     table.insert("connect_timeout".into(), duration(upstream.connect_timeout));
     table.insert("idle_timeout".into(), duration(upstream.idle_timeout));

@@ -433,3 +433,34 @@ fn tag_rules_first_match_wins_and_bad_ones_name_their_position() {
         "upstream.a.io.tag_rule[1].ttl",
     );
 }
+
+#[test]
+fn client_credentials_need_tls_and_no_credentials_of_their_own() {
+    let upstream = "[[upstream]]\nname = \"r.test\"\nurl = \"https://r.test\"\ndefault = true\n";
+    check_error(
+        &format!("{upstream}credentials = \"client\"\n"),
+        "upstream.r.test.credentials = \"client\": requires [server.tls]",
+    );
+    check_error(
+        &format!("{upstream}credentials = \"clients\"\n"),
+        "upstream.r.test.credentials = \"clients\": expected \"config\"",
+    );
+    check_error(
+        &format!("{upstream}credentials = \"client\"\nusername = \"u\"\npassword = \"p\"\n"),
+        "has none of its own",
+    );
+    check_error(
+        &format!("{upstream}credentials = \"client\"\nserve_stale_on_denied = true\n"),
+        "upstream.r.test.serve_stale_on_denied",
+    );
+    check_error(
+        &format!("{upstream}client_auth_ttl = \"1m\"\n"),
+        "upstream.r.test.client_auth_ttl = \"1m\": applies only with credentials = \"client\"",
+    );
+    check_error(
+        &format!("{upstream}credentials = \"client\"\nclient_auth_ttl = \"0s\"\n"),
+        "upstream.r.test.client_auth_ttl",
+    );
+    let config = Config::parse(&format!("{upstream}credentials = \"config\"\n")).expect("valid");
+    assert_eq!(config.upstreams[0].client_auth, None);
+}

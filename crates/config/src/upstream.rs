@@ -32,6 +32,9 @@ pub(crate) struct RawUpstream {
     serve_stale_on_denied: Option<bool>,
     #[serde(default)]
     tag_rule: Vec<RawTagRule>,
+    credentials: Option<String>,
+    client_auth_ttl: Option<String>,
+    client_auth_offline_grace: Option<String>,
 }
 
 /// An `[[upstream.tag_rule]]` as written.
@@ -64,6 +67,18 @@ impl TagRule {
             |ttl| humantime::format_duration(ttl).to_string(),
         )
     }
+}
+
+/// `credentials = "client"`: the upstream is asked with each client's own credentials, and
+/// decides what each client may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// How long the upstream's confirmation of a client's access to a repository is trusted
+    /// without asking again (`client_auth_ttl`).
+    pub ttl: Duration,
+    /// While the upstream cannot be asked, a client is still served a repository the upstream
+    /// confirmed for it this recently (`client_auth_offline_grace`; 0: nothing).
+    pub offline_grace: Duration,
 }
 
 /// One upstream registry.
@@ -109,6 +124,8 @@ pub struct UpstreamConfig {
     pub serve_stale_on_denied: bool,
     /// Freshness by tag pattern, in order; the first match applies, none: `[cache]`'s.
     pub tag_rules: Vec<TagRule>,
+    /// `Some` with `credentials = "client"`: no identity of its own, each client's.
+    pub client_auth: Option<ClientAuth>,
 }
 
 impl UpstreamConfig {
@@ -227,6 +244,25 @@ impl RawUpstream {
                 return Err(invalid(key("password"), "<redacted>", "needs username"))
             }
         };
+        let client_auth = self.client_auth(&key)?;
+        if client_auth.is_some() {
+            if credentials.is_some() {
+                return Err(invalid(
+                    key("credentials"),
+                    "client",
+                    "an upstream asked with each client's credentials has none of its own: \
+                     remove username/password (or the url's user:password@)",
+                ));
+            }
+            if self.serve_stale_on_denied == Some(true) {
+                return Err(invalid(
+                    key("serve_stale_on_denied"),
+                    "true",
+                    "not with credentials = \"client\": there a 401/403 is the upstream's \
+                     answer for that client",
+                ));
+            }
+        }
         if let Some(path) = &self.ca_file {
             if !path.is_file() {
                 return Err(invalid(key("ca_file"), path.display(), "no such file"));
@@ -289,7 +325,59 @@ impl RawUpstream {
                 None => 0,
                 Some(text) => bandwidth(&key("max_bandwidth"), text)?,
             },
+            client_auth,
         })
+    }
+
+    /// `credentials` (`"config"`, the default, or `"client"`) with its two durations.
+    fn client_auth(&self, key: &dyn Fn(&str) -> String) -> Result<Option<ClientAuth>, ConfigError> {
+        let client = match self.credentials.as_deref() {
+            None | Some("config") => false,
+            Some("client") => true,
+            Some(other) => {
+                return Err(invalid(
+                    key("credentials"),
+                    other,
+                    "expected \"config\" (the upstream's own username/password, or none) or \
+                     \"client\" (each client's own)",
+                ))
+            }
+        };
+        if !client {
+            for (field, value) in [
+                ("client_auth_ttl", &self.client_auth_ttl),
+                ("client_auth_offline_grace", &self.client_auth_offline_grace),
+            ] {
+                if let Some(value) = value {
+                    return Err(invalid(
+                        key(field),
+                        value,
+                        "applies only with credentials = \"client\"",
+                    ));
+                }
+            }
+            return Ok(None);
+        }
+        let ttl = duration(
+            &key("client_auth_ttl"),
+            self.client_auth_ttl.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if ttl.is_zero() {
+            return Err(invalid(
+                key("client_auth_ttl"),
+                "0s",
+                "must be at least 1s (each request would ask the upstream)",
+            ));
+        }
+        Ok(Some(ClientAuth {
+            ttl,
+            offline_grace: duration(
+                &key("client_auth_offline_grace"),
+                self.client_auth_offline_grace.as_deref(),
+                Duration::ZERO,
+            )?,
+        }))
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub fills_in_flight: IntGauge,
     /// Tags served stale because the upstream could not be asked.
     pub stale_served: IntCounterVec,
+    /// `upstream`, `result`: access checks of clients of `credentials = "client"` upstreams.
+    pub client_access: IntCounterVec,
     /// `upstream`, `to` (open, closed): circuit breaker state changes.
     pub breaker_transitions: IntCounterVec,
     /// `upstream`: tag revalidations that passed `cache.revalidate_timeout` (the cached tag
@@ -167,6 +169,11 @@ impl Metrics {
                 "Tags served stale, by why: unavailable (the upstream could not be asked), deadline (revalidate_timeout), revalidating (stale_while_revalidate), budget (at the rate-limit reserve), not_found (serve_stale_on_404), denied (serve_stale_on_denied)",
                 &["reason"],
             ),
+            client_access: register.counter_vec(
+                "regcache_client_access_total",
+                "Access checks of clients of credentials = \"client\" upstreams, by upstream and result: confirmed (the upstream said yes), remembered (a yes within client_auth_ttl), refused (401/403), not_found, grace (unreachable upstream, a yes within client_auth_offline_grace), unconfirmed (unreachable upstream, no recent yes: refused)",
+                &["upstream", "result"],
+            ),
             breaker_transitions: register.counter_vec(
                 "regcache_upstream_breaker_transitions_total",
                 "Circuit breaker state changes, by upstream and new state",
@@ -288,6 +295,20 @@ impl Metrics {
             }
         }
         metrics
+    }
+
+    /// Creates the access-check series of a `credentials = "client"` upstream at zero.
+    pub fn init_client_access(&self, upstream: &str) {
+        for result in [
+            "confirmed",
+            "remembered",
+            "refused",
+            "not_found",
+            "grace",
+            "unconfirmed",
+        ] {
+            self.client_access.with_label_values(&[upstream, result]);
+        }
     }
 
     /// Creates the series of one upstream at zero, so that dashboards and alerts see every

@@ -12,6 +12,7 @@ pub(crate) mod auth;
 mod body;
 mod breaker;
 mod budget;
+pub mod caller;
 mod class;
 pub mod clock;
 pub mod egress;
@@ -127,7 +128,10 @@ pub struct UpstreamClient {
     base: url::Url,
     http: reqwest::Client,
     credentials: Option<(String, Secret)>,
-    /// Where `credentials` may go besides the upstream itself.
+    /// `credentials = "client"`: asked with each caller's credentials ([`caller`]), never
+    /// with `credentials` (there are none).
+    client_mode: bool,
+    /// Where `credentials` (or a caller's) may go besides the upstream itself.
     credential_scope: CredentialScope,
     /// Which addresses requests may reach; token realms are judged before they are asked.
     egress: std::sync::Arc<egress::Egress>,
@@ -235,6 +239,7 @@ impl UpstreamClient {
             base: config.url.clone(),
             http,
             credentials: config.credentials.clone(),
+            client_mode: config.client_auth.is_some(),
             credential_scope: CredentialScope::new(&config.url, &config.token_realm_hosts),
             egress,
             max_blob_size: config.max_blob_size,
@@ -269,6 +274,11 @@ impl UpstreamClient {
     /// The largest blob body accepted (`cache.max_blob_size`).
     pub fn max_blob_size(&self) -> u64 {
         self.max_blob_size
+    }
+
+    /// Whether it is asked with each client's credentials (`credentials = "client"`).
+    pub fn client_mode(&self) -> bool {
+        self.client_mode
     }
 
     /// Whether the upstream is configured offline.
@@ -478,6 +488,40 @@ impl UpstreamClient {
             Ok(_) => Ok(true),
             Err(UpstreamError::NotFound { .. }) => Ok(false),
             Err(err) => Err(err),
+        }
+    }
+
+    /// Whether the upstream accepts the caller's credentials (`credentials = "client"`), as a
+    /// `docker login` to it would find out: `/v2/`, and its token endpoint with no scope.
+    /// An upstream that asks for no credentials accepts any.
+    ///
+    /// # Errors
+    /// [`UpstreamError::Denied`] for credentials it refuses; any failure to ask.
+    pub async fn check_login(&self) -> Result<(), UpstreamError> {
+        if self.offline {
+            return Err(UpstreamError::Offline {
+                upstream: self.name.clone(),
+            });
+        }
+        let url = format!("{}/v2/", self.base.as_str().trim_end_matches('/'));
+        let response = self.execute(self.http.get(&url)).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return self.check_status(response).map(drop);
+        }
+        match header_str(response.headers(), "www-authenticate").and_then(parse_challenge) {
+            Some(Challenge::Bearer { realm, service, .. }) => self
+                .fetch_token(&realm, service.as_deref(), None)
+                .await
+                .map(drop),
+            Some(Challenge::Basic) => {
+                let mut request = self.http.get(&url);
+                if let Some(basic) = self.basic_authorization() {
+                    request = request.header("authorization", basic);
+                }
+                let answer = self.execute(request).await?;
+                self.check_status(answer).map(drop)
+            }
+            None => self.check_status(response).map(drop),
         }
     }
 
@@ -762,6 +806,12 @@ impl UpstreamClient {
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{}:pull", repo.as_str());
+        // In client mode a token is the caller's: kept under its key, never shared.
+        let token_key = if self.client_mode {
+            format!("{} {scope}", hex_key(&caller::current_key()))
+        } else {
+            scope.clone()
+        };
         let build = |authorization: Option<&str>| {
             let mut request = self.http.request(method.clone(), url);
             for (name, value) in headers {
@@ -772,7 +822,7 @@ impl UpstreamClient {
             }
             request
         };
-        let first_auth = self.known_authorization(&scope);
+        let first_auth = self.known_authorization(&token_key);
         let response = self.execute(build(first_auth.as_deref())).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return self.check_status(response);
@@ -786,15 +836,15 @@ impl UpstreamClient {
                 scope: challenge_scope,
             }) => {
                 // A stale or revoked token: forget it and fetch a new one.
-                self.tokens.remove(&scope);
+                self.tokens.remove(&token_key);
                 let token_scope = challenge_scope.unwrap_or_else(|| scope.clone());
                 let token = self
-                    .fetch_token(&realm, service.as_deref(), &token_scope)
+                    .fetch_token(&realm, service.as_deref(), Some(&token_scope))
                     .await?;
-                self.tokens.insert(&scope, token.0.clone(), token.1);
+                self.tokens.insert(&token_key, token.0.clone(), token.1);
                 format!("Bearer {}", token.0)
             }
-            Some(Challenge::Basic) if self.credentials.is_some() => {
+            Some(Challenge::Basic) if self.has_credentials() => {
                 self.basic_seen
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.basic_authorization().unwrap_or_default()
@@ -808,8 +858,8 @@ impl UpstreamClient {
         self.check_status(retried)
     }
 
-    fn known_authorization(&self, scope: &str) -> Option<String> {
-        if let Some(token) = self.tokens.get(scope) {
+    fn known_authorization(&self, token_key: &str) -> Option<String> {
+        if let Some(token) = self.tokens.get(token_key) {
             return Some(format!("Bearer {token}"));
         }
         if self.basic_seen.load(std::sync::atomic::Ordering::Relaxed) {
@@ -818,7 +868,20 @@ impl UpstreamClient {
         None
     }
 
+    /// Whether requests carry credentials: the configured ones, or in client mode the
+    /// caller's (anonymous callers have none).
+    fn has_credentials(&self) -> bool {
+        if self.client_mode {
+            caller::current().is_some()
+        } else {
+            self.credentials.is_some()
+        }
+    }
+
     fn basic_authorization(&self) -> Option<String> {
+        if self.client_mode {
+            return caller::current().map(|caller| format!("Basic {}", caller.basic()));
+        }
         let (user, password) = self.credentials.as_ref()?;
         let encoded = base64::engine::general_purpose::STANDARD
             .encode(format!("{user}:{}", password.expose()));
@@ -836,7 +899,7 @@ impl UpstreamClient {
         &self,
         realm: &str,
         service: Option<&str>,
-        scope: &str,
+        scope: Option<&str>,
     ) -> Result<(String, Duration), UpstreamError> {
         let token_error = |reason: String| UpstreamError::Token {
             upstream: self.name.clone(),
@@ -854,7 +917,9 @@ impl UpstreamClient {
             if let Some(service) = service {
                 query.append_pair("service", service);
             }
-            query.append_pair("scope", scope);
+            if let Some(scope) = scope {
+                query.append_pair("scope", scope);
+            }
         }
         self.metrics
             .token_fetches
@@ -862,7 +927,7 @@ impl UpstreamClient {
             .inc();
         let _timer = self.metrics.upstream_timer(&self.name, "token");
         let credentials_allowed = self.credential_scope.allows(&realm_url);
-        if !credentials_allowed && self.credentials.is_some() {
+        if !credentials_allowed && self.has_credentials() {
             tracing::warn!(
                 upstream = %self.name,
                 realm_host = realm_url.host_str().unwrap_or_default(),
@@ -923,6 +988,11 @@ impl UpstreamClient {
             _ => UpstreamError::Status { upstream, status },
         })
     }
+}
+
+/// A caller's key in hex, for token cache keys.
+fn hex_key(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Up to `max` of random delay, so that retries from many requests spread out.

@@ -346,43 +346,55 @@ impl Authenticator {
         if !scheme.eq_ignore_ascii_case("basic") {
             return Err(BadCredentials::Malformed);
         }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(rest)
-            .map_err(|_| BadCredentials::Malformed)?;
-        let decoded = String::from_utf8(decoded).map_err(|_| BadCredentials::Malformed)?;
-        let (user, password) = decoded.split_once(':').ok_or(BadCredentials::Malformed)?;
-        let identity = self.verify_password(user, password).await?;
+        let (user, password) = basic_pair(rest)?;
+        let identity = self.verify_password(&user, &password).await?;
         Ok(Some((identity, None)))
     }
 
     /// The realm sent in challenges: `auth.realm`, or this server's token endpoint at the
     /// host the client addressed.
     pub(crate) fn realm(&self, request: &Parts, tls: bool) -> String {
-        if let Some(realm) = &self.realm {
-            return realm.clone();
-        }
-        let host = request
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .or_else(|| {
-                request
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_owned)
-            })
-            // Only host characters: the value goes inside a quoted header parameter.
-            .filter(|host| {
-                !host.is_empty()
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-            })
-            .unwrap_or_else(|| "localhost".to_owned());
-        let scheme = if tls { "https" } else { "http" };
-        format!("{scheme}://{host}{TOKEN_PATH}")
+        realm(self.realm.as_deref(), request, tls)
     }
+}
+
+/// The user and password of a Basic `Authorization` value (what follows `Basic `).
+pub(crate) fn basic_pair(encoded: &str) -> Result<(String, String), BadCredentials> {
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| BadCredentials::Malformed)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| BadCredentials::Malformed)?;
+    let (user, password) = decoded.split_once(':').ok_or(BadCredentials::Malformed)?;
+    Ok((user.to_owned(), password.to_owned()))
+}
+
+/// The realm sent in challenges: the configured one, or this server's token endpoint at the
+/// host the client addressed.
+pub(crate) fn realm(configured: Option<&str>, request: &Parts, tls: bool) -> String {
+    if let Some(realm) = configured {
+        return realm.to_owned();
+    }
+    let host = request
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        // Only host characters: the value goes inside a quoted header parameter.
+        .filter(|host| {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or_else(|| "localhost".to_owned());
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{host}{TOKEN_PATH}")
 }
 
 #[cfg(test)]

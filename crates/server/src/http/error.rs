@@ -98,8 +98,31 @@ impl ApiError {
     pub(crate) fn from_cache(err: &CacheError, unknown_code: &'static str) -> Self {
         let class = err.class();
         let upstream = err.upstream().unwrap_or("(none)");
-        let (status, code, message) = match class.answer {
-            Answer::Unknown if matches!(err.root(), CacheError::NotCachedOffline { .. }) => (
+        let (status, code, message) = match (class.answer, err.root()) {
+            (_, CacheError::AccessRefused { status, .. }) if *status == StatusCode::FORBIDDEN => (
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("upstream {upstream} denies this client access to the repository"),
+            ),
+            (_, CacheError::AccessRefused { .. }) => (
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                format!(
+                    "upstream {upstream} refused this client's credentials for the repository; \
+                     log in to regcache with credentials the upstream accepts"
+                ),
+            ),
+            (_, CacheError::AccessUnconfirmed { .. }) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!(
+                    "upstream {upstream} cannot be asked whether this client may read the \
+                     repository (credentials = \"client\"), and it did not confirm it within \
+                     client_auth_offline_grace"
+                ),
+            ),
+            (answer, root) => match answer {
+            Answer::Unknown if matches!(root, CacheError::NotCachedOffline { .. }) => (
                 StatusCode::NOT_FOUND,
                 unknown_code,
                 format!("not cached, and upstream {upstream} is offline"),
@@ -176,6 +199,7 @@ impl ApiError {
                 "UNKNOWN",
                 "internal error".to_owned(),
             ),
+            },
         };
         Self {
             status,

@@ -16,11 +16,13 @@ use std::time::SystemTime;
 use http::request::Parts;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 
-use super::auth::{Authenticator, Identity, TOKEN_PATH};
+use super::auth::{Authenticator, BadCredentials, Identity, TOKEN_PATH};
+use super::client_login::{ClientLogins, Session};
 use super::error::ApiError;
 use super::route::{self, Route};
 use super::{AppState, Body, Listener};
-use regcache_cache::{DigestKind, Target};
+use regcache_cache::caller::{self, ClientCredentials};
+use regcache_cache::{AccessProbe, CacheError, DigestKind, Target};
 use regcache_oci::Digest;
 
 /// With authentication on, refuses (as unknown, like a registry does) a digest that does not
@@ -28,7 +30,8 @@ use regcache_oci::Digest;
 /// another's content by digest. A digest belongs to a repository only when the upstream served
 /// or confirmed it there (`cache/grant.rs`), never because a manifest of the repository names
 /// it; so the blob route serves a manifest's bytes only under a repository the upstream
-/// confirmed it for. Without `[auth]` every client may read everything anyway.
+/// confirmed it for. The same for an upstream with `credentials = "client"`, whose clients
+/// may read different repositories. Otherwise every client may read everything anyway.
 ///
 /// # Errors
 /// `BLOB_UNKNOWN` / `MANIFEST_UNKNOWN` 404, or the upstream's failure to answer.
@@ -38,7 +41,7 @@ pub(crate) async fn check_membership(
     digest: &Digest,
     kind: DigestKind,
 ) -> Result<(), ApiError> {
-    if state.auth.is_none() {
+    if state.auth.is_none() && !state.cache.upstreams()[target.upstream].client_mode() {
         return Ok(());
     }
     let code = match kind {
@@ -95,8 +98,9 @@ pub(crate) struct Guarded<S> {
 
 /// What the front door decided.
 enum Verdict {
-    /// Let the request through.
-    Pass,
+    /// Let the request through, on behalf of this caller of a `credentials = "client"`
+    /// upstream (`None`: anonymous, or an upstream with its own credentials).
+    Pass(Option<Arc<ClientCredentials>>),
     /// Answer here.
     Answer(Response<Body>),
 }
@@ -127,32 +131,63 @@ where
             // Checked on the head alone: the body stays untouched (and need not be `Sync`).
             let (mut head, body) = request.into_parts();
             match door.check(&mut head).await {
-                Verdict::Pass => inner.call(Request::from_parts(head, body)).await,
+                Verdict::Pass(caller) => {
+                    let challenge = door.client_challenge(&head);
+                    let mut response =
+                        caller::as_caller(caller, inner.call(Request::from_parts(head, body)))
+                            .await?;
+                    // A client of a `credentials = "client"` upstream told 401 (by the upstream,
+                    // through the cache) is told where to log in.
+                    if let Some(challenge) = challenge {
+                        if response.status() == StatusCode::UNAUTHORIZED
+                            && !response.headers().contains_key(header::WWW_AUTHENTICATE)
+                        {
+                            response
+                                .headers_mut()
+                                .insert(header::WWW_AUTHENTICATE, challenge);
+                        }
+                    }
+                    Ok(response)
+                }
                 Verdict::Answer(response) => Ok(response),
             }
         })
     }
 }
 
+/// Who sent a request: the identity `[auth]` knows (`None`: no credentials at all), and the
+/// credentials a `credentials = "client"` upstream is asked with.
+type Caller = (Option<Identity>, Option<Arc<ClientCredentials>>);
+
 impl FrontDoor {
     /// Decides on `request`; a request let through carries the caller's [`Identity`] in its
     /// extensions (the status page shows only what that identity may pull).
     async fn check(&self, request: &mut Parts) -> Verdict {
-        let Some(auth) = &self.state.auth else {
-            return Verdict::Pass;
-        };
-        if self.listener == Listener::Admin {
+        let auth = self.state.auth.as_ref();
+        let logins = self.state.client_logins.as_ref();
+        let client_mode = self.state.cache.upstreams().iter().any(|u| u.client_mode());
+        if self.listener == Listener::Admin || (auth.is_none() && !client_mode) {
             // The metrics listener serves only metrics and probes, on a private address.
-            return Verdict::Pass;
+            return Verdict::Pass(None);
         }
         let path = request.uri.path();
         if path == TOKEN_PATH {
-            return Verdict::Answer(self.token_endpoint(auth, request).await);
+            let response = match (logins, auth) {
+                (Some(logins), _) => self.client_token_endpoint(logins, auth, request).await,
+                (None, Some(auth)) => self.token_endpoint(auth, request).await,
+                (None, None) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    "tokens cannot be issued",
+                )
+                .into_response(false),
+            };
+            return Verdict::Answer(response);
         }
         let route = route::parse(path);
         if matches!(route, Route::Health | Route::Ready) {
             // Probes carry no credentials and reveal nothing.
-            return Verdict::Pass;
+            return Verdict::Pass(None);
         }
         if matches!(route, Route::Blob { .. }) {
             // A peer replica asking the owner of a blob: admitted by the cluster secret alone
@@ -161,15 +196,14 @@ impl FrontDoor {
             if cluster
                 .is_some_and(|c| c.authenticates_peers() && c.is_peer_request(&request.headers))
             {
-                return Verdict::Pass;
+                return Verdict::Pass(None);
             }
         }
-        let identity = match auth.authenticate(&request.headers).await {
-            Ok(identity) => identity,
+        let (identity, caller) = match self.identify(auth, logins, &request.headers).await {
+            Ok(found) => found,
             Err(reason) => {
                 return self.refuse(
                     request,
-                    auth,
                     StatusCode::UNAUTHORIZED,
                     &format!("invalid credentials ({reason:?})"),
                     None,
@@ -180,19 +214,19 @@ impl FrontDoor {
             .extensions
             .insert(identity.clone().unwrap_or(Identity::Anonymous));
         match route {
-            Route::Health | Route::Ready => Verdict::Pass,
-            // The status page and metrics name repositories: any known user, nobody else.
-            Route::Status | Route::Metrics => match identity {
-                Some(Identity::User(_)) => Verdict::Pass,
-                _ => self.refuse(request, auth, StatusCode::UNAUTHORIZED, "sign in", None),
+            Route::Health | Route::Ready => Verdict::Pass(None),
+            // The status page and metrics name repositories: with `[auth]`, any known user,
+            // nobody else.
+            Route::Status | Route::Metrics => match (auth, identity) {
+                (None, _) | (Some(_), Some(Identity::User(_))) => Verdict::Pass(None),
+                _ => self.refuse(request, StatusCode::UNAUTHORIZED, "sign in", None),
             },
             // The version check: any valid credential, an anonymous token included. Without
             // one, the challenge starts the token flow.
             Route::Base => match identity {
-                Some(_) => Verdict::Pass,
+                Some(_) => Verdict::Pass(None),
                 None => self.refuse(
                     request,
-                    auth,
                     StatusCode::UNAUTHORIZED,
                     "authentication required",
                     None,
@@ -208,34 +242,142 @@ impl FrontDoor {
                     .and_then(|q| super::handlers::query_param(q, "ns"));
                 // An unknown registry or a bad name is refused by the handler, before any
                 // upstream is contacted.
-                let Ok(resolved) = self.state.resolver.resolve(ns.as_deref(), name) else {
-                    return Verdict::Pass;
+                let Ok(target) = self.state.resolver.resolve(ns.as_deref(), name) else {
+                    return Verdict::Pass(None);
                 };
-                let upstream = self.state.cache.upstreams()[resolved.upstream].name();
+                let target = Target::from(target);
+                let upstream = &self.state.cache.upstreams()[target.upstream];
                 let identity = identity.unwrap_or(Identity::Anonymous);
-                if auth.may_pull(&identity, upstream, resolved.repo.as_str()) {
-                    return Verdict::Pass;
+                if let Some(auth) = auth {
+                    if !auth.may_pull(&identity, upstream.name(), target.repo.as_str()) {
+                        return match identity {
+                            Identity::Anonymous => self.refuse(
+                                request,
+                                StatusCode::UNAUTHORIZED,
+                                "authentication required",
+                                Some(name),
+                            ),
+                            Identity::User(_) => self.refuse(
+                                request,
+                                StatusCode::FORBIDDEN,
+                                "access to this repository is not granted",
+                                Some(name),
+                            ),
+                        };
+                    }
                 }
-                match identity {
-                    Identity::Anonymous => self.refuse(
-                        request,
-                        auth,
-                        StatusCode::UNAUTHORIZED,
-                        "authentication required",
-                        Some(name),
-                    ),
-                    Identity::User(_) => self.refuse(
-                        request,
-                        auth,
-                        StatusCode::FORBIDDEN,
-                        "access to this repository is not granted",
-                        Some(name),
-                    ),
+                if !upstream.client_mode() {
+                    return Verdict::Pass(None);
+                }
+                // The upstream decides what this client reads (`cache/access.rs`).
+                let probe = match route {
+                    Route::Manifest { reference, .. } => AccessProbe::Manifest(reference),
+                    _ => AccessProbe::Repository,
+                };
+                let blob_digest = match route {
+                    Route::Blob { digest, .. } | Route::Referrers { digest, .. } => {
+                        Digest::parse(digest).ok()
+                    }
+                    _ => None,
+                };
+                let probe = match (&route, &blob_digest) {
+                    (Route::Blob { .. }, Some(digest)) => AccessProbe::Blob(digest),
+                    _ => probe,
+                };
+                let checked = caller::as_caller(
+                    caller.clone(),
+                    self.state.cache.check_access(&target, probe),
+                )
+                .await;
+                match checked {
+                    Ok(()) => Verdict::Pass(caller),
+                    Err(err) => self.refuse_access(request, &err, &route, name),
                 }
             }
             // Refused by the handlers anyway (read-only cache), whoever asks.
-            Route::Upload | Route::Catalog | Route::NotFound => Verdict::Pass,
+            Route::Upload | Route::Catalog | Route::NotFound => Verdict::Pass(None),
         }
+    }
+
+    /// Who sent `headers` (see [`Caller`]).
+    async fn identify(
+        &self,
+        auth: Option<&Authenticator>,
+        logins: Option<&ClientLogins>,
+        headers: &http::HeaderMap,
+    ) -> Result<Caller, BadCredentials> {
+        if let Some(logins) = logins {
+            if let Some(session) = logins.session(headers).await {
+                return Ok((Some(session.identity.clone()), session.caller.clone()));
+            }
+            if auth.is_none() && ClientLogins::has_bearer(headers) {
+                // Expired, or from before a restart: the challenge gets a new one.
+                return Err(BadCredentials::Token);
+            }
+        }
+        let caller = match logins {
+            Some(logins) => logins.basic_caller(headers)?,
+            None => None,
+        };
+        let identity = match (auth, &caller) {
+            (Some(auth), _) => auth.authenticate(headers).await?,
+            (None, Some(caller)) => Some(Identity::User(caller.user().to_owned())),
+            (None, None) if headers.contains_key(header::AUTHORIZATION) => {
+                return Err(BadCredentials::Malformed)
+            }
+            (None, None) => None,
+        };
+        Ok((identity, caller))
+    }
+
+    /// The challenge a 401 for this request carries when it names a repository of a
+    /// `credentials = "client"` upstream.
+    fn client_challenge(&self, request: &Parts) -> Option<HeaderValue> {
+        self.state.client_logins.as_ref()?;
+        let (Route::Manifest { name, .. }
+        | Route::Blob { name, .. }
+        | Route::TagsList { name }
+        | Route::Referrers { name, .. }) = route::parse(request.uri.path())
+        else {
+            return None;
+        };
+        let ns = request
+            .uri
+            .query()
+            .and_then(|q| super::handlers::query_param(q, "ns"));
+        let target = self.state.resolver.resolve(ns.as_deref(), name).ok()?;
+        if !self.state.cache.upstreams()[target.upstream].client_mode() {
+            return None;
+        }
+        HeaderValue::from_str(&self.bearer_challenge(request, Some(name))).ok()
+    }
+
+    /// The upstream's refusal of this client (or its silence), as the client's answer.
+    fn refuse_access(
+        &self,
+        request: &Parts,
+        err: &CacheError,
+        route: &Route<'_>,
+        name: &str,
+    ) -> Verdict {
+        let code = match route {
+            Route::Blob { .. } => "BLOB_UNKNOWN",
+            Route::Manifest { .. } => "MANIFEST_UNKNOWN",
+            _ => "NAME_UNKNOWN",
+        };
+        let api = ApiError::from_cache(err, code);
+        let status = api.status;
+        let message = api.message.clone();
+        let mut response = api.into_response(request.method == Method::HEAD);
+        if status == StatusCode::UNAUTHORIZED {
+            if let Ok(value) = HeaderValue::from_str(&self.bearer_challenge(request, Some(name))) {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        self.log_refusal(request, status, &message);
+        Verdict::Answer(response)
     }
 
     /// `GET /auth/token`: a token for the Basic credentials given, or an anonymous one. A
@@ -248,51 +390,106 @@ impl FrontDoor {
         let (identity, not_after) = match auth.authenticate_until(&request.headers).await {
             Ok(Some(found)) => found,
             Ok(None) => (Identity::Anonymous, None),
-            Err(_) => {
-                let mut response = ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHORIZED",
-                    "invalid credentials",
-                )
-                .into_response(false);
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"regcache\""),
-                );
-                self.log_refusal(request, StatusCode::UNAUTHORIZED, "invalid credentials");
-                return response;
-            }
+            Err(_) => return self.bad_credentials(request, "invalid credentials"),
         };
-        let Some((token, expires_in)) = auth.issue(&identity, not_after) else {
-            let err = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "UNAVAILABLE",
-                "tokens cannot be issued; use Basic credentials",
-            );
-            return err.into_response(false);
-        };
-        let body = serde_json::json!({
-            "token": token,
-            "access_token": token,
-            "expires_in": expires_in,
-            "issued_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        })
-        .to_string();
-        let mut response = Response::new(super::body::full(body));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+        token_response(auth.issue(&identity, not_after))
+    }
+
+    /// The token endpoint's 401 for credentials it does not take; `reason` is logged.
+    fn bad_credentials(&self, request: &Parts, reason: &str) -> Response<Body> {
+        self.log_refusal(request, StatusCode::UNAUTHORIZED, reason);
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "invalid credentials",
+        )
+        .into_response(false);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"regcache\""),
         );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         response
+    }
+
+    /// `GET /auth/token` when an upstream has `credentials = "client"`: a token whose session
+    /// holds the Basic credentials given (checked first against `[auth]` when it is on), or an
+    /// anonymous one. Credentials are tried on the upstream's login before a token is handed
+    /// out (that of the repositories named in `scope`, or the default upstream's for `docker
+    /// login`): a refusal is a 401 here, so a wrong password fails the login.
+    async fn client_token_endpoint(
+        &self,
+        logins: &ClientLogins,
+        auth: Option<&Authenticator>,
+        request: &Parts,
+    ) -> Response<Body> {
+        if request.method != Method::GET {
+            let err = ApiError::unsupported("the token endpoint answers GET");
+            return err.into_response(request.method == Method::HEAD);
+        }
+        // A token presented to refresh: the same session under a new token.
+        let (identity, caller) = match logins.session(&request.headers).await {
+            Some(session) => (session.identity.clone(), session.caller.clone()),
+            None => match self.identify(auth, Some(logins), &request.headers).await {
+                Ok((identity, caller)) => (identity.unwrap_or(Identity::Anonymous), caller),
+                Err(_) => return self.bad_credentials(request, "invalid credentials"),
+            },
+        };
+        if let Some(caller) = &caller {
+            if let Err(reason) = self.try_upstream(caller, request).await {
+                return self.bad_credentials(request, &reason);
+            }
+        }
+        token_response(logins.issue(Session { identity, caller }).await)
+    }
+
+    /// Whether the upstreams in question accept `caller`'s login: those of the repositories
+    /// named in `scope`, or the default upstream (`docker login`); `Err` says which refused,
+    /// for the log. What each repository allows is the requests' business
+    /// (`Cache::check_access`); an upstream that cannot be asked does not refuse here.
+    async fn try_upstream(
+        &self,
+        caller: &Arc<ClientCredentials>,
+        request: &Parts,
+    ) -> Result<(), String> {
+        let cache = &self.state.cache;
+        let query = request.uri.query().unwrap_or("");
+        let mut names: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(key, _)| key == "scope")
+            .flat_map(|(_, value)| {
+                value
+                    .split(' ')
+                    .filter_map(|scope| scope.strip_prefix("repository:"))
+                    .filter_map(|rest| rest.rsplit_once(':').map(|(name, _)| name.to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if names.is_empty() {
+            // Any name of the default upstream.
+            names.push("library/login".to_owned());
+        }
+        let mut upstreams: Vec<Target> = names
+            .iter()
+            .filter_map(|name| self.state.resolver.resolve(None, name).ok())
+            .map(Target::from)
+            .collect();
+        upstreams.sort_by_key(|target| target.upstream);
+        upstreams.dedup_by_key(|target| target.upstream);
+        caller::as_caller(Some(Arc::clone(caller)), async {
+            for target in &upstreams {
+                if let Err(err @ CacheError::AccessRefused { .. }) = cache.check_login(target).await
+                {
+                    return Err(err.to_string());
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// A 401 (with a challenge) or 403 in the OCI error form.
     fn refuse(
         &self,
         request: &Parts,
-        auth: &Authenticator,
         status: StatusCode,
         message: &str,
         repository: Option<&str>,
@@ -320,15 +517,7 @@ impl FrontDoor {
                 // Browsers and Prometheus speak Basic, not the token flow.
                 "Basic realm=\"regcache\"".to_owned()
             } else {
-                let mut challenge = format!(
-                    "Bearer realm=\"{}\",service=\"{}\"",
-                    auth.realm(request, self.tls),
-                    auth.service()
-                );
-                if let Some(repository) = repository {
-                    challenge.push_str(&format!(",scope=\"repository:{repository}:pull\""));
-                }
-                challenge
+                self.bearer_challenge(request, repository)
             };
             if let Ok(value) = HeaderValue::from_str(&challenge) {
                 headers.insert(header::WWW_AUTHENTICATE, value);
@@ -338,12 +527,34 @@ impl FrontDoor {
         Verdict::Answer(response)
     }
 
+    /// `Bearer realm=…,service=…[,scope=repository:<name>:pull]`: where the token flow starts.
+    fn bearer_challenge(&self, request: &Parts, repository: Option<&str>) -> String {
+        let (realm, service) = match (&self.state.auth, &self.state.client_logins) {
+            (Some(auth), _) => (auth.realm(request, self.tls), auth.service()),
+            (None, Some(logins)) => (
+                super::auth::realm(logins.realm.as_deref(), request, self.tls),
+                logins.service.as_str(),
+            ),
+            (None, None) => (super::auth::realm(None, request, self.tls), "regcache"),
+        };
+        let mut challenge = format!("Bearer realm=\"{realm}\",service=\"{service}\"");
+        if let Some(repository) = repository {
+            challenge.push_str(&format!(",scope=\"repository:{repository}:pull\""));
+        }
+        challenge
+    }
+
     fn log_refusal(&self, request: &Parts, status: StatusCode, reason: &str) {
         let kind = route::parse(request.uri.path()).kind();
+        let class = if status.is_server_error() {
+            "5xx"
+        } else {
+            "4xx"
+        };
         self.state
             .metrics
             .http_requests
-            .with_label_values(&[kind, request.method.as_str(), "4xx"])
+            .with_label_values(&[kind, request.method.as_str(), class])
             .inc();
         tracing::info!(
             method = %request.method,
@@ -353,4 +564,32 @@ impl FrontDoor {
             "request refused"
         );
     }
+}
+
+/// The token endpoint's answer (Docker uses `token`, OAuth2 `access_token`) for a token and
+/// its lifetime in seconds; `None`: none could be made (the system RNG failed).
+fn token_response(issued: Option<(String, u64)>) -> Response<Body> {
+    let Some((token, expires_in)) = issued else {
+        let err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "tokens cannot be issued; use Basic credentials",
+        );
+        return err.into_response(false);
+    };
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": expires_in,
+        "issued_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    })
+    .to_string();
+    let mut response = Response::new(super::body::full(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }

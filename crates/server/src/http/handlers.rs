@@ -34,6 +34,9 @@ pub struct AppState {
     budget: Option<u64>,
     /// Client authentication and grants (`None`: off).
     pub(crate) auth: Option<super::auth::Authenticator>,
+    /// Logins of clients whose credentials go upstream (`Some` when an upstream has
+    /// `credentials = "client"`).
+    pub(crate) client_logins: Option<super::client_login::ClientLogins>,
     /// `storage.s3.redirect`: blob GETs answered `307` to the object store.
     blob_redirects: bool,
 }
@@ -67,6 +70,18 @@ impl AppState {
         metrics
             .storage_budget
             .set(i64::try_from(storage.max_size.unwrap_or(0)).unwrap_or(i64::MAX));
+        let client_logins = cache
+            .upstreams()
+            .iter()
+            .any(|u| u.client_mode())
+            .then(|| {
+                super::client_login::ClientLogins::new(
+                    auth.map_or(std::time::Duration::from_secs(300), |a| a.token_ttl),
+                    auth.and_then(|a| a.realm.clone()),
+                    auth.map_or_else(|| "regcache".to_owned(), |a| a.service.clone()),
+                )
+            })
+            .flatten();
         Self {
             cache,
             resolver,
@@ -76,6 +91,7 @@ impl AppState {
             next_request_id: std::sync::atomic::AtomicU64::new(1),
             status_page: server.status_page,
             budget: storage.max_size,
+            client_logins,
             auth: auth.map(super::auth::Authenticator::new),
             blob_redirects: matches!(
                 &storage.backend,
@@ -307,10 +323,7 @@ fn resolve<B>(state: &AppState, request: &Request<B>, name: &str) -> Result<Targ
     state
         .resolver
         .resolve(ns.as_deref(), name)
-        .map(|resolved| Target {
-            upstream: resolved.upstream,
-            repo: resolved.repo,
-        })
+        .map(Target::from)
         .map_err(|e| ApiError::from_resolve(&e))
 }
 

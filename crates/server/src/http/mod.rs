@@ -6,6 +6,7 @@
 
 mod auth;
 mod body;
+mod client_login;
 mod error;
 mod front_door;
 pub(crate) mod handlers;
