@@ -6,6 +6,10 @@
 //! fall back to Docker Hub and a pull that works went through the mirror; the CA goes into
 //! `/etc/docker/certs.d/<mirror>/ca.crt` of the private mount namespace only. The outer test
 //! re-runs this test binary inside the namespaces for the inner one.
+//!
+//! The same Docker then logs in to a regcache whose upstream has `credentials = "client"`
+//! (`docker login` with what the upstream knows) and pulls what its user may read, and nothing
+//! else.
 
 mod common;
 
@@ -16,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::images;
 use common::pki::Pki;
 use common::proxy::{TestProxy, UpstreamSpec};
-use common::upstream::{Auth, Upstream};
+use common::upstream::{Auth, TokenReader, Upstream};
 use tokio::process::Command;
 
 /// Set for the inner test, which must run in its own namespaces.
@@ -88,7 +92,11 @@ fn docker_cli() -> &'static str {
 }
 
 async fn docker(socket: &Path, args: &[&str]) -> (bool, String) {
+    // The CLI's own config (what `docker login` stores) next to the daemon's socket, not in
+    // the user's home.
+    let cli_config = socket.with_file_name("docker-cli");
     let output = Command::new(docker_cli())
+        .env("DOCKER_CONFIG", cli_config)
         .arg("-H")
         .arg(format!("unix://{}", socket.display()))
         .args(args)
@@ -207,6 +215,54 @@ async fn docker_engine_inside_private_namespaces() {
     // Every layer came through regcache from the upstream.
     for blob in &image.blobs {
         assert_eq!(upstream.blob_gets(blob), 1, "{blob}");
+    }
+
+    // `docker login` to a regcache that asks its upstream with each client's credentials.
+    let reader = |user: &str, prefix: &str| TokenReader {
+        user: user.to_owned(),
+        password: format!("{user}-docker-pw"),
+        pull: vec![prefix.to_owned()],
+    };
+    let private = Upstream::start(Auth::token_readers(vec![
+        reader("alice", "team-a/"),
+        reader("bob", "team-b/"),
+    ]))
+    .await;
+    let team_a = images::push_oci_image(&private, "team-a/app", "v1", "docker-a", &[4096]).await;
+    let client_mode = TestProxy::start_with_server(
+        &[UpstreamSpec::default_at("registry.corp", &private.url())
+            .with("credentials = \"client\"")],
+        &pki.server_lines(),
+        "",
+        Some(pki.ca_path()),
+    )
+    .await;
+    let certs = etc_docker.join("certs.d").join(client_mode.addr());
+    std::fs::create_dir_all(&certs).expect("certs.d");
+    std::fs::copy(pki.ca_path(), certs.join("ca.crt")).expect("CA into certs.d");
+    let host = client_mode.addr();
+    let login = |user: &'static str, password: &'static str| {
+        let socket = socket.clone();
+        let host = host.clone();
+        async move { docker(&socket, &["login", "-u", user, "-p", password, &host]).await }
+    };
+    let (ok, out) = login("alice", "wrong").await;
+    assert!(!ok, "a wrong password is refused at login: {out}");
+    let (ok, out) = login("alice", "alice-docker-pw").await;
+    assert!(ok, "docker login: {out}\nregcache:\n{}", client_mode.log());
+    let reference = format!("{host}/team-a/app:v1");
+    let (ok, out) = docker(&socket, &["pull", &reference]).await;
+    assert!(ok, "alice's pull: {out}\nregcache:\n{}", client_mode.log());
+    assert!(out.contains(&team_a.digest), "{out}");
+    assert!(docker(&socket, &["image", "rm", &reference]).await.0);
+    assert!(docker(&socket, &["logout", &host]).await.0);
+    let (ok, out) = login("bob", "bob-docker-pw").await;
+    assert!(ok, "bob logs in: {out}");
+    let (ok, out) = docker(&socket, &["pull", &reference]).await;
+    assert!(!ok, "bob may not pull team-a: {out}");
+    assert!(out.contains("unauthorized"), "{out}");
+    for blob in &team_a.blobs {
+        assert_eq!(private.blob_gets(blob), 1, "{blob}");
     }
 
     if let Some(pid) = dockerd.id() {
