@@ -169,7 +169,7 @@ pub async fn run_with_clock(
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));
     }
-    if main_options.tls.is_some() || state.authenticates() {
+    if main_options.tls.is_some() || state.authenticates() || cache.has_policy() {
         tokio::spawn(server::reload_on_sighup(
             main_options.tls.clone(),
             Arc::clone(&state),

@@ -120,6 +120,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    // Every `[[policy]]` key is read and its type checked before anything is served.
+    if let Err(err) = regcache_cache::check_keys(&config.policies) {
+        eprintln!("regcache: {err}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let result = match cli.command {
         Command::Serve {
             listen,

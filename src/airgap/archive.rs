@@ -432,6 +432,7 @@ pub fn main(config: &Config, args: ExportArgs) -> ExitCode {
         platforms: args.select.platforms.clone(),
         referrers: args.select.referrers,
         jobs: 1,
+        allow_unsigned: args.select.allow_unsigned,
     };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,

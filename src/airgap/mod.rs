@@ -146,6 +146,10 @@ pub struct SelectArgs {
     /// Also take what refers to each manifest (signatures, SBOMs, attestations).
     #[arg(long)]
     pub referrers: bool,
+    /// Take images a `[[policy]]` refuses (unsigned, or not signed by its keys), with a warning
+    /// for each, instead of failing on them.
+    #[arg(long)]
+    pub allow_unsigned: bool,
     /// A file of references, one per line (`#` comments).
     #[arg(long)]
     pub file: Option<std::path::PathBuf>,

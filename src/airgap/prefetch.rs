@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::{AirgapError, ImageRef};
-use crate::cache::{BlobBody, BlobReply, Cache, CacheError, Manifest, RangeRequest, Target};
+use crate::cache::{
+    BlobBody, BlobReply, Cache, CacheError, Manifest, PolicyMode, RangeRequest, Target,
+};
 use crate::config::Config;
 use crate::oci::{Digest, ImageWalk, Reference, Tag};
 use crate::routing::Resolver;
@@ -43,6 +45,9 @@ pub struct Options {
     pub referrers: bool,
     /// Parallelism.
     pub jobs: usize,
+    /// Take images the signature policy refuses, with a warning (`--allow-unsigned`).
+    #[serde(default)]
+    pub allow_unsigned: bool,
 }
 
 /// Progress of a prefetch, for the progress display (or a remote client).
@@ -163,8 +168,15 @@ pub(super) async fn walk(
     options: &Options,
 ) -> Result<Walked, AirgapError> {
     let target = &image.target;
+    // A site never carries what it will not serve: an image the policy refuses fails here,
+    // unless the operator said `--allow-unsigned` (then it is logged and counted).
+    let mode = if options.allow_unsigned {
+        PolicyMode::Warn
+    } else {
+        PolicyMode::Enforce
+    };
     let root = cache
-        .manifest(target, &image.reference, &[])
+        .manifest_with(target, &image.reference, &[], mode)
         .await?
         .manifest;
     let mut walked = Walked {
@@ -182,7 +194,7 @@ pub(super) async fn walk(
             Some(manifest) => manifest,
             None => {
                 cache
-                    .manifest(target, &Reference::Digest(digest), &[])
+                    .manifest_with(target, &Reference::Digest(digest), &[], mode)
                     .await?
                     .manifest
             }
@@ -334,6 +346,7 @@ pub fn main(config: &Config, args: PrefetchArgs) -> ExitCode {
         platforms: args.select.platforms,
         referrers: args.select.referrers,
         jobs: args.jobs.clamp(1, config.cache.max_concurrent_fills.max(1)),
+        allow_unsigned: args.select.allow_unsigned,
     };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,

@@ -990,6 +990,13 @@ pub async fn push_oci_image(
         .unwrap_or_else(|e| panic!("pushing {repo}:{tag}: {e:#}"))
 }
 
+/// An OCI index of linux/amd64 and linux/arm64/v8 images of `seed` as `repo:v1`.
+pub async fn push_multiarch_oci(upstream: &Upstream, repo: &str, seed: &str) -> Pushed {
+    push_multiarch(&upstream.client(), repo, Kind::Oci, seed)
+        .await
+        .unwrap_or_else(|e| panic!("pushing {repo}:{TAG}: {e:#}"))
+}
+
 /// Uploads `bytes` as a blob of `repo`; returns its digest.
 pub async fn push_raw_blob(upstream: &Upstream, repo: &str, bytes: &[u8]) -> String {
     let blob = Blob::new("application/octet-stream", bytes.to_vec());

@@ -6,6 +6,7 @@
 //! - [`images`]: deterministic test images built in Rust and pushed with the
 //!   registry HTTP API;
 //! - [`token`]: the in-process token server used by `Auth::Token`;
+//! - [`cosign`]: cosign-format signatures of test images (`.sig` tags and OCI 1.1 referrers);
 //! - [`hostile`]: a server whose every answer a test writes, for hostile-upstream tests;
 //! - [`regclient`]: a small registry API client that does the basic/Bearer
 //!   challenge dance;
@@ -33,6 +34,7 @@
 // Test doubles are plain threads and std locks; the parking_lot rule is for the product.
 #![allow(clippy::disallowed_types)]
 
+pub mod cosign;
 pub mod fake;
 pub mod faultproxy;
 pub mod hostile;

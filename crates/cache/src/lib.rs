@@ -18,6 +18,7 @@ mod mirror;
 mod parts;
 mod peer;
 mod pins;
+mod policy;
 mod revalidate;
 pub mod routing;
 mod tag_lists;
@@ -28,6 +29,7 @@ pub use grant::DigestKind;
 pub use listing::{Descriptor, ReferrerList, TagPage};
 pub use mirror::{SyncReport, SyncStatus};
 pub use pins::{PinsError, PinsFile};
+pub use policy::{check_keys, PolicyError, Refusal, RefusalRecord};
 /// The response budget share of a connection (`server.response_buffer`): the server scopes
 /// each connection's task with one; store reads wait for their part of the budget.
 pub use regcache_store::ConnectionShare;
@@ -95,6 +97,15 @@ pub enum CacheError {
         /// The upstream's status, 401 or 403.
         status: http::StatusCode,
     },
+    /// `[[policy]]`: a runnable image of a covered repository without a signature the policy
+    /// accepts.
+    #[error("signature policy: {}", refusal.text())]
+    PolicyRefused {
+        /// `<upstream>/<repository>@<digest>`.
+        image: String,
+        /// Why.
+        refusal: Refusal,
+    },
     /// `credentials = "client"`: the upstream cannot be asked whether this client may read the
     /// repository, and it did not say so within `client_auth_offline_grace`.
     #[error("upstream {upstream} cannot confirm this client's access ({cause}), and it did not within client_auth_offline_grace")]
@@ -134,7 +145,9 @@ impl CacheError {
                 ours(Origin::Upstream, Answer::BadContent)
             }
             Self::NotCachedOffline { .. } => ours(Origin::Client, Answer::Unknown),
-            Self::AccessRefused { .. } => ours(Origin::Client, Answer::Unauthorized),
+            Self::AccessRefused { .. } | Self::PolicyRefused { .. } => {
+                ours(Origin::Client, Answer::Unauthorized)
+            }
             Self::AccessUnconfirmed { .. } => ours(Origin::Upstream, Answer::Offline),
             Self::Busy => ours(Origin::Overload, Answer::Busy),
             Self::Store(err) if err.unavailable_store().is_some() => {
@@ -416,6 +429,18 @@ pub struct Cache {
     mirror: mirror::Mirror,
     /// What each client may read of `credentials = "client"` upstreams.
     access: access::ClientAccess,
+    /// `[[policy]]`: the rules, their keys, the verified digests.
+    policies: policy::Policies,
+}
+
+/// Whether a manifest answer must satisfy the signature policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMode {
+    /// A refused manifest is an error ([`CacheError::PolicyRefused`]).
+    Enforce,
+    /// A refusal is logged and counted, the manifest answered (`prefetch`/`export
+    /// --allow-unsigned`).
+    Warn,
 }
 
 /// Who asks for a blob.
@@ -435,6 +460,9 @@ pub enum BuildError {
     /// An upstream client could not be built.
     #[error(transparent)]
     Client(#[from] ClientBuildError),
+    /// A `[[policy]]` key cannot be used.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 impl Cache {
@@ -506,6 +534,10 @@ impl Cache {
             pins: pins::Pins::new(&config.pins, &config.storage, &config.upstreams),
             mirror: mirror::Mirror::new(&config.syncs, &config.upstreams, &parts.metrics),
             access: access::ClientAccess::new(&config.upstreams, Arc::clone(&parts)),
+            policies: policy::Policies::new(
+                &config.policies,
+                config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            )?,
             parts,
         })
     }
@@ -607,13 +639,172 @@ impl Cache {
     ///
     /// # Errors
     /// [`CacheError`].
+    ///
+    /// A runnable image of a repository a `[[policy]]` covers is answered only when its
+    /// signature verifies ([`CacheError::PolicyRefused`] otherwise).
     pub async fn manifest(
         &self,
         target: &Target,
         reference: &regcache_oci::Reference,
         accept: &[String],
     ) -> Result<ManifestAnswer, CacheError> {
-        self.manifests.get(target, reference, accept).await
+        self.manifest_with(target, reference, accept, PolicyMode::Enforce)
+            .await
+    }
+
+    /// [`Cache::manifest`], the signature policy enforced or only reported.
+    ///
+    /// # Errors
+    /// [`CacheError`].
+    pub async fn manifest_with(
+        &self,
+        target: &Target,
+        reference: &regcache_oci::Reference,
+        accept: &[String],
+        mode: PolicyMode,
+    ) -> Result<ManifestAnswer, CacheError> {
+        let answer = self.manifests.get(target, reference, accept).await?;
+        self.check_policy(target, &answer.manifest, mode).await?;
+        Ok(answer)
+    }
+
+    /// Reads the `[[policy]]` key files again (`SIGHUP`): how many keys are in force. The
+    /// verified digests are forgotten; on error the keys in force stay.
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the key that cannot be used.
+    pub fn reload_policy_keys(&self) -> Result<usize, PolicyError> {
+        self.policies.reload_keys()
+    }
+
+    /// Whether any `[[policy]]` is configured.
+    pub fn has_policy(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    /// The recent signature-policy refusals, newest first (the status page).
+    pub fn policy_refusals(&self) -> Vec<RefusalRecord> {
+        self.policies.recent()
+    }
+
+    /// The signature policy's decision on `manifest` of `target` (see `policy.rs`): nothing
+    /// for a repository no rule covers or an artifact (a signature, an SBOM); an exemption;
+    /// verified (remembered, with an index's children); or refused, which is an error in
+    /// [`PolicyMode::Enforce`].
+    async fn check_policy(
+        &self,
+        target: &Target,
+        manifest: &Manifest,
+        mode: PolicyMode,
+    ) -> Result<(), CacheError> {
+        let rule = match self.policies.coverage(target.upstream, &target.repo) {
+            policy::Coverage::None => return Ok(()),
+            _ if !regcache_oci::is_runnable(&manifest.bytes, &manifest.media_type) => return Ok(()),
+            policy::Coverage::Exempt => {
+                self.parts.metrics.policy_decision("exempt", "none");
+                return Ok(());
+            }
+            policy::Coverage::Cosign(rule) => rule,
+        };
+        if self
+            .policies
+            .is_verified(target.upstream, &manifest.digest)
+            .await
+        {
+            return Ok(());
+        }
+        let signatures = self.signatures_of(target, &manifest.digest).await;
+        let Err(refusal) = self.policies.judge(rule, &manifest.digest, &signatures) else {
+            self.parts.metrics.policy_decision("verified", "none");
+            self.policies
+                .remember(target.upstream, &manifest.digest, &manifest.bytes)
+                .await;
+            return Ok(());
+        };
+        self.parts
+            .metrics
+            .policy_decision("refused", refusal.label());
+        let (client, _) = self.parts.upstream(target);
+        let image = format!("{}/{}@{}", client.name(), target.repo, manifest.digest);
+        tracing::warn!(
+            upstream = client.name(),
+            repository = %target.repo,
+            digest = %manifest.digest,
+            reason = refusal.text(),
+            enforced = mode == PolicyMode::Enforce,
+            "signature policy refuses this image"
+        );
+        self.policies.record(RefusalRecord {
+            at: std::time::SystemTime::now(),
+            upstream: client.name().to_owned(),
+            repository: target.repo.to_string(),
+            digest: manifest.digest,
+            refusal,
+        });
+        match mode {
+            PolicyMode::Enforce => Err(CacheError::PolicyRefused { image, refusal }),
+            PolicyMode::Warn => Ok(()),
+        }
+    }
+
+    /// The cosign signatures of `digest`: the layers of its `sha256-<hex>.sig` manifest and of
+    /// its referrers of the cosign signature type, each with its payload, all through the
+    /// cache (cached, fetched, or offline from the store). What cannot be read is left out.
+    async fn signatures_of(&self, target: &Target, digest: &Digest) -> Vec<policy::FoundSignature> {
+        use regcache_oci::{Reference, Tag};
+        let mut holders = Vec::new();
+        if let Ok(tag) = Tag::parse(&format!("sha256-{}.sig", digest.hex())) {
+            if let Ok(answer) = self.manifests.get(target, &Reference::Tag(tag), &[]).await {
+                holders.push(answer.manifest);
+            }
+        }
+        if let Ok(list) = self
+            .listings
+            .referrers(target, digest, Some(policy::SIGNATURE_ARTIFACT_TYPE))
+            .await
+        {
+            for descriptor in &list.manifests {
+                let Ok(referrer) = Digest::parse(&descriptor.digest) else {
+                    continue;
+                };
+                if let Ok(answer) = self
+                    .manifests
+                    .get(target, &Reference::Digest(referrer), &[])
+                    .await
+                {
+                    holders.push(answer.manifest);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        for holder in holders {
+            for (payload, signature) in policy::signature_layers(&holder.bytes) {
+                if let Some(payload) = self.read_small(target, &payload, policy::MAX_PAYLOAD).await
+                {
+                    found.push(policy::FoundSignature { payload, signature });
+                }
+            }
+        }
+        found
+    }
+
+    /// A small blob whole (a signature payload), through the store or a fill; `None` when it
+    /// cannot be had or is longer than `limit`.
+    async fn read_small(&self, target: &Target, digest: &Digest, limit: usize) -> Option<Bytes> {
+        let BlobReply::Found(answer) = self.blob(target, digest, RangeRequest::Full).await.ok()?
+        else {
+            return None;
+        };
+        let mut body = answer.body;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next_chunk().await {
+            let chunk = chunk.ok()?;
+            if bytes.len() + chunk.len() > limit {
+                return None;
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Some(Bytes::from(bytes))
     }
 
     /// Which freshness applies to `tag` of the upstream named `upstream`, in words:

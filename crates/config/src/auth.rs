@@ -57,7 +57,7 @@ pub struct GrantConfig {
 }
 
 /// Checks a `<upstream>/<repository glob>` pattern.
-fn validate_pattern(key: &str, pattern: &str) -> Result<(), ConfigError> {
+pub(crate) fn validate_pattern(key: &str, pattern: &str) -> Result<(), ConfigError> {
     if !pattern.contains('/') {
         return Err(invalid(
             key,

@@ -20,6 +20,7 @@ mod cache;
 mod cluster;
 mod log;
 mod pins;
+mod policy;
 mod server;
 mod show;
 mod storage;
@@ -34,6 +35,7 @@ pub use cache::CacheConfig;
 pub use cluster::{ClusterConfig, PeerSpec};
 pub use log::{LogConfig, LogFormat};
 pub use pins::{PinConfig, RawPin};
+pub use policy::{PolicyConfig, Require};
 pub use server::{ServerConfig, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use sync::SyncConfig;
@@ -74,6 +76,8 @@ pub struct RawConfig {
     pin: Vec<RawPin>,
     #[serde(default)]
     sync: Vec<sync::RawSync>,
+    #[serde(default)]
+    policy: Vec<policy::RawPolicy>,
     auth: Option<auth::RawAuth>,
     cluster: Option<cluster::RawCluster>,
 }
@@ -100,6 +104,8 @@ pub struct Config {
     pub pins: Vec<PinConfig>,
     /// `[[sync]]`: tags kept mirrored on a schedule.
     pub syncs: Vec<SyncConfig>,
+    /// `[[policy]]`: signature requirements, in order (the first match decides).
+    pub policies: Vec<PolicyConfig>,
 }
 
 impl Config {
@@ -191,6 +197,12 @@ impl RawConfig {
             .map(|rule| rule.validate(&upstreams))
             .collect::<Result<Vec<_>, _>>()?;
         sync::check_sync_set(&syncs)?;
+        let policies = self
+            .policy
+            .into_iter()
+            .enumerate()
+            .map(|(index, raw)| raw.validate(index + 1))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             server,
             storage,
@@ -201,6 +213,7 @@ impl RawConfig {
             log: self.log.validate()?,
             pins,
             syncs,
+            policies,
         })
     }
 }

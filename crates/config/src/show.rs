@@ -137,6 +137,22 @@ impl Config {
             });
             root.insert("sync".into(), Value::Array(rules.collect()));
         }
+        if !self.policies.is_empty() {
+            let policies = self.policies.iter().map(|policy| {
+                let mut table = Table::new();
+                table.insert("repositories".into(), strings(&policy.repositories));
+                let require = Value::String(policy.require_text().into());
+                table.insert("require".into(), require);
+                if !policy.keys.is_empty() {
+                    let keys = policy.keys.iter().map(|key| path(key)).collect();
+                    table.insert("keys".into(), Value::Array(keys));
+                }
+                let identity = policy.identity.clone().map(Value::String);
+                put(&mut table, "identity", identity);
+                Value::Table(table)
+            });
+            root.insert("policy".into(), Value::Array(policies.collect()));
+        }
         toml::to_string(&root).unwrap_or_default()
     }
 

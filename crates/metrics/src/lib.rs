@@ -43,6 +43,8 @@ pub struct Metrics {
     pub stale_served: IntCounterVec,
     /// `upstream`, `result`: access checks of clients of `credentials = "client"` upstreams.
     pub client_access: IntCounterVec,
+    /// `result` (verified, refused, exempt), `reason`: signature policy decisions.
+    pub policy_decisions: IntCounterVec,
     /// `upstream`, `to` (open, closed): circuit breaker state changes.
     pub breaker_transitions: IntCounterVec,
     /// `upstream`: tag revalidations that passed `cache.revalidate_timeout` (the cached tag
@@ -169,6 +171,11 @@ impl Metrics {
                 "Tags served stale, by why: unavailable (the upstream could not be asked), deadline (revalidate_timeout), revalidating (stale_while_revalidate), budget (at the rate-limit reserve), not_found (serve_stale_on_404), denied (serve_stale_on_denied)",
                 &["reason"],
             ),
+            policy_decisions: register.counter_vec(
+                "regcache_policy_decisions_total",
+                "Signature policy decisions on runnable images of covered repositories, by result (verified, refused, exempt) and reason (none; for refusals no_signature, bad_signature, other_digest, other_identity)",
+                &["result", "reason"],
+            ),
             client_access: register.counter_vec(
                 "regcache_client_access_total",
                 "Access checks of clients of credentials = \"client\" upstreams, by upstream and result: confirmed (the upstream said yes), remembered (a yes within client_auth_ttl), refused (401/403), not_found, grace (unreachable upstream, a yes within client_auth_offline_grace), unconfirmed (unreachable upstream, no recent yes: refused)",
@@ -276,6 +283,18 @@ impl Metrics {
         for source in ["cache", "upstream"] {
             metrics.served_bytes.with_label_values(&[source]);
         }
+        for (result, reason) in [
+            ("verified", "none"),
+            ("exempt", "none"),
+            ("refused", "no_signature"),
+            ("refused", "bad_signature"),
+            ("refused", "other_digest"),
+            ("refused", "other_identity"),
+        ] {
+            metrics
+                .policy_decisions
+                .with_label_values(&[result, reason]);
+        }
         for reason in [
             "unavailable",
             "deadline",
@@ -295,6 +314,13 @@ impl Metrics {
             }
         }
         metrics
+    }
+
+    /// Counts a signature policy decision.
+    pub fn policy_decision(&self, result: &str, reason: &str) {
+        self.policy_decisions
+            .with_label_values(&[result, reason])
+            .inc();
     }
 
     /// Creates the access-check series of a `credentials = "client"` upstream at zero.

@@ -10,7 +10,7 @@ mod name;
 mod walk;
 
 pub use manifest::{
-    declared_sizes, manifest_digest, references, schema1_payload, sniff_media_type,
+    declared_sizes, is_runnable, manifest_digest, references, schema1_payload, sniff_media_type,
     validate_manifest, InvalidManifest, MediaType, MAX_MANIFEST_BYTES,
 };
 pub use name::{Digest, ParseError, Reference, RepoName, Tag};

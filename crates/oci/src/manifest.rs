@@ -319,9 +319,11 @@ struct Links {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Descriptor {
     digest: String,
     size: Option<u64>,
+    media_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -385,6 +387,32 @@ pub fn references(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Diges
     (children, blobs)
 }
 
+/// Whether a manifest describes something a container runtime would run: an index or manifest
+/// list, a schema1 manifest, or an image manifest with at least one filesystem layer
+/// (`application/vnd.oci.image.layer.…`, `application/vnd.docker.image.rootfs.…`). Artifacts
+/// (cosign signatures, attestations, SBOMs, charts) are not: their layers are not
+/// filesystems. Bytes that are not a manifest are not runnable.
+pub fn is_runnable(bytes: &[u8], media_type: &MediaType) -> bool {
+    if media_type.is_schema1()
+        || matches!(
+            media_type.as_str(),
+            MediaType::OCI_INDEX | MediaType::DOCKER_LIST
+        )
+    {
+        return true;
+    }
+    let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
+        return false;
+    };
+    !links.manifests.is_empty()
+        || links.layers.iter().any(|layer| {
+            layer.media_type.as_deref().is_some_and(|t| {
+                t.starts_with("application/vnd.oci.image.layer.")
+                    || t.starts_with("application/vnd.docker.image.rootfs.")
+            })
+        })
+}
+
 /// The sizes a manifest declares for the blobs it references (config and layers; schema1
 /// declares none). Descriptors with a malformed digest or no size are left out.
 pub fn declared_sizes(bytes: &[u8]) -> Vec<(Digest, u64)> {
@@ -407,6 +435,18 @@ mod tests {
     fn check_sniff(json: &str, expected: Option<&str>) {
         let sniffed = sniff_media_type(json.as_bytes());
         assert_eq!(sniffed.as_ref().map(MediaType::as_str), expected, "{json}");
+    }
+
+    #[test]
+    fn runnable_means_filesystem_layers_or_an_index() {
+        let oci = MediaType::from_static(MediaType::OCI_MANIFEST);
+        let index = MediaType::from_static(MediaType::OCI_INDEX);
+        let image = br#"{"config":{"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}]}"#;
+        let signature = br#"{"config":{"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"},"layers":[{"mediaType":"application/vnd.dev.cosign.simplesigning.v1+json","digest":"sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"}]}"#;
+        assert!(is_runnable(image, &oci));
+        assert!(!is_runnable(signature, &oci));
+        assert!(!is_runnable(b"not json", &oci));
+        assert!(is_runnable(br#"{"manifests":[]}"#, &index));
     }
 
     #[test]

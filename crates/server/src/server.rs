@@ -197,8 +197,8 @@ pub async fn accept_loop(
     }
 }
 
-/// Reloads the TLS files and the htpasswd users on every `SIGHUP` until `shutdown`. A file that
-/// does not load is logged and what is in force stays.
+/// Reloads the TLS files, the htpasswd users and the `[[policy]]` keys on every `SIGHUP` until
+/// `shutdown`. A file that does not load is logged and what is in force stays.
 pub async fn reload_on_sighup(
     tls: Option<Arc<Tls>>,
     state: Arc<AppState>,
@@ -230,6 +230,14 @@ pub async fn reload_on_sighup(
                 Ok(None) => {}
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: htpasswd reload failed; keeping the users in force");
+                }
+            }
+        }
+        if state.cache.has_policy() {
+            match state.cache.reload_policy_keys() {
+                Ok(keys) => tracing::info!(keys, "SIGHUP: signature policy keys reloaded"),
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: signature policy keys not reloaded; keeping the keys in force");
                 }
             }
         }

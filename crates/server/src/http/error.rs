@@ -112,6 +112,11 @@ impl ApiError {
                      log in to regcache with credentials the upstream accepts"
                 ),
             ),
+            (_, CacheError::PolicyRefused { image, refusal }) => (
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("signature policy: {} ({image})", refusal.text()),
+            ),
             (_, CacheError::AccessUnconfirmed { .. }) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "UNAVAILABLE",

@@ -263,6 +263,25 @@ pub(crate) fn render(
             );
         }
     }
+    let refusals: Vec<_> = cache
+        .policy_refusals()
+        .into_iter()
+        .filter(|r| visible(&r.upstream, &r.repository))
+        .collect();
+    if cache.has_policy() {
+        html.push_str("</table><h2>Signature policy refusals</h2><table id=\"policy-refusals\"><tr><th>when</th><th>image</th><th>reason</th></tr>");
+        for refusal in refusals {
+            let _ = write!(
+                html,
+                "<tr><td>{}</td><td>{}/{}@{}</td><td>{}</td></tr>",
+                ago(refusal.at),
+                escape(&refusal.upstream),
+                escape(&refusal.repository),
+                refusal.digest,
+                refusal.refusal.text(),
+            );
+        }
+    }
     html.push_str("</table><h2>Top repositories by bytes served</h2><table id=\"top-repos\"><tr><th>upstream</th><th>repository</th><th>served</th></tr>");
     for ((upstream, repo), bytes) in top {
         let _ = write!(
