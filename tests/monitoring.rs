@@ -486,6 +486,10 @@ tests:
         values: '0+99x20'
       - series: 'regcache_http_requests_total{job="regcache",instance="b",route="blob",method="GET",status_class="5xx"}'
         values: '0+1x20'
+      - series: 'regcache_policy_decisions_total{job="regcache",instance="a",result="refused",reason="no_signature"}'
+        values: '0x10 1+1x10'
+      - series: 'regcache_policy_decisions_total{job="regcache",instance="b",result="verified",reason="none"}'
+        values: '0+5x20'
     promql_expr_test:
       - expr: 'ALERTS{alertstate="firing"}'
         eval_time: 1m
@@ -504,6 +508,8 @@ tests:
           - labels: 'ALERTS{alertname="RegcacheUpstreamRateLimited",alertstate="firing",job="regcache",instance="a",upstream="u1",reason="429",severity="warning"}'
             value: 1
           - labels: 'ALERTS{alertname="RegcacheHigh5xxRate",alertstate="firing",job="regcache",instance="a",severity="warning"}'
+            value: 1
+          - labels: 'ALERTS{alertname="RegcacheSignatureRefusals",alertstate="firing",job="regcache",instance="a",result="refused",reason="no_signature",severity="warning"}'
             value: 1
 "#;
 
@@ -818,6 +824,7 @@ async fn alert_rules_and_dashboard_queries_are_valid() {
         "RegcacheDigestMismatch",
         "RegcacheHigh5xxRate",
         "RegcacheUpstreamRateLimited",
+        "RegcacheSignatureRefusals",
     ] {
         assert!(names.contains(required), "alert {required} is missing");
     }

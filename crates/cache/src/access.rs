@@ -53,11 +53,6 @@ impl ClientAccess {
             .map(|rule| rule.ttl.max(rule.offline_grace))
             .max()
             .unwrap_or(Duration::from_secs(1));
-        for (upstream, rule) in upstreams.iter().zip(&rules) {
-            if rule.is_some() {
-                parts.metrics.init_client_access(&upstream.name);
-            }
-        }
         Self {
             parts,
             rules,

@@ -323,8 +323,9 @@ impl Metrics {
             .inc();
     }
 
-    /// Creates the access-check series of a `credentials = "client"` upstream at zero.
-    pub fn init_client_access(&self, upstream: &str) {
+    /// Creates the access-check series of an upstream at zero (they move only with
+    /// `credentials = "client"`).
+    fn init_client_access(&self, upstream: &str) {
         for result in [
             "confirmed",
             "remembered",
@@ -346,6 +347,7 @@ impl Metrics {
         self.revalidation_deadlines.with_label_values(&[upstream]);
         self.tag_list_truncated.with_label_values(&[upstream]);
         self.upstream_manifest_gets.with_label_values(&[upstream]);
+        self.init_client_access(upstream);
         self.manifests_served.with_label_values(&[upstream]);
         // 0 (no limit known) until the upstream sends its headers.
         self.upstream_ratelimit_limit.with_label_values(&[upstream]);
