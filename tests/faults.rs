@@ -92,7 +92,7 @@ async fn get(proxy: &InProcess, tail: &str) -> reqwest::Response {
         .header("accept", MT_OCI_MANIFEST)
         .send()
         .await
-        .unwrap_or_else(|e| panic!("GET {tail}: {e}\nproxy log:\n{}", proxy.log()))
+        .unwrap_or_else(|e| panic!("GET {tail}: {e:?}\nproxy log:\n{}", proxy.log()))
 }
 
 /// How many GETs whose path ends with `suffix` the fake registry (not storage) received.

@@ -122,6 +122,7 @@ struct Signed {
     unsigned: Pushed,
     forged: Pushed,
     misnamed: Pushed,
+    tampered: Pushed,
     exempt: Pushed,
 }
 
@@ -181,6 +182,8 @@ async fn signed_upstream() -> (Signed, rcgen::KeyPair, rcgen::KeyPair) {
         &key,
     )
     .await;
+    let tampered = push("org/tampered", "tampered").await;
+    cosign::sign_tampered(&upstream, &tampered.repo, &tampered.digest, &key).await;
     let exempt = push("org/exempt/tool", "exempt").await;
     let key_pem = key.public_key_pem().into_bytes();
     (
@@ -193,6 +196,7 @@ async fn signed_upstream() -> (Signed, rcgen::KeyPair, rcgen::KeyPair) {
             unsigned,
             forged,
             misnamed,
+            tampered,
             exempt,
         },
         key,
@@ -234,6 +238,10 @@ async fn only_images_signed_by_trusted_keys_are_served_and_a_real_verifier_agree
             "signature does not verify with the configured keys",
         ),
         (&set.misnamed, "payload names another digest"),
+        (
+            &set.tampered,
+            "signature does not verify with the configured keys",
+        ),
     ] {
         let (status, message) = manifest_status(&proxy, &image.repo, "v1").await;
         assert_eq!(status, 403, "{}", image.reference);
@@ -258,7 +266,21 @@ async fn only_images_signed_by_trusted_keys_are_served_and_a_real_verifier_agree
             .await
             .unwrap_or_else(|err| panic!("sigstore, {} through regcache: {err}", image.reference));
     }
-    for image in [&set.unsigned, &set.forged, &set.misnamed] {
+    // The signatures themselves are served without a requirement of their own: a verifier
+    // must be able to fetch them (the `.sig` tag, the referrers tag-schema index).
+    let sig_tag = format!("{}.sig", set.signed.digest.replace(':', "-"));
+    assert_eq!(
+        manifest_status(&proxy, &set.signed.repo, &sig_tag).await.0,
+        200
+    );
+    let referrers_tag = set.referred.digest.replace(':', "-");
+    assert_eq!(
+        manifest_status(&proxy, &set.referred.repo, &referrers_tag)
+            .await
+            .0,
+        200
+    );
+    for image in [&set.unsigned, &set.forged, &set.misnamed, &set.tampered] {
         for addr in [&upstream_addr, &proxy.addr()] {
             assert!(
                 sigstore_verifies(addr, image, &set.key_pem).await.is_err(),
@@ -344,9 +366,20 @@ async fn signatures_travel_with_the_export_and_verify_at_an_air_gapped_site() {
     prefetch.extend(signed_refs.iter().map(String::as_str));
     let output = run_regcache(&prefetch, &config).await;
     assert!(output.status.success(), "{}", text(&output));
-    // An unsigned image cached anyway (an operator's --allow-unsigned).
+    // An unsigned and a forged image cached anyway (an operator's --allow-unsigned).
     let unsigned = full(&set.unsigned);
-    let output = run_regcache(&["prefetch", "--allow-unsigned", &unsigned], &config).await;
+    let forged = full(&set.forged);
+    let output = run_regcache(
+        &[
+            "prefetch",
+            "--referrers",
+            "--allow-unsigned",
+            &unsigned,
+            &forged,
+        ],
+        &config,
+    )
+    .await;
     assert!(output.status.success(), "{}", text(&output));
     let mut connected = connected;
     assert!(connected.stop().await);
@@ -365,7 +398,17 @@ async fn signatures_travel_with_the_export_and_verify_at_an_air_gapped_site() {
         "{}",
         text(&refused)
     );
-    let mut export = vec!["export", "--referrers", "-o", &archive_arg];
+    // With --allow-unsigned the refused ones travel too (with a warning), to show the site
+    // judges them exactly as the connected side does.
+    let mut export = vec![
+        "export",
+        "--referrers",
+        "--allow-unsigned",
+        "-o",
+        &archive_arg,
+        &unsigned,
+        &forged,
+    ];
     export.extend(signed_refs.iter().map(String::as_str));
     let output = run_regcache(&export, &config).await;
     assert!(output.status.success(), "{}", text(&output));
@@ -383,14 +426,39 @@ async fn signatures_travel_with_the_export_and_verify_at_an_air_gapped_site() {
             .await
             .unwrap_or_else(|err| panic!("offline {}: {err}\n{}", image.reference, site.log()));
     }
-    sigstore_verifies(&site.addr(), &set.signed, &set.key_pem)
-        .await
-        .unwrap_or_else(|err| panic!("sigstore, offline: {err}"));
+    for (image, reason) in [
+        (&set.unsigned, "no signature"),
+        (
+            &set.forged,
+            "signature does not verify with the configured keys",
+        ),
+    ] {
+        let (status, message) = manifest_status(&site, &image.repo, "v1").await;
+        assert_eq!(status, 403, "offline {}", image.reference);
+        assert!(
+            message.contains(reason),
+            "offline {}: {message}",
+            image.reference
+        );
+    }
+    for image in [&set.signed, &set.multi] {
+        sigstore_verifies(&site.addr(), image, &set.key_pem)
+            .await
+            .unwrap_or_else(|err| panic!("sigstore, offline {}: {err}", image.reference));
+    }
+    for image in [&set.unsigned, &set.forged] {
+        assert!(
+            sigstore_verifies(&site.addr(), image, &set.key_pem)
+                .await
+                .is_err(),
+            "sigstore accepts {} offline",
+            image.reference
+        );
+    }
     let metrics = site.metrics_text().await;
     assert!(decisions(&metrics, "verified", "none") >= 3, "{metrics}");
-    assert_eq!(
-        decisions(&metrics, "refused", "no_signature"),
-        0,
+    assert!(
+        decisions(&metrics, "refused", "bad_signature") >= 1,
         "{metrics}"
     );
 }

@@ -48,7 +48,8 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Pushes a signature manifest for `repo` whose payload names `named` (normally the image's
 /// own digest) and `reference`, signed by `key`; `subject` (digest, media type, size) makes it
-/// an OCI 1.1 referrer. Returns the manifest's bytes.
+/// an OCI 1.1 referrer; `tampered` changes the payload blob after signing (one byte more).
+/// Returns the manifest's bytes.
 async fn push_signature_manifest(
     upstream: &Upstream,
     repo: &str,
@@ -56,9 +57,13 @@ async fn push_signature_manifest(
     reference: &str,
     key: &KeyPair,
     subject: Option<(&str, &str, usize)>,
+    tampered: bool,
 ) -> Vec<u8> {
-    let payload = payload(named, reference);
+    let mut payload = payload(named, reference);
     let signature = key.sign(&payload).expect("sign the payload");
+    if tampered {
+        payload.push(b' ');
+    }
     let payload_digest = push_raw_blob(upstream, repo, &payload).await;
     let config = br#"{"architecture":"","config":{},"created":"0001-01-01T00:00:00Z","history":[{"created":"0001-01-01T00:00:00Z"}],"os":"","rootfs":{"type":"layers","diff_ids":[]}}"#;
     let config_digest = push_raw_blob(upstream, repo, config).await;
@@ -94,8 +99,25 @@ pub async fn sign_with_tag(
     named: &str,
     key: &KeyPair,
 ) {
+    push_sig_tag(upstream, repo, digest, named, key, false).await;
+}
+
+/// [`sign_with_tag`], the payload blob changed after signing.
+pub async fn sign_tampered(upstream: &Upstream, repo: &str, digest: &str, key: &KeyPair) {
+    push_sig_tag(upstream, repo, digest, digest, key, true).await;
+}
+
+async fn push_sig_tag(
+    upstream: &Upstream,
+    repo: &str,
+    digest: &str,
+    named: &str,
+    key: &KeyPair,
+    tampered: bool,
+) {
     let reference = format!("{}/{repo}", upstream.addr());
-    let manifest = push_signature_manifest(upstream, repo, named, &reference, key, None).await;
+    let manifest =
+        push_signature_manifest(upstream, repo, named, &reference, key, None, tampered).await;
     let tag = format!("{}.sig", digest.replace(':', "-"));
     push_raw_manifest(upstream, repo, &tag, OCI_MANIFEST, &manifest).await;
 }
@@ -118,6 +140,7 @@ pub async fn sign_with_referrer(
         &reference,
         key,
         Some((digest, media_type, size)),
+        false,
     )
     .await;
     let manifest_digest = sha256(&manifest);

@@ -708,8 +708,7 @@ impl Cache {
         };
         if self
             .policies
-            .is_verified(target.upstream, &manifest.digest)
-            .await
+            .is_verified(rule, target.upstream, &manifest.digest)
         {
             return Ok(());
         }
@@ -717,7 +716,7 @@ impl Cache {
         let Err(refusal) = self.policies.judge(rule, &manifest.digest, &signatures) else {
             self.parts.metrics.policy_decision("verified", "none");
             self.policies
-                .remember(target.upstream, &manifest.digest, &manifest.bytes)
+                .remember(rule, target.upstream, &manifest.digest, &manifest.bytes)
                 .await;
             return Ok(());
         };

@@ -197,8 +197,9 @@ pub(crate) struct Policies {
     rules: Vec<Rule>,
     /// Per rule; replaced whole on reload.
     keys: RwLock<Arc<Vec<Vec<TrustedKey>>>>,
-    /// (upstream, digest) verified, children of verified indexes included.
-    verified: moka::future::Cache<(usize, Digest), ()>,
+    /// (rule, upstream, digest) verified, children of verified indexes included: a digest
+    /// verified under one rule's keys says nothing under another's.
+    verified: moka::future::Cache<(usize, usize, Digest), ()>,
     upstream_names: Vec<String>,
     refusals: parking_lot::Mutex<std::collections::VecDeque<RefusalRecord>>,
 }
@@ -282,16 +283,24 @@ impl Policies {
         }
     }
 
-    /// Whether `digest` was verified (itself, or as a child of a verified index).
-    pub(crate) async fn is_verified(&self, upstream: usize, digest: &Digest) -> bool {
-        self.verified.contains_key(&(upstream, *digest))
+    /// Whether `digest` of the upstream at index `upstream` was verified under rule `rule`
+    /// (itself, or as a child of a verified index).
+    pub(crate) fn is_verified(&self, rule: usize, upstream: usize, digest: &Digest) -> bool {
+        self.verified.contains_key(&(rule, upstream, *digest))
     }
 
-    /// Remembers a verified manifest, and the children of an index as part of it.
-    pub(crate) async fn remember(&self, upstream: usize, digest: &Digest, bytes: &[u8]) {
-        self.verified.insert((upstream, *digest), ()).await;
+    /// Remembers a manifest verified under rule `rule`, and the children of an index as part
+    /// of it.
+    pub(crate) async fn remember(
+        &self,
+        rule: usize,
+        upstream: usize,
+        digest: &Digest,
+        bytes: &[u8],
+    ) {
+        self.verified.insert((rule, upstream, *digest), ()).await;
         for child in references(bytes, &[]).0 {
-            self.verified.insert((upstream, child), ()).await;
+            self.verified.insert((rule, upstream, child), ()).await;
         }
     }
 
@@ -542,6 +551,49 @@ mod tests {
                 &[signed(&other, good.clone()), signed(&trusted, good)]
             ),
             Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_digest_verified_under_one_rule_is_not_under_another() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let path = key_file(dir.path(), "k.pub", &key);
+        let rule = |pattern: &str| PolicyConfig {
+            repositories: vec![pattern.to_owned()],
+            require: Require::Cosign,
+            keys: vec![path.clone()],
+            identity: None,
+        };
+        let policies = Policies::new(
+            &[rule("r.test/a/*"), rule("r.test/b/*")],
+            vec!["r.test".into()],
+        )
+        .expect("policies");
+        let repo = |name: &str| RepoName::parse(name).expect("repo");
+        assert!(matches!(
+            policies.coverage(0, &repo("a/app")),
+            Coverage::Cosign(0)
+        ));
+        assert!(matches!(
+            policies.coverage(0, &repo("b/app")),
+            Coverage::Cosign(1)
+        ));
+        assert!(matches!(
+            policies.coverage(0, &repo("c/app")),
+            Coverage::None
+        ));
+        let child = format!("sha256:{}", "c".repeat(64));
+        let index = format!(r#"{{"manifests":[{{"digest":"{child}"}}]}}"#);
+        let digest = Digest::parse(&format!("sha256:{}", "a".repeat(64))).expect("digest");
+        policies.remember(0, 0, &digest, index.as_bytes()).await;
+        assert!(policies.is_verified(0, 0, &digest));
+        assert!(policies.is_verified(0, 0, &Digest::parse(&child).expect("child")));
+        assert!(!policies.is_verified(1, 0, &digest));
+        policies.reload_keys().expect("reload");
+        assert!(
+            !policies.is_verified(0, 0, &digest),
+            "forgotten when the keys change"
         );
     }
 

@@ -333,9 +333,11 @@ struct Schema1Layer {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Child {
     digest: String,
     platform: Option<Platform>,
+    artifact_type: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -387,24 +389,24 @@ pub fn references(bytes: &[u8], platforms: &[String]) -> (Vec<Digest>, Vec<Diges
     (children, blobs)
 }
 
-/// Whether a manifest describes something a container runtime would run: an index or manifest
-/// list, a schema1 manifest, or an image manifest with at least one filesystem layer
+/// Whether a manifest describes something a container runtime would run: a manifest list, an
+/// index with an entry that is not an artifact (no `artifactType`, or a platform), a schema1
+/// manifest, or an image manifest with at least one filesystem layer
 /// (`application/vnd.oci.image.layer.…`, `application/vnd.docker.image.rootfs.…`). Artifacts
 /// (cosign signatures, attestations, SBOMs, charts) are not: their layers are not
-/// filesystems. Bytes that are not a manifest are not runnable.
+/// filesystems; nor is a referrers index (every entry an artifact), whose runnable entries,
+/// if any, are judged on their own. Other bytes are runnable only as an OCI index.
 pub fn is_runnable(bytes: &[u8], media_type: &MediaType) -> bool {
-    if media_type.is_schema1()
-        || matches!(
-            media_type.as_str(),
-            MediaType::OCI_INDEX | MediaType::DOCKER_LIST
-        )
-    {
+    if media_type.is_schema1() || media_type.as_str() == MediaType::DOCKER_LIST {
         return true;
     }
     let Ok(links) = serde_json::from_slice::<Links>(bytes) else {
-        return false;
+        return media_type.as_str() == MediaType::OCI_INDEX;
     };
-    !links.manifests.is_empty()
+    links
+        .manifests
+        .iter()
+        .any(|child| child.artifact_type.is_none() || child.platform.is_some())
         || links.layers.iter().any(|layer| {
             layer.media_type.as_deref().is_some_and(|t| {
                 t.starts_with("application/vnd.oci.image.layer.")
@@ -446,7 +448,11 @@ mod tests {
         assert!(is_runnable(image, &oci));
         assert!(!is_runnable(signature, &oci));
         assert!(!is_runnable(b"not json", &oci));
-        assert!(is_runnable(br#"{"manifests":[]}"#, &index));
+        let platforms = br#"{"manifests":[{"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","platform":{"os":"linux","architecture":"amd64"}}]}"#;
+        let referrers = br#"{"manifests":[{"digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","artifactType":"application/vnd.dev.cosign.artifact.sig.v1+json"}]}"#;
+        assert!(is_runnable(platforms, &index));
+        assert!(!is_runnable(referrers, &index));
+        assert!(is_runnable(b"not json", &index));
     }
 
     #[test]
