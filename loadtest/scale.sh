@@ -23,7 +23,9 @@
 # Settings (environment): SCALE_BLOBS=1000000, INDEX_CACHE (storage.index_cache; default:
 # regcache's), REGCACHE_BIN (default target/release/regcache), LOADTEST_BIN (default
 # loadtest/target/release/loadtest, built when missing), WORK, KEEP_WORK=1, SCALE_REUSE=1
-# (with WORK and KEEP_WORK: take the blobs a previous run left, whole, instead of seeding).
+# (with WORK and KEEP_WORK: take the blobs a previous run left, whole, instead of seeding),
+# SCALE_LOG (the servers' RUST_LOG, default info; `info,regcache_cache::upkeep=debug` logs each
+# eviction round's choose_ms and remove_ms).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -67,7 +69,7 @@ config() {
 start() {
   local t0 port=""
   t0=$(now)
-  RUST_LOG=info "$REGCACHE_BIN" serve --config "$1" > "$2" 2>&1 &
+  RUST_LOG="${SCALE_LOG:-info}" "$REGCACHE_BIN" serve --config "$1" > "$2" 2>&1 &
   PID=$!
   for _ in $(seq 1 3000); do
     port=$(sed -n 's/.*regcache listening address=127\.0\.0\.1:\([0-9]*\).*/\1/p' "$2" | head -n1)

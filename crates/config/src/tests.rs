@@ -464,3 +464,43 @@ fn client_credentials_need_tls_and_no_credentials_of_their_own() {
     let config = Config::parse(&format!("{upstream}credentials = \"config\"\n")).expect("valid");
     assert_eq!(config.upstreams[0].client_auth, None);
 }
+
+#[test]
+fn policies_are_checked_in_order_and_shown_as_written() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = dir.path().join("release.pub");
+    std::fs::write(&key, "a key file (its contents are the cache's to judge)").expect("key");
+    let text = format!(
+        "[[policy]]\nrepositories = [\"docker.io/my-org/exempt/**\"]\nrequire = \"none\"\n\
+         [[policy]]\nrepositories = [\"docker.io/my-org/**\"]\nrequire = \"cosign\"\n\
+         keys = [\"{}\"]\nidentity = \"docker.io/my-org/app\"\n",
+        key.display()
+    );
+    let config = Config::parse(&text).expect("valid");
+    assert_eq!(config.policies.len(), 2);
+    assert_eq!(config.policies[0].require, Require::None);
+    assert_eq!(config.policies[1].require, Require::Cosign);
+    let shown = config.to_toml();
+    let again = Config::parse(&shown).expect("check-config output parses back");
+    assert_eq!(again.to_toml(), shown);
+    assert!(
+        shown.contains("identity = \"docker.io/my-org/app\""),
+        "{shown}"
+    );
+    check_error(
+        "[[policy]]\nrepositories = [\"docker.io/x/*\"]\nrequire = \"cosign\"\n",
+        "policy[1].keys",
+    );
+    check_error(
+        "[[policy]]\nrepositories = [\"docker.io/x/*\"]\nrequire = \"sigstore\"\n",
+        "policy[1].require = \"sigstore\"",
+    );
+    check_error(
+        "[[policy]]\nrepositories = [\"nowhere\"]\nrequire = \"none\"\n",
+        "policy[1].repositories",
+    );
+    check_error(
+        "[[policy]]\nrepositories = [\"docker.io/x/*\"]\nrequire = \"cosign\"\nkeys = [\"/nonexistent.pub\"]\n",
+        "no such file",
+    );
+}

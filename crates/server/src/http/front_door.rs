@@ -23,7 +23,7 @@ use super::route::{self, Route};
 use super::{AppState, Body, Listener};
 use regcache_cache::caller::{self, ClientCredentials};
 use regcache_cache::{AccessProbe, CacheError, DigestKind, Target};
-use regcache_oci::Digest;
+use regcache_oci::{Digest, Reference};
 
 /// With authentication on, refuses (as unknown, like a registry does) a digest that does not
 /// belong to the repository it is asked under, so a grant for one repository cannot read
@@ -269,20 +269,25 @@ impl FrontDoor {
                 if !upstream.client_mode() {
                     return Verdict::Pass(None);
                 }
-                // The upstream decides what this client reads (`cache/access.rs`).
+                // The upstream decides what this client reads (`cache/access.rs`), asked about
+                // what the request names. A malformed reference or digest goes no further than
+                // the handler, which refuses it before any upstream is contacted.
+                let blob_digest;
                 let probe = match route {
-                    Route::Manifest { reference, .. } => AccessProbe::Manifest(reference),
-                    _ => AccessProbe::Repository,
-                };
-                let blob_digest = match route {
-                    Route::Blob { digest, .. } | Route::Referrers { digest, .. } => {
-                        Digest::parse(digest).ok()
+                    Route::Manifest { reference, .. } => {
+                        if Reference::parse(reference).is_err() {
+                            return Verdict::Pass(None);
+                        }
+                        AccessProbe::Manifest(reference)
                     }
-                    _ => None,
-                };
-                let probe = match (&route, &blob_digest) {
-                    (Route::Blob { .. }, Some(digest)) => AccessProbe::Blob(digest),
-                    _ => probe,
+                    Route::Blob { digest, .. } => {
+                        let Ok(digest) = Digest::parse(digest) else {
+                            return Verdict::Pass(None);
+                        };
+                        blob_digest = digest;
+                        AccessProbe::Blob(&blob_digest)
+                    }
+                    _ => AccessProbe::Repository,
                 };
                 let checked = caller::as_caller(
                     caller.clone(),
