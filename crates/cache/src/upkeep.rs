@@ -107,6 +107,9 @@ struct RoundOutcome {
     manifests: Vec<(Namespace, Digest)>,
     /// The index error that stopped the round, if one did.
     failed: Option<regcache_store::StoreError>,
+    /// Time spent forgetting records (manifest lookups, removals, flushes); the rest of the
+    /// round waits on file removals. Where a round's time goes, for the debug log.
+    index_time: std::time::Duration,
 }
 
 /// The budget in bytes at each watermark.
@@ -234,7 +237,7 @@ impl Upkeep {
         // removable).
         while (used as f64) > budget.low {
             let round = Instant::now();
-            let victims = match self.oldest(&protected) {
+            let mut victims = match self.oldest(&protected) {
                 Ok(victims) => victims,
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot read access records; eviction stopped");
@@ -254,12 +257,19 @@ impl Upkeep {
                     more
                 })
                 .count();
+            // In key order: the keys are random, so in time order every batch would touch
+            // pages all over the access tree (with a page cache much smaller than the tree,
+            // reading most of them from disk again); in key order a batch stays on a few
+            // neighbouring pages. (1 000 000 blobs: 49 µs a victim in the index before.)
+            victims[..needed]
+                .sort_unstable_by(|a, b| (&*a.namespace, a.digest).cmp(&(&*b.namespace, b.digest)));
             let chosen = round.elapsed();
             let outcome = self.evict_all(&victims[..needed]);
             tracing::debug!(
                 victims = needed,
                 choose_ms = regcache_metrics::log_millis(chosen),
                 remove_ms = regcache_metrics::log_millis(round.elapsed() - chosen),
+                index_ms = regcache_metrics::log_millis(outcome.index_time),
                 "eviction round"
             );
             used = used.saturating_sub(outcome.bytes);
@@ -383,6 +393,7 @@ impl Upkeep {
                 });
             }
             for batch in victims.chunks(MAX_BATCH) {
+                let forgetting = Instant::now();
                 let blobs: Vec<_> = batch
                     .iter()
                     .map(|victim| (Namespace::clone(&victim.namespace), victim.digest))
@@ -397,7 +408,9 @@ impl Upkeep {
                 // On disk before any file goes (sled otherwise writes every 500 ms): a crash
                 // must not bring back records of removed files.
                 let forgotten = self.parts.index.remove_accesses(&blobs);
-                if let Err(err) = forgotten.and_then(|()| self.parts.index.flush()) {
+                let flushed = forgotten.and_then(|()| self.parts.index.flush());
+                outcome.index_time += forgetting.elapsed();
+                if let Err(err) = flushed {
                     outcome.failed = Some(err);
                     break;
                 }
