@@ -62,6 +62,25 @@ async fn manifest_status(proxy: &TestProxy, repo: &str, reference: &str) -> (u16
     (status, message)
 }
 
+/// What a signature by another key (or over another payload) is refused with.
+const BAD_SIGNATURE: &str = "signature does not verify with the configured keys";
+
+/// skopeo pulls each of `images` whole through `proxy`, digests checked.
+async fn assert_served(proxy: &TestProxy, images: &[&Pushed]) {
+    for image in images {
+        skopeo_pull(proxy, image)
+            .await
+            .unwrap_or_else(|err| panic!("{}: {err}\n{}", image.reference, proxy.log()));
+    }
+}
+
+/// A `GET` of `image`'s tag through `proxy` is `403 DENIED` naming `reason`.
+async fn assert_refused(proxy: &TestProxy, image: &Pushed, reason: &str) {
+    let (status, message) = manifest_status(proxy, &image.repo, "v1").await;
+    assert_eq!(status, 403, "{}", image.reference);
+    assert!(message.contains(reason), "{}: {message}", image.reference);
+}
+
 /// `skopeo copy --all` of `image` through the proxy; the error when it fails.
 async fn skopeo_pull(proxy: &TestProxy, image: &Pushed) -> Result<(), String> {
     let dest = tempfile::tempdir().expect("temp dir");
@@ -225,27 +244,19 @@ async fn only_images_signed_by_trusted_keys_are_served_and_a_real_verifier_agree
 
     // Served: signed by tag, by referrer, an index signed as a whole (its platform images with
     // it), and an exempt repository.
-    for image in [&set.signed, &set.referred, &set.multi, &set.exempt] {
-        skopeo_pull(&proxy, image)
-            .await
-            .unwrap_or_else(|err| panic!("{}: {err}\n{}", image.reference, proxy.log()));
-    }
+    assert_served(
+        &proxy,
+        &[&set.signed, &set.referred, &set.multi, &set.exempt],
+    )
+    .await;
     // Refused, with the reason in the words scripts match.
     for (image, reason) in [
         (&set.unsigned, "no signature"),
-        (
-            &set.forged,
-            "signature does not verify with the configured keys",
-        ),
+        (&set.forged, BAD_SIGNATURE),
         (&set.misnamed, "payload names another digest"),
-        (
-            &set.tampered,
-            "signature does not verify with the configured keys",
-        ),
+        (&set.tampered, BAD_SIGNATURE),
     ] {
-        let (status, message) = manifest_status(&proxy, &image.repo, "v1").await;
-        assert_eq!(status, 403, "{}", image.reference);
-        assert!(message.contains(reason), "{}: {message}", image.reference);
+        assert_refused(&proxy, image, reason).await;
         let (status, _) = manifest_status(&proxy, &image.repo, &image.digest).await;
         assert_eq!(status, 403, "{} by digest", image.reference);
         let refused = skopeo_pull(&proxy, image)
@@ -332,9 +343,7 @@ async fn only_images_signed_by_trusted_keys_are_served_and_a_real_verifier_agree
             Duration::from_secs(10),
         )
         .await;
-    let (status, message) = manifest_status(&proxy, &set.signed.repo, "v1").await;
-    assert_eq!(status, 403);
-    assert!(message.contains("signature does not verify"), "{message}");
+    assert_refused(&proxy, &set.signed, BAD_SIGNATURE).await;
     assert_eq!(manifest_status(&proxy, &set.forged.repo, "v1").await.0, 200);
 
     // check-config reads every key and names one it cannot use.
@@ -421,26 +430,9 @@ async fn signatures_travel_with_the_export_and_verify_at_an_air_gapped_site() {
     .await;
     let output = run_regcache(&["import", &archive_arg], site.config_path()).await;
     assert!(output.status.success(), "{}", text(&output));
-    for image in [&set.signed, &set.multi, &set.referred] {
-        skopeo_pull(&site, image)
-            .await
-            .unwrap_or_else(|err| panic!("offline {}: {err}\n{}", image.reference, site.log()));
-    }
-    for (image, reason) in [
-        (&set.unsigned, "no signature"),
-        (
-            &set.forged,
-            "signature does not verify with the configured keys",
-        ),
-    ] {
-        let (status, message) = manifest_status(&site, &image.repo, "v1").await;
-        assert_eq!(status, 403, "offline {}", image.reference);
-        assert!(
-            message.contains(reason),
-            "offline {}: {message}",
-            image.reference
-        );
-    }
+    assert_served(&site, &[&set.signed, &set.multi, &set.referred]).await;
+    assert_refused(&site, &set.unsigned, "no signature").await;
+    assert_refused(&site, &set.forged, BAD_SIGNATURE).await;
     for image in [&set.signed, &set.multi] {
         sigstore_verifies(&site.addr(), image, &set.key_pem)
             .await

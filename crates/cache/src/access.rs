@@ -101,12 +101,6 @@ impl ClientAccess {
                 .await
                 .map(|_| true),
         };
-        let who = || {
-            caller::current().map_or_else(
-                || "an anonymous client".to_owned(),
-                |c| format!("user {}", c.user()),
-            )
-        };
         match asked {
             Ok(true) => {
                 self.confirmed.insert(key, now).await;
@@ -122,7 +116,7 @@ impl ClientAccess {
             Err(UpstreamError::Denied { status, .. }) => {
                 self.confirmed.invalidate(&key).await;
                 count("refused");
-                let who = who();
+                let who = caller::who();
                 tracing::info!(
                     upstream = client.name(),
                     repository = %repo,
@@ -145,7 +139,7 @@ impl ClientAccess {
                 tracing::info!(
                     upstream = client.name(),
                     repository = %repo,
-                    client = %who(),
+                    client = %caller::who(),
                     error = %err,
                     "the upstream cannot confirm this client's access, and did not within client_auth_offline_grace: refused"
                 );

@@ -624,10 +624,7 @@ impl Cache {
             Ok(()) => Ok(()),
             Err(UpstreamError::Denied { status, .. }) => Err(CacheError::AccessRefused {
                 upstream: client.name().to_owned(),
-                who: caller::current().map_or_else(
-                    || "an anonymous client".to_owned(),
-                    |c| format!("user {}", c.user()),
-                ),
+                who: caller::who(),
                 status,
             }),
             Err(err) => Err(CacheError::Upstream(Arc::new(err))),
@@ -697,21 +694,26 @@ impl Cache {
         manifest: &Manifest,
         mode: PolicyMode,
     ) -> Result<(), CacheError> {
+        let runnable = || regcache_oci::is_runnable(&manifest.bytes, &manifest.media_type);
         let rule = match self.policies.coverage(target.upstream, &target.repo) {
             policy::Coverage::None => return Ok(()),
-            _ if !regcache_oci::is_runnable(&manifest.bytes, &manifest.media_type) => return Ok(()),
             policy::Coverage::Exempt => {
-                self.parts.metrics.policy_decision("exempt", "none");
+                if runnable() {
+                    self.parts.metrics.policy_decision("exempt", "none");
+                }
                 return Ok(());
             }
+            // A digest verified before needs no parse (every pull after the first).
+            policy::Coverage::Cosign(rule)
+                if self
+                    .policies
+                    .is_verified(rule, target.upstream, &manifest.digest) =>
+            {
+                return Ok(())
+            }
+            policy::Coverage::Cosign(_) if !runnable() => return Ok(()),
             policy::Coverage::Cosign(rule) => rule,
         };
-        if self
-            .policies
-            .is_verified(rule, target.upstream, &manifest.digest)
-        {
-            return Ok(());
-        }
         let signatures = self.signatures_of(target, &manifest.digest).await;
         let Err(refusal) = self.policies.judge(rule, &manifest.digest, &signatures) else {
             self.parts.metrics.policy_decision("verified", "none");
@@ -762,7 +764,7 @@ impl Cache {
             .referrers(target, digest, Some(policy::SIGNATURE_ARTIFACT_TYPE))
             .await
         {
-            for descriptor in &list.manifests {
+            for descriptor in list.manifests.iter().take(policy::MAX_SIGNATURES) {
                 let Ok(referrer) = Digest::parse(&descriptor.digest) else {
                     continue;
                 };
@@ -776,12 +778,13 @@ impl Cache {
             }
         }
         let mut found = Vec::new();
-        for holder in holders {
-            for (payload, signature) in policy::signature_layers(&holder.bytes) {
-                if let Some(payload) = self.read_small(target, &payload, policy::MAX_PAYLOAD).await
-                {
-                    found.push(policy::FoundSignature { payload, signature });
-                }
+        let layers = holders
+            .iter()
+            .flat_map(|holder| policy::signature_layers(&holder.bytes))
+            .take(policy::MAX_SIGNATURES);
+        for (payload, signature) in layers {
+            if let Some(payload) = self.read_small(target, &payload, policy::MAX_PAYLOAD).await {
+                found.push(policy::FoundSignature { payload, signature });
             }
         }
         found

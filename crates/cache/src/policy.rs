@@ -22,9 +22,9 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine as _;
 use bytes::Bytes;
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use parking_lot::RwLock;
-use regcache_config::{PolicyConfig, Require};
+use regcache_config::{repository_patterns, PolicyConfig, Require};
 use regcache_oci::{references, Digest, RepoName};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::SubjectPublicKeyInfoDer;
@@ -36,6 +36,9 @@ pub(crate) const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signatur
 pub(crate) const SIGNATURE_ARTIFACT_TYPE: &str = "application/vnd.dev.cosign.artifact.sig.v1+json";
 /// The largest payload read: a simple-signing payload is a few hundred bytes.
 pub(crate) const MAX_PAYLOAD: usize = 64 * 1024;
+/// Signatures judged for one manifest at most (signature layers, and referrers read): an
+/// upstream naming thousands cannot make one pull fetch and verify thousands.
+pub(crate) const MAX_SIGNATURES: usize = 16;
 /// How long a verified digest is trusted before its signatures are read again.
 const VERIFIED_FOR: Duration = Duration::from_secs(3600);
 /// Verified digests remembered at most.
@@ -87,14 +90,6 @@ impl Refusal {
             Self::OtherIdentity => "other_identity",
         }
     }
-
-    /// Every refusal, for the metric series created at start.
-    pub const ALL: [Refusal; 4] = [
-        Self::NoSignature,
-        Self::BadSignature,
-        Self::OtherDigest,
-        Self::OtherIdentity,
-    ];
 }
 
 /// A refusal, for the status page.
@@ -225,7 +220,7 @@ impl Policies {
         let rules = configs
             .iter()
             .map(|config| Rule {
-                matcher: glob_set(&config.repositories),
+                matcher: repository_patterns(&config.repositories),
                 require: config.require,
                 identity: config.identity.clone(),
             })
@@ -410,9 +405,9 @@ struct SignatureLayer {
     annotations: std::collections::HashMap<String, String>,
 }
 
-/// The cosign signature layers of a signature manifest: each payload blob's digest and the
-/// decoded signature over it. Layers without the annotation, with a payload over
-/// [`MAX_PAYLOAD`] or with undecodable parts are left out.
+/// The cosign signature layers of a signature manifest, at most [`MAX_SIGNATURES`]: each
+/// payload blob's digest and the decoded signature over it. Layers without the annotation,
+/// with a payload over [`MAX_PAYLOAD`] or with undecodable parts are left out.
 pub(crate) fn signature_layers(bytes: &[u8]) -> Vec<(Digest, Vec<u8>)> {
     let Ok(manifest) = serde_json::from_slice::<SignatureManifest>(bytes) else {
         return Vec::new();
@@ -428,19 +423,8 @@ pub(crate) fn signature_layers(bytes: &[u8]) -> Vec<(Digest, Vec<u8>)> {
                 .ok()?;
             Some((Digest::parse(&layer.digest).ok()?, signature))
         })
+        .take(MAX_SIGNATURES)
         .collect()
-}
-
-/// Compiles `<upstream>/<repository glob>` patterns as `[auth]` does (`*` within a path
-/// segment, `**` across). The config checked each pattern.
-fn glob_set(patterns: &[String]) -> GlobSet {
-    let mut builder = GlobSetBuilder::new();
-    for pattern in patterns {
-        if let Ok(glob) = GlobBuilder::new(pattern).literal_separator(true).build() {
-            builder.add(glob);
-        }
-    }
-    builder.build().unwrap_or_else(|_| GlobSet::empty())
 }
 
 #[cfg(test)]
@@ -608,5 +592,12 @@ mod tests {
         let layers = signature_layers(manifest.as_bytes());
         assert_eq!(layers.len(), 1);
         assert_eq!(layers[0].1, b"sig");
+        // A hostile upstream naming a thousand signatures gets the first few judged.
+        let layer = format!(
+            r#"{{"digest":"sha256:{}","size":200,"annotations":{{"{SIGNATURE_ANNOTATION}":"{sig}"}}}}"#,
+            "e".repeat(64)
+        );
+        let many = format!(r#"{{"layers":[{}]}}"#, vec![layer; 1000].join(","));
+        assert_eq!(signature_layers(many.as_bytes()).len(), MAX_SIGNATURES);
     }
 }

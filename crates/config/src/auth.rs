@@ -65,11 +65,31 @@ pub(crate) fn validate_pattern(key: &str, pattern: &str) -> Result<(), ConfigErr
             "expected <upstream>/<repository glob>, e.g. \"docker.io/library/*\"",
         ));
     }
+    glob(pattern)
+        .map(drop)
+        .map_err(|err| invalid(key, pattern, err.to_string()))
+}
+
+/// A `<upstream>/<repository glob>` pattern: `*` stays within a path segment, `**` crosses.
+fn glob(pattern: &str) -> Result<globset::Glob, globset::Error> {
     globset::GlobBuilder::new(pattern)
         .literal_separator(true)
         .build()
-        .map(drop)
-        .map_err(|err| invalid(key, pattern, err.to_string()))
+}
+
+/// Compiles validated `<upstream>/<repository glob>` patterns (`[auth]`'s, `[[policy]]`'s)
+/// into one matcher of `<upstream>/<repository>` names. Validation refused every pattern that
+/// would not compile, so none is dropped.
+pub fn repository_patterns(patterns: &[String]) -> globset::GlobSet {
+    let mut builder = globset::GlobSetBuilder::new();
+    for pattern in patterns {
+        if let Ok(glob) = glob(pattern) {
+            builder.add(glob);
+        }
+    }
+    builder
+        .build()
+        .unwrap_or_else(|_| globset::GlobSet::empty())
 }
 
 impl RawAuth {

@@ -30,7 +30,7 @@ mod tests;
 mod upstream;
 mod values;
 
-pub use auth::{load_htpasswd, AuthConfig, GrantConfig};
+pub use auth::{load_htpasswd, repository_patterns, AuthConfig, GrantConfig};
 pub use cache::CacheConfig;
 pub use cluster::{ClusterConfig, PeerSpec};
 pub use log::{LogConfig, LogFormat};

@@ -44,7 +44,7 @@ pub struct PolicyConfig {
 
 impl PolicyConfig {
     /// `"cosign"` or `"none"`, as written.
-    pub fn require_text(&self) -> &'static str {
+    pub(crate) fn require_text(&self) -> &'static str {
         match self.require {
             Require::Cosign => "cosign",
             Require::None => "none",

@@ -68,7 +68,7 @@ impl ClientCredentials {
 }
 
 /// The key of an anonymous caller in the access and token caches.
-pub const ANONYMOUS: [u8; 32] = [0; 32];
+const ANONYMOUS: [u8; 32] = [0; 32];
 
 tokio::task_local! {
     static CALLER: Option<Arc<ClientCredentials>>;
@@ -87,6 +87,15 @@ pub fn current() -> Option<Arc<ClientCredentials>> {
 /// The key of the running task's caller ([`ANONYMOUS`] when there is none).
 pub fn current_key() -> [u8; 32] {
     current().map_or(ANONYMOUS, |caller| caller.key)
+}
+
+/// The running task's caller in words, for logs and messages: `user <name>` or `an anonymous
+/// client` (never the password).
+pub fn who() -> String {
+    current().map_or_else(
+        || "an anonymous client".to_owned(),
+        |caller| format!("user {}", caller.user),
+    )
 }
 
 /// `work`, to be spawned, still on behalf of the running task's caller.

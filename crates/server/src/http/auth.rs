@@ -19,12 +19,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
 use base64::Engine as _;
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use http::header;
 use http::request::Parts;
 use sha2::{Digest as _, Sha256};
 
-use regcache_config::{load_htpasswd, AuthConfig, ConfigError, Secret};
+use regcache_config::{load_htpasswd, repository_patterns, AuthConfig, ConfigError, Secret};
 
 /// The path of the token endpoint. Outside `/v2/`, so no repository name can shadow it.
 pub(crate) const TOKEN_PATH: &str = "/auth/token";
@@ -104,24 +104,6 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-/// Compiles `<upstream>/<repository glob>` patterns; `*` does not cross a `/`, `**` does.
-/// The config has checked each pattern, so none is dropped in practice.
-fn glob_set(patterns: &[String]) -> GlobSet {
-    let mut builder = GlobSetBuilder::new();
-    for pattern in patterns {
-        match GlobBuilder::new(pattern).literal_separator(true).build() {
-            Ok(glob) => {
-                builder.add(glob);
-            }
-            Err(err) => tracing::error!(pattern, error = %err, "ignoring an invalid pattern"),
-        }
-    }
-    builder.build().unwrap_or_else(|err| {
-        tracing::error!(error = %err, "pattern set cannot be built; it matches nothing");
-        GlobSet::empty()
-    })
-}
-
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Claims {
     /// The user; absent for an anonymous token.
@@ -167,11 +149,11 @@ impl Authenticator {
             token_ttl: config.token_ttl,
             realm: config.realm.clone(),
             service: config.service.clone(),
-            anonymous: glob_set(&config.anonymous),
+            anonymous: repository_patterns(&config.anonymous),
             grants: config
                 .grants
                 .iter()
-                .map(|grant| (grant.users.clone(), glob_set(&grant.pull)))
+                .map(|grant| (grant.users.clone(), repository_patterns(&grant.pull)))
                 .collect(),
         }
     }

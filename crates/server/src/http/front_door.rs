@@ -67,14 +67,18 @@ pub(crate) struct FrontDoor {
     state: Arc<AppState>,
     listener: Listener,
     tls: bool,
+    /// Whether an upstream has `credentials = "client"` (decided once, from the config).
+    client_mode: bool,
 }
 
 /// Builds the layer for one listener; `tls` says which scheme derived realms get.
 pub(crate) fn front_door(state: Arc<AppState>, listener: Listener, tls: bool) -> FrontDoor {
+    let client_mode = state.cache.upstreams().iter().any(|u| u.client_mode());
     FrontDoor {
         state,
         listener,
         tls,
+        client_mode,
     }
 }
 
@@ -96,11 +100,18 @@ pub(crate) struct Guarded<S> {
     door: FrontDoor,
 }
 
+/// A request let through to a `credentials = "client"` upstream.
+struct ClientPass {
+    /// On whose behalf it runs (`None`: anonymous).
+    caller: Option<Arc<ClientCredentials>>,
+    /// What a 401 answer gets: where to log in.
+    challenge: Option<HeaderValue>,
+}
+
 /// What the front door decided.
 enum Verdict {
-    /// Let the request through, on behalf of this caller of a `credentials = "client"`
-    /// upstream (`None`: anonymous, or an upstream with its own credentials).
-    Pass(Option<Arc<ClientCredentials>>),
+    /// Let the request through; `Some` when it is for a `credentials = "client"` upstream.
+    Pass(Option<ClientPass>),
     /// Answer here.
     Answer(Response<Body>),
 }
@@ -131,8 +142,8 @@ where
             // Checked on the head alone: the body stays untouched (and need not be `Sync`).
             let (mut head, body) = request.into_parts();
             match door.check(&mut head).await {
-                Verdict::Pass(caller) => {
-                    let challenge = door.client_challenge(&head);
+                Verdict::Pass(None) => inner.call(Request::from_parts(head, body)).await,
+                Verdict::Pass(Some(ClientPass { caller, challenge })) => {
                     let mut response =
                         caller::as_caller(caller, inner.call(Request::from_parts(head, body)))
                             .await?;
@@ -165,8 +176,7 @@ impl FrontDoor {
     async fn check(&self, request: &mut Parts) -> Verdict {
         let auth = self.state.auth.as_ref();
         let logins = self.state.client_logins.as_ref();
-        let client_mode = self.state.cache.upstreams().iter().any(|u| u.client_mode());
-        if self.listener == Listener::Admin || (auth.is_none() && !client_mode) {
+        if self.listener == Listener::Admin || (auth.is_none() && !self.client_mode) {
             // The metrics listener serves only metrics and probes, on a private address.
             return Verdict::Pass(None);
         }
@@ -295,7 +305,13 @@ impl FrontDoor {
                 )
                 .await;
                 match checked {
-                    Ok(()) => Verdict::Pass(caller),
+                    Ok(()) => Verdict::Pass(Some(ClientPass {
+                        caller,
+                        challenge: HeaderValue::from_str(
+                            &self.bearer_challenge(request, Some(name)),
+                        )
+                        .ok(),
+                    })),
                     Err(err) => self.refuse_access(request, &err, &route, name),
                 }
             }
@@ -333,28 +349,6 @@ impl FrontDoor {
             (None, None) => None,
         };
         Ok((identity, caller))
-    }
-
-    /// The challenge a 401 for this request carries when it names a repository of a
-    /// `credentials = "client"` upstream.
-    fn client_challenge(&self, request: &Parts) -> Option<HeaderValue> {
-        self.state.client_logins.as_ref()?;
-        let (Route::Manifest { name, .. }
-        | Route::Blob { name, .. }
-        | Route::TagsList { name }
-        | Route::Referrers { name, .. }) = route::parse(request.uri.path())
-        else {
-            return None;
-        };
-        let ns = request
-            .uri
-            .query()
-            .and_then(|q| super::handlers::query_param(q, "ns"));
-        let target = self.state.resolver.resolve(ns.as_deref(), name).ok()?;
-        if !self.state.cache.upstreams()[target.upstream].client_mode() {
-            return None;
-        }
-        HeaderValue::from_str(&self.bearer_challenge(request, Some(name))).ok()
     }
 
     /// The upstream's refusal of this client (or its silence), as the client's answer.
