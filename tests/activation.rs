@@ -2,7 +2,7 @@
 //! serves on the sockets it is given, tells them apart by `LISTEN_FDNAMES`, binds neither
 //! `server.listen` nor `server.metrics_listen`, and refuses malformed variables naming them.
 
-mod common;
+use crate::common;
 
 use std::net::TcpListener;
 use std::path::Path;

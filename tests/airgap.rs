@@ -2,7 +2,7 @@
 //! and lists tags unsorted): tag lists and referrers served from the cache, `regcache
 //! prefetch`, `regcache export` / `import`, with skopeo as the client.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Output;

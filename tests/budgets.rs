@@ -8,7 +8,7 @@
 //! --once` (through the running server) moves the set: the dropped image is unpinned and
 //! evicted in its turn, the kept ones stay.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Real container clients beyond skopeo: podman (with containers/image's mirror configuration,
 //! as CRI-O nodes use it) pulling through regcache from a real upstream.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -5,7 +5,7 @@
 //! fills from the upstream itself. Replicas run in process on port-0 listeners bound first, so
 //! that each config can name both addresses.
 
-mod common;
+use crate::common;
 
 use common::faultproxy::{FaultProxy, Mode};
 use common::images::{self, Pushed};

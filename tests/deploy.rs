@@ -5,7 +5,7 @@
 //! `config.toml` inside each ConfigMap (and the compose example's) passes
 //! `regcache check-config` with the environment and mounted files the pod would have.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -11,7 +11,7 @@
 //! (`docker login` with what the upstream knows) and pulls what its user may read, and nothing
 //! else.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;
@@ -48,7 +48,7 @@ async fn docker_engine_pulls_through_regcache_as_its_tls_mirror() {
         .arg(test_binary)
         .args([
             "--exact",
-            "docker_engine_inside_private_namespaces",
+            &common::test_name(module_path!(), "docker_engine_inside_private_namespaces"),
             "--ignored",
             "--nocapture",
             "--test-threads=1",

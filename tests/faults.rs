@@ -3,7 +3,7 @@
 //! [`FakeRegistry`], with regcache running in process in front of it (port 0, an adjustable
 //! clock for cooldowns: no sleeps) and plain HTTP clients checking what a user would see.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! behind a [`FaultProxy`] that hangs or refuses, pulled with skopeo. regcache runs in process
 //! (port 0) with an adjustable clock: TTLs pass by advancing it, not by sleeping.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

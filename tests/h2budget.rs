@@ -4,7 +4,7 @@
 //! the stalled streams must be reset after `send_timeout` (not the connection, not never), and
 //! a normal client must still get the blob.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -211,7 +211,7 @@ fn rss(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-/// The measurement, by hand (`cargo test --release --test h2budget -- --ignored
+/// The measurement, by hand (`cargo test --release --test e2e h2budget:: -- --ignored
 /// --nocapture`): 16 connections × up to 256 zero-window streams for a cached 32 MiB layer;
 /// prints the proxy's RSS growth. `H2BUDGET_SERVER` adds `[server]` lines (e.g.
 /// `max_concurrent_streams = 256` and `response_buffer = "4000MiB"` for no effective budget).

@@ -1,7 +1,7 @@
 //! Smoke test of the test harness itself: a real upstream registry, the
 //! standard images, access-log counting and the token flow.
 
-mod common;
+use crate::common;
 
 use common::images::{self, MT_DOCKER_LIST, MT_OCI_INDEX, MT_OCI_MANIFEST, MT_SCHEMA1_SIGNED};
 use common::regclient::{sha256_digest, RegistryClient};

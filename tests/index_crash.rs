@@ -3,7 +3,7 @@
 //! index opens (not moved aside), `verify` finds every remaining file whole, and a restarted
 //! server finishes the job: every blob counted, the budget met, the trash emptied.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! `/readyz` through an uplink outage, the status page rendered by headless Chromium, and the
 //! `status_page` / `metrics_listen` switches.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

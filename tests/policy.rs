@@ -6,7 +6,7 @@
 //! project's own verifier (the `sigstore` crate) reads the signatures through regcache, online
 //! and offline, and agrees with it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

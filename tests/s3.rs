@@ -3,7 +3,7 @@
 //! (`TestProxy`), pulls are skopeo's, and the bucket is inspected with the same `object_store`
 //! client regcache uses: every object must hash to the digest in its name.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

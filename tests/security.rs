@@ -4,7 +4,7 @@
 //! with `skopeo --creds`, anonymous patterns, refusals that never reach the upstream, no
 //! cross-repository blob reads).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

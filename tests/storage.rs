@@ -1,7 +1,7 @@
 //! Storage lifecycle: the disk budget and eviction, pins, crash safety under SIGKILL, and the
 //! `verify`, `gc` and `ls` commands, against a real upstream (Debian's `docker-registry`).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! tags, in order, still paged by `n`/`last`), the truncation counted, one upstream walk for
 //! many concurrent requests, none for a request within `cache.tag_list_ttl`.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

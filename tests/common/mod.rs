@@ -29,7 +29,7 @@
 //! file, a counter), not a fixed sleep standing in for it; a test whose external tool is missing fails naming it
 //! ([`require_tool`]), never passes silently; child processes are killed on drop.
 
-// Each test binary uses a different part of this module.
+// Not every part is used by the tests at any one time (a filtered build, a file moved out).
 #![allow(dead_code, unreachable_pub)]
 // Test doubles are plain threads and std locks; the parking_lot rule is for the product.
 #![allow(clippy::disallowed_types)]
@@ -51,6 +51,16 @@ pub mod upstream;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The name the test harness gives the test function `name` of the module `module` (its
+/// `module_path!()`): the path without this binary's crate name, as `--exact` wants it when a
+/// test runs itself again inside namespaces.
+pub fn test_name(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_, path)) => format!("{path}::{name}"),
+        None => name.to_owned(),
+    }
+}
 
 /// A TCP port on 127.0.0.1 for a child process to bind itself, also across its restarts: only
 /// for SeaweedFS (`weed mini` needs a dozen ports and must come back on the same ones after a
