@@ -56,6 +56,46 @@ pub enum RunError {
     /// The cluster's peer client cannot be built.
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterBuildError),
+    /// The `[log] events` file cannot be opened for appending.
+    #[error("log.events: cannot append to {path}: {source}")]
+    Events {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Appends every event to `file`, one JSON object per line, until `shutdown` (then what is
+/// still queued). Subscribed before anything emits, so that none is missed.
+async fn write_events(
+    mut events: tokio::sync::broadcast::Receiver<metrics::Event>,
+    mut file: tokio::fs::File,
+    shutdown: CancellationToken,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    loop {
+        let event = tokio::select! {
+            received = events.recv() => match received {
+                Ok(event) => event,
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "the events file fell behind; events were dropped");
+                    continue;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            () = shutdown.cancelled() => match events.try_recv() {
+                Ok(event) => event,
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            },
+        };
+        let line = format!("{}\n", event.to_json());
+        if let Err(err) = file.write_all(line.as_bytes()).await {
+            tracing::warn!(error = %err, "cannot write to the events file");
+        }
+    }
 }
 
 /// Runs the server on `listener` until `shutdown` is cancelled, then drains and flushes.
@@ -105,6 +145,19 @@ pub async fn run_with_clock(
     }
     let resolver = Resolver::for_upstreams(&config.upstreams);
     let metrics = Arc::new(metrics::Metrics::new());
+    let events = metrics.events.clone();
+    if let Some(path) = &config.log.events {
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .await
+            .map_err(|source| RunError::Events {
+                path: path.clone(),
+                source,
+            })?;
+        tokio::spawn(write_events(events.subscribe(), file, shutdown.clone()));
+    }
     let cluster = config
         .cluster
         .as_ref()
@@ -119,6 +172,7 @@ pub async fn run_with_clock(
     );
     // Usage figures come from a walk of the store; the server does not wait for it.
     let scanning = Arc::clone(&cache);
+    let counted = events.clone();
     tokio::task::spawn_blocking(move || {
         let usage = scanning.register_existing_files();
         tracing::info!(
@@ -126,6 +180,10 @@ pub async fn run_with_clock(
             bytes = usage.bytes,
             "store usage counted"
         );
+        counted.emit(metrics::Event::StoreCounted {
+            files: usage.files,
+            bytes: usage.bytes,
+        });
     });
     // One readiness probe at start: says in the log whether the object store answers, and
     // lets a later outage be told from a store that was never reachable (see `store::Tier`).
@@ -165,6 +223,7 @@ pub async fn run_with_clock(
         upstreams = ?config.upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(),
         "regcache listening"
     );
+    events.emit(metrics::Event::Listening { address });
     let main_options = server::ListenerOptions::main(&config.server, tls);
     if let Some(rate_limit) = &main_options.rate_limit {
         tokio::spawn(Arc::clone(rate_limit).prune_periodically(shutdown.clone()));

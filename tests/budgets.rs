@@ -507,9 +507,12 @@ async fn sync_keeps_the_newest_matching_tags_mirrored_and_pinned_across_restarts
     )
     .await;
     let listings = upstream.count(|e| e.path.ends_with("/tags/list"));
+    let after = proxy.events().len();
     proxy.restart().await;
     proxy
-        .wait_for_log("regcache listening", Duration::from_secs(10))
+        .wait_for_event(after, Duration::from_secs(10), |event| {
+            event["event"] == "listening"
+        })
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

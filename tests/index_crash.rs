@@ -75,18 +75,23 @@ async fn sigkill_during_the_start_up_walk_and_during_eviction_leaves_an_index_th
     //    kill lands in it.
     proxy.kill().await;
     assert!(
-        !proxy.log().contains("store usage counted"),
+        proxy.events_named("store_counted").is_empty(),
         "the walk of {BLOBS} blobs ended before the kill; the test needs more blobs:\n{}",
         proxy.log()
     );
     verify_clean(proxy.config_path(), "after a kill during the walk").await;
+    let after = proxy.events().len();
     proxy.restart_after_crash().await;
-    proxy
-        .wait_for_log(
-            &format!("store usage counted files={BLOBS} bytes={total}"),
-            Duration::from_secs(120),
-        )
+    let counted = proxy
+        .wait_for_event(after, Duration::from_secs(120), |event| {
+            event["event"] == "store_counted"
+        })
         .await;
+    assert_eq!(
+        (counted["files"].as_u64(), counted["bytes"].as_u64()),
+        (Some(BLOBS as u64), Some(total)),
+        "{counted}"
+    );
     assert!(
         !proxy.log().contains("moved it aside"),
         "the index did not survive the kill:\n{}",
@@ -123,10 +128,7 @@ async fn sigkill_during_the_start_up_walk_and_during_eviction_leaves_an_index_th
     proxy.kill().await;
     let left = blob_files(&storage).len();
     assert!(
-        !proxy
-            .log()
-            .contains("evicted to stay under the storage budget")
-            && left > BLOBS / 2,
+        proxy.events_named("evicted").is_empty() && left > BLOBS / 2,
         "eviction ended before the kill ({left} files left):\n{}",
         proxy.log()
     );
@@ -144,17 +146,13 @@ async fn sigkill_during_the_start_up_walk_and_during_eviction_leaves_an_index_th
             1,
         )
     });
-    let evictions_before = proxy.log().matches("evicted to stay under").count();
+    let after = proxy.events().len();
     proxy.restart_after_crash().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while proxy.log().matches("evicted to stay under").count() == evictions_before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no eviction after the restart:\n{}",
-            proxy.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    proxy
+        .wait_for_event(after, Duration::from_secs(120), |event| {
+            event["event"] == "evicted"
+        })
+        .await;
     assert!(proxy.stop().await, "clean stop");
     let kept = stored_bytes(&storage);
     assert!(

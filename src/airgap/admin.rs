@@ -198,6 +198,8 @@ async fn handle(
             tracing::info!(archive = %archive.display(), "import requested on the admin socket");
             let resolver = resolver.clone();
             let _one_import = imports.lock().await;
+            let events = cache.events().clone();
+            let name = archive.display().to_string();
             let result = tokio::task::spawn_blocking(move || {
                 super::import::import(&cache, &resolver, &archive)
             })
@@ -211,6 +213,14 @@ async fn handle(
                     message: err.to_string(),
                 },
             };
+            let error = match &reply {
+                Reply::Failed { message } => Some(message.clone()),
+                _ => None,
+            };
+            events.emit(crate::metrics::Event::Imported {
+                archive: name,
+                error,
+            });
             send(&mut write, &reply).await
         }
         Request::Sync => {

@@ -338,6 +338,60 @@ impl TestProxy {
         }
     }
 
+    /// The typed events the proxy emitted so far (across restarts), oldest first.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        read_events(&events_path(&self.storage))
+    }
+
+    /// The events named `name` (`"reloaded"`, `"evicted"`...) emitted so far.
+    pub fn events_named(&self, name: &str) -> Vec<serde_json::Value> {
+        let mut events = self.events();
+        events.retain(|event| event["event"] == name);
+        events
+    }
+
+    /// Waits for the first event after the first `after` (a count taken with
+    /// [`TestProxy::events`] before the action) that `wanted` accepts; fails after `within`,
+    /// showing the events and the log.
+    pub async fn wait_for_event(
+        &self,
+        after: usize,
+        within: Duration,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(event) = self.events().into_iter().skip(after).find(&wanted) {
+                return event;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no such event within {within:?}; events: {:#?}\nlog:\n{}",
+                self.events(),
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGHUP and waits for the reload of `part` (`tls`, `htpasswd`, `policy_keys`):
+    /// its error when it failed (what was in force stays), `None` when it was reloaded.
+    pub async fn reload(&self, part: &str) -> Option<String> {
+        let after = self.events().len();
+        let pid = self.pid().expect("the proxy runs");
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {pid}");
+        let event = self
+            .wait_for_event(after, Duration::from_secs(10), |event| {
+                event["event"] == "reloaded" && event["part"] == part
+            })
+            .await;
+        event["error"].as_str().map(str::to_owned)
+    }
+
     /// Waits (at most `within`) until the log contains `needle`.
     pub async fn wait_for_log(&self, needle: &str, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
@@ -392,8 +446,12 @@ pub fn config_text(
     } else {
         (storage_line, extra_toml.to_owned())
     };
+    // The typed events the tests wait on (`TestProxy::wait_for_event`).
+    let events = events_path(storage);
     let mut config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{server_lines}\n{storage_table}{extra}\n"
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"5s\"\n{server_lines}\n\
+         [log]\nevents = \"{}\"\n{storage_table}{extra}\n",
+        events.display()
     );
     for upstream in upstreams {
         config.push_str(&format!(
@@ -402,6 +460,21 @@ pub fn config_text(
         ));
     }
     config
+}
+
+/// Where the proxy with its store at `storage` writes its typed events (`[log] events`).
+pub fn events_path(storage: &Path) -> PathBuf {
+    storage.with_extension("events.jsonl")
+}
+
+/// The typed events in the file at `path`, oldest first (`{"event": "<name>", ...}`).
+pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("event line {line:?}: {e}"))
+        })
+        .collect()
 }
 
 /// Runs a command of the regcache binary (`verify`, `gc`, `ls`, `pin`...) against the config

@@ -554,6 +554,12 @@ impl Cache {
         self.blobs.cluster()
     }
 
+    /// The server's typed events, for what the parts outside the cache report (an import on
+    /// the admin socket).
+    pub fn events(&self) -> &regcache_metrics::Events {
+        &self.parts.metrics.events
+    }
+
     /// The index, for flushing at shutdown.
     pub fn index(&self) -> &Index {
         &self.parts.index

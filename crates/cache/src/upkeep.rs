@@ -72,11 +72,12 @@ pub struct EvictionReport {
     pub bytes: u64,
 }
 
-/// Eviction victims chosen per round: the oldest this many access records, kept in a bounded
-/// heap while every record streams past (56 bytes each, 14 MiB; memory does not grow with
-/// the store, and half of a million blobs goes in two rounds).
+/// Most eviction victims chosen per round: the oldest access records whose recorded sizes
+/// cover the bytes to free, at most this many, kept in a bounded heap while every record
+/// streams past (56 bytes each, 28 MiB; memory does not grow with the store, and half of a
+/// million blobs goes in one round: one scan of the index, each of its pages rewritten once).
 #[cfg(not(test))]
-const EVICTION_ROUND: usize = 262_144;
+const EVICTION_ROUND: usize = 524_288;
 /// Two in unit tests, so that a test's handful of blobs takes several rounds.
 #[cfg(test)]
 const EVICTION_ROUND: usize = 2;
@@ -237,7 +238,8 @@ impl Upkeep {
         // removable).
         while (used as f64) > budget.low {
             let round = Instant::now();
-            let mut victims = match self.oldest(&protected) {
+            let excess = used as f64 - budget.low;
+            let mut victims = match self.oldest(&protected, excess, EVICTION_ROUND) {
                 Ok(victims) => victims,
                 Err(err) => {
                     tracing::warn!(error = %err, "cannot read access records; eviction stopped");
@@ -247,7 +249,6 @@ impl Upkeep {
             // As many of the oldest as their recorded sizes say are needed, removed by a few
             // threads at once (file removals and index writes, not CPU); the next round
             // corrects for records whose size was off.
-            let excess = used as f64 - budget.low;
             let mut recorded = 0.0;
             let needed = victims
                 .iter()
@@ -300,6 +301,13 @@ impl Upkeep {
             elapsed_ms = regcache_metrics::log_millis(started.elapsed()),
             "evicted to stay under the storage budget"
         );
+        self.parts
+            .metrics
+            .events
+            .emit(regcache_metrics::Event::Evicted {
+                files: report.files,
+                bytes: report.bytes,
+            });
         self.empty_trash();
         report
     }
@@ -318,19 +326,24 @@ impl Upkeep {
         }
     }
 
-    /// The oldest [`EVICTION_ROUND`] access records not `protected`, oldest first, chosen in
-    /// one pass over the index with a bounded heap. A record newer than the heap's newest is
-    /// passed over on its time alone, without decoding its key.
+    /// The oldest access records not `protected` whose recorded sizes add up to `excess`
+    /// bytes (at most `most` of them), oldest first, chosen in one pass over the
+    /// index with a bounded heap. A record newer than the heap's newest, once the heap is
+    /// full, is passed over on its time alone, without decoding its key.
     fn oldest(
         &self,
         protected: &HashSet<(Namespace, Digest)>,
+        excess: f64,
+        most: usize,
     ) -> Result<Vec<Victim>, regcache_store::StoreError> {
-        let mut heap: BinaryHeap<Victim> = BinaryHeap::with_capacity(EVICTION_ROUND + 1);
+        let mut heap: BinaryHeap<Victim> = BinaryHeap::new();
+        // The recorded bytes of the victims in the heap.
+        let mut held = 0.0;
         // One per upstream: victims share them.
         let mut namespaces: Vec<Arc<Namespace>> = Vec::new();
         self.parts.index.for_each_access(|entry| {
             let record = entry.record;
-            let full = heap.len() >= EVICTION_ROUND;
+            let full = heap.len() >= most || held >= excess;
             if full
                 && heap
                     .peek()
@@ -358,7 +371,14 @@ impl Upkeep {
                 digest: key.1,
                 size: record.size,
             });
-            if heap.len() > EVICTION_ROUND {
+            held += record.size as f64;
+            // The newest go while the rest still cover the excess (or are too many).
+            while let Some(newest) = heap.peek() {
+                let size = newest.size as f64;
+                if heap.len() <= most && held - size < excess {
+                    break;
+                }
+                held -= size;
                 heap.pop();
             }
         })?;
@@ -600,5 +620,38 @@ mod tests {
             !cache.index().has_access(&namespace, &lost).expect("index"),
             "the record of a lost file is forgotten"
         );
+    }
+
+    #[test]
+    fn a_round_takes_the_oldest_records_that_cover_the_excess_in_one_pass() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let blobs: Vec<Vec<u8>> = [1000, 500, 2000, 100, 3000]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| vec![i as u8; len])
+            .collect();
+        let (cache, digests) = cache_with(dir.path(), "", "", &blobs, &[]);
+        let chosen = |excess: f64, most: usize| -> Vec<Digest> {
+            let victims = cache.upkeep.oldest(&HashSet::new(), excess, most);
+            victims
+                .expect("index")
+                .iter()
+                .map(|victim| victim.digest)
+                .collect()
+        };
+        // 1000 + 500 + 2000 bytes are the fewest oldest that cover 2600.
+        assert_eq!(chosen(2600.0, 100), digests[..3]);
+        assert_eq!(chosen(1000.0, 100), digests[..1]);
+        assert_eq!(
+            chosen(1e9, 100),
+            digests,
+            "everything, when nothing covers it"
+        );
+        assert_eq!(chosen(2600.0, 2), digests[..2], "at most `most`");
+        // The protected are passed over: 500 + 2000 + 100 then.
+        let protected = HashSet::from([(Namespace::new("registry.test"), digests[0])]);
+        let victims = cache.upkeep.oldest(&protected, 2600.0, 100);
+        let victims: Vec<_> = victims.expect("index").iter().map(|v| v.digest).collect();
+        assert_eq!(victims, digests[1..4]);
     }
 }

@@ -9,6 +9,7 @@ use crate::values::{invalid, ConfigError};
 pub(crate) struct RawLog {
     format: Option<String>,
     level: Option<String>,
+    events: Option<std::path::PathBuf>,
 }
 
 /// The validated `[log]` table.
@@ -18,6 +19,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// Default filter (`RUST_LOG` overrides it).
     pub level: String,
+    /// A file the server appends its typed events to, one JSON object per line
+    /// (`regcache_metrics::Event`: listening, store counted, evicted, reloaded, imported).
+    pub events: Option<std::path::PathBuf>,
 }
 
 /// Human-readable or JSON log lines.
@@ -43,9 +47,21 @@ impl RawLog {
                 ))
             }
         };
+        if self
+            .events
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "log.events",
+                "",
+                "expected the path of a file to append events to",
+            ));
+        }
         Ok(LogConfig {
             format,
             level: self.level.unwrap_or_else(|| "info".to_owned()),
+            events: self.events,
         })
     }
 }

@@ -94,6 +94,9 @@ impl Config {
         };
         log.insert("format".into(), Value::String(format.into()));
         log.insert("level".into(), Value::String(self.log.level.clone()));
+        if let Some(events) = &self.log.events {
+            log.insert("events".into(), path(events));
+        }
         root.insert("log".into(), Value::Table(log));
         if !self.pins.is_empty() {
             let pins = self.pins.iter().map(|pin| {

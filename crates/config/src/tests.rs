@@ -37,6 +37,7 @@ fn bad_values_name_the_key() {
     check_error("[storage]\nmax_size = \"lots\"", "storage.max_size");
     check_error("[storage]\nlow_watermark = 0.99", "storage.low_watermark");
     check_error("[cache]\ntag_ttl = \"soon\"", "cache.tag_ttl");
+    check_error("[log]\nevents = \"\"", "log.events");
     check_error(
         "[[upstream]]\nname = \"a.io\"\nurl = \"ftp://x\"",
         "upstream.a.io.url",

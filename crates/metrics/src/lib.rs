@@ -1,8 +1,13 @@
 //! Prometheus metrics: a [`Metrics`] struct of typed handles over its own registry (no global
-//! state), and the text encoding for `/metrics`. No business logic lives here.
+//! state), and the text encoding for `/metrics`; and the server's typed [`Event`]s
+//! ([`events`]), carried beside the handles. No business logic lives here.
 //!
 //! Labels are bounded: route kind, method, status class, cache result, upstream name (from the
 //! config's allow-list) and error reason. Never repository names or digests.
+
+pub mod events;
+
+pub use events::{Event, Events, Reload};
 
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -87,6 +92,9 @@ pub struct Metrics {
     pub sync_fetched: IntCounterVec,
     /// Images a sync rule failed to fetch.
     pub sync_failures: IntCounterVec,
+    /// The server's typed events (not a metric: carried here because every part that emits
+    /// one holds these handles).
+    pub events: Events,
 }
 
 /// Buckets from 1 ms to ~2 min: manifest hits are sub-millisecond, cold blob pulls minutes.
@@ -273,6 +281,7 @@ impl Metrics {
                 "Images (or tag listings) [[sync]] rounds failed to fetch",
                 &["rule"],
             ),
+            events: Events::default(),
             registry,
         };
         for kind in ["manifest", "blob"] {

@@ -37,6 +37,7 @@ pub use tls::{Tls, TlsError};
 use crate::http::{self, AppState};
 use regcache_cache::ConnectionShare;
 use regcache_config::ServerConfig;
+use regcache_metrics::{Event, Reload};
 
 /// How long a connection closed for idleness may take to finish closing before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -216,28 +217,42 @@ pub async fn reload_on_sighup(
             () = shutdown.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
         }
+        let events = &state.metrics.events;
+        let reloaded = |part, error: Option<String>| events.emit(Event::Reloaded { part, error });
         if let Some(tls) = &tls {
             match tls.reload() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Ok(()) => {
+                    tracing::info!("SIGHUP: TLS certificate reloaded");
+                    reloaded(Reload::Tls, None);
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: TLS reload failed; keeping the certificate in use");
+                    reloaded(Reload::Tls, Some(err.to_string()));
                 }
             }
         }
         if let Some(auth) = &state.auth {
             match auth.reload_users() {
-                Ok(Some(users)) => tracing::info!(users, "SIGHUP: htpasswd reloaded"),
+                Ok(Some(users)) => {
+                    tracing::info!(users, "SIGHUP: htpasswd reloaded");
+                    reloaded(Reload::Htpasswd, None);
+                }
                 Ok(None) => {}
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: htpasswd reload failed; keeping the users in force");
+                    reloaded(Reload::Htpasswd, Some(err.to_string()));
                 }
             }
         }
         if state.cache.has_policy() {
             match state.cache.reload_policy_keys() {
-                Ok(keys) => tracing::info!(keys, "SIGHUP: signature policy keys reloaded"),
+                Ok(keys) => {
+                    tracing::info!(keys, "SIGHUP: signature policy keys reloaded");
+                    reloaded(Reload::PolicyKeys, None);
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: signature policy keys not reloaded; keeping the keys in force");
+                    reloaded(Reload::PolicyKeys, Some(err.to_string()));
                 }
             }
         }
