@@ -82,8 +82,11 @@ const EVICTION_ROUND: usize = 524_288;
 #[cfg(test)]
 const EVICTION_ROUND: usize = 2;
 
-/// Threads removing one round's victims at once.
+/// Threads removing one round's victims' files at once.
 const EVICTION_THREADS: usize = 4;
+
+/// Threads forgetting one batch's records at once.
+const INDEX_THREADS: usize = 2;
 
 /// An eviction candidate; ordered by last access first (the heap keeps the oldest). 56 bytes
 /// and no allocation of its own: the namespace is shared by every victim of that upstream.
@@ -386,8 +389,8 @@ impl Upkeep {
     }
 
     /// Evicts `victims`, a batch at a time: their access records (and manifest records) are
-    /// forgotten first, then their files removed on [`EVICTION_THREADS`] threads while this
-    /// one forgets the next batch. Record first: a crash in between leaves a file without a
+    /// forgotten first (on [`INDEX_THREADS`] threads) and flushed, then their files removed on
+    /// [`EVICTION_THREADS`] threads while the next batch's records are forgotten. Record first: a crash in between leaves a file without a
     /// record, which the next start's walk records again; never a record that says a blob is
     /// there when its file is gone.
     fn evict_all(&self, victims: &[Victim]) -> RoundOutcome {
@@ -395,6 +398,11 @@ impl Upkeep {
         let queue = Mutex::new(queue);
         let (files, bytes) = (AtomicU64::new(0), AtomicU64::new(0));
         let kept = Mutex::new(Vec::new());
+        // Records are forgotten by INDEX_THREADS threads at once, a part of each batch each
+        // (sled's tree takes concurrent writers; a sled batch would serialise them).
+        let (parts, part_queue) = std::sync::mpsc::sync_channel::<&[Victim]>(INDEX_THREADS);
+        let part_queue = Mutex::new(part_queue);
+        let (done, forgotten_parts) = std::sync::mpsc::channel();
         let mut outcome = RoundOutcome::default();
         std::thread::scope(|scope| {
             for _ in 0..EVICTION_THREADS {
@@ -412,22 +420,37 @@ impl Upkeep {
                     }
                 });
             }
-            for batch in victims.chunks(MAX_BATCH) {
-                let forgetting = Instant::now();
-                let blobs: Vec<_> = batch
-                    .iter()
-                    .map(|victim| (Namespace::clone(&victim.namespace), victim.digest))
-                    .collect();
-                for victim in batch {
-                    if self.forget_manifest(victim) {
-                        outcome
-                            .manifests
-                            .push((Namespace::clone(&victim.namespace), victim.digest));
+            for _ in 0..INDEX_THREADS {
+                let (part_queue, done) = (&part_queue, done.clone());
+                scope.spawn(move || loop {
+                    let next = part_queue.lock().recv();
+                    let Ok(part) = next else { break };
+                    if done.send(self.forget_records(part)).is_err() {
+                        break;
                     }
+                });
+            }
+            drop(done);
+            'batches: for batch in victims.chunks(MAX_BATCH) {
+                let forgetting = Instant::now();
+                let mut sent = 0;
+                for part in batch.chunks(batch.len().div_ceil(INDEX_THREADS)) {
+                    if parts.send(part).is_ok() {
+                        sent += 1;
+                    }
+                }
+                let mut forgotten = Ok(());
+                for _ in 0..sent {
+                    // An index thread panicked: no file of this batch goes (the scope passes
+                    // the panic on).
+                    let Ok((manifests, result)) = forgotten_parts.recv() else {
+                        break 'batches;
+                    };
+                    outcome.manifests.extend(manifests);
+                    forgotten = forgotten.and(result);
                 }
                 // On disk before any file goes (sled otherwise writes every 500 ms): a crash
                 // must not bring back records of removed files.
-                let forgotten = self.parts.index.remove_accesses(&blobs);
                 let flushed = forgotten.and_then(|()| self.parts.index.flush());
                 outcome.index_time += forgetting.elapsed();
                 if let Err(err) = flushed {
@@ -441,7 +464,7 @@ impl Upkeep {
                     }
                 }
             }
-            drop(work);
+            drop((work, parts));
         });
         // A file that could not be removed is still in the store: its record goes back.
         let kept: Vec<_> = kept
@@ -462,6 +485,27 @@ impl Upkeep {
         outcome.files = files.into_inner();
         outcome.bytes = bytes.into_inner();
         outcome
+    }
+
+    /// Forgets the records of `victims`: their access records, and the manifest records of
+    /// those that are manifests (returned: their tags go after the round).
+    fn forget_records(
+        &self,
+        victims: &[Victim],
+    ) -> (
+        Vec<(Namespace, Digest)>,
+        Result<(), regcache_store::StoreError>,
+    ) {
+        let mut manifests = Vec::new();
+        let mut blobs = Vec::with_capacity(victims.len());
+        for victim in victims {
+            let blob = (Namespace::clone(&victim.namespace), victim.digest);
+            if self.forget_manifest(victim) {
+                manifests.push(blob.clone());
+            }
+            blobs.push(blob);
+        }
+        (manifests, self.parts.index.forget_accesses(&blobs))
     }
 
     /// Forgets a victim's manifest record, if it is a manifest (its tags go after the round).

@@ -19,6 +19,12 @@ pub(crate) enum Challenge {
     },
 }
 
+/// Parses a `WWW-Authenticate` value and drops the result: the fuzz target's entry point.
+#[doc(hidden)]
+pub fn fuzz_parse_challenge(value: &str) {
+    let _ = parse_challenge(value);
+}
+
 /// Parses the first challenge of a `WWW-Authenticate` value. Parameters are `key=value` or
 /// `key="quoted, value"`, comma separated.
 pub(crate) fn parse_challenge(value: &str) -> Option<Challenge> {

@@ -17,18 +17,23 @@ mod class;
 pub mod clock;
 pub mod egress;
 mod error;
+mod headers;
+mod identity;
+mod response;
 mod throttle;
+mod trust;
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
 use http::{HeaderMap, Method, StatusCode};
 use reqwest::RequestBuilder;
 
 use crate::clock::Clock;
-use auth::{parse_challenge, Challenge, CredentialScope, TokenCache, TokenResponse};
+#[doc(hidden)]
+pub use auth::fuzz_parse_challenge;
+use auth::{parse_challenge, Challenge, TokenResponse};
 pub use body::blob_extent;
 use body::limit_body;
 pub use breaker::Need;
@@ -37,10 +42,15 @@ pub use budget::RateLimitView;
 use budget::{Budget, Paused};
 pub use class::{Answer, ErrorClass, Health, Origin};
 pub use error::{network_cause, UpstreamError};
-use regcache_config::{Secret, UpstreamConfig};
+use headers::accept_header;
+pub(crate) use headers::header_str;
+use identity::Identity;
+use regcache_config::UpstreamConfig;
 use regcache_metrics::Metrics;
 use regcache_oci::{declared_sizes, Digest, MediaType, RepoName, MAX_MANIFEST_BYTES};
+pub use response::{BlobResponse, FetchedManifest, PassThrough, TagPageBody};
 use throttle::Throttle;
+pub use trust::trust_pem_file;
 
 /// Attempts per idempotent request (the first try and two retries) for connection errors and
 /// 502/503/504.
@@ -68,71 +78,14 @@ struct Request<'a> {
     need: Need,
 }
 
-/// A manifest as the upstream sent it.
-#[derive(Debug)]
-pub struct FetchedManifest {
-    /// The raw bytes.
-    pub bytes: Bytes,
-    /// The upstream's `Content-Type`, if it was a plausible media type.
-    pub media_type: Option<MediaType>,
-    /// The upstream's `Docker-Content-Digest`, if it sent a valid one.
-    pub digest_header: Option<Digest>,
-}
-
-/// A blob response whose body has not been read yet.
-pub struct BlobResponse {
-    /// The blob's total size, when known (from `Content-Length` or `Content-Range`).
-    pub total_size: Option<u64>,
-    /// The offset of the body's first byte: the requested offset when the upstream honoured
-    /// the range, 0 when it sent the whole blob.
-    pub offset: u64,
-    /// The body.
-    pub body: std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>,
-}
-
-impl std::fmt::Debug for BlobResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlobResponse")
-            .field("total_size", &self.total_size)
-            .field("offset", &self.offset)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A small response passed through to the client as it came (tag lists, referrers).
-#[derive(Debug)]
-pub struct PassThrough {
-    /// The upstream's `Content-Type`.
-    pub content_type: Option<String>,
-    /// The upstream's `Link` header (pagination), unrewritten.
-    pub link: Option<String>,
-    /// The body.
-    pub bytes: Bytes,
-}
-
-/// One page of a tag list, read up to a limit ([`UpstreamClient::get_tag_page`]).
-#[derive(Debug)]
-pub struct TagPageBody {
-    /// The upstream's `Link` header (the next page), unrewritten.
-    pub link: Option<String>,
-    /// The body, or its first bytes when `cut_short`.
-    pub bytes: Bytes,
-    /// Whether the body went on past the limit (the rest was not read).
-    pub cut_short: bool,
-}
-
 /// A client for one upstream registry.
 #[derive(Debug)]
 pub struct UpstreamClient {
     name: String,
     base: url::Url,
     http: reqwest::Client,
-    credentials: Option<(String, Secret)>,
-    /// `credentials = "client"`: asked with each caller's credentials ([`caller`]), never
-    /// with `credentials` (there are none).
-    client_mode: bool,
-    /// Where `credentials` (or a caller's) may go besides the upstream itself.
-    credential_scope: CredentialScope,
+    /// Credentials (configured or each caller's), where they may go, the tokens they earned.
+    identity: Identity,
     /// Which addresses requests may reach; token realms are judged before they are asked.
     egress: std::sync::Arc<egress::Egress>,
     /// The largest blob body accepted (`cache.max_blob_size`).
@@ -141,10 +94,6 @@ pub struct UpstreamClient {
     /// manifest in one repository cannot cap a blob pulled through another): a blob body is
     /// cut at its declared size.
     declared_sizes: moka::future::Cache<(RepoName, Digest), u64>,
-    tokens: TokenCache,
-    /// Set once the upstream answered with a Basic challenge, so later requests send
-    /// credentials up front instead of paying a 401 round trip each time.
-    basic_seen: std::sync::atomic::AtomicBool,
     offline: bool,
     breaker: Breaker,
     /// What its rate-limit headers say is left, the reserve, the pause after a `429`.
@@ -165,27 +114,6 @@ pub struct UpstreamClient {
 pub struct ClientBuildError {
     upstream: String,
     reason: String,
-}
-
-/// Parses a `WWW-Authenticate` value and drops the result: the fuzz target's entry point.
-#[doc(hidden)]
-pub fn fuzz_parse_challenge(value: &str) {
-    let _ = auth::parse_challenge(value);
-}
-
-/// Adds every certificate of the PEM bundle at `path` to a client's trusted roots (an
-/// upstream's or a peer replica's private CA). The error names the file.
-pub fn trust_pem_file(
-    mut builder: reqwest::ClientBuilder,
-    path: &std::path::Path,
-) -> Result<reqwest::ClientBuilder, String> {
-    let pem = std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))?;
-    let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|err| format!("{}: {err}", path.display()))?;
-    for cert in certs {
-        builder = builder.add_root_certificate(cert);
-    }
-    Ok(builder)
 }
 
 impl UpstreamClient {
@@ -238,17 +166,13 @@ impl UpstreamClient {
             name: config.name.clone(),
             base: config.url.clone(),
             http,
-            credentials: config.credentials.clone(),
-            client_mode: config.client_auth.is_some(),
-            credential_scope: CredentialScope::new(&config.url, &config.token_realm_hosts),
+            identity: Identity::new(config),
             egress,
             max_blob_size: config.max_blob_size,
             declared_sizes: moka::future::Cache::builder()
                 .max_capacity(DECLARED_SIZES_CAPACITY)
                 .time_to_live(DECLARED_SIZES_TTL)
                 .build(),
-            tokens: TokenCache::default(),
-            basic_seen: std::sync::atomic::AtomicBool::new(false),
             offline: config.offline,
             breaker: Breaker::new(
                 config.breaker_threshold,
@@ -278,7 +202,7 @@ impl UpstreamClient {
 
     /// Whether it is asked with each client's credentials (`credentials = "client"`).
     pub fn client_mode(&self) -> bool {
-        self.client_mode
+        self.identity.client_mode()
     }
 
     /// Whether the upstream is configured offline.
@@ -515,7 +439,7 @@ impl UpstreamClient {
                 .map(drop),
             Some(Challenge::Basic) => {
                 let mut request = self.http.get(&url);
-                if let Some(basic) = self.basic_authorization() {
+                if let Some(basic) = self.identity.basic_authorization() {
                     request = request.header("authorization", basic);
                 }
                 let answer = self.execute(request).await?;
@@ -806,12 +730,7 @@ impl UpstreamClient {
         headers: &[(&str, &str)],
     ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{}:pull", repo.as_str());
-        // In client mode a token is the caller's: kept under its key, never shared.
-        let token_key = if self.client_mode {
-            format!("{} {scope}", hex_key(&caller::current_key()))
-        } else {
-            scope.clone()
-        };
+        let token_key = self.identity.token_key(&scope);
         let build = |authorization: Option<&str>| {
             let mut request = self.http.request(method.clone(), url);
             for (name, value) in headers {
@@ -822,7 +741,7 @@ impl UpstreamClient {
             }
             request
         };
-        let first_auth = self.known_authorization(&token_key);
+        let first_auth = self.identity.known_authorization(&token_key);
         let response = self.execute(build(first_auth.as_deref())).await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return self.check_status(response);
@@ -836,18 +755,18 @@ impl UpstreamClient {
                 scope: challenge_scope,
             }) => {
                 // A stale or revoked token: forget it and fetch a new one.
-                self.tokens.remove(&token_key);
+                self.identity.forget_token(&token_key);
                 let token_scope = challenge_scope.unwrap_or_else(|| scope.clone());
                 let token = self
                     .fetch_token(&realm, service.as_deref(), Some(&token_scope))
                     .await?;
-                self.tokens.insert(&token_key, token.0.clone(), token.1);
+                self.identity
+                    .keep_token(&token_key, token.0.clone(), token.1);
                 format!("Bearer {}", token.0)
             }
-            Some(Challenge::Basic) if self.has_credentials() => {
-                self.basic_seen
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                self.basic_authorization().unwrap_or_default()
+            Some(Challenge::Basic) if self.identity.has_credentials() => {
+                self.identity.note_basic();
+                self.identity.basic_authorization().unwrap_or_default()
             }
             _ => return self.check_status(response),
         };
@@ -856,36 +775,6 @@ impl UpstreamClient {
         }
         let retried = self.execute(build(Some(&authorization))).await?;
         self.check_status(retried)
-    }
-
-    fn known_authorization(&self, token_key: &str) -> Option<String> {
-        if let Some(token) = self.tokens.get(token_key) {
-            return Some(format!("Bearer {token}"));
-        }
-        if self.basic_seen.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.basic_authorization();
-        }
-        None
-    }
-
-    /// Whether requests carry credentials: the configured ones, or in client mode the
-    /// caller's (anonymous callers have none).
-    fn has_credentials(&self) -> bool {
-        if self.client_mode {
-            caller::current().is_some()
-        } else {
-            self.credentials.is_some()
-        }
-    }
-
-    fn basic_authorization(&self) -> Option<String> {
-        if self.client_mode {
-            return caller::current().map(|caller| format!("Basic {}", caller.basic()));
-        }
-        let (user, password) = self.credentials.as_ref()?;
-        let encoded = base64::engine::general_purpose::STANDARD
-            .encode(format!("{user}:{}", password.expose()));
-        Some(format!("Basic {encoded}"))
     }
 
     async fn execute(&self, request: RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
@@ -926,8 +815,8 @@ impl UpstreamClient {
             .with_label_values(&[self.name.as_str()])
             .inc();
         let _timer = self.metrics.upstream_timer(&self.name, "token");
-        let credentials_allowed = self.credential_scope.allows(&realm_url);
-        if !credentials_allowed && self.has_credentials() {
+        let credentials_allowed = self.identity.allows(&realm_url);
+        if !credentials_allowed && self.identity.has_credentials() {
             tracing::warn!(
                 upstream = %self.name,
                 realm_host = realm_url.host_str().unwrap_or_default(),
@@ -935,7 +824,8 @@ impl UpstreamClient {
             );
         }
         let mut request = self.http.get(realm_url);
-        if let Some(basic) = self.basic_authorization().filter(|_| credentials_allowed) {
+        let basic = self.identity.basic_authorization();
+        if let Some(basic) = basic.filter(|_| credentials_allowed) {
             request = request.header("authorization", basic);
         }
         let response = request
@@ -990,11 +880,6 @@ impl UpstreamClient {
     }
 }
 
-/// A caller's key in hex, for token cache keys.
-fn hex_key(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Up to `max` of random delay, so that retries from many requests spread out.
 fn jitter(max: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -1002,42 +887,4 @@ fn jitter(max: Duration) -> Duration {
         .unwrap_or_default()
         .subsec_nanos();
     max.mul_f64(f64::from(nanos % 1000) / 1000.0)
-}
-
-pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|value| value.to_str().ok())
-}
-
-/// The `Accept` value sent upstream: the client's when it names manifest types, otherwise
-/// every manifest type. A bare `*/*` must not be forwarded: Distribution answers it by
-/// down-converting to schema1, or with 404 for OCI content.
-fn accept_header(client_accept: &[String]) -> String {
-    let names_manifest_types = client_accept
-        .iter()
-        .flat_map(|value| value.split(','))
-        .filter_map(|item| item.split(';').next())
-        .any(|item| MediaType::ALL_MANIFESTS.contains(&item.trim()));
-    if names_manifest_types {
-        client_accept.join(", ")
-    } else {
-        MediaType::ALL_MANIFESTS.join(", ")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_is_forwarded_only_when_it_names_manifest_types() {
-        let all = MediaType::ALL_MANIFESTS.join(", ");
-        assert_eq!(accept_header(&[]), all);
-        assert_eq!(accept_header(&["*/*".to_owned()]), all);
-        assert_eq!(accept_header(&["application/json".to_owned()]), all);
-        let docker = "application/vnd.docker.distribution.manifest.v2+json; q=0.9".to_owned();
-        assert_eq!(
-            accept_header(&[docker.clone(), "*/*".to_owned()]),
-            format!("{docker}, */*")
-        );
-    }
 }
