@@ -91,8 +91,14 @@ async fn write_events(
                 Err(_) => return,
             },
         };
+        // Flushed per event (they are rare): a line is in the file once the next one is
+        // written, and at exit.
         let line = format!("{}\n", event.to_json());
-        if let Err(err) = file.write_all(line.as_bytes()).await {
+        let written = match file.write_all(line.as_bytes()).await {
+            Ok(()) => file.flush().await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
             tracing::warn!(error = %err, "cannot write to the events file");
         }
     }

@@ -467,10 +467,12 @@ pub fn events_path(storage: &Path) -> PathBuf {
     storage.with_extension("events.jsonl")
 }
 
-/// The typed events in the file at `path`, oldest first (`{"event": "<name>", ...}`).
+/// The typed events in the file at `path`, oldest first (`{"event": "<name>", ...}`); a last
+/// line still being written (no newline yet) is left for the next read.
 pub fn read_events(path: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    text.split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
         .map(|line| {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("event line {line:?}: {e}"))
         })

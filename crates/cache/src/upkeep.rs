@@ -390,9 +390,9 @@ impl Upkeep {
 
     /// Evicts `victims`, a batch at a time: their access records (and manifest records) are
     /// forgotten first (on [`INDEX_THREADS`] threads) and flushed, then their files removed on
-    /// [`EVICTION_THREADS`] threads while the next batch's records are forgotten. Record first: a crash in between leaves a file without a
-    /// record, which the next start's walk records again; never a record that says a blob is
-    /// there when its file is gone.
+    /// [`EVICTION_THREADS`] threads while the next batch's records are forgotten. Record
+    /// first: a crash in between leaves a file without a record, which the next start's walk
+    /// records again; never a record that says a blob is there when its file is gone.
     fn evict_all(&self, victims: &[Victim]) -> RoundOutcome {
         let (work, queue) = std::sync::mpsc::sync_channel::<&Victim>(MAX_BATCH);
         let queue = Mutex::new(queue);
