@@ -630,6 +630,38 @@ async fn serve_and_check_config_refuse_a_config_without_an_upstream() {
     );
 }
 
+#[tokio::test]
+async fn serve_refuses_an_events_file_it_cannot_append_to_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[log]\nevents = {:?}\n[storage]\npath = {:?}\n\
+             [[upstream]]\nname = \"{NAME}\"\nurl = \"http://127.0.0.1:9\"\ndefault = true\n",
+            dir.path()
+                .join("no-such-dir/events.jsonl")
+                .display()
+                .to_string(),
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .expect("write config");
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(env!("CARGO_BIN_EXE_regcache"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output(),
+    )
+    .await
+    .expect("serve exits")
+    .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("log.events"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn maintenance_commands_refuse_a_store_a_server_holds_naming_it_once() {
     let upstream = Upstream::start(Auth::None).await;

@@ -392,19 +392,6 @@ impl TestProxy {
         event["error"].as_str().map(str::to_owned)
     }
 
-    /// Waits (at most `within`) until the log contains `needle`.
-    pub async fn wait_for_log(&self, needle: &str, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        while !self.log().contains(needle) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no \"{needle}\" in the log within {within:?}:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Rewrites the config file (takes effect at the next restart).
     pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.config_path).expect("read proxy config");
